@@ -1,0 +1,32 @@
+"""rkekernels: exact, streamed RKE diversity scores and SPARKE diversity guidance.
+
+    RKE(X) = n^2 / sum_ij exp(-||x_i - x_j||^2 / sigma^2)      (the "mode count", 1 <= RKE <= n)
+
+Metrics: `rke_score`, `cond_rke_score`, `rke_entropies`, `median_bandwidth`.
+Guidance: `features`, `guidance_grad`, `FeatureBank`, `DiversityGuidance`.
+Adapters: `rkekernels.adapters.diffusers`, `rkekernels.adapters.kdiffusion`.
+Scale-out: `rkekernels.distributed`, `rkekernels.metrics.RKEMetric`.
+Ground truth: `rkekernels.reference` (dense float64).
+"""
+
+from ._input import BackendUnavailableError
+from .guidance import FeatureBank, GuidanceResult, features, guidance_grad
+from .sampling import DiversityGuidance
+from .scores import RKEEntropies, cond_rke_score, median_bandwidth, rke_entropies, rke_score
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "DiversityGuidance",
+    "FeatureBank",
+    "GuidanceResult",
+    "RKEEntropies",
+    "__version__",
+    "cond_rke_score",
+    "features",
+    "guidance_grad",
+    "median_bandwidth",
+    "rke_entropies",
+    "rke_score",
+]

@@ -1,0 +1,219 @@
+"""Validation and conversion at the public boundary (SPEC section 4).
+
+Everything public in rkekernels validates its arguments here, once, with a message that names the
+argument; the kernels behind it trust their inputs.
+
+- `as_tensor(x, "x")`: torch tensors, numpy arrays, anything with ``__dlpack__`` (JAX, CuPy), and
+  Python sequences become a floating torch tensor. Integers and bools become float32,
+  float16/bfloat16 are upcast to float32 (accumulation happens in float32 or better); complex,
+  string and object data raise TypeError.
+- `check_matrix(x, "x")`: 2-D (n, d), n >= 1, d >= 1, all finite.
+- `check_sigmas(sigma, "sigma")`: one positive finite float or a non-empty sequence of them.
+- `check_backend(backend)`: "auto", "torch" or "triton" (installed).
+- `to_output(value, like_torch)`: a 0-dim/1-D tensor for torch input, else float / numpy array.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "as_tensor",
+    "check_backend",
+    "check_finite",
+    "check_matrix",
+    "check_same_device",
+    "check_sigma",
+    "check_sigmas",
+    "is_torch",
+    "to_output",
+    "triton_available",
+]
+
+BACKENDS = ("auto", "torch", "triton")
+
+_FLOAT_KEEP = (torch.float32, torch.float64)
+
+
+class BackendUnavailableError(ImportError, ValueError):
+    """The requested backend cannot run here (for example Triton is not installed).
+
+    Subclasses both ImportError (what is missing) and ValueError (a bad ``backend`` argument).
+    """
+
+
+def is_torch(x: Any) -> bool:
+    """True when ``x`` is a torch tensor (outputs then stay tensors, with autograd)."""
+    return isinstance(x, torch.Tensor)
+
+
+def _numpy_kind_error(arr: np.ndarray, name: str) -> None:
+    kind = arr.dtype.kind
+    if kind == "c":
+        raise TypeError(f"{name} has complex dtype {arr.dtype}; RKE needs real-valued data")
+    if kind in "USO":
+        raise TypeError(
+            f"{name} has non-numeric dtype {arr.dtype} (strings or objects); "
+            "pass a real-valued numeric array"
+        )
+    if kind in "mMV":
+        raise TypeError(f"{name} has unsupported dtype {arr.dtype}; pass real-valued numbers")
+
+
+def as_tensor(x: Any, name: str, *, device: torch.device | None = None) -> torch.Tensor:
+    """Convert ``x`` to a floating torch tensor (float32 or float64), without copying if possible.
+
+    Args:
+        x: torch tensor, numpy array, array with ``__dlpack__`` (JAX, CuPy) or nested sequence.
+        name: argument name used in error messages.
+        device: optional device to move a non-torch input to.
+
+    Raises:
+        TypeError: complex, string, object or otherwise non-numeric data.
+    """
+    if x is None:
+        raise TypeError(f"{name} must be an array or tensor, got None")
+    if isinstance(x, torch.Tensor):
+        t = x
+    elif isinstance(x, np.ndarray | np.generic):
+        arr = np.asarray(x)
+        _numpy_kind_error(arr, name)
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    elif hasattr(x, "__dlpack__") and not isinstance(x, str | bytes):
+        try:
+            t = torch.from_dlpack(x)
+        except Exception as exc:  # pragma: no cover - depends on the foreign library
+            raise TypeError(f"{name} exposes __dlpack__ but torch could not import it: {exc}")
+    elif isinstance(x, str | bytes):
+        raise TypeError(f"{name} is a string; pass a real-valued numeric array")
+    else:
+        try:
+            arr = np.asarray(x)
+        except Exception as exc:
+            raise TypeError(f"{name} could not be converted to an array: {exc}") from exc
+        _numpy_kind_error(arr, name)
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.is_complex():
+        raise TypeError(f"{name} has complex dtype {t.dtype}; RKE needs real-valued data")
+    if not t.is_floating_point():
+        t = t.to(torch.float32)
+    elif t.dtype not in _FLOAT_KEEP:
+        t = t.to(torch.float32)  # float16 / bfloat16 / float8: accumulate in float32
+    if device is not None and t.device != torch.device(device):
+        t = t.to(device)
+    return t
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise ValueError if ``x`` holds NaN or Inf (one reduction, done once at the boundary)."""
+    if x.numel() and not bool(torch.isfinite(x.detach()).all()):
+        n_bad = int((~torch.isfinite(x.detach())).sum())
+        raise ValueError(f"{name} contains NaN or Inf ({n_bad} non-finite entries)")
+
+
+def check_matrix(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Check that ``x`` is a finite, non-empty 2-D (n, d) matrix; return it."""
+    if x.dim() != 2:
+        hint = (
+            f"reshape it with {name}.reshape(len({name}), -1)"
+            if x.dim() > 2
+            else f"for n points in 1-D use {name}.reshape(-1, 1)"
+        )
+        raise ValueError(f"{name} must be 2-D (n, d); got shape {tuple(x.shape)}: {hint}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (n = 0): need at least one sample")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has no features (d = 0); got shape {tuple(x.shape)}")
+    check_finite(x, name)
+    return x
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """Raise ValueError when the given tensors live on different devices."""
+    present = [(k, v) for k, v in tensors.items() if v is not None]
+    if not present:
+        return
+    k0, v0 = present[0]
+    for k, v in present[1:]:
+        if v.device != v0.device:
+            raise ValueError(
+                f"{k} is on {v.device} but {k0} is on {v0.device}; move them to the same device"
+            )
+
+
+def check_sigma(sigma: Any, name: str) -> float:
+    """One bandwidth: a finite float > 0."""
+    if isinstance(sigma, torch.Tensor):
+        if sigma.numel() != 1:
+            raise ValueError(f"{name} must be a single number here; got shape {tuple(sigma.shape)}")
+        sigma = sigma.detach().cpu().item()
+    if isinstance(sigma, bool) or not isinstance(sigma, int | float | np.integer | np.floating):
+        raise TypeError(f"{name} must be a positive float, got {type(sigma).__name__}")
+    s = float(sigma)
+    if not math.isfinite(s) or s <= 0.0:
+        raise ValueError(f"{name} must be finite and > 0, got {sigma!r}")
+    return s
+
+
+def check_sigmas(sigma: Any, name: str) -> tuple[list[float], bool]:
+    """A bandwidth or a sequence of them.
+
+    Returns:
+        (sigmas, many): the list of floats and whether the caller passed a sequence (then the
+        result is 1-D over the bandwidths).
+    """
+    if isinstance(sigma, torch.Tensor | np.ndarray) and np.ndim(sigma) == 1:
+        sigma = [float(v) for v in (sigma.tolist())]
+    if isinstance(sigma, Sequence) and not isinstance(sigma, str | bytes):
+        if len(sigma) == 0:
+            raise ValueError(f"{name} is an empty sequence; give at least one bandwidth")
+        return [check_sigma(s, f"{name}[{i}]") for i, s in enumerate(sigma)], True
+    return [check_sigma(sigma, name)], False
+
+
+def triton_available() -> bool:
+    """True when Triton imports (kernels can then run on CUDA, or on CPU under TRITON_INTERPRET)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def check_backend(backend: Any, device: torch.device) -> str:
+    """Resolve ``backend`` to "torch" or "triton" for data on ``device``.
+
+    "auto" picks Triton for CUDA tensors when Triton imports, else the torch path.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton" and not triton_available():
+        raise BackendUnavailableError(
+            "backend='triton' needs Triton: install it with `pip install triton` "
+            "(or `pip install rkekernels[triton]`), or use backend='torch'"
+        )
+    return backend
+
+
+def to_output(value: torch.Tensor, like_torch: bool, many: bool) -> Any:
+    """Shape the result as SPEC section 3 says.
+
+    torch input: a tensor (0-dim, or 1-D for several bandwidths) that keeps autograd.
+    other input: a Python float (numpy array for several bandwidths).
+    """
+    if not many:
+        value = value.reshape(())
+    if like_torch:
+        return value
+    arr = value.detach().cpu().double().numpy()
+    return arr if many else float(arr)

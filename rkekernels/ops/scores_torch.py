@@ -1,0 +1,187 @@
+"""Streaming torch path for the pair sums behind every RKE score (CPU and CUDA tensors).
+
+Math. With centred rows x_i (translation invariance), squared norms n_i = ||x_i||^2, c_k = 1/s_k^2::
+
+    D_ij        = max(n_i + n_j - 2 x_i . x_j, 0),   D_ii = 0 exactly
+    Kx_k^2      = exp(-c_k D_ij)                    (k_s(a, b)^2 = exp(-||a - b||^2 / s^2))
+    F_x[k]      = sum_ij Kx_k^2
+    F_t         = sum_ij Kt^2
+    F_xt[k]     = sum_ij Kx_k^2 Kt^2
+
+Only tiles on or above the diagonal are visited; off-diagonal tiles count twice. Within a tile
+the arithmetic is in the input dtype (float32 or float64); tile sums are accumulated in float64.
+The distance tile is computed once and shared by every bandwidth and by all three sums.
+
+Gradient (streamed the same way). For cotangents g of the sums, the combined symmetric weight
+W_ij = sum_k 4 c_k (g_x[k] Kx_k^2 + g_xt[k] Kx_k^2 Kt^2) gives::
+
+    dL/dx_i = -sum_j W_ij (x_i - x_j) = -(r_i x_i - G_i),   r_i = sum_j W_ij,  G_i = sum_j W_ij x_j
+
+and likewise for t with W^t_ij = 4 c_t (g_t Kt^2 + sum_k g_xt[k] Kx_k^2 Kt^2). Each tile adds to
+r and G of its rows and, when off the diagonal, of its columns (W^T).
+
+Memory: O(n d) for the inputs plus one tile of block_rows x block_cols per live temporary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+__all__ = ["BLOCK_COLS", "BLOCK_ROWS", "backward_grads", "forward_sums", "tiles"]
+
+BLOCK_ROWS = 256
+BLOCK_COLS = 2048
+
+
+def tiles(
+    n: int,
+    block_rows: int | None = None,
+    block_cols: int | None = None,
+    shard: tuple[int, int] | None = None,
+) -> Iterator[tuple[int, int, int, int, bool]]:
+    """The tiles covering the upper triangle of an n x n matrix, as (i0, i1, j0, j1, diagonal).
+
+    For each row block [i0, i1) the first tile is the square diagonal block (counted once, it
+    holds both orders of its pairs), then column blocks [j0, j1) to the right (counted twice).
+    ``shard=(rank, world)`` keeps every world-th tile starting at rank (for distributed use).
+    """
+    block_rows = block_rows or BLOCK_ROWS
+    block_cols = block_cols or BLOCK_COLS
+    idx = 0
+    for i0 in range(0, n, block_rows):
+        i1 = min(i0 + block_rows, n)
+        spans = [(i0, i1, True)]
+        spans += [(j0, min(j0 + block_cols, n), False) for j0 in range(i1, n, block_cols)]
+        for j0, j1, diag in spans:
+            if shard is None or idx % shard[1] == shard[0]:
+                yield i0, i1, j0, j1, diag
+            idx += 1
+
+
+def _neg_sqdist(a: torch.Tensor, na: torch.Tensor, b: torch.Tensor, nb: torch.Tensor, diag: bool):
+    """-max(||a_i - b_j||^2, 0) as one GEMM with the norms folded in: [a, n_a, 1].[2b, -1, -n_b]."""
+    neg = torch.addmm(nb.unsqueeze(0), a, b.t(), beta=-1.0, alpha=2.0)
+    neg.sub_(na.unsqueeze(1)).clamp_(max=0.0)
+    if diag:
+        neg.diagonal().zero_()
+    return neg
+
+
+def forward_sums(
+    xc: torch.Tensor,
+    tc: torch.Tensor | None,
+    inv_sx2: Sequence[float],
+    inv_st2: float | None,
+    want_fx: bool = True,
+    *,
+    block_rows: int | None = None,
+    block_cols: int | None = None,
+    shard: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(F_x (K,), F_t (), F_xt (K,)) in float64 for centred ``xc`` (n, d) and ``tc`` (n, m).
+
+    ``inv_sx2`` holds c_k = 1/sigma_k^2; F_t and F_xt are None without ``tc``, F_x is None when
+    ``want_fx`` is False. ``shard`` restricts the sum to a subset of tiles (see `tiles`).
+    """
+    n = xc.shape[0]
+    dev = xc.device
+    K = len(inv_sx2)
+    nx = (xc * xc).sum(1)
+    nt = (tc * tc).sum(1) if tc is not None else None
+    fx = torch.zeros(K, dtype=torch.float64, device=dev) if want_fx else None
+    ft = torch.zeros((), dtype=torch.float64, device=dev) if tc is not None else None
+    fxt = torch.zeros(K, dtype=torch.float64, device=dev) if tc is not None else None
+    single = K == 1 and tc is None
+    for i0, i1, j0, j1, diag in tiles(n, block_rows, block_cols, shard):
+        w = 1.0 if diag else 2.0
+        negd = _neg_sqdist(xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag)
+        if single:
+            fx[0] += w * negd.mul_(inv_sx2[0]).exp_().sum(dtype=torch.float64)
+            continue
+        kt2 = None
+        if tc is not None:
+            kt2 = _neg_sqdist(tc[i0:i1], nt[i0:i1], tc[j0:j1], nt[j0:j1], diag)
+            kt2 = kt2.mul_(inv_st2).exp_()
+            ft += w * kt2.sum(dtype=torch.float64)
+        for k, c in enumerate(inv_sx2):
+            e = negd.mul(c).exp_() if k < K - 1 else negd.mul_(c).exp_()
+            if fx is not None:
+                fx[k] += w * e.sum(dtype=torch.float64)
+            if kt2 is not None:
+                fxt[k] += w * e.mul_(kt2).sum(dtype=torch.float64)
+    return fx, ft, fxt
+
+
+def backward_grads(
+    xc: torch.Tensor,
+    tc: torch.Tensor | None,
+    inv_sx2: Sequence[float],
+    inv_st2: float | None,
+    g_fx: torch.Tensor | None,
+    g_ft: torch.Tensor | None,
+    g_fxt: torch.Tensor | None,
+    need_x: bool = True,
+    need_t: bool = True,
+    *,
+    block_rows: int | None = None,
+    block_cols: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Vector-Jacobian products of `forward_sums`: (dL/dx (n, d), dL/dt (n, m) or None).
+
+    ``g_fx`` (K,), ``g_ft`` (), ``g_fxt`` (K,) are the float64 cotangents (None means zero).
+    Gradients are accumulated in float64 and returned in the input dtype.
+    """
+    n = xc.shape[0]
+    dt = xc.dtype
+    has_t = tc is not None
+    need_t = need_t and has_t
+    nx = (xc * xc).sum(1)
+    nt = (tc * tc).sum(1) if has_t else None
+    # per-bandwidth scalar weights, kept on device (no host sync)
+    c = torch.tensor(list(inv_sx2), dtype=torch.float64, device=xc.device)
+    ax = 4.0 * c * g_fx if g_fx is not None else None  # weight of Kx_k^2 in W^x
+    axt = 4.0 * c * g_fxt if (g_fxt is not None and has_t) else None  # of Kx_k^2 Kt^2 in W^x
+    bt = 4.0 * inv_st2 * g_ft if (g_ft is not None and has_t) else None  # of Kt^2 in W^t
+    bxt = 4.0 * inv_st2 * g_fxt if (g_fxt is not None and has_t) else None  # of Kx^2Kt^2 in W^t
+    ax, axt, bt, bxt = (None if v is None else v.to(dt) for v in (ax, axt, bt, bxt))
+
+    rx = torch.zeros(n, dtype=torch.float64, device=xc.device) if need_x else None
+    gx = torch.zeros(xc.shape, dtype=torch.float64, device=xc.device) if need_x else None
+    rt = torch.zeros(n, dtype=torch.float64, device=xc.device) if need_t else None
+    gt = torch.zeros(tc.shape, dtype=torch.float64, device=xc.device) if need_t else None
+
+    def _accumulate(wt, r, g, v, i0, i1, j0, j1, diag):
+        r[i0:i1] += wt.sum(1, dtype=torch.float64)
+        g[i0:i1] += (wt @ v[j0:j1]).double()
+        if not diag:
+            r[j0:j1] += wt.sum(0, dtype=torch.float64)
+            g[j0:j1] += (wt.t() @ v[i0:i1]).double()
+
+    for i0, i1, j0, j1, diag in tiles(n, block_rows, block_cols):
+        negd = _neg_sqdist(xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag)
+        kt2 = None
+        if has_t:
+            kt2 = _neg_sqdist(tc[i0:i1], nt[i0:i1], tc[j0:j1], nt[j0:j1], diag)
+            kt2 = kt2.mul_(inv_st2).exp_()
+        wx = torch.zeros_like(negd) if need_x else None
+        wt = kt2 * bt if need_t and bt is not None else (torch.zeros_like(negd) if need_t else None)
+        for k, ck in enumerate(inv_sx2):
+            e = negd.mul(ck).exp_()
+            if need_x and ax is not None:
+                wx.addcmul_(e, ax[k])
+            if kt2 is not None and (axt is not None or bxt is not None):
+                ekt = e.mul_(kt2)
+                if need_x and axt is not None:
+                    wx.addcmul_(ekt, axt[k])
+                if need_t and bxt is not None:
+                    wt.addcmul_(ekt, bxt[k])
+        if need_x:
+            _accumulate(wx, rx, gx, xc, i0, i1, j0, j1, diag)
+        if need_t:
+            _accumulate(wt, rt, gt, tc, i0, i1, j0, j1, diag)
+
+    grad_x = (gx - rx.unsqueeze(1) * xc.double()).to(dt) if need_x else None
+    grad_t = (gt - rt.unsqueeze(1) * tc.double()).to(dt) if need_t else None
+    return grad_x, grad_t

@@ -1,0 +1,171 @@
+"""Plain, dense, float64 reference implementations of every quantity in SPEC section 2.
+
+Obviously correct and O(n^2) memory: build the kernel matrix, square it, sum it. Tests and
+benchmarks import these (and only these) as ground truth; the fast paths never call them.
+Gradients come from torch autograd through these functions.
+
+Math (Gaussian kernel, sums over all ordered pairs, diagonal included)::
+
+    k_s(a, b)   = exp(-||a - b||^2 / (2 s^2))
+    RKE(X)      = n^2 / sum_ij Kx[i,j]^2
+    H2(X)       = -log(sum_ij Kx^2 / n^2)
+    H2(X, T)    = -log(sum_ij Kx^2 Kt^2 / n^2)
+    CondRKE     = sum_ij Kt^2 / sum_ij Kx^2 Kt^2
+    log S(z)    = logsumexp_j( log w_j - ||phi(z) - f_j||^2 / s^2 ),  w_j = k_sc(y, c_j)^2
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "Entropies",
+    "cond_rke_score",
+    "features",
+    "gaussian_kernel",
+    "guidance_grad",
+    "guidance_log_s",
+    "median_bandwidth",
+    "pair_sums",
+    "rke_entropies",
+    "rke_score",
+    "sq_dists",
+]
+
+
+def _f64(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(torch.float64)
+    return torch.as_tensor(x, dtype=torch.float64)
+
+
+def sq_dists(a, b) -> torch.Tensor:
+    """Squared Euclidean distances ||a_i - b_j||^2 as an (n, m) float64 matrix (exact form)."""
+    a, b = _f64(a), _f64(b)
+    return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+
+def gaussian_kernel(a, b, sigma: float) -> torch.Tensor:
+    """k_s(a_i, b_j) = exp(-||a_i - b_j||^2 / (2 sigma^2)), float64 (n, m)."""
+    return torch.exp(-sq_dists(a, b) / (2.0 * float(sigma) ** 2))
+
+
+def pair_sums(x, t=None, sigma: float = 1.0, sigma_t: float | None = None):
+    """(sum Kx^2, sum Kt^2, sum Kx^2 Kt^2) in float64; the last two are None without ``t``."""
+    kx2 = gaussian_kernel(x, x, sigma) ** 2
+    if t is None:
+        return kx2.sum(), None, None
+    kt2 = gaussian_kernel(t, t, sigma_t) ** 2
+    return kx2.sum(), kt2.sum(), (kx2 * kt2).sum()
+
+
+def rke_score(x, sigma: float) -> torch.Tensor:
+    """RKE(X) = n^2 / sum_ij k_s(x_i, x_j)^2 (float64, differentiable)."""
+    x = _f64(x)
+    n = x.shape[0]
+    fx, _, _ = pair_sums(x, sigma=sigma)
+    return n * n / fx
+
+
+def cond_rke_score(x, t, sigma: float, sigma_t: float) -> torch.Tensor:
+    """CondRKE(X|T) = sum Kt^2 / sum Kx^2 Kt^2 (float64, differentiable)."""
+    _, ft, fxt = pair_sums(_f64(x), _f64(t), sigma, sigma_t)
+    return ft / fxt
+
+
+class Entropies(NamedTuple):
+    h_x: torch.Tensor
+    h_t: torch.Tensor
+    h_xt: torch.Tensor
+    h_x_given_t: torch.Tensor
+    mutual_info: torch.Tensor
+
+
+def rke_entropies(x, t, sigma: float, sigma_t: float) -> Entropies:
+    """Order-2 Rényi kernel entropies in nats: H2(X), H2(T), H2(X,T), H2(X|T), I2(X;T)."""
+    x, t = _f64(x), _f64(t)
+    n = x.shape[0]
+    fx, ft, fxt = pair_sums(x, t, sigma, sigma_t)
+    log_n2 = 2.0 * torch.log(torch.tensor(float(n), dtype=torch.float64))
+    h_x = log_n2 - torch.log(fx)
+    h_t = log_n2 - torch.log(ft)
+    h_xt = log_n2 - torch.log(fxt)
+    return Entropies(h_x, h_t, h_xt, h_xt - h_t, h_x + h_t - h_xt)
+
+
+def median_bandwidth(x) -> torch.Tensor:
+    """Median of the pairwise distances ||x_i - x_j||, i < j, over all pairs (float64).
+
+    The library's `median_bandwidth` uses exactly this on at most 1,000 rows (all rows when
+    n <= 1,000); the fallbacks for degenerate sets (n = 1, all points equal) are its own.
+    """
+    x = _f64(x)
+    n = x.shape[0]
+    iu = torch.triu_indices(n, n, offset=1)
+    d = sq_dists(x, x)[iu[0], iu[1]].sqrt()
+    return torch.quantile(d, 0.5) if d.numel() else torch.tensor(float("nan"))
+
+
+# --------------------------------------------------------------------------- guidance objective
+
+
+def features(z, normalize: bool = True) -> torch.Tensor:
+    """phi(z): flatten each sample to a row; optionally divide each row by its L2 norm."""
+    z = _f64(z)
+    f = z.reshape(z.shape[0], -1)
+    return f / f.norm(dim=1, keepdim=True) if normalize else f
+
+
+def guidance_log_s(
+    z,
+    bank,
+    *,
+    cond=None,
+    bank_cond=None,
+    sigma: float,
+    sigma_cond: float | None = None,
+    normalize: bool = True,
+    include_batch: bool = True,
+) -> torch.Tensor:
+    """log S(z_a) for each of the b samples, float64 (b,), differentiable w.r.t. ``z``.
+
+    S(z_a) = sum_j w_j k_s(phi(z_a), f_j)^2 over the bank entries f_j and, with
+    ``include_batch``, the other current samples phi(z_c), c != a (treated as constants).
+    w_j = k_sc(y_a, c_j)^2 with prompt embeddings, else 1. Empty sets give -inf.
+    """
+    z = _f64(z)
+    b = z.shape[0]
+    phi = features(z, normalize)
+    bank = _f64(bank).reshape(-1, phi.shape[1]) if bank is not None else phi[:0]
+    logits = -sq_dists(phi, bank) / float(sigma) ** 2  # (b, n)
+    if cond is not None:
+        cond, bank_cond = _f64(cond), _f64(bank_cond).reshape(-1, _f64(cond).shape[1])
+        logits = logits - sq_dists(cond, bank_cond) / float(sigma_cond) ** 2
+    if include_batch and b > 1:
+        other = phi.detach()
+        lb = -sq_dists(phi, other) / float(sigma) ** 2
+        if cond is not None:
+            lb = lb - sq_dists(cond, cond) / float(sigma_cond) ** 2
+        eye = torch.eye(b, dtype=torch.bool)
+        lb = lb.masked_fill(eye, float("-inf"))
+        logits = torch.cat([logits, lb], dim=1)
+    if logits.shape[1] == 0:
+        return torch.full((b,), float("-inf"), dtype=torch.float64)
+    return torch.logsumexp(logits, dim=1)
+
+
+def guidance_grad(z, bank, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(-d log S / dz with z's shape, log S (b,)) by float64 autograd of `guidance_log_s`.
+
+    Each sample's gradient is taken of its own log S (the objectives are summed: with
+    ``include_batch`` the other samples enter as constants, so the sum separates).
+    """
+    z = _f64(z).detach().requires_grad_(True)
+    log_s = guidance_log_s(z, bank, **kwargs)
+    finite = torch.isfinite(log_s)
+    if not bool(finite.any()):
+        return torch.zeros_like(z), log_s.detach()
+    (g,) = torch.autograd.grad(log_s[finite].sum(), z)
+    return -g, log_s.detach()
