@@ -44,7 +44,9 @@ def _f64(x) -> torch.Tensor:
 def sq_dists(a, b) -> torch.Tensor:
     """Squared Euclidean distances ||a_i - b_j||^2 as an (n, m) float64 matrix (exact form)."""
     a, b = _f64(a), _f64(b)
-    return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    rows = max(1, 2**25 // max(1, b.shape[0] * a.shape[1]))  # bound the (rows, m, d) temporary
+    parts = [((a[i : i + rows, None, :] - b[None]) ** 2).sum(-1) for i in range(0, len(a), rows)]
+    return torch.cat(parts) if parts else a.new_zeros((0, b.shape[0]))
 
 
 def gaussian_kernel(a, b, sigma: float) -> torch.Tensor:

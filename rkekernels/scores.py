@@ -106,10 +106,12 @@ def _resolve_sigma(sigma: Any, x: torch.Tensor, name: str) -> tuple[list[float],
 
 def _pair(x: Any, t: Any, sigma: Any, sigma_t: Any, backend: Any):
     torch_out = is_torch(x)
-    xt = _prepare(x, "x")
-    tt = _prepare(t, "t") if t is not None else None
+    xt = as_tensor(x, "x")
+    tt = as_tensor(t, "t") if t is not None else None
+    check_same_device(x=xt, t=tt)
+    xt = check_matrix(xt, "x")
     if tt is not None:
-        check_same_device(x=xt, t=tt)
+        tt = check_matrix(tt, "t")
         if tt.shape[0] != xt.shape[0]:
             raise ValueError(
                 f"x and t must have the same number of rows n: x has {xt.shape[0]}, "

@@ -31,8 +31,8 @@ import torch
 
 __all__ = ["BLOCK_COLS", "BLOCK_ROWS", "backward_grads", "forward_sums", "tiles"]
 
-BLOCK_ROWS = 256
-BLOCK_COLS = 2048
+BLOCK_ROWS = 1024
+BLOCK_COLS = 1024
 
 
 def tiles(

@@ -1,0 +1,92 @@
+"""Gradients of the streamed scores: gradcheck, random cotangents, incoming gradient != 1."""
+
+import pytest
+import torch
+
+import rkekernels as rk
+from rkekernels import reference as ref
+from rkekernels.ops import scores_torch
+
+
+def _xt(n, d, m, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 2.0 + 3.0
+    t = torch.randn(n, m, generator=g, dtype=torch.float64)
+    return x.to(dtype).requires_grad_(), t.to(dtype).requires_grad_()
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    # several tiles, odd sizes, so the streamed backward crosses tile boundaries
+    monkeypatch.setattr(scores_torch, "BLOCK_ROWS", 8)
+    monkeypatch.setattr(scores_torch, "BLOCK_COLS", 11)
+
+
+def test_gradcheck_float64():
+    x, t = _xt(19, 3, 2)
+    assert torch.autograd.gradcheck(lambda a: rk.rke_score(a, 1.7), (x,))
+    assert torch.autograd.gradcheck(lambda a, b: rk.cond_rke_score(a, b, 1.7, 0.9), (x, t))
+    assert torch.autograd.gradcheck(
+        lambda a, b: torch.stack(list(rk.rke_entropies(a, b, [1.0, 3.0], 0.9))), (x, t)
+    )
+
+
+def test_gradcheck_reference():
+    x, t = _xt(9, 2, 2)
+    assert torch.autograd.gradcheck(lambda a, b: ref.cond_rke_score(a, b, 1.2, 0.8), (x, t))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+def test_random_cotangents_through_every_output(dtype, tol):
+    """A random linear functional of all outputs, all bandwidths: grads of x and t."""
+    x, t = _xt(61, 5, 3, dtype)
+    sig, st = [0.8, 2.0, 6.0], 1.3
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    ent = rk.rke_entropies(x, t, sig, st)
+    loss = sum((e.double() * vi).sum() for e, vi in zip(ent, v))
+    loss = loss + (rk.rke_score(x, sig).double() * w[0]).sum()
+    loss = loss + (rk.cond_rke_score(x, t, sig, st).double() * w[1]).sum()
+    gx, gt = torch.autograd.grad(loss, (x, t))
+
+    xr, tr = x.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+    lr = 0.0
+    for k, s in enumerate(sig):
+        er = ref.rke_entropies(xr, tr, s, st)
+        lr = lr + sum(e * vi[k] for e, vi in zip(er, v))
+        lr = lr + ref.rke_score(xr, s) * w[0, k] + ref.cond_rke_score(xr, tr, s, st) * w[1, k]
+    rx, rt = torch.autograd.grad(lr, (xr, tr))
+    assert gx.dtype == dtype and gt.dtype == dtype
+    assert (gx.double() - rx).norm() <= tol * rx.norm()
+    assert (gt.double() - rt).norm() <= tol * rt.norm()
+
+
+def test_not_the_last_op():
+    """The incoming gradient is not 1: the score feeds a further computation."""
+    x, _ = _xt(40, 4, 1)
+    y = (rk.rke_score(x * 1.5, 2.0) ** 2).log() * 3.0
+    (gx,) = torch.autograd.grad(y, x)
+    xr = x.detach().clone().requires_grad_()
+    yr = (ref.rke_score(xr * 1.5, 2.0) ** 2).log() * 3.0
+    (rx,) = torch.autograd.grad(yr, xr)
+    assert (gx - rx).norm() <= 1e-10 * rx.norm()
+
+
+def test_grad_only_for_inputs_that_need_it():
+    x, t = _xt(30, 3, 2)
+    t = t.detach()
+    (gx,) = torch.autograd.grad(rk.cond_rke_score(x, t, 1.0, 1.0), (x,))
+    assert torch.isfinite(gx).all()
+    x2 = x.detach()
+    t2 = t.clone().requires_grad_()
+    (gt,) = torch.autograd.grad(rk.cond_rke_score(x2, t2, 1.0, 1.0), (t2,))
+    rt = torch.autograd.grad(ref.cond_rke_score(x2, t2, 1.0, 1.0), (t2,))[0]
+    assert (gt - rt).norm() <= 1e-10 * rt.norm()
+
+
+def test_gradient_is_finite_for_extreme_sigma():
+    x, _ = _xt(30, 3, 1)
+    for s in (1e-4, 1e4):
+        (gx,) = torch.autograd.grad(rk.rke_score(x, s), (x,))
+        assert torch.isfinite(gx).all()
