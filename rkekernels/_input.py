@@ -90,7 +90,9 @@ def as_tensor(x: Any, name: str, *, device: torch.device | None = None) -> torch
         try:
             t = torch.from_dlpack(x)
         except Exception as exc:  # pragma: no cover - depends on the foreign library
-            raise TypeError(f"{name} exposes __dlpack__ but torch could not import it: {exc}")
+            raise TypeError(
+                f"{name} exposes __dlpack__ but torch could not import it: {exc}"
+            ) from exc
     elif isinstance(x, str | bytes):
         raise TypeError(f"{name} is a string; pass a real-valued numeric array")
     else:
@@ -181,7 +183,6 @@ def check_sigmas(sigma: Any, name: str) -> tuple[list[float], bool]:
 def triton_available() -> bool:
     """True when Triton imports (kernels can then run on CUDA, or on CPU under TRITON_INTERPRET)."""
     try:
-        import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception:
         return False

@@ -1,6 +1,7 @@
 """Forward values of the streamed torch path against the float64 dense reference (SPEC 5)."""
 
-from functools import lru_cache
+import itertools
+from functools import cache
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ def _sigma(d):
     return 1.5 * (d**0.5)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _ref(n, d):
     x = _data(n, d)
     t = _data(n, 2, seed=7)
@@ -88,7 +89,7 @@ def test_tiles_cover_upper_triangle_once():
             cover[j0:j1, i0:i1] += 1
     assert torch.equal(cover, torch.ones(n, n))  # every ordered pair exactly once
     shards = [list(scores_torch.tiles(n, 5, 7, shard=(r, 3))) for r in range(3)]
-    assert sorted(sum(shards, [])) == sorted(scores_torch.tiles(n, 5, 7))
+    assert sorted(itertools.chain(*shards)) == sorted(scores_torch.tiles(n, 5, 7))
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPE_TOL)

@@ -50,9 +50,7 @@ def test_replication_invariance(nd, s, seed, k):
 def test_translation_invariance(nd, s, seed, shift):
     n, d = nd
     x = _x(n, d, seed)
-    assert math.isclose(
-        float(rk.rke_score(x + shift, s)), float(rk.rke_score(x, s)), rel_tol=1e-10
-    )
+    assert math.isclose(float(rk.rke_score(x + shift, s)), float(rk.rke_score(x, s)), rel_tol=1e-10)
 
 
 @given(st.integers(1, 7), st.integers(1, 12), st.integers(1, 5), seeds)

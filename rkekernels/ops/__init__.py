@@ -1,1 +1,1 @@
-"""Kernels: one op, one file per tier (``*_torch.py`` streaming torch, ``*_triton.py`` fused Triton)."""
+"""Kernels, one op one file per tier: ``*_torch.py`` (streaming torch), ``*_triton.py`` (fused)."""
