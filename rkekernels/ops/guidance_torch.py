@@ -1,0 +1,102 @@
+"""Streaming torch path for the guidance softmax state over a feature bank (CPU and CUDA).
+
+Math (SPEC section 2, "Guidance objective"). For b current features phi_a (rows of ``phi``),
+bank rows f_j with squared norms q_j = ||f_j||^2, optional prompt embeddings y_a / c_j with
+squared norms r_j = ||c_j||^2, and inv_s2 = 1/s^2, inv_c2 = 1/s_c^2, the logits *without* the
+per-row constants (they cancel in the softmax and are added back by the caller) are::
+
+    l_aj = (2 phi_a . f_j - q_j) inv_s2 + (2 y_a . c_j - r_j) inv_c2
+
+This module returns the un-normalised online-softmax state over the bank::
+
+    m_a   = max_j l_aj
+    l_a   = sum_j exp(l_aj - m_a)
+    acc_a = sum_j exp(l_aj - m_a) f_j                      (b, D)
+
+so that log S_a = m_a + log l_a - ||phi_a||^2 inv_s2 - ||y_a||^2 inv_c2 and
+sum_j pi_aj f_j = acc_a / l_a. The bank is visited once, in chunks of rows: each chunk is used for
+the logits (one GEMM for all b samples) and, right after, for the values (a second GEMM with the
+same chunk, while it is still in cache). Extra memory: O(b D) for the state plus one chunk of
+logits (b x rows) and, for a float16/bfloat16 bank, one upcast chunk. The running max keeps every
+exponent <= 0, so the result is finite for any bandwidth.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["CHUNK_ELEMENTS", "CHUNK_ROWS", "chunk_rows", "softmax_state"]
+
+#: Elements per bank chunk (rows = CHUNK_ELEMENTS // D, at least 16): 2**20 float32 = 4 MiB,
+#: sized so a chunk stays in the L2/L3 cache between the logits and the values GEMM.
+CHUNK_ELEMENTS = 1 << 20
+
+#: Fixed number of rows per chunk; overrides CHUNK_ELEMENTS when set (tests use it to place bank
+#: sizes around chunk boundaries).
+CHUNK_ROWS: int | None = None
+
+
+def chunk_rows(dim: int) -> int:
+    """Rows of the bank processed per chunk for features of width ``dim``."""
+    if CHUNK_ROWS is not None:
+        return max(1, int(CHUNK_ROWS))
+    return max(16, CHUNK_ELEMENTS // max(1, dim))
+
+
+def softmax_state(
+    phi: torch.Tensor,
+    bank: torch.Tensor,
+    bank_sq: torch.Tensor | None,
+    y: torch.Tensor | None,
+    bank_cond: torch.Tensor | None,
+    bank_cond_sq: torch.Tensor | None,
+    inv_s2: float,
+    inv_c2: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Online-softmax state (m (b,), l (b,), acc (b, D)) of the logits above over ``bank``.
+
+    Args:
+        phi: (b, D) current features, float32 or float64 (the compute dtype).
+        bank: (n, D) bank features in any floating dtype (upcast chunk by chunk); n may be 0.
+        bank_sq: (n,) cached ||f_j||^2, or None to compute them chunk by chunk.
+        y: (b, m) prompt embeddings of the current samples, or None (unconditional).
+        bank_cond: (n, m) prompt embeddings of the bank (None iff ``y`` is None).
+        bank_cond_sq: (n,) cached ||c_j||^2, or None to compute them chunk by chunk.
+        inv_s2, inv_c2: 1/s^2 and 1/s_c^2.
+
+    Returns:
+        (m, l, acc) in phi's dtype; an empty bank gives m = -inf, l = 0, acc = 0.
+    """
+    cdt = phi.dtype
+    b, dim = phi.shape
+    n = bank.shape[0]
+    m = torch.full((b,), float("-inf"), dtype=cdt, device=phi.device)
+    l = torch.zeros((b,), dtype=cdt, device=phi.device)
+    acc = torch.zeros((b, dim), dtype=cdt, device=phi.device)
+    if n == 0:
+        return m, l, acc
+    phi2t = (phi * (2.0 * inv_s2)).T.contiguous()  # (D, b): logits = f @ phi2t - q inv_s2
+    y2t = (y * (2.0 * inv_c2)).T.contiguous() if y is not None else None
+    rows = chunk_rows(dim)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        f = bank[start:stop]
+        if f.dtype != cdt:
+            f = f.to(cdt)
+        q = bank_sq[start:stop].to(cdt) if bank_sq is not None else (f * f).sum(1)
+        # logits (rows, b): one GEMM for all b samples, the squared norms as the bias
+        logits = torch.addmm(q.unsqueeze(1), f, phi2t, beta=-inv_s2)
+        if y2t is not None:
+            c = bank_cond[start:stop]
+            if c.dtype != cdt:
+                c = c.to(cdt)
+            r = bank_cond_sq[start:stop].to(cdt) if bank_cond_sq is not None else (c * c).sum(1)
+            logits.addmm_(c, y2t).sub_(r.unsqueeze(1), alpha=inv_c2)
+        m_new = torch.maximum(m, logits.amax(0))
+        alpha = torch.exp(m - m_new)  # m = -inf on the first chunk: alpha = 0
+        p = logits.sub_(m_new).exp_()  # in place: every exponent <= 0
+        l = torch.addcmul(p.sum(0), l, alpha)
+        # values GEMM with the same chunk, still in cache: acc = alpha acc + p^T f
+        acc.mul_(alpha.unsqueeze(1)).addmm_(p.T, f)
+        m = m_new
+    return m, l, acc
