@@ -1,6 +1,406 @@
-"""PLACEHOLDER (being written): DiversityGuidance."""
+"""`DiversityGuidance`: SPARKE guidance for any sampler, as a schedule plus one update rule.
+
+For a batch of b latents z_a being sampled, the bank of earlier samples f_1..f_n (features) with
+prompt embeddings c_j, and the current prompt embeddings y_a (SPEC section 2)::
+
+    S(z_a)  = sum_j w_j k_s(phi(z_a), f_j)^2,       w_j = k_sc(y_a, c_j)^2  (1 when unconditional)
+    g_a     = -grad_{z_a} log S(z_a)                (`rkekernels.guidance_grad`)
+    z_a    <- z_a + scale * ||z_a|| / ||g_a|| * g_a  (the paper's rescaled step; g_a = 0: no move)
+
+Minimising S maximises the conditional RKE diversity of the bank plus the new sample. A
+``feature_fn`` (for example an image encoder applied to the decoded prediction) replaces phi's
+input: S is then evaluated on ``feature_fn(z)`` and the gradient is carried back to z by one
+vector-Jacobian product (the only autograd in the library).
+
+The schedule: `apply` is called once per sampler step with the sampler's ``progress`` in [0, 1]
+(0 = first step, e.g. ``step_index / num_steps``). Call number k (0-based, counted since the last
+`commit` or `reset`, or given explicitly as ``step=k``) is guided iff::
+
+    k % every == 0   and   start <= progress <= stop
+
+so ``every=10`` guides calls 0, 10, 20, ... and ``start``/``stop`` keep a window of the
+trajectory. After the last step, `commit` puts the finished samples into the bank (and restarts
+the count for the next batch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ._input import as_tensor, check_sigma
+from .guidance import FeatureBank, GuidanceResult, features, guidance_grad
+
+__all__ = ["DiversityGuidance"]
+
+
+def _check_unit(value: Any, name: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.detach().cpu().item()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return v
 
 
 class DiversityGuidance:
-    def __init__(self, *a, **k):
-        raise NotImplementedError
+    """SPARKE diversity guidance: a schedule, the rescaled update, and a bank of past samples.
+
+    Each guided step moves every sample a of the batch along the diversity gradient
+    g_a = -grad log S(z_a) (see `rkekernels.guidance_grad`), rescaled to the latent's norm::
+
+        z_a <- z_a + scale * ||z_a|| / ||g_a|| * g_a        (g_a = 0: z_a unchanged)
+
+    Call `apply` once per sampler step, `commit` once per finished batch.
+
+    Schedule: call number k (counted by `apply` since the last `commit`/`reset`, or passed as
+    ``step=k``) with sampler progress p in [0, 1] is guided iff ``k % every == 0`` and
+    ``start <= p <= stop`` (both ends included). ``progress`` may be omitted only when
+    ``start == 0`` and ``stop == 1`` (then only ``every`` selects steps). With ``scale == 0``
+    no gradient is computed and latents come back untouched.
+
+    Args:
+        sigma: bandwidth s of the kernel on features (> 0). For unit-normalised latents the
+            paper's s_c = 0.6 to 0.8 corresponds to ``sigma = sqrt(2) * s_c`` ~ 0.85 to 1.1.
+        sigma_cond: bandwidth of the kernel on prompt embeddings; set it for prompt-aware
+            (conditional) guidance, then every `apply`/`commit` needs ``cond``.
+        scale: step size relative to ||z_a|| (finite; the paper uses 0.02 to 0.4). 0 disables.
+        every: guide every ``every``-th call (int >= 1).
+        start, stop: progress window, 0 <= start <= stop <= 1.
+        capacity: bank size (int >= 1); the oldest entries go first.
+        normalize: features divide each flattened sample by its L2 norm.
+        include_batch: the other samples of the batch count as bank entries.
+        feature_fn: optional differentiable map latents (b, ...) -> features (b, ...); the bank
+            then stores ``features(feature_fn(latents))``.
+        device, bank_dtype: where and in which dtype the bank lives (see `FeatureBank`).
+        backend: "auto", "torch" or "triton", passed to `guidance_grad`.
+
+    Attributes:
+        bank: the `FeatureBank` of committed samples (``len(guidance.bank)`` entries).
+        calls: number of `apply` calls since the last `commit` or `reset`.
+        last: the `GuidanceResult` of the last guided step (``.log_s`` for logging), or None.
+
+    Raises:
+        ValueError / TypeError: an argument out of range or of the wrong type (the message
+            names it).
+
+    Example:
+        >>> import torch
+        >>> from rkekernels import DiversityGuidance
+        >>> guide = DiversityGuidance(sigma=1.0, scale=0.1, every=2)
+        >>> guide.commit(torch.tensor([[1.0, 0.0]]))             # one earlier sample
+        >>> z = torch.tensor([[1.0, 0.1]])
+        >>> z = guide.apply(z, progress=0.0)                    # call 0: guided
+        >>> z                                                   # pushed away from [1, 0]
+        tensor([[0.9900, 0.2000]])
+        >>> guide.apply(z, progress=0.5) is z                   # call 1: skipped
+        True
+        >>> guide.commit(z); len(guide.bank)
+        2
+    """
+
+    def __init__(
+        self,
+        sigma: float,
+        *,
+        sigma_cond: float | None = None,
+        scale: float = 0.05,
+        every: int = 1,
+        start: float = 0.0,
+        stop: float = 1.0,
+        capacity: int = 10_000,
+        normalize: bool = True,
+        include_batch: bool = True,
+        feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        device: torch.device | str | None = None,
+        bank_dtype: torch.dtype = torch.float32,
+        backend: str = "auto",
+    ) -> None:
+        self.sigma = check_sigma(sigma, "sigma")
+        self.sigma_cond = None if sigma_cond is None else check_sigma(sigma_cond, "sigma_cond")
+        if isinstance(scale, bool) or not isinstance(scale, int | float):
+            raise TypeError(f"scale must be a finite float, got {type(scale).__name__}")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"scale must be finite, got {scale!r}")
+        self.scale = float(scale)
+        if isinstance(every, bool) or not isinstance(every, int):
+            raise TypeError(f"every must be an int >= 1, got {type(every).__name__}")
+        if every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        self.every = every
+        self.start = _check_unit(start, "start")
+        self.stop = _check_unit(stop, "stop")
+        if self.start > self.stop:
+            raise ValueError(f"start must be <= stop, got start={start!r}, stop={stop!r}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int):
+            raise TypeError(f"capacity must be an int >= 1, got {type(capacity).__name__}")
+        if capacity < 1:
+            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+        for name, flag in (("normalize", normalize), ("include_batch", include_batch)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        self.normalize = normalize
+        self.include_batch = include_batch
+        if feature_fn is not None and not callable(feature_fn):
+            raise TypeError(f"feature_fn must be callable or None, got {type(feature_fn).__name__}")
+        self.feature_fn = feature_fn
+        self.backend = backend
+        self.bank = FeatureBank(capacity, device=device, dtype=bank_dtype)
+        self.calls = 0
+        self.last: GuidanceResult | None = None
+
+    # ------------------------------------------------------------------ schedule
+
+    @property
+    def conditional(self) -> bool:
+        """True when the guidance is prompt-aware (``sigma_cond`` is set)."""
+        return self.sigma_cond is not None
+
+    @property
+    def windowed(self) -> bool:
+        """True when ``start``/``stop`` restrict the schedule (then `apply` needs progress)."""
+        return self.start > 0.0 or self.stop < 1.0
+
+    def active(self, step: int, progress: float | None = None) -> bool:
+        """Whether call number ``step`` at sampler ``progress`` is guided.
+
+        ``step % every == 0`` and, when ``progress`` is given, ``start <= progress <= stop``.
+
+        Example:
+            >>> from rkekernels import DiversityGuidance
+            >>> g = DiversityGuidance(1.0, every=3, start=0.2, stop=0.8)
+            >>> [k for k in range(10) if g.active(k, k / 10)]
+            [3, 6]
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        if step % self.every != 0:
+            return False
+        if progress is None:
+            if self.windowed:
+                raise ValueError(
+                    "progress is required when start/stop restrict the schedule "
+                    f"(start={self.start}, stop={self.stop}); pass progress in [0, 1]"
+                )
+            return True
+        p = _check_unit(progress, "progress")
+        return self.start <= p <= self.stop
+
+    def reset(self) -> None:
+        """Restart the call count (`commit` does this too); the bank is kept."""
+        self.calls = 0
+
+    # ------------------------------------------------------------------ guidance
+
+    def _cond(self, cond: Any, b: int, device: torch.device) -> torch.Tensor | None:
+        """Check ``cond`` against the mode; return (b, m) embeddings or None."""
+        if not self.conditional:
+            if cond is not None:
+                raise ValueError(
+                    "cond was given but sigma_cond is None: set sigma_cond for prompt-aware "
+                    "guidance, or leave cond out"
+                )
+            return None
+        if cond is None:
+            raise ValueError(
+                f"cond is required: this guidance is conditional (sigma_cond={self.sigma_cond}); "
+                "pass one prompt embedding per sample, shape (b, m)"
+            )
+        c = as_tensor(cond, "cond", device=None if isinstance(cond, torch.Tensor) else device)
+        if c.dim() == 1:
+            c = c[None]
+        if c.dim() != 2:
+            raise ValueError(
+                f"cond must be (b, m) or (m,); got shape {tuple(c.shape)}: pool token "
+                "embeddings into one vector per sample first (e.g. cond.mean(dim=1))"
+            )
+        if c.shape[0] == 1 and b > 1:
+            c = c.expand(b, -1)
+        elif c.shape[0] != b:
+            raise ValueError(
+                f"cond has {c.shape[0]} rows but latents has {b} samples; give one embedding "
+                "per sample (or a single one for all)"
+            )
+        return c
+
+    @staticmethod
+    def _latents(latents: Any) -> torch.Tensor:
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch tensor, got {type(latents).__name__}")
+        if latents.dim() < 1 or latents.shape[0] == 0:
+            raise ValueError(
+                f"latents must be (b, ...) with b >= 1 samples; got shape {tuple(latents.shape)}"
+            )
+        if not latents.is_floating_point():
+            raise TypeError(f"latents must be floating point, got {latents.dtype}")
+        return latents
+
+    def grad(self, latents: torch.Tensor, cond: Any = None) -> GuidanceResult:
+        """The raw diversity gradient against the bank, without schedule or scale.
+
+        ``GuidanceResult(grad, log_s)`` with ``grad = -d log S / d latents`` (latents' shape)
+        and ``log_s`` (b,), as `rkekernels.guidance_grad` computes it; with ``feature_fn``,
+        S is evaluated on ``feature_fn(latents)`` and the gradient is pulled back to the latents
+        by one vector-Jacobian product. Works under ``torch.no_grad()``.
+
+        Args:
+            latents: (b, ...) current samples (or denoised predictions).
+            cond: (b, m) or (m,) prompt embeddings; required iff ``sigma_cond`` is set.
+
+        Raises:
+            ValueError: cond missing/unexpected or of the wrong shape; bad latents (see
+                `guidance_grad`); a ``feature_fn`` whose output does not depend on the latents
+                through autograd.
+
+        Example:
+            >>> import torch
+            >>> from rkekernels import DiversityGuidance
+            >>> g = DiversityGuidance(sigma=1.0, normalize=False)
+            >>> g.commit(torch.zeros(1, 2))
+            >>> g.grad(torch.tensor([[0.5, 0.0]])).grad    # (2/s^2) (z - f): away from the bank
+            tensor([[1., 0.]])
+        """
+        latents = self._latents(latents)
+        cond = self._cond(cond, latents.shape[0], latents.device)
+        kwargs = dict(
+            cond=cond,
+            sigma=self.sigma,
+            sigma_cond=self.sigma_cond,
+            normalize=self.normalize,
+            include_batch=self.include_batch,
+            backend=self.backend,
+        )
+        if self.feature_fn is None:
+            return guidance_grad(latents.detach(), self.bank, **kwargs)
+        with torch.enable_grad():
+            z = latents.detach().requires_grad_(True)
+            f = self.feature_fn(z)
+            if not isinstance(f, torch.Tensor) or f.dim() < 1 or f.shape[0] != z.shape[0]:
+                raise ValueError(
+                    "feature_fn must return a tensor (b, ...) with one row per sample; got "
+                    f"{type(f).__name__} {tuple(getattr(f, 'shape', ()))}"
+                )
+            if not f.requires_grad:
+                raise ValueError(
+                    "feature_fn output does not depend on the latents through autograd "
+                    "(was it computed under torch.no_grad() or detached?)"
+                )
+            res = guidance_grad(f.detach(), self.bank, **kwargs)
+            (gz,) = torch.autograd.grad(
+                f, z, grad_outputs=res.grad.to(f.dtype).reshape(f.shape), allow_unused=True
+            )
+        if gz is None:
+            gz = torch.zeros_like(latents)
+        return GuidanceResult(gz.detach(), res.log_s)
+
+    def update(self, latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The rescaled step ``z_a + scale * ||z_a|| / ||g_a|| * g_a`` (no move where g_a = 0).
+
+        Norms are taken over all entries of each sample, in float32 (float64 for float64
+        latents); the result has the latents' shape and dtype.
+
+        Example:
+            >>> import torch
+            >>> from rkekernels import DiversityGuidance
+            >>> g = DiversityGuidance(sigma=1.0, scale=0.5)
+            >>> z = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+            >>> g.update(z, torch.tensor([[0.0, 9.0], [0.0, 0.0]]))  # ||z_0|| = 5: moves 2.5
+            tensor([[3.0000, 6.5000],
+                    [1.0000, 0.0000]])
+        """
+        b = latents.shape[0]
+        cdt = torch.float64 if latents.dtype == torch.float64 else torch.float32
+        with torch.no_grad():
+            z = latents.detach().reshape(b, -1).to(cdt)
+            g = grad.detach().reshape(b, -1).to(device=z.device, dtype=cdt)
+            gn = g.norm(dim=1, keepdim=True)
+            direction = torch.where(gn > 0, g / gn, torch.zeros_like(g))
+            out = z + (self.scale * z.norm(dim=1, keepdim=True)) * direction
+        return out.to(latents.dtype).reshape(latents.shape)
+
+    def apply(
+        self,
+        latents: torch.Tensor,
+        cond: Any = None,
+        progress: float | None = None,
+        *,
+        step: int | None = None,
+    ) -> torch.Tensor:
+        """One guided update of the batch, if the schedule selects this call.
+
+        Args:
+            latents: (b, ...) current latents, any layout (features flatten them).
+            cond: (b, m) or (m,) prompt embeddings; required iff ``sigma_cond`` is set.
+            progress: the sampler's progress in [0, 1] (e.g. ``step_index / num_steps``);
+                required when ``start``/``stop`` restrict the schedule.
+            step: this call's index in the schedule; default: the internal count `calls`.
+                The count continues from ``step + 1``.
+
+        Returns:
+            The updated latents (same shape, dtype, device), or ``latents`` itself when the
+            step is not selected or ``scale == 0``.
+
+        Raises:
+            ValueError: see `grad`; progress outside [0, 1] or missing while windowed.
+
+        Example:
+            >>> import torch
+            >>> from rkekernels import DiversityGuidance
+            >>> g = DiversityGuidance(sigma=1.0, scale=0.1, every=2)
+            >>> z = torch.randn(3, 4, 8, 8)
+            >>> [g.apply(z) is z for _ in range(4)]   # calls 1 and 3 skipped
+            [False, True, False, True]
+        """
+        latents = self._latents(latents)
+        k = self.calls if step is None else step
+        selected = self.active(k, progress)
+        self.calls = k + 1
+        if self.conditional == (cond is None):  # missing or unexpected cond
+            self._cond(cond, latents.shape[0], latents.device)  # raises the named error
+        if not selected or self.scale == 0.0:
+            return latents
+        self.last = self.grad(latents, cond)
+        return self.update(latents, self.last.grad)
+
+    def commit(self, latents: torch.Tensor, cond: Any = None) -> None:
+        """Add finished samples to the bank and restart the call count.
+
+        Stores ``features(latents)`` (``features(feature_fn(latents))`` with a feature_fn)
+        and, when conditional, their prompt embeddings.
+
+        Args:
+            latents: (b, ...) finished samples.
+            cond: (b, m) or (m,) prompt embeddings; required iff ``sigma_cond`` is set.
+
+        Raises:
+            ValueError: cond missing/unexpected; NaN/Inf or a feature width other than the
+                bank's (see `FeatureBank.add`).
+
+        Example:
+            >>> import torch
+            >>> from rkekernels import DiversityGuidance
+            >>> g = DiversityGuidance(sigma=1.0, sigma_cond=0.5, capacity=3)
+            >>> g.commit(torch.randn(2, 4), cond=torch.randn(2, 8))
+            >>> g.commit(torch.randn(2, 4), cond=torch.randn(8))    # one prompt for both
+            >>> len(g.bank)                                         # capacity 3: oldest gone
+            3
+        """
+        latents = self._latents(latents)
+        cond = self._cond(cond, latents.shape[0], latents.device)
+        with torch.no_grad():
+            x = latents if self.feature_fn is None else self.feature_fn(latents)
+            f = features(x, normalize=self.normalize)
+        self.bank.add(f, cond)
+        self.calls = 0
+
+    def __repr__(self) -> str:
+        cond = "" if self.sigma_cond is None else f", sigma_cond={self.sigma_cond}"
+        return (
+            f"DiversityGuidance(sigma={self.sigma}{cond}, scale={self.scale}, "
+            f"every={self.every}, start={self.start}, stop={self.stop}, bank={len(self.bank)})"
+        )

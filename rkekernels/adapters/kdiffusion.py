@@ -1,0 +1,198 @@
+"""SPARKE guidance for k-diffusion style samplers: wrap the denoiser, keep the sampler.
+
+A k-diffusion denoiser maps noisy x at noise level sigma to the denoised prediction
+``D(x, sigma) ~ E[x0 | x]``; the samplers only see the score through it,
+``score(x) = (D(x, sigma) - x) / sigma^2``. Adding ``scale * grad(-log S)`` to the score is
+classifier guidance toward low S (high diversity), and in denoiser form it reads::
+
+    g  = -grad log S(D)                     (`DiversityGuidance.grad` on the denoised prediction,
+                                             against the bank, with the prompts when conditional)
+    D' = D + scale * sigma^2 * g            (sigma: a float or per-sample (b,), broadcast)
+
+so the sampler follows ``score + scale * g``. **The scale is raw** (a weight on -log S in score
+space), *not* the norm rescaling ``scale * ||z|| / ||g||`` of `DiversityGuidance.apply`: the
+rescaled step is not a score and has no sigma-consistent meaning. Its size therefore depends on
+the features: for ``normalize=False`` features g ~ 2 (z - f) / s^2, and a useful ``scale`` is
+about ``s^2 / (2 sigma_max)`` divided by a few. It is taken from ``guidance.scale``.
+
+The schedule (``every``, ``start``, ``stop`` of the guidance) needs the step index and the
+progress of each model evaluation. Give the sampler's noise schedule as ``sigmas`` (the
+``(steps + 1,)`` tensor passed to the sampler, last entry 0): an evaluation at sigma with
+``sigmas[i] >= sigma > sigmas[i+1]`` is step i, progress ``i / steps`` (so a second-order
+sampler's extra evaluations inside step i count as step i, Heun's corrector at sigmas[i+1] as
+step i+1). Or give ``progress`` as a callable ``sigma -> [0, 1]``; then ``every`` counts model
+calls (``guidance.calls``). Without either, ``every`` counts model calls and a windowed schedule
+(start > 0 or stop < 1) raises.
+
+The wrapper never commits: after sampling, call ``guidance.commit(samples, cond)``.
+No dependency on the k-diffusion package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..sampling import DiversityGuidance
+
+__all__ = ["GuidedDenoiser", "guided_denoiser"]
+
+
+class GuidedDenoiser:
+    """A k-diffusion denoiser with SPARKE guidance: ``D + scale * sigma^2 * g`` on selected steps.
+
+    Build it with `guided_denoiser`; call it like the wrapped model,
+    ``denoiser(x, sigma, **kw) -> denoised``.
+
+    Attributes:
+        model, guidance, cond, sigmas, progress: as given to `guided_denoiser`.
+        guided_steps: the step indices guided so far (for inspection and tests).
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., torch.Tensor],
+        guidance: DiversityGuidance,
+        cond: Any = None,
+        sigmas: Any = None,
+        progress: Callable[[float], float] | None = None,
+    ) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        if not isinstance(guidance, DiversityGuidance):
+            raise TypeError(
+                f"guidance must be a rkekernels.DiversityGuidance, got {type(guidance).__name__}"
+            )
+        if cond is not None and not guidance.conditional:
+            raise ValueError(
+                "cond was given but guidance.sigma_cond is None: build the DiversityGuidance "
+                "with sigma_cond for prompt-aware guidance, or leave cond out"
+            )
+        if cond is None and guidance.conditional:
+            raise ValueError(
+                "cond is required: the guidance is conditional (sigma_cond is set); pass (b, m) "
+                "prompt embeddings or a callable cond(**model_kwargs) -> (b, m)"
+            )
+        if sigmas is not None and progress is not None:
+            raise ValueError("give either sigmas or progress, not both")
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be a callable sigma -> [0, 1], got {progress!r}")
+        if sigmas is not None:
+            s = torch.as_tensor(sigmas).detach().double().cpu().reshape(-1)
+            if s.numel() < 2:
+                raise ValueError(
+                    f"sigmas must hold the schedule (steps + 1,) with steps >= 1; got {s.numel()}"
+                )
+            if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+                raise ValueError("sigmas must be finite and >= 0")
+            if bool((s[1:] > s[:-1]).any()):
+                raise ValueError("sigmas must be non-increasing (a sampler's noise schedule)")
+            sigmas = s
+        elif progress is None and guidance.windowed:
+            raise ValueError(
+                f"guidance has a window (start={guidance.start}, stop={guidance.stop}): pass "
+                "sigmas (the sampler's schedule) or progress (sigma -> [0, 1]) so that "
+                "guided_denoiser can place each call on it"
+            )
+        self.model = model
+        self.guidance = guidance
+        self.cond = cond
+        self.sigmas = sigmas
+        self.progress = progress
+        self.guided_steps: list[int] = []
+
+    def locate(self, sigma: float) -> tuple[int, float | None]:
+        """(step, progress) of a model evaluation at noise level ``sigma``.
+
+        With ``sigmas``: the step i with ``sigmas[i] >= sigma > sigmas[i+1]`` (relative
+        tolerance 1e-5; sigma above sigmas[0] is step 0), progress i / steps. Otherwise the
+        next call count of the guidance and ``progress(sigma)`` (or None).
+        """
+        if self.sigmas is None:
+            p = None if self.progress is None else float(self.progress(sigma))
+            return self.guidance.calls, p
+        grid = self.sigmas
+        steps = grid.numel() - 1
+        above = int((grid[:steps] >= sigma * (1.0 - 1e-5)).sum())
+        i = min(max(above - 1, 0), steps - 1)
+        return i, i / steps
+
+    def __call__(self, x: torch.Tensor, sigma: Any, **kwargs: Any) -> torch.Tensor:
+        denoised = self.model(x, sigma, **kwargs)
+        s = torch.as_tensor(sigma, device=denoised.device)
+        step, p = self.locate(float(s.detach().max()))
+        selected = self.guidance.active(step, p)
+        self.guidance.calls = step + 1
+        if not selected or self.guidance.scale == 0.0:
+            return denoised
+        cond = self.cond(**kwargs) if callable(self.cond) else self.cond
+        g = self.guidance.grad(denoised, cond).grad
+        b = denoised.shape[0]
+        s = s.to(torch.float64 if denoised.dtype == torch.float64 else torch.float32)
+        if s.numel() == 1:
+            s = s.reshape(())
+        elif s.numel() == b:
+            s = s.reshape((b,) + (1,) * (denoised.dim() - 1))
+        else:
+            raise ValueError(
+                f"sigma must be a number or hold one value per sample (b = {b}); "
+                f"got shape {tuple(s.shape)}"
+            )
+        self.guided_steps.append(step)
+        out = denoised.to(s.dtype) + self.guidance.scale * s**2 * g.to(s.dtype)
+        return out.to(denoised.dtype)
+
+
+def guided_denoiser(
+    model: Callable[..., torch.Tensor],
+    guidance: DiversityGuidance,
+    cond: Any = None,
+    *,
+    sigmas: Any = None,
+    progress: Callable[[float], float] | None = None,
+) -> GuidedDenoiser:
+    """Wrap a k-diffusion style denoiser with SPARKE diversity guidance (classifier guidance).
+
+    On steps the guidance's schedule selects::
+
+        D' = D + guidance.scale * sigma^2 * g,    g = -grad log S(D)  (against guidance.bank)
+
+    i.e. the sampler follows ``score + scale * g``. The scale is the raw score-space weight,
+    not `DiversityGuidance.apply`'s norm-rescaled step (see the module docstring).
+
+    Args:
+        model: ``model(x, sigma, **kw) -> denoised`` (sigma a float or a (b,) tensor).
+        guidance: a `rkekernels.DiversityGuidance` (bandwidths, scale, schedule, bank).
+        cond: prompt embeddings (b, m) or (m,) for conditional guidance, or a callable
+            ``cond(**kw) -> (b, m)`` given the model's keyword arguments (e.g. to map the
+            sampler's ``extra_args`` to embeddings). Required iff ``guidance.sigma_cond`` is set.
+        sigmas: the sampler's noise schedule (steps + 1,), to place each call on the schedule.
+        progress: alternatively, a callable ``sigma -> progress in [0, 1]``.
+
+    Returns:
+        A `GuidedDenoiser`, called like ``model``.
+
+    Raises:
+        TypeError: model not callable, guidance not a DiversityGuidance.
+        ValueError: cond missing or unexpected; sigmas and progress both given; a windowed
+            schedule without sigmas or progress; a malformed sigmas schedule.
+
+    Example:
+        >>> import torch
+        >>> from rkekernels import DiversityGuidance
+        >>> from rkekernels.adapters.kdiffusion import guided_denoiser
+        >>> guide = DiversityGuidance(sigma=1.0, scale=0.5, normalize=False, stop=0.5)
+        >>> guide.commit(torch.zeros(1, 2))
+        >>> sigmas = torch.tensor([2.0, 1.0, 0.5, 0.0])
+        >>> den = guided_denoiser(lambda x, s: x, guide, sigmas=sigmas)
+        >>> x = torch.tensor([[0.5, 0.0]])
+        >>> den(x, 2.0)       # step 0: x + 0.5 * 2^2 * (2 / 1^2) * (x - 0)
+        tensor([[2.5000, 0.0000]])
+        >>> den(x, 0.5)       # step 2, progress 2/3 > stop: unguided
+        tensor([[0.5000, 0.0000]])
+        >>> den.guided_steps
+        [0]
+    """
+    return GuidedDenoiser(model, guidance, cond, sigmas, progress)
