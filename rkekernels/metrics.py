@@ -1,0 +1,581 @@
+"""A streaming RKE metric: feed batches with ``update``, read the scores with ``compute``.
+
+The scores depend on the data only through three pair sums over all ordered pairs (SPEC 2)::
+
+    F_x[k] = sum_ij Kx_k^2,   F_t = sum_ij Kt^2,   F_xt[k] = sum_ij Kx_k^2 Kt^2
+
+When a batch B joins the stored set A, each sum grows by the B x B block plus twice the A x B
+block (the kernel is symmetric)::
+
+    F(A u B) = F(A) + F(B) + 2 sum_{i in A, j in B} k(a_i, b_j)^2
+
+so ``update`` costs O(|B| |A| d) + O(|B|^2 d): only the new terms, never the old ones again. The
+running sums are float64; the B x B block uses the one-process kernel
+(`rkekernels.ops.scores_torch.forward_sums`), the A x B block is streamed tile by tile
+(`cross_pair_sums`). Centring: the kernel is translation invariant, so both blocks of a tile are
+shifted by the same point, the mean of the new batch, before ``||a||^2 + ||b||^2 - 2 a.b``.
+Stored features stay raw (on the metric's device, in the dtype of the first batch).
+
+Under ``torch.distributed`` (an initialised process group), ``compute`` is collective: every rank
+all-gathers the other ranks' stored features, the cross-rank blocks are split over the ranks
+tile by tile, and one all-reduce adds everything. The result is the score of the union of all
+ranks' updates, the same on every rank; the local state is unchanged (updates may go on).
+
+`RKEMetric` is plain Python; `TorchMetricsRKE` is the same metric as a ``torchmetrics.Metric``
+(created on first access, so importing this module never requires torchmetrics).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from ._input import as_tensor, check_finite, check_same_device, check_sigma, check_sigmas
+from .ops import scores_torch
+from .ops.scores_torch import _neg_sqdist
+from .scores import RKEEntropies
+
+__all__ = ["RKEMetric", "RKEMetricResult", "cross_pair_sums"]  # + TorchMetricsRKE, lazily
+
+_COALESCE = 16  # stored batches are concatenated into one block past this many
+
+
+class RKEMetricResult(NamedTuple):
+    """What `RKEMetric.compute` returns.
+
+    Attributes:
+        rke: RKE(X) = n^2 / sum_ij Kx^2 (0-dim tensor, 1-D over several sigmas).
+        cond_rke: CondRKE(X|T) = sum Kt^2 / sum Kx^2 Kt^2, or None when no t was given.
+        entropies: RKEEntropies(h_x, h_t, h_xt, h_x_given_t, mutual_info) in nats, or None
+            when no t was given.
+    """
+
+    rke: torch.Tensor
+    cond_rke: torch.Tensor | None
+    entropies: RKEEntropies | None
+
+
+# --------------------------------------------------------------------------- the block sums
+
+
+def cross_pair_sums(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    inv_sx2: Sequence[float],
+    ta: torch.Tensor | None = None,
+    tb: torch.Tensor | None = None,
+    inv_st2: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    weight: float = 1.0,
+    shift: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    shard: tuple[int, int] | None = None,
+    start: int = 0,
+) -> tuple[torch.Tensor, int]:
+    """Sums over one block of pairs, i in A and j in B (one order only), in float64.
+
+    out[k] += w sum_ij exp(-c_k ||a_i - b_j||^2),   out[K] += w sum_ij exp(-c_t ||ta_i - tb_j||^2),
+    out[K + 1 + k] += w sum_ij exp(-c_k ||a_i - b_j||^2) exp(-c_t ||ta_i - tb_j||^2),
+
+    with c_k = ``inv_sx2[k]`` = 1/sigma_k^2 and w = ``weight``; the last K + 1 entries stay zero
+    without ``ta``. Streamed over tiles of BLOCK_ROWS rows of A x BLOCK_COLS rows of B, each tile
+    one GEMM (the `scores_torch` kernel), so memory is O(tile), never |A| x |B|.
+
+    Args:
+        a: (n_a, d) rows of A, already centred (or shifted like B).
+        b: (n_b, d) rows of B; each tile of B is shifted by ``shift[0]`` first (may live on
+            another device: tiles are moved to a's device).
+        inv_sx2: the K values 1/sigma_k^2.
+        ta, tb: (n_a, m), (n_b, m) prompt embeddings or None; tb tiles shifted by ``shift[1]``.
+        inv_st2: 1/sigma_t^2 (with ``ta``).
+        out: (2K + 1,) float64 accumulator (created when None).
+        weight: multiplies every tile sum (2 for the off-diagonal blocks of a symmetric sum).
+        shard: (rank, world): keep the tiles whose running index (from ``start``) is rank mod world.
+        start: the running tile index of the first tile (to shard several blocks as one list).
+
+    Returns:
+        (out, next tile index).
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.zeros(2, 1, dtype=torch.float64), torch.ones(3, 1, dtype=torch.float64)
+        >>> out, _ = cross_pair_sums(a, b, [1.0])
+        >>> round(float(out[0]), 6) == round(6 * math.exp(-1.0), 6)
+        True
+    """
+    K = len(inv_sx2)
+    dev = a.device
+    if out is None:
+        out = torch.zeros(2 * K + 1, dtype=torch.float64, device=dev)
+    br, bc = scores_torch.BLOCK_ROWS, scores_torch.BLOCK_COLS
+    na, nb = a.shape[0], b.shape[0]
+    has_t = ta is not None
+    sx, st = shift
+    idx = start
+    norm_a = (a * a).sum(1)
+    norm_ta = (ta * ta).sum(1) if has_t else None
+    for j0 in range(0, nb, bc):
+        j1 = min(j0 + bc, nb)
+        mine = [
+            (i0, min(i0 + br, na))
+            for k, i0 in enumerate(range(0, na, br))
+            if shard is None or (idx + k) % shard[1] == shard[0]
+        ]
+        idx += len(range(0, na, br))
+        if not mine:
+            continue
+        bj = b[j0:j1].to(dev)
+        bj = bj - sx if sx is not None else bj
+        norm_b = (bj * bj).sum(1)
+        if has_t:
+            tbj = tb[j0:j1].to(dev)
+            tbj = tbj - st if st is not None else tbj
+            norm_tb = (tbj * tbj).sum(1)
+        for i0, i1 in mine:
+            negd = _neg_sqdist(a[i0:i1], norm_a[i0:i1], bj, norm_b, False)
+            kt2 = None
+            if has_t:
+                kt2 = _neg_sqdist(ta[i0:i1], norm_ta[i0:i1], tbj, norm_tb, False)
+                kt2 = kt2.mul_(inv_st2).exp_()
+                out[K] += weight * kt2.sum(dtype=torch.float64)
+            for k, c in enumerate(inv_sx2):
+                e = negd.mul(c).exp_() if k < K - 1 else negd.mul_(c).exp_()
+                out[k] += weight * e.sum(dtype=torch.float64)
+                if kt2 is not None:
+                    out[K + 1 + k] += weight * e.mul_(kt2).sum(dtype=torch.float64)
+    return out, idx
+
+
+class _Stream:
+    """The shared engine of `RKEMetric` and `TorchMetricsRKE`: validation, deltas, sync, scores."""
+
+    def __init__(self, sigma: Any, sigma_t: Any):
+        if sigma is None:
+            raise ValueError(
+                "sigma is None: a streaming metric needs a fixed bandwidth; pick one, e.g. "
+                "rkekernels.median_bandwidth(first_batch)"
+            )
+        self.sigmas, self.many = check_sigmas(sigma, "sigma")
+        if isinstance(sigma_t, list | tuple) or (
+            isinstance(sigma_t, torch.Tensor) and sigma_t.numel() > 1
+        ):
+            raise ValueError("sigma_t must be a single bandwidth; several bandwidths go in sigma")
+        self.sigma_t = check_sigma(sigma_t, "sigma_t") if sigma_t is not None else None
+        self.inv_sx2 = tuple(1.0 / (s * s) for s in self.sigmas)
+        self.inv_st2 = 1.0 / (self.sigma_t**2) if self.sigma_t is not None else None
+        self.K = len(self.sigmas)
+
+    def zeros(self, device: Any = None) -> torch.Tensor:
+        return torch.zeros(2 * self.K + 1, dtype=torch.float64, device=device)
+
+    def check_batch(self, x, t, *, width, has_t, device, dtype):
+        """Validate one batch against what was stored; return it on the device, in the dtype."""
+        xt = as_tensor(x, "x")
+        if xt.dim() != 2:
+            hint = (
+                "reshape it with x.reshape(len(x), -1)"
+                if xt.dim() > 2
+                else "for n points in 1-D use x.reshape(-1, 1)"
+            )
+            raise ValueError(f"x must be 2-D (n, d); got shape {tuple(xt.shape)}: {hint}")
+        if xt.shape[1] == 0:
+            raise ValueError(f"x has no features (d = 0); got shape {tuple(xt.shape)}")
+        check_finite(xt, "x")
+        if width is not None and xt.shape[1] != width:
+            raise ValueError(
+                f"x has {xt.shape[1]} features but earlier updates had {width}: every batch "
+                "must have the same width d"
+            )
+        tt = None
+        if t is not None:
+            if self.sigma_t is None:
+                raise ValueError(
+                    "t was given but the metric has no sigma_t: create it as "
+                    "RKEMetric(sigma, sigma_t=...) to score prompt embeddings"
+                )
+            tt = as_tensor(t, "t")
+            if tt.dim() != 2:
+                raise ValueError(
+                    f"t must be 2-D (n, m); got shape {tuple(tt.shape)}: "
+                    "reshape it with t.reshape(len(t), -1)"
+                )
+            if tt.shape[1] == 0:
+                raise ValueError(f"t has no features (m = 0); got shape {tuple(tt.shape)}")
+            check_finite(tt, "t")
+            check_same_device(x=xt, t=tt)
+            if tt.shape[0] != xt.shape[0]:
+                raise ValueError(
+                    f"x and t must have the same number of rows n: x has {xt.shape[0]}, "
+                    f"t has {tt.shape[0]} (one prompt embedding per sample)"
+                )
+        if has_t is not None and has_t != (tt is not None):
+            raise ValueError(
+                "t was given in some updates and not in others: pass prompt embeddings t in "
+                "every update or in none (call reset() to start over)"
+                if has_t
+                else "t was not given in earlier updates: pass prompt embeddings t in every "
+                "update or in none (call reset() to start over)"
+            )
+        dtype = dtype or xt.dtype
+        device = device if device is not None else xt.device
+        xt = xt.detach().to(device=device, dtype=dtype)
+        if tt is not None:
+            tt = tt.detach().to(device=device, dtype=dtype)
+        return xt, tt
+
+    def delta(self, blocks_x, blocks_t, x, t) -> torch.Tensor:
+        """The growth of the sums when batch (x, t) joins the stored blocks: F(B) + 2 F(A, B)."""
+        cx = x.mean(0, keepdim=True)
+        xc = x - cx
+        ct = t.mean(0, keepdim=True) if t is not None else None
+        tc = t - ct if t is not None else None
+        with torch.no_grad():
+            fx, ft, fxt = scores_torch.forward_sums(xc, tc, self.inv_sx2, self.inv_st2, True)
+            out = self.zeros(x.device)
+            out[: self.K] = fx
+            if t is not None:
+                out[self.K] = ft
+                out[self.K + 1 :] = fxt
+            for i, b in enumerate(blocks_x):
+                tb = blocks_t[i] if t is not None else None
+                cross_pair_sums(
+                    xc, b, self.inv_sx2, tc, tb, self.inv_st2, out=out, weight=2.0, shift=(cx, ct)
+                )
+        return out
+
+    def global_sums(self, blocks_x, blocks_t, sums, group):
+        """Collective: (global sums, global n, dtype) over every rank's stored blocks."""
+        from . import distributed as D
+
+        D._reset_comm()
+        rank, world = D._rank_world(group)
+        x = torch.cat(list(blocks_x)) if len(blocks_x) else None
+        has_t = len(blocks_t) > 0
+        t = torch.cat(list(blocks_t)) if has_t else None
+        dev = sums.device
+        comm_dev = D._comm_device(group, dev)
+        meta = [
+            float(x.shape[0]) if x is not None else 0.0,
+            float(x.shape[1]) if x is not None else 0.0,
+            float(t.shape[1]) if t is not None else 0.0,
+            1.0 if has_t else 0.0,
+            1.0 if x is not None and x.dtype == torch.float64 else 0.0,
+            float(self.K),
+            math.fsum(self.sigmas),
+            self.sigma_t if self.sigma_t is not None else -1.0,
+        ]
+        table = D._exchange(meta, group, comm_dev)
+        if not all(torch.equal(table[r, 5:], table[0, 5:]) for r in range(world)):
+            raise ValueError("sigma and sigma_t must be the same on every rank")
+        counts = [int(v) for v in table[:, 0].tolist()]
+        n = sum(counts)
+        if n == 0:
+            raise ValueError("compute() before any update: no samples on any rank")
+        live = [r for r in range(world) if counts[r] > 0]
+        widths = {int(table[r, 1]) for r in live}
+        if len(widths) > 1:
+            raise ValueError(f"x has different widths on different ranks: {sorted(widths)}")
+        if len({int(table[r, 3]) for r in live}) > 1:
+            raise ValueError("t was given on some ranks and not on others: use it everywhere")
+        with_t = bool(table[live[0], 3])
+        m = int(table[live[0], 2])
+        width = widths.pop()
+        dtype = torch.float64 if any(table[r, 4] > 0 for r in live) else torch.float32
+        empty_x = torch.zeros(0, width, dtype=dtype, device=dev)
+        xs = D._gather_rows(
+            x if x is not None else empty_x, counts, width, dtype, group, comm_dev, dev
+        )
+        ts = None
+        if with_t:
+            empty_t = torch.zeros(0, m, dtype=dtype, device=dev)
+            ts = D._gather_rows(
+                t if t is not None else empty_t, counts, m, dtype, group, comm_dev, dev
+            )
+        # one global shift for every cross-rank block (translation invariance)
+        cx = sum(b.sum(0, dtype=torch.float64) for b in xs) / n
+        xs = [b - cx.to(dtype) for b in xs]
+        if ts is not None:
+            ct = sum(b.sum(0, dtype=torch.float64) for b in ts) / n
+            ts = [b - ct.to(dtype) for b in ts]
+        part = sums.detach().clone() if x is not None else self.zeros(dev)
+        idx = 0
+        with torch.no_grad():
+            for r in live:
+                for s in live:
+                    if s <= r:
+                        continue
+                    _, idx = cross_pair_sums(
+                        xs[r],
+                        xs[s],
+                        self.inv_sx2,
+                        ts[r] if ts is not None else None,
+                        ts[s] if ts is not None else None,
+                        self.inv_st2,
+                        out=part,
+                        weight=2.0,
+                        shard=(rank, world),
+                        start=idx,
+                    )
+        total = D._all_reduce_sum(part, group, comm_dev)
+        return total, n, dtype, with_t
+
+    def result(self, sums: torch.Tensor, n: int, dtype: torch.dtype, with_t: bool):
+        K = self.K
+        fx = sums[:K]
+
+        def shape(v):
+            return v.to(dtype) if self.many else v.to(dtype).reshape(())
+
+        rke = shape(n * n / fx)
+        if not with_t:
+            return RKEMetricResult(rke, None, None)
+        ft, fxt = sums[K], sums[K + 1 :]
+        log_n2 = 2.0 * math.log(n)
+        h_x = log_n2 - torch.log(fx)
+        h_t = (log_n2 - torch.log(ft)).expand_as(h_x)
+        h_xt = log_n2 - torch.log(fxt)
+        ent = RKEEntropies(*(shape(v) for v in (h_x, h_t, h_xt, h_xt - h_t, h_x + h_t - h_xt)))
+        return RKEMetricResult(rke, shape(ft / fxt), ent)
+
+
+def _sync_wanted(sync: bool, group: Any) -> bool:
+    if not sync:
+        return False
+    from .distributed import is_distributed
+
+    return is_distributed(group)
+
+
+# --------------------------------------------------------------------------- the plain metric
+
+
+class RKEMetric:
+    """Streaming RKE, conditional RKE and entropies of every sample seen by ``update``.
+
+    After updates with batches B_1..B_k (X their union, n rows):
+    RKE(X) = n^2 / sum_ij Kx^2; with prompt embeddings also CondRKE(X|T) = sum Kt^2 / sum Kx^2 Kt^2
+    and the entropies H2(X), H2(T), H2(X,T), H2(X|T), I2(X;T) (nats). Exactly the one-process
+    `rkekernels.rke_score` etc. of the concatenated batches (float64 running sums), but each update
+    only adds the new pairs: O(|B| n d) time, O(n d) memory (the stored features).
+
+    Args:
+        sigma: bandwidth s > 0 for x, or a sequence of bandwidths (results are then 1-D over
+            them). Required: a stream has no data-dependent default.
+        sigma_t: bandwidth for the prompt embeddings t; required when updates pass ``t``.
+        device: where features are stored and computed (default: the first batch's device).
+        group: ``torch.distributed`` process group used by ``compute`` (None: the default group).
+        sync_on_compute: under an initialised process group, make ``compute`` collective and score
+            the union of all ranks' updates (default True). False: score this rank's updates only.
+
+    Raises:
+        ValueError / TypeError: bad sigma or sigma_t.
+
+    Example:
+        >>> import torch
+        >>> from rkekernels.metrics import RKEMetric
+        >>> metric = RKEMetric(sigma=1.0)
+        >>> metric.update(torch.tensor([[0.0], [100.0]]))
+        >>> metric.update(torch.tensor([[200.0], [0.0]]))
+        >>> round(float(metric.compute().rke), 4)  # 4 points, 3 distinct modes: 16 / 6
+        2.6667
+    """
+
+    def __init__(
+        self,
+        sigma: Any,
+        sigma_t: Any = None,
+        *,
+        device: Any = None,
+        group: Any = None,
+        sync_on_compute: bool = True,
+    ):
+        self._core = _Stream(sigma, sigma_t)
+        self.device = torch.device(device) if device is not None else None
+        self.group = group
+        self.sync_on_compute = bool(sync_on_compute)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every sample (the bandwidths and device stay)."""
+        self._x: list[torch.Tensor] = []
+        self._t: list[torch.Tensor] = []
+        self._sums: torch.Tensor | None = None
+        self._n = 0
+        self._dtype: torch.dtype | None = None
+        self._has_t: bool | None = None
+
+    def __len__(self) -> int:
+        """The number of samples stored on this rank."""
+        return self._n
+
+    def update(self, x: Any, t: Any = None) -> None:
+        """Add a batch of samples (and their prompt embeddings).
+
+        Args:
+            x: (b, d) samples, any array type; moved to the metric's device and to the dtype of
+                the first batch. b = 0 is a no-op.
+            t: (b, m) prompt embeddings: in every update or in none.
+
+        Raises:
+            ValueError: wrong rank, NaN/Inf, a width different from earlier batches, x and t with
+                different b, t in some updates and not in others, t without sigma_t.
+            TypeError: complex, string or object data.
+        """
+        width = self._x[0].shape[1] if self._x else None
+        x, t = self._core.check_batch(
+            x, t, width=width, has_t=self._has_t, device=self.device, dtype=self._dtype
+        )
+        if x.shape[0] == 0:
+            return
+        if self._sums is None:
+            self.device = x.device
+            self._dtype = x.dtype
+            self._has_t = t is not None
+            self._sums = self._core.zeros(x.device)
+        self._sums += self._core.delta(self._x, self._t, x, t)
+        self._x.append(x)
+        if t is not None:
+            self._t.append(t)
+        self._n += x.shape[0]
+        if len(self._x) > _COALESCE:
+            self._x = [torch.cat(self._x)]
+            self._t = [torch.cat(self._t)] if self._t else []
+
+    def compute(self) -> RKEMetricResult:
+        """The scores of everything seen so far (all ranks' updates under torch.distributed).
+
+        Returns:
+            RKEMetricResult(rke, cond_rke, entropies): tensors in the dtype of the stored features
+            (0-dim, or 1-D for several sigmas); cond_rke and entropies are None without t.
+
+        Raises:
+            ValueError: no samples (on any rank); under torch.distributed also ranks that disagree
+                on the width or on t (collective: call it on every rank).
+        """
+        if _sync_wanted(self.sync_on_compute, self.group):
+            sums = self._sums if self._sums is not None else self._core.zeros(self.device)
+            total, n, dtype, with_t = self._core.global_sums(self._x, self._t, sums, self.group)
+            return self._core.result(total, n, dtype, with_t)
+        if self._n == 0:
+            raise ValueError("compute() before any update: the metric holds no samples")
+        return self._core.result(self._sums, self._n, self._dtype, bool(self._has_t))
+
+    def to(self, device: Any) -> RKEMetric:
+        """Move the stored features and sums to ``device`` (returns self)."""
+        self.device = torch.device(device)
+        self._x = [b.to(self.device) for b in self._x]
+        self._t = [b.to(self.device) for b in self._t]
+        if self._sums is not None:
+            self._sums = self._sums.to(self.device)
+        return self
+
+
+# --------------------------------------------------------------------------- torchmetrics
+
+
+_TM_CLASS: type | None = None
+
+
+def _make_torchmetrics_class() -> type:
+    from torchmetrics import Metric
+
+    class TorchMetricsRKE(Metric):
+        """`RKEMetric` as a ``torchmetrics.Metric``: the same streaming sums and results.
+
+        States: ``feats``/``conds`` (lists of the stored batches), ``sums`` (float64 running pair
+        sums), ``n``. Syncing across processes does not concatenate the sums (they would miss the
+        cross-rank pairs): it all-gathers the features and adds the cross-rank blocks, split over
+        the ranks (``dist_sync_fn`` is not used). ``forward`` returns the scores of the batch.
+
+        Args:
+            sigma, sigma_t: as `RKEMetric`.
+            **kwargs: torchmetrics options (``process_group``, ``sync_on_compute``, ...).
+
+        Example:
+            >>> import torch
+            >>> from rkekernels.metrics import TorchMetricsRKE
+            >>> m = TorchMetricsRKE(sigma=1.0)
+            >>> m.update(torch.tensor([[0.0], [100.0], [200.0]]))
+            >>> round(float(m.compute().rke), 4)
+            3.0
+        """
+
+        full_state_update = True
+        is_differentiable = False
+        higher_is_better = True
+
+        def __init__(self, sigma: Any, sigma_t: Any = None, **kwargs: Any):
+            super().__init__(**kwargs)
+            self._core = _Stream(sigma, sigma_t)
+            self.add_state("feats", default=[], dist_reduce_fx="cat")
+            self.add_state("conds", default=[], dist_reduce_fx="cat")
+            self.add_state("sums", default=self._core.zeros(), dist_reduce_fx="sum")
+            self.add_state("n", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+            self._synced_dtype: torch.dtype | None = None
+            self._synced_with_t = False
+
+        def update(self, x: Any, t: Any = None) -> None:
+            """Add a batch (see `RKEMetric.update`)."""
+            first = self.feats[0] if len(self.feats) else None
+            x, t = self._core.check_batch(
+                x,
+                t,
+                width=first.shape[1] if first is not None else None,
+                has_t=(len(self.conds) > 0) if first is not None else None,
+                device=self.device,
+                dtype=first.dtype if first is not None else None,
+            )
+            if x.shape[0] == 0:
+                return
+            self.sums = self.sums + self._core.delta(self.feats, self.conds, x, t).to(
+                self.sums.device
+            )
+            self.feats.append(x)
+            if t is not None:
+                self.conds.append(t)
+            self.n = self.n + x.shape[0]
+            if len(self.feats) > _COALESCE:
+                self.feats = [torch.cat(list(self.feats))]
+                self.conds = [torch.cat(list(self.conds))] if len(self.conds) else []
+
+        def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any = None) -> None:
+            total, n, dtype, with_t = self._core.global_sums(
+                self.feats, self.conds, self.sums, process_group or self.process_group
+            )
+            self.sums = total
+            self.n = torch.tensor(n, dtype=torch.int64, device=self.n.device)
+            self._synced_dtype, self._synced_with_t = dtype, with_t
+
+        def compute(self) -> RKEMetricResult:
+            """The scores (see `RKEMetric.compute`)."""
+            n = int(self.n)
+            if n == 0:
+                raise ValueError("compute() before any update: the metric holds no samples")
+            if self._is_synced and self._synced_dtype is not None:
+                dtype, with_t = self._synced_dtype, self._synced_with_t
+            else:
+                dtype = self.feats[0].dtype
+                with_t = len(self.conds) > 0
+            return self._core.result(self.sums, n, dtype, with_t)
+
+    TorchMetricsRKE.__module__ = __name__
+    return TorchMetricsRKE
+
+
+def __getattr__(name: str) -> Any:
+    """``TorchMetricsRKE`` is built on first access (it needs torchmetrics)."""
+    global _TM_CLASS
+    if name == "TorchMetricsRKE":
+        if _TM_CLASS is None:
+            try:
+                _TM_CLASS = _make_torchmetrics_class()
+            except ImportError as exc:
+                raise ImportError(
+                    "rkekernels.metrics.TorchMetricsRKE needs torchmetrics: "
+                    "`pip install torchmetrics` (or use rkekernels.metrics.RKEMetric)"
+                ) from exc
+        return _TM_CLASS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
