@@ -1,0 +1,8 @@
+"""``python -m rkekernels``: the command line (see `rkekernels.cli`)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,536 @@
+"""The ``rkekernels`` command line: ``demo``, ``score`` and ``bench``.
+
+    rkekernels demo [--samples N] [--prompts P] [--scale G] ...   the ground-truth guidance demo
+    rkekernels score PATH [--cond PATH] [--sigma S ...] [--sigma-cond S] [--json] [--key NAME]
+    rkekernels bench [--only NAME ...] [--full]                   the benchmark tables, here
+
+``score`` reads embeddings from .npy, .npz (the array named by --key, or the only one), .pt/.pth
+(a tensor, or a dict of tensors with --key) and .safetensors (with the ``safetensors`` package),
+and prints the RKE score, the conditional RKE and the order-2 entropy decomposition (nats) with
+the bandwidths used (the median pairwise distance unless given). Values come from the public API
+(`rkekernels.rke_score`, `rkekernels.rke_entropies`, `rkekernels.median_bandwidth`).
+
+Bad input (a missing or unreadable file, a wrong shape, NaN/Inf, different n) prints one line on
+stderr and exits with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["load_array", "main", "score_files"]
+
+PROG = "rkekernels"
+PROGRESS_MIN_N = 20_000  # a progress bar from this many rows on
+EXIT_BAD_INPUT = 2
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the usage and exit; we keep one line
+        raise CLIError(f"{message} (see `{self.prog} --help`)")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _pick(arrays: dict[str, Any], key: str | None, path: Path) -> Any:
+    if key is not None:
+        if key not in arrays:
+            raise CLIError(f"{path}: no array named {key!r}; it holds {sorted(arrays)}")
+        return arrays[key]
+    if len(arrays) == 1:
+        return next(iter(arrays.values()))
+    if not arrays:
+        raise CLIError(f"{path}: holds no arrays")
+    raise CLIError(f"{path}: holds several arrays {sorted(arrays)}; choose one with --key NAME")
+
+
+def load_array(path: str | os.PathLike, key: str | None = None):
+    """Load one (n, ...) array from .npy, .npz, .pt/.pth or .safetensors as a torch tensor.
+
+    Args:
+        path: the file.
+        key: name of the array inside an .npz, a dict saved in .pt, or a .safetensors file;
+            None picks the only array.
+
+    Returns:
+        torch.Tensor on the CPU.
+
+    Raises:
+        CLIError: missing or unreadable file, unknown extension, missing key, not an array.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> from rkekernels.cli import load_array
+        >>> p = os.path.join(tempfile.mkdtemp(), "x.npz")
+        >>> np.savez(p, emb=np.ones((3, 2)))
+        >>> load_array(p).shape
+        torch.Size([3, 2])
+    """
+    import numpy as np
+    import torch
+
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"{p}: no such file")
+    if p.is_dir():
+        raise CLIError(f"{p}: is a directory, not an array file")
+    ext = p.suffix.lower()
+    try:
+        if ext == ".npy":
+            if key is not None:
+                raise CLIError(f"{p}: --key applies to .npz, .pt and .safetensors files only")
+            value = np.load(p, allow_pickle=False)
+        elif ext == ".npz":
+            with np.load(p, allow_pickle=False) as data:
+                value = _pick({k: data[k] for k in data.files}, key, p)
+        elif ext in (".pt", ".pth"):
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict):
+                arrays = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+                value = _pick(arrays, key, p)
+            elif isinstance(obj, torch.Tensor):
+                if key is not None:
+                    raise CLIError(f"{p}: holds a single tensor, not a dict; drop --key")
+                value = obj
+            else:
+                raise CLIError(f"{p}: holds a {type(obj).__name__}, not a tensor or dict of them")
+        elif ext == ".safetensors":
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise CLIError(
+                    f"{p}: reading .safetensors needs the safetensors package: "
+                    "pip install safetensors (or rkekernels[io])"
+                ) from None
+            value = _pick(load_file(str(p), device="cpu"), key, p)
+        else:
+            raise CLIError(
+                f"{p}: unsupported file type {ext or '(none)'!r}; "
+                "use .npy, .npz, .pt/.pth or .safetensors"
+            )
+    except CLIError:
+        raise
+    except Exception as exc:  # any reader failure is a bad file for the user
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CLIError(f"{p}: cannot read it as {ext}: {msg}") from None
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise CLIError(f"{p}: has non-numeric dtype {value.dtype}; need real numbers")
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if value.is_complex() or value.dtype == torch.bool:
+        raise CLIError(f"{p}: has dtype {value.dtype}; need real numbers")
+    return value
+
+
+def _as_matrix(value, path: str, flatten: bool):
+    import torch
+
+    if value.dim() > 2 and flatten:
+        value = value.reshape(value.shape[0], -1)
+    if value.dim() != 2:
+        hint = (
+            "use --flatten to treat each row as one sample"
+            if value.dim() > 2
+            else "save it as (n, d), one row per sample"
+        )
+        raise CLIError(f"{path}: need a 2-D (n, d) array, got shape {tuple(value.shape)}; {hint}")
+    if value.shape[0] == 0 or value.shape[1] == 0:
+        raise CLIError(f"{path}: is empty (shape {tuple(value.shape)})")
+    if value.is_floating_point():
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise CLIError(f"{path}: contains NaN or Inf ({bad} non-finite entries)")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# score
+
+
+def _to_py(v: Any) -> float | list[float]:
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().double()
+        return float(v) if v.dim() == 0 else [float(a) for a in v]
+    return float(v)
+
+
+@contextlib.contextmanager
+def _stages(total: int, enabled: bool, desc: str):
+    """A progress bar over the passes of the computation (stderr), or nothing."""
+    bar = None
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc=desc, unit="pass", file=sys.stderr, leave=False)
+        except ImportError:  # tqdm is an optional dependency (rkekernels[demo])
+            bar = None
+
+    def step(label: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(label)
+            bar.update(1)
+
+    try:
+        yield step
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def score_files(
+    path: str,
+    cond: str | None = None,
+    sigma: Sequence[float] | None = None,
+    sigma_cond: float | None = None,
+    *,
+    key: str | None = None,
+    cond_key: str | None = None,
+    flatten: bool = False,
+    backend: str = "auto",
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Compute the scores of an embedding file (and its prompt embeddings) with the public API.
+
+    RKE = exp(H2(X)) = n^2 / sum_ij Kx^2; with prompts, CondRKE = exp(H2(X|T)) and the entropy
+    decomposition H2(X), H2(T), H2(X,T), H2(X|T), I2(X;T) from one `rke_entropies` pass.
+
+    Args:
+        path: samples file (n, d). cond: prompt embeddings file (n, m) or None.
+        sigma: bandwidths for x (None: `median_bandwidth`); one gives floats, several give
+            lists (one value per bandwidth).
+        sigma_cond: bandwidth for the prompts (None: their median distance).
+        key, cond_key: array names inside multi-array files.
+        flatten: reshape (n, ...) to (n, d) instead of refusing non-2-D arrays.
+        backend: "auto", "torch" or "triton".
+        progress: progress bar on stderr (None: when n >= 20,000).
+
+    Returns:
+        dict with rke, sigma and, with ``cond``, cond_rke, h_x, h_t, h_xt, h_x_given_t,
+        mutual_info, sigma_cond (floats, or lists over several sigmas); plus "shape"
+        ({"n", "d", "m"}) and "median_sigma" / "median_sigma_cond" (whether the default
+        bandwidth was used).
+
+    Raises:
+        CLIError: bad files or arrays (see `load_array`), or an error from the API.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> from rkekernels.cli import score_files
+        >>> p = os.path.join(tempfile.mkdtemp(), "x.npy")
+        >>> np.save(p, np.repeat(np.eye(3) * 100.0, 5, axis=0))
+        >>> round(score_files(p, sigma=[1.0])["rke"], 6)
+        3.0
+    """
+    import torch
+
+    import rkekernels
+
+    x = _as_matrix(load_array(path, key), str(path), flatten)
+    t = None
+    if cond is not None:
+        t = _as_matrix(load_array(cond, cond_key), str(cond), flatten)
+        if t.shape[0] != x.shape[0]:
+            raise CLIError(
+                f"{path} has n = {x.shape[0]} rows but {cond} has n = {t.shape[0]}; "
+                "give one prompt embedding per sample"
+            )
+    n = x.shape[0]
+    show = n >= PROGRESS_MIN_N if progress is None else progress
+    many = sigma is not None and len(sigma) > 1
+    try:
+        with _stages(2, show, f"scoring n={n}") as step:
+            sig = [float(rkekernels.median_bandwidth(x))] if sigma is None else list(sigma)
+            sig_c = None
+            if t is not None:
+                sig_c = float(sigma_cond) if sigma_cond is not None else None
+                sig_c = sig_c if sig_c is not None else float(rkekernels.median_bandwidth(t))
+            step("bandwidths")
+            arg = sig if many else sig[0]
+            with torch.no_grad():
+                if t is None:
+                    out: dict[str, Any] = {
+                        "rke": _to_py(rkekernels.rke_score(x, arg, backend=backend))
+                    }
+                else:
+                    e = rkekernels.rke_entropies(x, t, arg, sig_c, backend=backend)
+                    vals = {k: _to_py(getattr(e, k)) for k in e._fields}
+                    exp = (lambda v: [math.exp(a) for a in v]) if many else math.exp
+                    out = {"rke": exp(vals["h_x"]), "cond_rke": exp(vals["h_x_given_t"]), **vals}
+            step("pair sums")
+    except (ValueError, TypeError) as exc:  # API validation (SPEC section 4): one line
+        raise CLIError(str(exc)) from None
+    out["sigma"] = sig if many else sig[0]
+    if t is not None:
+        out["sigma_cond"] = sig_c
+    out["shape"] = {"n": n, "d": x.shape[1], **({"m": t.shape[1]} if t is not None else {})}
+    out["median_sigma"] = sigma is None
+    out["median_sigma_cond"] = t is not None and sigma_cond is None
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.6g}"
+
+
+def _print_scores(res: dict[str, Any], args) -> None:
+    shape = res["shape"]
+    sig_median, cond_median = res["median_sigma"], res["median_sigma_cond"]
+    print(f"samples: {args.path}  (n = {shape['n']}, d = {shape['d']})")
+    if args.cond is not None:
+        print(f"prompts: {args.cond}  (m = {shape['m']})")
+    sigmas = res["sigma"] if isinstance(res["sigma"], list) else [res["sigma"]]
+    how = "median pairwise distance" if sig_median else "given"
+    print(f"bandwidth sigma      = {', '.join(_fmt(s) for s in sigmas)}  ({how})")
+    if args.cond is not None:
+        how = "median pairwise distance" if cond_median else "given"
+        print(f"bandwidth sigma_cond = {_fmt(res['sigma_cond'])}  ({how})")
+    cols = [("sigma", "sigma"), ("rke", "RKE")]
+    if args.cond is not None:
+        cols += [
+            ("cond_rke", "cond RKE"),
+            ("h_x", "H2(X)"),
+            ("h_t", "H2(T)"),
+            ("h_xt", "H2(X,T)"),
+            ("h_x_given_t", "H2(X|T)"),
+            ("mutual_info", "I2(X;T)"),
+        ]
+    rows = []
+    for i in range(len(sigmas)):
+        row = []
+        for k, _ in cols:
+            v = res[k]
+            row.append(_fmt(v[i] if isinstance(v, list) else v))
+        rows.append(row)
+    widths = [max(len(h), *(len(r[j]) for r in rows)) for j, (_, h) in enumerate(cols)]
+    print("  ".join(h.rjust(w) for (_, h), w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    if args.cond is not None:
+        print("(entropies in nats; RKE = exp H2(X), cond RKE = exp H2(X|T))")
+
+
+def _cmd_score(args) -> int:
+    if args.sigma_cond is not None and args.cond is None:
+        raise CLIError("--sigma-cond needs --cond PATH (the prompt embeddings)")
+    res = score_files(
+        args.path,
+        args.cond,
+        args.sigma,
+        args.sigma_cond,
+        key=args.key,
+        cond_key=args.cond_key,
+        flatten=args.flatten,
+        backend=args.backend,
+        progress=args.progress,
+    )
+    if args.json:
+        keys = ["rke", "sigma"]
+        if args.cond is not None:
+            keys = ["rke", "cond_rke", "h_x", "h_t", "h_xt", "h_x_given_t", "mutual_info"]
+            keys += ["sigma", "sigma_cond"]
+        print(json.dumps({k: res[k] for k in keys}))
+    else:
+        _print_scores(res, args)
+    return 0
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+
+BENCH_SCRIPTS = ("bench_scores.py", "bench_guidance.py", "bench_distributed.py")
+
+
+def _bench_dir(given: str | None) -> Path | None:
+    if given:
+        return Path(given)
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (base / "benchmarks").is_dir():
+            return base / "benchmarks"
+    return None
+
+
+def _cmd_bench(args) -> int:
+    bdir = _bench_dir(args.dir)
+    if bdir is None or not bdir.is_dir():
+        raise CLIError(
+            "no benchmarks/ folder found: run `rkekernels bench` from a checkout of the "
+            "rkekernels repository (or pass --dir PATH)"
+        )
+    names = list(BENCH_SCRIPTS)
+    if args.only:
+        names = [
+            n if n.endswith(".py") else f"bench_{n.removeprefix('bench_')}.py" for n in args.only
+        ]
+    ran = 0
+    failed = []
+    for name in names:
+        script = bdir / name
+        if not script.is_file():
+            print(f"[bench] {name}: not found in {bdir}, skipped", file=sys.stderr)
+            continue
+        cmd = [sys.executable, str(script)]
+        source = script.read_text(errors="replace")
+        if not args.full and "--quick" in source:
+            cmd.append("--quick")
+        print(f"[bench] running {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+        started = time.time()
+        proc = subprocess.run(cmd, cwd=str(bdir.parent), stdout=subprocess.PIPE, text=True)
+        ran += 1
+        if proc.returncode != 0:
+            failed.append(name)
+            print(f"[bench] {name} failed with exit code {proc.returncode}", file=sys.stderr)
+            if proc.stdout:
+                print(proc.stdout, end="")
+            continue
+        stem = script.stem
+        tables = [
+            p
+            for p in {bdir / "results" / f"{stem}.md", bdir / "results" / f"{stem[6:]}.md"}
+            if p.is_file() and p.stat().st_mtime >= started - 1
+        ]
+        print(f"\n## {stem}\n")
+        if tables:
+            for p in sorted(tables):
+                print(p.read_text().rstrip())
+                print(f"\n(table saved in {p})")
+        else:
+            print(proc.stdout.rstrip() if proc.stdout else "(the script printed nothing)")
+    if ran == 0:
+        raise CLIError(f"none of {', '.join(names)} exists in {bdir}")
+    if failed:
+        print(f"[bench] failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser and entry point
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = _Parser(prog=PROG, description="Exact RKE diversity scores and SPARKE guidance.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,score,bench}", parser_class=_Parser)
+
+    d = sub.add_parser(
+        "demo",
+        help="ground-truth guidance demo on an exact prompt-conditioned diffusion model",
+        description="Sample an exact, prompt-conditioned toy diffusion model with and without "
+        "SPARKE guidance; print modes covered, RKE, precision and overhead; save a figure.",
+    )
+    from . import demo
+
+    demo.add_arguments(d)
+
+    s = sub.add_parser(
+        "score",
+        help="RKE, conditional RKE and entropies of an embedding file",
+        description="Print the RKE score (and, with --cond, the conditional RKE and the order-2 "
+        "entropy decomposition in nats) of embeddings stored in .npy, .npz, .pt or .safetensors.",
+    )
+    s.add_argument("path", help="samples (n, d): .npy, .npz, .pt/.pth or .safetensors")
+    s.add_argument("--cond", metavar="PATH", help="prompt embeddings (n, m), one per sample")
+    s.add_argument(
+        "--sigma",
+        type=_positive,
+        nargs="+",
+        action="extend",
+        metavar="S",
+        help="bandwidth(s) for the samples (default: median pairwise distance); "
+        "several values give one row each",
+    )
+    s.add_argument(
+        "--sigma-cond",
+        type=_positive,
+        metavar="S",
+        help="bandwidth for the prompt embeddings (default: their median distance)",
+    )
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--key", metavar="NAME", help="array name in .npz / .pt dict / .safetensors")
+    s.add_argument("--cond-key", metavar="NAME", help="array name in the --cond file")
+    s.add_argument("--flatten", action="store_true", help="reshape (n, ...) arrays to (n, d)")
+    s.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    s.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"progress bar on stderr (default: when n >= {PROGRESS_MIN_N:,})",
+    )
+
+    b = sub.add_parser(
+        "bench",
+        help="run the benchmark scripts and print their tables",
+        description="Run benchmarks/bench_*.py (quick mode unless --full) with this Python and "
+        "print the markdown tables they write to benchmarks/results/.",
+    )
+    b.add_argument("--only", nargs="+", metavar="NAME", help="e.g. scores guidance distributed")
+    b.add_argument("--full", action="store_true", help="full sizes instead of the quick mode")
+    b.add_argument("--dir", metavar="PATH", help="the benchmarks folder (default: ./benchmarks)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rkekernels`` console script; returns the exit code.
+
+    0 on success, 2 on bad input or usage (one line on stderr, no traceback), 1 when a benchmark
+    script fails.
+
+    Example:
+        >>> from rkekernels.cli import main
+        >>> main(["score", "no/such/file.npy"])
+        2
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_BAD_INPUT
+        if args.command == "score":
+            return _cmd_score(args)
+        if args.command == "bench":
+            return _cmd_bench(args)
+        from . import demo
+
+        return demo.main(args)
+    except CLIError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The command line: file formats, JSON equal to the API, several bandwidths, every error path."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import rkekernels
+from rkekernels.cli import main
+
+N, D, M = 60, 5, 3
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N, D))
+    t = np.repeat(rng.normal(size=(4, M)), N // 4, axis=0)
+    return x, t
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _json(capsys, *argv):
+    code, out, err = _run(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def _save(path: Path, fmt: str, arr: np.ndarray, key: str = "emb"):
+    if fmt == "npy":
+        np.save(path, arr)
+    elif fmt == "npz":
+        np.savez(path, **{key: arr})
+    elif fmt == "pt":
+        torch.save(torch.from_numpy(arr), path)
+    elif fmt == "pt-dict":
+        torch.save({key: torch.from_numpy(arr), "note": "not a tensor"}, path)
+    elif fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({key: torch.from_numpy(arr).contiguous()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["npy", "npz", "pt", "pt-dict", "safetensors"])
+def test_each_format_json_equals_api(tmp_path, capsys, data, fmt):
+    x, t = data
+    ext = {"pt-dict": "pt"}.get(fmt, fmt)
+    px = _save(tmp_path / f"x.{ext}", fmt, x.astype(np.float32))
+    pt = _save(tmp_path / f"t.{ext}", fmt, t.astype(np.float32))
+    res = _json(capsys, "score", px, "--cond", pt)
+    assert set(res) == {
+        *("rke", "cond_rke", "h_x", "h_t", "h_xt", "h_x_given_t", "mutual_info"),
+        *("sigma", "sigma_cond"),
+    }
+    xt, tt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(t.astype(np.float32))
+    s, sc = rkekernels.median_bandwidth(xt), rkekernels.median_bandwidth(tt)
+    assert res["sigma"] == pytest.approx(s, rel=1e-12)
+    assert res["sigma_cond"] == pytest.approx(sc, rel=1e-12)
+    assert res["rke"] == pytest.approx(float(rkekernels.rke_score(xt, s)), rel=1e-5)
+    assert res["cond_rke"] == pytest.approx(
+        float(rkekernels.cond_rke_score(xt, tt, s, sc)), rel=1e-5
+    )
+    e = rkekernels.rke_entropies(xt, tt, s, sc)
+    for k in e._fields:
+        assert res[k] == pytest.approx(float(getattr(e, k)), rel=1e-5, abs=1e-6), k
+
+
+def test_float64_exact_and_unconditional_keys(tmp_path, capsys, data):
+    x, t = data
+    px = _save(tmp_path / "x.npy", "npy", x)
+    res = _json(capsys, "score", px, "--sigma", 0.7)
+    assert set(res) == {"rke", "sigma"} and res["sigma"] == 0.7
+    assert res["rke"] == pytest.approx(rkekernels.rke_score(x, 0.7), rel=1e-12)
+    pt = _save(tmp_path / "t.npy", "npy", t)
+    res = _json(capsys, "score", px, "--cond", pt, "--sigma", 0.7, "--sigma-cond", 0.3)
+    assert res["sigma_cond"] == 0.3
+    assert res["cond_rke"] == pytest.approx(rkekernels.cond_rke_score(x, t, 0.7, 0.3), rel=1e-12)
+    assert res["rke"] == pytest.approx(rkekernels.rke_score(x, 0.7), rel=1e-12)
+    assert res["mutual_info"] == pytest.approx(
+        res["h_x"] + res["h_t"] - res["h_xt"], rel=1e-12, abs=1e-12
+    )
+
+
+def test_several_sigmas(tmp_path, capsys, data):
+    x, t = data
+    px, pt = _save(tmp_path / "x.npy", "npy", x), _save(tmp_path / "t.npy", "npy", t)
+    sig = [0.3, 1.0, 4.0]
+    res = _json(capsys, "score", px, "--cond", pt, "--sigma", *sig[:2], "--sigma", sig[2])
+    assert res["sigma"] == sig
+    assert res["rke"] == pytest.approx(list(rkekernels.rke_score(x, sig)), rel=1e-12)
+    want = rkekernels.cond_rke_score(x, t, sig, res["sigma_cond"])
+    assert res["cond_rke"] == pytest.approx(list(want), rel=1e-12)
+    assert all(isinstance(res[k], list) and len(res[k]) == 3 for k in ("h_x", "h_t", "h_xt"))
+    # RKE decreases as the bandwidth grows
+    assert res["rke"][0] > res["rke"][1] > res["rke"][2]
+    code, out, _ = _run(capsys, "score", px, "--cond", pt, "--sigma", *sig)
+    assert code == 0
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if "cond RKE" in line)
+    assert "H2(X|T)" in lines[header] and "I2(X;T)" in lines[header]
+    assert len(lines[header + 1 : header + 4]) == 3
+    assert [float(r.split()[0]) for r in lines[header + 1 : header + 4]] == sig
+
+
+def test_text_output_names_bandwidths(tmp_path, capsys, data):
+    x, t = data
+    px, pt = _save(tmp_path / "x.npy", "npy", x), _save(tmp_path / "t.npy", "npy", t)
+    code, out, err = _run(capsys, "score", px, "--cond", pt)
+    assert code == 0 and err == ""
+    assert "median pairwise distance" in out and "sigma_cond" in out
+    assert f"n = {N}, d = {D}" in out and f"m = {M}" in out
+    rke = float(rkekernels.rke_score(x))
+    row = next(line for line in out.splitlines() if line.strip()[0].isdigit())
+    assert float(row.split()[1]) == pytest.approx(rke, rel=1e-5)
+
+
+def test_npz_key_flatten_and_progress(tmp_path, capsys, data):
+    x, _ = data
+    p = tmp_path / "many.npz"
+    np.savez(p, a=x, b=2 * x, img=x.reshape(N, D, 1))
+    res = _json(capsys, "score", p, "--key", "b", "--sigma", 1.0)
+    assert res["rke"] == pytest.approx(rkekernels.rke_score(2 * x, 1.0), rel=1e-12)
+    res = _json(capsys, "score", p, "--key", "img", "--flatten", "--sigma", 1.0)
+    assert res["rke"] == pytest.approx(rkekernels.rke_score(x, 1.0), rel=1e-12)
+    code, out, err = _run(capsys, "score", p, "--key", "a", "--progress", "--json")
+    assert code == 0 and "pass" in err  # the bar goes to stderr, JSON alone on stdout
+    assert json.loads(out)["rke"] == pytest.approx(rkekernels.rke_score(x), rel=1e-12)
+
+
+def _bad_files(tmp_path, x, t):
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "short.npy", t[:10])
+    nan = x.copy()
+    nan[3, 1] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    np.save(tmp_path / "vec.npy", x[:, 0])
+    np.save(tmp_path / "img.npy", x.reshape(N, D, 1))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 3)))
+    np.save(tmp_path / "str.npy", np.array([["a", "b"]]))
+    np.savez(tmp_path / "two.npz", a=x, b=x)
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "x.csv").write_text("1,2\n")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["missing.npy"], "missing.npy: no such file"),
+        (["junk.npy"], "junk.npy: cannot read it as .npy"),
+        (["junk.pt"], "junk.pt: cannot read it as .pt"),
+        (["x.csv"], "unsupported file type '.csv'"),
+        (["list.pt"], "holds a list, not a tensor"),
+        (["nan.npy"], "nan.npy: contains NaN or Inf (1 non-finite entries)"),
+        (["vec.npy"], "need a 2-D (n, d) array, got shape (60,)"),
+        (["img.npy"], "use --flatten"),
+        (["empty.npy"], "is empty"),
+        (["str.npy"], "non-numeric dtype"),
+        (["two.npz"], "holds several arrays ['a', 'b']; choose one with --key NAME"),
+        (["two.npz", "--key", "c"], "no array named 'c'"),
+        (["x.npy", "--cond", "short.npy"], "has n = 60 rows but"),
+        (["x.npy", "--cond", "nan.npy"], "nan.npy: contains NaN"),
+        (["x.npy", "--sigma-cond", "1"], "--sigma-cond needs --cond"),
+        (["x.npy", "--sigma", "0"], "must be finite and > 0"),
+        (["x.npy", "--sigma", "nan"], "must be finite and > 0"),
+        (["x.npy", "--sigma", "abc"], "not a number"),
+        (["x.npy", "--bogus"], "unrecognized arguments: --bogus"),
+        ([".", "--json"], "is a directory"),
+    ],
+)
+def test_errors_exit_2_one_line(tmp_path, capsys, data, monkeypatch, argv, message):
+    _bad_files(tmp_path, *data)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(capsys, "score", *argv)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("rkekernels: error: ")
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_safetensors_missing_is_a_clear_error(tmp_path, capsys, data, monkeypatch):
+    p = _save(tmp_path / "x.safetensors", "safetensors", data[0])
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import now fails
+    code, _, err = _run(capsys, "score", p)
+    assert code == 2 and "needs the safetensors package: pip install safetensors" in err
+
+
+def test_no_command_and_bench_without_scripts(tmp_path, capsys, monkeypatch):
+    assert main([]) == 2
+    capsys.readouterr()
+    empty = tmp_path / "benchmarks"
+    empty.mkdir()
+    code, _, err = _run(capsys, "bench", "--dir", empty)
+    assert code == 2 and "none of bench_scores.py" in err
+    assert "not found" in err and err.count("\n") == 4  # one line per missing script + error
+
+
+def test_bench_runs_scripts_and_prints_tables(tmp_path, capsys):
+    bdir = tmp_path / "benchmarks"
+    (bdir / "results").mkdir(parents=True)
+    (bdir / "bench_scores.py").write_text(
+        "import sys, pathlib\n"
+        "quick = '--quick' in sys.argv\n"
+        "p = pathlib.Path(__file__).parent / 'results' / 'bench_scores.md'\n"
+        "mode = 'quick' if quick else 'full'\n"
+        "p.write_text('| n | ratio |\\n|---|---|\\n| 10 | %s |\\n' % mode)\n"
+    )
+    (bdir / "bench_guidance.py").write_text("raise SystemExit(3)\n")
+    code, out, err = _run(capsys, "bench", "--dir", bdir)
+    assert code == 1
+    assert "| 10 | quick |" in out and "bench_scores" in out
+    assert "bench_guidance.py failed with exit code 3" in err
+    assert "bench_distributed.py: not found" in err
+    code, out, _ = _run(capsys, "bench", "--dir", bdir, "--only", "scores", "--full")
+    assert code == 0 and "| 10 | full |" in out
+
+
+def test_console_entry_point_subprocess(tmp_path, data):
+    x, t = data
+    px, pt = _save(tmp_path / "x.npy", "npy", x), _save(tmp_path / "t.npy", "npy", t)
+    env = {**os.environ, "PYTHONPATH": str(Path(rkekernels.__file__).parents[1])}
+    cmd = [sys.executable, "-m", "rkekernels", "score", str(px), "--cond", str(pt), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert math.isclose(res["cond_rke"], rkekernels.cond_rke_score(x, t), rel_tol=1e-12)
+    cmd = [sys.executable, "-m", "rkekernels.cli", "score", str(tmp_path / "nope.npy")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no such file" in proc.stderr
+    assert "Traceback" not in proc.stderr
