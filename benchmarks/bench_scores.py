@@ -1,0 +1,250 @@
+"""Benchmark: `rkekernels.rke_score` side by side with what users would use instead.
+
+Run:  python benchmarks/bench_scores.py [--quick]
+
+1. vs one torch GEMM ``x @ x.T`` of the same x (the physical-limit proxy), n = 10,000, d = 512,
+   float32 (target <= 0.7x), and vs the naive dense torch version (cdist, exp, sum), pykeops'
+   LazyTensor Gaussian sum, vendi-score (order 2, eigenvalues; n <= 4,000) and the rke-score
+   package's Monte Carlo estimate (RKE-MC), each where it runs, with its relative error.
+2. Scaling in n at d = 64 (log-log plot), and the dense version at a size where it runs out of
+   memory (a child process with a 16 GiB address-space cap, so the machine itself is safe).
+3. Peak memory of `rke_score` at n = 100,000, d = 64 in a fresh process (target: input + 64 MiB).
+
+Results: benchmarks/results/bench_scores.{csv,md} and bench_scores.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import baselines
+from common import RESULTS, timeit, write_results
+
+import rkekernels as rk
+from rkekernels import reference
+
+COLUMNS = ["case", "method", "n", "d", "seconds", "ratio_vs_baseline", "baseline", "rel_error"]
+
+
+def _data(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = 4.0 * torch.randn(8, d, generator=g)
+    return centres[torch.randint(0, 8, (n,), generator=g)] + torch.randn(n, d, generator=g)
+
+
+def _child(code: str, limit_gib: float | None = None) -> dict:
+    """Run ``code`` in a fresh Python; it prints one JSON line as its last line."""
+    pre = ""
+    if limit_gib:
+        pre = (
+            f"import resource; lim = int({limit_gib} * 2**30); "
+            "resource.setrlimit(resource.RLIMIT_AS, (lim, lim))\n"
+        )
+    out = subprocess.run(
+        [sys.executable, "-c", pre + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(lines[-1])
+
+
+def head_to_head(n: int, d: int, rows: list, repeat: int) -> None:
+    x = _data(n, d)
+    s = rk.median_bandwidth(x)
+    exact = float(rk.rke_score(x.double(), s))  # float64 path: within 1e-10 of the reference
+    if n <= 2500:
+        exact = float(reference.rke_score(x.double(), s))
+    t_gemm = timeit(lambda: baselines.gemm(x), repeat)
+    case = f"n={n}, d={d}, float32"
+
+    def add(method, secs, value):
+        err = abs(value - exact) / exact if value is not None else ""
+        rows.append(
+            dict(case=case, method=method, n=n, d=d, seconds=secs,
+                 ratio_vs_baseline=secs / t_gemm, baseline="x @ x.T", rel_error=err)
+        )  # fmt: skip
+
+    add("torch x @ x.T (GEMM only)", t_gemm, None)
+    t = timeit(lambda: rk.rke_score(x, s), repeat)
+    add("rkekernels.rke_score", t, float(rk.rke_score(x, s)))
+    t = timeit(lambda: rk.rke_score(x, [s, s / 2, 2 * s]), repeat)
+    add("rkekernels.rke_score, 3 sigmas", t, float(rk.rke_score(x, [s, s / 2, 2 * s])[0]))
+    t = timeit(lambda: rk.cond_rke_score(x, x[:, :8], s), repeat)
+    rows.append(
+        dict(case=case, method="rkekernels.cond_rke_score (t: 8-D)", n=n, d=d, seconds=t,
+             ratio_vs_baseline=t / t_gemm, baseline="x @ x.T", rel_error="")
+    )  # fmt: skip
+    xg = x.clone().requires_grad_()
+    t = timeit(lambda: rk.rke_score(xg, s).backward(), max(1, repeat // 2))
+    rows.append(
+        dict(case=case, method="rkekernels.rke_score forward+backward", n=n, d=d, seconds=t,
+             ratio_vs_baseline=t / t_gemm, baseline="x @ x.T", rel_error="")
+    )  # fmt: skip
+    t = timeit(lambda: baselines.dense_torch(x, s), repeat)
+    add("dense torch (cdist, exp, sum)", t, float(baselines.dense_torch(x, s)))
+    try:
+        baselines.keops(x[:100], s)  # compile once, outside the timing
+        t = timeit(lambda: baselines.keops(x, s), repeat)
+        add("pykeops LazyTensor", t, baselines.keops(x, s))
+    except Exception as exc:  # pragma: no cover - optional dependency
+        print(f"pykeops skipped: {exc}")
+    if n <= 4000:
+        try:
+            t = timeit(lambda: baselines.vendi_q2(x, s), 1, warmup=0)
+            add("vendi-score q=2 (eigenvalues)", t, baselines.vendi_q2(x, s))
+        except Exception as exc:  # pragma: no cover
+            print(f"vendi-score skipped: {exc}")
+    try:
+        ns = 20_000
+        t = timeit(lambda: baselines.rke_mc(x, s, ns), 1, warmup=0)
+        add(f"rke-score RKE-MC ({ns:,} pairs)", t, baselines.rke_mc(x, s, ns))
+    except Exception as exc:  # pragma: no cover
+        print(f"rke-score skipped: {exc}")
+
+
+def scaling(ns: list[int], d: int, rows: list) -> list[tuple[int, float, float | None]]:
+    out = []
+    for n in ns:
+        x = _data(n, d)
+        s = rk.median_bandwidth(x)
+        t_rk = timeit(lambda x=x, s=s: rk.rke_score(x, s), 3 if n <= 20_000 else 1)
+        t_dense = None
+        if n * n * 4 * 2 <= 4 * 2**30:  # the dense version needs ~2 n^2 floats
+            t_dense = timeit(lambda x=x, s=s: baselines.dense_torch(x, s), 3 if n <= 8000 else 1)
+        out.append((n, t_rk, t_dense))
+        rows.append(
+            dict(case=f"scaling, d={d}", method="rkekernels.rke_score", n=n, d=d, seconds=t_rk,
+                 ratio_vs_baseline=(t_rk / t_dense) if t_dense else "",
+                 baseline="dense torch" if t_dense else "", rel_error="")
+        )  # fmt: skip
+        if t_dense:
+            rows.append(
+                dict(case=f"scaling, d={d}", method="dense torch", n=n, d=d, seconds=t_dense,
+                     ratio_vs_baseline=1.0, baseline="dense torch", rel_error="")
+            )  # fmt: skip
+        print(f"  n={n:>7,}: rkekernels {t_rk:.3f} s, dense {t_dense}")
+    return out
+
+
+def dense_out_of_memory(n: int, d: int, rows: list) -> None:
+    res = _child(
+        f"""
+        import json, sys, time, torch
+        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+        import baselines, rkekernels as rk
+        x = torch.randn({n}, {d})
+        out = {{}}
+        t0 = time.perf_counter(); rk.rke_score(x, 8.0); out["rk"] = time.perf_counter() - t0
+        try:
+            baselines.dense_torch(x, 8.0); out["dense"] = "ran"
+        except (RuntimeError, MemoryError) as exc:
+            out["dense"] = "out of memory: " + str(exc).splitlines()[0][:80]
+        print(json.dumps(out))
+        """,
+        limit_gib=16,
+    )
+    rows.append(
+        dict(case=f"n={n:,}, d={d}, 16 GiB cap", method="rkekernels.rke_score", n=n, d=d,
+             seconds=res.get("rk", ""), ratio_vs_baseline="", baseline="", rel_error="")
+    )  # fmt: skip
+    rows.append(
+        dict(case=f"n={n:,}, d={d}, 16 GiB cap", method="dense torch", n=n, d=d,
+             seconds=res.get("dense", res.get("error", "")), ratio_vs_baseline="",
+             baseline="", rel_error="")
+    )  # fmt: skip
+
+
+def peak_memory(n: int, d: int, rows: list) -> dict:
+    res = _child(
+        f"""
+        import json, resource, torch, rkekernels as rk
+        def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        def now():
+            with open("/proc/self/status") as fh:
+                return next(int(l.split()[1]) for l in fh if l.startswith("VmRSS")) / 1024.0
+        rk.rke_score(torch.randn(8, {d}), 1.0)   # warm up: threads and code, not memory
+        x = torch.randn({n}, {d})
+        assert peak() - now() < 1.0, "warm-up left a higher peak than the current RSS"
+        base = now()
+        v = float(rk.rke_score(x, 8.0))
+        print(json.dumps(dict(extra_mib=peak() - base, input_mib=x.numel() * 4 / 2**20, value=v)))
+        """
+    )
+    rows.append(
+        dict(case=f"peak memory n={n:,}, d={d}", method="rkekernels.rke_score", n=n, d=d,
+             seconds=f"input {res.get('input_mib', 0):.1f} MiB + "
+                     f"{res.get('extra_mib', float('nan')):.1f} MiB extra peak RSS",
+             ratio_vs_baseline="", baseline="target: input + 64 MiB", rel_error="")
+    )  # fmt: skip
+    return res
+
+
+def plot(points: list[tuple[int, float, float | None]], d: int) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.loglog([p[0] for p in points], [p[1] for p in points], "o-", label="rkekernels.rke_score")
+    dense = [(p[0], p[2]) for p in points if p[2]]
+    if dense:
+        ax.loglog(*zip(*dense), "s--", label="dense torch (cdist, exp, sum)")
+    ax.set_xlabel("n (samples)")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"RKE score, d = {d}, float32, CPU")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    path = RESULTS / "bench_scores.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    rows: list[dict] = []
+    if args.quick:
+        head_to_head(2000, 128, rows, repeat=2)
+        pts = scaling([500, 2000], 64, rows)
+        mem = peak_memory(20_000, 64, rows)
+    else:
+        head_to_head(10_000, 512, rows, repeat=5)
+        head_to_head(4000, 512, rows, repeat=3)
+        pts = scaling([1000, 4000, 16_000, 32_000, 100_000], 64, rows)
+        dense_out_of_memory(100_000, 64, rows)
+        mem = peak_memory(100_000, 64, rows)
+    md = write_results(
+        "bench_scores" if not args.quick else "bench_scores_quick",
+        rows,
+        COLUMNS,
+        "rke_score vs the alternatives (median wall time; ratio < 1 is faster than the baseline)",
+    )
+    if not args.quick:
+        plot(pts, 64)
+    print(md)
+    if "extra_mib" in mem and math.isfinite(mem["extra_mib"]):
+        print(f"peak memory: input {mem['input_mib']:.1f} MiB + {mem['extra_mib']:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
