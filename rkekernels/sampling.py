@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._input import as_tensor, check_sigma
@@ -40,7 +41,7 @@ __all__ = ["DiversityGuidance"]
 def _check_unit(value: Any, name: str) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.detach().cpu().item()
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
     v = float(value)
     if not math.isfinite(v) or not 0.0 <= v <= 1.0:
@@ -123,21 +124,21 @@ class DiversityGuidance:
     ) -> None:
         self.sigma = check_sigma(sigma, "sigma")
         self.sigma_cond = None if sigma_cond is None else check_sigma(sigma_cond, "sigma_cond")
-        if isinstance(scale, bool) or not isinstance(scale, int | float):
+        if isinstance(scale, bool) or not isinstance(scale, int | float | np.integer | np.floating):
             raise TypeError(f"scale must be a finite float, got {type(scale).__name__}")
         if not math.isfinite(float(scale)):
             raise ValueError(f"scale must be finite, got {scale!r}")
         self.scale = float(scale)
-        if isinstance(every, bool) or not isinstance(every, int):
+        if isinstance(every, bool) or not isinstance(every, int | np.integer):
             raise TypeError(f"every must be an int >= 1, got {type(every).__name__}")
         if every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
-        self.every = every
+        self.every = int(every)
         self.start = _check_unit(start, "start")
         self.stop = _check_unit(stop, "stop")
         if self.start > self.stop:
             raise ValueError(f"start must be <= stop, got start={start!r}, stop={stop!r}")
-        if isinstance(capacity, bool) or not isinstance(capacity, int):
+        if isinstance(capacity, bool) or not isinstance(capacity, int | np.integer):
             raise TypeError(f"capacity must be an int >= 1, got {type(capacity).__name__}")
         if capacity < 1:
             raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
@@ -150,7 +151,7 @@ class DiversityGuidance:
             raise TypeError(f"feature_fn must be callable or None, got {type(feature_fn).__name__}")
         self.feature_fn = feature_fn
         self.backend = backend
-        self.bank = FeatureBank(capacity, device=device, dtype=bank_dtype)
+        self.bank = FeatureBank(int(capacity), device=device, dtype=bank_dtype)
         self.calls = 0
         self.last: GuidanceResult | None = None
 
