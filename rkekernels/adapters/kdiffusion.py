@@ -121,7 +121,10 @@ class GuidedDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: Any, **kwargs: Any) -> torch.Tensor:
         denoised = self.model(x, sigma, **kwargs)
-        s = torch.as_tensor(sigma, device=denoised.device)
+        if isinstance(sigma, torch.Tensor):
+            s = sigma.detach().to(denoised.device)
+        else:  # a Python float keeps its full precision
+            s = torch.as_tensor(sigma, dtype=torch.float64, device=denoised.device)
         step, p = self.locate(float(s.detach().max()))
         selected = self.guidance.active(step, p)
         self.guidance.calls = step + 1
