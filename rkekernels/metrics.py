@@ -171,7 +171,7 @@ class _Stream:
     def zeros(self, device: Any = None) -> torch.Tensor:
         return torch.zeros(2 * self.K + 1, dtype=torch.float64, device=device)
 
-    def check_batch(self, x, t, *, width, has_t, device, dtype):
+    def check_batch(self, x, t, *, width, t_width, has_t, device, dtype):
         """Validate one batch against what was stored; return it on the device, in the dtype."""
         xt = as_tensor(x, "x")
         if xt.dim() != 2:
@@ -205,6 +205,11 @@ class _Stream:
             if tt.shape[1] == 0:
                 raise ValueError(f"t has no features (m = 0); got shape {tuple(tt.shape)}")
             check_finite(tt, "t")
+            if t_width is not None and tt.shape[1] != t_width:
+                raise ValueError(
+                    f"t has {tt.shape[1]} features but earlier updates had {t_width}: every "
+                    "batch of prompt embeddings must have the same width m"
+                )
             check_same_device(x=xt, t=tt)
             if tt.shape[0] != xt.shape[0]:
                 raise ValueError(
@@ -424,9 +429,14 @@ class RKEMetric:
                 different b, t in some updates and not in others, t without sigma_t.
             TypeError: complex, string or object data.
         """
-        width = self._x[0].shape[1] if self._x else None
         x, t = self._core.check_batch(
-            x, t, width=width, has_t=self._has_t, device=self.device, dtype=self._dtype
+            x,
+            t,
+            width=self._x[0].shape[1] if self._x else None,
+            t_width=self._t[0].shape[1] if self._t else None,
+            has_t=self._has_t,
+            device=self.device,
+            dtype=self._dtype,
         )
         if x.shape[0] == 0:
             return
@@ -524,6 +534,7 @@ def _make_torchmetrics_class() -> type:
                 x,
                 t,
                 width=first.shape[1] if first is not None else None,
+                t_width=self.conds[0].shape[1] if len(self.conds) else None,
                 has_t=(len(self.conds) > 0) if first is not None else None,
                 device=self.device,
                 dtype=first.dtype if first is not None else None,
