@@ -61,9 +61,22 @@ def tiles(
             idx += 1
 
 
-def _neg_sqdist(a: torch.Tensor, na: torch.Tensor, b: torch.Tensor, nb: torch.Tensor, diag: bool):
-    """-max(||a_i - b_j||^2, 0) as one GEMM with the norms folded in: [a, n_a, 1].[2b, -1, -n_b]."""
-    neg = torch.addmm(nb.unsqueeze(0), a, b.t(), beta=-1.0, alpha=2.0)
+class _Workspace:
+    """Tile buffers allocated once per call and reused for every tile (no per-tile malloc)."""
+
+    def __init__(self, like: torch.Tensor, rows: int, cols: int):
+        self._like, self._size, self._bufs = like, rows * cols, {}
+
+    def __call__(self, name: str, rows: int, cols: int) -> torch.Tensor:
+        buf = self._bufs.get(name)
+        if buf is None:
+            buf = self._bufs[name] = self._like.new_empty(self._size)
+        return buf[: rows * cols].view(rows, cols)
+
+
+def _neg_sqdist(a, na, b, nb, diag: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """-max(||a_i - b_j||^2, 0) as one GEMM with the norms folded in: 2 a.b - n_b, then - n_a."""
+    neg = torch.addmm(nb.unsqueeze(0), a, b.t(), beta=-1.0, alpha=2.0, out=out)
     neg.sub_(na.unsqueeze(1)).clamp_(max=0.0)
     if diag:
         neg.diagonal().zero_()
@@ -94,20 +107,23 @@ def forward_sums(
     fx = torch.zeros(K, dtype=torch.float64, device=dev) if want_fx else None
     ft = torch.zeros((), dtype=torch.float64, device=dev) if tc is not None else None
     fxt = torch.zeros(K, dtype=torch.float64, device=dev) if tc is not None else None
+    br, bc = block_rows or BLOCK_ROWS, block_cols or BLOCK_COLS
+    ws = _Workspace(xc, min(n, max(br, bc)), min(n, max(br, bc)))
     single = K == 1 and tc is None
-    for i0, i1, j0, j1, diag in tiles(n, block_rows, block_cols, shard):
+    for i0, i1, j0, j1, diag in tiles(n, br, bc, shard):
         w = 1.0 if diag else 2.0
-        negd = _neg_sqdist(xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag)
+        shape = (i1 - i0, j1 - j0)
+        negd = _neg_sqdist(xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag, ws("d", *shape))
         if single:
             fx[0] += w * negd.mul_(inv_sx2[0]).exp_().sum().double()
             continue
         kt2 = None
         if tc is not None:
-            kt2 = _neg_sqdist(tc[i0:i1], nt[i0:i1], tc[j0:j1], nt[j0:j1], diag)
+            kt2 = _neg_sqdist(tc[i0:i1], nt[i0:i1], tc[j0:j1], nt[j0:j1], diag, ws("t", *shape))
             kt2 = kt2.mul_(inv_st2).exp_()
             ft += w * kt2.sum().double()
         for k, c in enumerate(inv_sx2):
-            e = negd.mul(c).exp_() if k < K - 1 else negd.mul_(c).exp_()
+            e = torch.mul(negd, c, out=ws("e", *shape)).exp_()
             if fx is not None:
                 fx[k] += w * e.sum().double()
             if kt2 is not None:
@@ -160,16 +176,22 @@ def backward_grads(
             r[j0:j1] += wt.sum(0).double()
             g[j0:j1] += (wt.t() @ v[i0:i1]).double()
 
-    for i0, i1, j0, j1, diag in tiles(n, block_rows, block_cols):
-        negd = _neg_sqdist(xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag)
+    br, bc = block_rows or BLOCK_ROWS, block_cols or BLOCK_COLS
+    ws = _Workspace(xc, min(n, max(br, bc)), min(n, max(br, bc)))
+    for i0, i1, j0, j1, diag in tiles(n, br, bc):
+        shape = (i1 - i0, j1 - j0)
+        negd = _neg_sqdist(xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag, ws("d", *shape))
         kt2 = None
         if has_t:
-            kt2 = _neg_sqdist(tc[i0:i1], nt[i0:i1], tc[j0:j1], nt[j0:j1], diag)
+            kt2 = _neg_sqdist(tc[i0:i1], nt[i0:i1], tc[j0:j1], nt[j0:j1], diag, ws("t", *shape))
             kt2 = kt2.mul_(inv_st2).exp_()
-        wx = torch.zeros_like(negd) if need_x else None
-        wt = kt2 * bt if need_t and bt is not None else (torch.zeros_like(negd) if need_t else None)
+        wx = ws("wx", *shape).zero_() if need_x else None
+        wt = None
+        if need_t:
+            wt = torch.mul(kt2, bt, out=ws("wt", *shape)) if bt is not None else None
+            wt = wt if wt is not None else ws("wt", *shape).zero_()
         for k, ck in enumerate(inv_sx2):
-            e = negd.mul(ck).exp_()
+            e = torch.mul(negd, ck, out=ws("e", *shape)).exp_()
             if need_x and ax is not None:
                 wx.addcmul_(e, ax[k])
             if kt2 is not None and (axt is not None or bxt is not None):
