@@ -197,3 +197,19 @@ def test_bad_input():
 
 def test_no_kdiffusion_dependency():
     assert "k_diffusion" not in sys.modules
+
+
+def test_plain_loop_example_agrees_with_the_adapter():
+    """examples/plain_loop.py (DDIM calling guidance_grad) == guided_denoiser in sample_euler."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "plain_loop.py"
+    spec = importlib.util.spec_from_file_location("plain_loop", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    gm = example.mixture()
+    x = example.sample(gm, scale=1.0, batches=3, batch_size=4, steps=25, seed=0)
+    guide = DiversityGuidance(1.0, scale=1.0, normalize=False, start=0.4, stop=0.7)
+    y = _generate(gm, get_sigmas_karras(25, 0.01, 20.0), guide, seed=0, batches=3)
+    assert torch.allclose(x, y, atol=1e-4)
