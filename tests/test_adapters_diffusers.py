@@ -168,6 +168,7 @@ def test_conditional_with_pooled_prompt_embeds(pipe, embeds):
     assert torch.isfinite(guided).all()
     assert not torch.allclose(plain, guided, atol=1e-3)
     pooled = embeds.mean(dim=1)
+    pooled = pooled / pooled.norm(dim=1, keepdim=True)
     assert torch.allclose(guide.bank.cond, torch.cat([pooled, pooled]), atol=1e-6)
 
 
@@ -181,6 +182,7 @@ def test_classifier_free_guidance_run_uses_the_conditional_half(pipe, embeds):
     assert not torch.allclose(plain, guided, atol=1e-3)
     # negative embeddings are zeros: a pooled negative half would be all zeros
     pooled = embeds.mean(dim=1)
+    pooled = pooled / pooled.norm(dim=1, keepdim=True)
     assert torch.allclose(guide.bank.cond, torch.cat([pooled, pooled]), atol=1e-6)
     # decoded images work too (the callback only touches latents)
     images = _run(pipe, embeds, 2, cb, guidance_scale=3.0, output_type="np")
@@ -235,9 +237,13 @@ def test_any_latent_layout_with_a_minimal_pipeline():
 
 def test_pool_prompt_embeds_and_bad_input():
     pe = torch.arange(24.0).reshape(4, 3, 2)
-    assert torch.equal(pool_prompt_embeds(pe, 2, cfg=True), pe[2:].mean(1))
-    assert torch.equal(pool_prompt_embeds(pe, 4, cfg=True), pe.mean(1))
-    assert torch.equal(pool_prompt_embeds(pe[:, 0], 4, cfg=False), pe[:, 0])
+    assert torch.equal(pool_prompt_embeds(pe, 2, cfg=True, normalize=False), pe[2:].mean(1))
+    assert torch.equal(pool_prompt_embeds(pe, 4, cfg=True, normalize=False), pe.mean(1))
+    assert torch.equal(pool_prompt_embeds(pe[:, 0], 4, cfg=False, normalize=False), pe[:, 0])
+    unit = pool_prompt_embeds(pe, 4, cfg=False)
+    assert torch.allclose(unit, pe.mean(1) / pe.mean(1).norm(dim=1, keepdim=True))
+    zero = pool_prompt_embeds(torch.zeros(2, 3, 4), 2, cfg=False)  # stays zero, no NaN
+    assert torch.equal(zero, torch.zeros(2, 4))
     with pytest.raises(ValueError, match="pass cond"):
         pool_prompt_embeds(pe, 3, cfg=False)
     with pytest.raises(ValueError, match="prompt_embeds must be"):

@@ -13,11 +13,13 @@ so ``every`` counts pipeline steps (step 0 is guided), ``start``/``stop`` select
 `diffusers.callbacks.PipelineCallback`: the pipeline reads its ``tensor_inputs`` and hands it
 ``latents`` (and ``prompt_embeds`` when it needs them) by itself.
 
-Prompt embeddings for conditional guidance (``guidance.sigma_cond`` set): ``cond`` if given,
-else one vector per image pooled from the pipeline's ``prompt_embeds``: the mean over tokens of
-the conditional half when classifier-free guidance doubles the batch (diffusers concatenates
-``[negative, positive]``, so the second half). Any latent layout works (SD/SDXL (b, c, h, w),
-packed sequence latents (b, tokens, c)): the features flatten each sample.
+Prompt embeddings for conditional guidance (``guidance.sigma_cond`` set): ``cond`` if given
+(used as given), else one vector per image pooled from the pipeline's ``prompt_embeds``: the mean
+over tokens of the conditional half when classifier-free guidance doubles the batch (diffusers
+concatenates ``[negative, positive]``, so the second half), divided by its L2 norm so that
+``sigma_cond`` lives on the paper's scale for unit-normalised text embeddings (its s_c = 0.3 to
+0.35 is ``sigma_cond = sqrt(2) s_c`` ~ 0.45 to 0.5 here). Any latent layout works
+(SD/SDXL (b, c, h, w), packed sequence latents (b, tokens, c)): the features flatten each sample.
 
 Needs diffusers (``pip install diffusers`` or ``pip install rkekernels[diffusers]``); importing
 `rkekernels` itself never imports it.
@@ -42,17 +44,21 @@ from ..sampling import DiversityGuidance
 __all__ = ["SparkeCallback", "pool_prompt_embeds", "sparke_callback"]
 
 
-def pool_prompt_embeds(prompt_embeds: torch.Tensor, batch_size: int, cfg: bool) -> torch.Tensor:
+def pool_prompt_embeds(
+    prompt_embeds: torch.Tensor, batch_size: int, cfg: bool, *, normalize: bool = True
+) -> torch.Tensor:
     """One prompt embedding per image from a pipeline's ``prompt_embeds``.
 
     Token embeddings (rows, tokens, m) are mean-pooled over tokens; (rows, m) are kept. When
     classifier-free guidance doubled the batch (``cfg`` and rows == 2 * batch_size), the second
-    (conditional) half is used, as diffusers concatenates ``[negative, positive]``.
+    (conditional) half is used, as diffusers concatenates ``[negative, positive]``. With
+    ``normalize`` each pooled row is divided by its L2 norm (an all-zero row stays zero).
 
     Args:
         prompt_embeds: (rows, tokens, m) or (rows, m) embeddings from the pipeline.
         batch_size: b, the number of latents being generated.
         cfg: whether the pipeline runs classifier-free guidance.
+        normalize: return unit vectors (default).
 
     Returns:
         (b, m) float tensor on prompt_embeds' device.
@@ -65,8 +71,8 @@ def pool_prompt_embeds(prompt_embeds: torch.Tensor, batch_size: int, cfg: bool) 
         >>> from rkekernels.adapters.diffusers import pool_prompt_embeds
         >>> neg, pos = torch.zeros(2, 3, 4), torch.ones(2, 3, 4)
         >>> pool_prompt_embeds(torch.cat([neg, pos]), batch_size=2, cfg=True)
-        tensor([[1., 1., 1., 1.],
-                [1., 1., 1., 1.]])
+        tensor([[0.5000, 0.5000, 0.5000, 0.5000],
+                [0.5000, 0.5000, 0.5000, 0.5000]])
     """
     pe = prompt_embeds
     if pe.dim() == 3:
@@ -83,7 +89,10 @@ def pool_prompt_embeds(prompt_embeds: torch.Tensor, batch_size: int, cfg: bool) 
             f"cannot match prompt_embeds ({rows} rows) to {batch_size} latents "
             f"(classifier-free guidance: {cfg}); pass cond=(b, m) embeddings to sparke_callback"
         )
-    return pe.float()
+    pe = pe.float()
+    if normalize:
+        pe = pe / pe.norm(dim=1, keepdim=True).clamp_min(torch.finfo(pe.dtype).tiny)
+    return pe
 
 
 class SparkeCallback(PipelineCallback):
@@ -95,9 +104,12 @@ class SparkeCallback(PipelineCallback):
     Attributes:
         guidance: the `DiversityGuidance` (its bank grows by one batch per pipeline call).
         cond: the fixed prompt embeddings, or None.
+        normalize_cond: whether embeddings pooled from ``prompt_embeds`` are L2-normalised.
     """
 
-    def __init__(self, guidance: DiversityGuidance, cond: Any = None) -> None:
+    def __init__(
+        self, guidance: DiversityGuidance, cond: Any = None, *, normalize_cond: bool = True
+    ) -> None:
         super().__init__()
         if not isinstance(guidance, DiversityGuidance):
             raise TypeError(
@@ -114,6 +126,7 @@ class SparkeCallback(PipelineCallback):
                 cond = cond.float().mean(dim=1)
         self.guidance = guidance
         self.cond = cond
+        self.normalize_cond = bool(normalize_cond)
 
     @property
     def tensor_inputs(self) -> list[str]:
@@ -128,7 +141,9 @@ class SparkeCallback(PipelineCallback):
         if self.cond is not None:
             return self.cond.to(latents.device)
         cfg = bool(getattr(pipeline, "do_classifier_free_guidance", False))
-        return pool_prompt_embeds(kwargs["prompt_embeds"], latents.shape[0], cfg)
+        return pool_prompt_embeds(
+            kwargs["prompt_embeds"], latents.shape[0], cfg, normalize=self.normalize_cond
+        )
 
     def callback_fn(
         self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict
@@ -145,7 +160,9 @@ class SparkeCallback(PipelineCallback):
         return callback_kwargs
 
 
-def sparke_callback(guidance: DiversityGuidance, cond: Any = None) -> SparkeCallback:
+def sparke_callback(
+    guidance: DiversityGuidance, cond: Any = None, *, normalize_cond: bool = True
+) -> SparkeCallback:
     """A ``callback_on_step_end`` that applies SPARKE diversity guidance in a diffusers pipeline.
 
     At step i of N: ``latents = guidance.apply(latents, cond, progress=i/N, step=i)``; at the
@@ -155,8 +172,11 @@ def sparke_callback(guidance: DiversityGuidance, cond: Any = None) -> SparkeCall
     Args:
         guidance: a `rkekernels.DiversityGuidance` (schedule, scale, bank).
         cond: prompt embeddings for conditional guidance: (b, m), (m,) (one for all images)
-            or token embeddings (b, tokens, m), mean-pooled. None: when the guidance is
-            conditional, pooled from the pipeline's ``prompt_embeds`` at each step.
+            or token embeddings (b, tokens, m), mean-pooled; used as given otherwise. None:
+            when the guidance is conditional, pooled from the pipeline's ``prompt_embeds`` at
+            each step (`pool_prompt_embeds`).
+        normalize_cond: divide embeddings pooled from ``prompt_embeds`` by their L2 norm
+            (default), so ``sigma_cond`` is on the scale of unit vectors.
 
     Returns:
         A `SparkeCallback` (a `diffusers.callbacks.PipelineCallback`); pass it as
@@ -183,4 +203,4 @@ def sparke_callback(guidance: DiversityGuidance, cond: Any = None) -> SparkeCall
         >>> len(guide.bank)
         3
     """
-    return SparkeCallback(guidance, cond)
+    return SparkeCallback(guidance, cond, normalize_cond=normalize_cond)
