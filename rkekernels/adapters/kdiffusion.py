@@ -11,9 +11,13 @@ classifier guidance toward low S (high diversity), and in denoiser form it reads
 
 so the sampler follows ``score + scale * g``. **The scale is raw** (a weight on -log S in score
 space), *not* the norm rescaling ``scale * ||z|| / ||g||`` of `DiversityGuidance.apply`: the
-rescaled step is not a score and has no sigma-consistent meaning. Its size therefore depends on
-the features: for ``normalize=False`` features g ~ 2 (z - f) / s^2, and a useful ``scale`` is
-about ``s^2 / (2 sigma_max)`` divided by a few. It is taken from ``guidance.scale``.
+rescaled step is not a score, and its fixed-size push does not fade where the gradient does (on
+the exact toy mixture of the tests: 4.5 modes at precision 0.38, against 5.25 modes at 0.89
+for the raw scale, averaged over 4 seeds). It is taken
+from ``guidance.scale``. Sizing: Euler steps from sigma_a down move x by about
+``scale * sigma_a^2 / 2`` times g, and g ~ 2 (D - f) / s^2 for ``normalize=False`` features, so
+the push is about ``scale * sigma_a^2 / s^2`` times the distance to the bank; start near
+``s^2 / sigma_a^2`` and tune.
 
 The schedule (``every``, ``start``, ``stop`` of the guidance) needs the step index and the
 progress of each model evaluation. Give the sampler's noise schedule as ``sigmas`` (the
