@@ -75,6 +75,31 @@ def softmax_state(
     acc = torch.zeros((b, dim), dtype=cdt, device=phi.device)
     if n == 0:
         return m, l, acc
+    phi2 = phi * (2.0 * inv_s2)  # logits = phi2 @ f^T - q inv_s2
+    y2 = y * (2.0 * inv_c2) if y is not None else None
+    rows = chunk_rows(dim)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        f = bank[start:stop]
+        if f.dtype != cdt:
+            f = f.to(cdt)
+        q = bank_sq[start:stop].to(cdt) if bank_sq is not None else _sq_norms(f)
+        # logits (b, rows): one GEMM for all b samples, the squared norms as the bias
+        logits = torch.addmm(q.unsqueeze(0), phi2, f.T, beta=-inv_s2)
+        if y2 is not None:
+            c = bank_cond[start:stop]
+            if c.dtype != cdt:
+                c = c.to(cdt)
+            r = bank_cond_sq[start:stop].to(cdt) if bank_cond_sq is not None else _sq_norms(c)
+            logits.addmm_(y2, c.T).sub_(r.unsqueeze(0), alpha=inv_c2)
+        m_new = torch.maximum(m, logits.amax(1))
+        alpha = torch.exp(m - m_new)  # m = -inf on the first chunk: alpha = 0
+        p = logits.sub_(m_new.unsqueeze(1)).exp_()  # in place: every exponent <= 0
+        l = torch.addcmul(p.sum(1), l, alpha)
+        # values GEMM with the same chunk, still in cache: acc = alpha acc + p f
+        acc.mul_(alpha.unsqueeze(1)).addmm_(p, f)
+        m = m_new
+    return m, l, acc
     phi2t = (phi * (2.0 * inv_s2)).T.contiguous()  # (D, b): logits = f @ phi2t - q inv_s2
     y2t = (y * (2.0 * inv_c2)).T.contiguous() if y is not None else None
     rows = chunk_rows(dim)
@@ -100,3 +125,8 @@ def softmax_state(
         acc.mul_(alpha.unsqueeze(1)).addmm_(p.T, f)
         m = m_new
     return m, l, acc
+
+
+def _sq_norms(f: torch.Tensor) -> torch.Tensor:
+    """Row squared norms of a chunk (for banks given as plain tensors, without cached norms)."""
+    return torch.linalg.vector_norm(f, dim=1).square_()
