@@ -1,0 +1,767 @@
+"""Fused Triton kernels for the pair sums behind every RKE score, forward and backward.
+
+Math (as ``ops.scores_torch``). Centred rows x_i, c_k = 1/sigma_k^2, all ordered pairs::
+
+    D_ij    = max(||x_i||^2 + ||x_j||^2 - 2 x_i . x_j, 0),   D_ii = 0 exactly
+    F_x[k]  = sum_ij exp(-c_k D_ij)                 (= sum_ij Kx_k^2)
+    F_t     = sum_ij exp(-c_t Dt_ij)                (= sum_ij Kt^2)
+    F_xt[k] = sum_ij exp(-c_k D_ij - c_t Dt_ij)     (= sum_ij Kx_k^2 Kt^2)
+
+Gradient (vector-Jacobian product). For cotangents g of the sums, the symmetric weights::
+
+    W_ij  = sum_k 4 c_k Kx_k^2 (g_x[k] + g_xt[k] Kt^2)          (i != j, W_ii = 0)
+    Wt_ij = 4 c_t Kt^2 (g_t + sum_k g_xt[k] Kx_k^2)
+    dL/dx_i = sum_j W_ij (x_j - x_i) = G_i - r_i x_i,   G_i = sum_j W_ij x_j,  r_i = sum_j W_ij
+
+and likewise dL/dt with Wt and t.
+
+Forward kernel. Square tiles of ``BLOCK`` rows; only tiles on or above the diagonal are visited
+(off-diagonal tiles count twice). The tiles are grouped in bands of ``GROUP`` column blocks;
+one program takes one row block of one band and walks the band's (at most ``GROUP``) column
+tiles, so the programs running together share the column blocks of a band and the row blocks
+in L2. Per tile: ``x_i . x_j`` with ``tl.dot`` over chunks of ``BLOCK_D`` features, the squared
+norms from the same loaded chunks, then exp2 (log2(e) folded into c on the host) and the tile
+sums, one distance tile shared by every bandwidth and by the three sums. Arithmetic inside a
+tile is float32 (float64 for float64 input); each program adds its tile sums in float64 and
+writes them to its own row of a partials buffer that torch sums in float64. Deterministic, no
+atomics. The diagonal is set to D = 0 exactly; rows past n get D = inf, so they add exp(-inf) = 0.
+
+Backward kernel. One program per block of ``BLOCK_M`` rows walks ALL column blocks (the full
+square, not the triangle), builds W (and Wt) for the tile and accumulates r_i in float64
+registers and G_i = W x_j into a float64 scratch row block that only this program touches.
+Visiting the full square computes each off-diagonal distance tile twice (2 dots per tile over
+n^2 tiles = 2 n^2 d multiply-adds, vs 1.5 n^2 d for the triangle with column scatter), but
+needs no atomics: the triangle would have to scatter W^T x_i into the (BLOCK_N, d) column
+blocks of G with float64 atomics from every tile, which is slower than the 33% extra dot work
+on a GPU and nondeterministic. The epilogue writes dL/dx_i = G_i - r_i x_i in the input dtype.
+
+Precision (`set_precision`, `precision`): what goes into ``tl.dot``.
+
+- "ieee" (default): exact arithmetic in the input dtype: float32 inputs give float32 tiles with
+  float64 accumulation across tiles (relative error <= 1e-5 on the scores, SPEC section 5);
+  float64 inputs are computed in float64 throughout (<= 1e-10). This is a float32 path for
+  float32 input and a float64 path for float64 input.
+- "tf32": x and t are rounded to TF32 (10 explicit mantissa bits, u = 2^-11) on the host and the
+  squared norms are taken of the rounded values, so the kernel computes the exact distances of
+  the rounded points; the backward rounds W to TF32 before ``W @ x_j``. Every TF32 product is then
+  exact in float32, so tensor cores (which would truncate unrounded float32) and the interpreter
+  compute the same numbers up to float32 summation order.
+- "bf16": as "tf32" with bfloat16 (7 explicit mantissa bits, u = 2^-8); on a GPU x is stored and
+  fed to ``tl.dot`` as bfloat16 (half the memory traffic), float32 accumulation.
+- "tf32x3": float32 inputs split into two TF32 parts, three TF32 products per term
+  (``input_precision="tf32x3"``): near-float32 accuracy on tensor cores.
+
+Error bounds for a pair sum F (R = max_i ||x_i - mean||, S = c R^2, plus c_t R_t^2 for F_t and
+F_xt): with u as above the rounded points satisfy ||x~_i - x_i|| <= u ||x_i||, so
+|d~_ij^2 - d_ij^2| <= 8 u R^2 (1 + u/2) and every term of F changes by a factor within
+exp(+-8 u S (1 + u/2)), whence ``|F~/F - 1| <= e = exp(8 u S (1 + u)) - 1 + 1e-5`` (the last term
+is float32 arithmetic). For "tf32x3" each product a.b carries an error <= 3 * 2^-20 |a| |b| (the
+dropped low x low product and the truncation of the low parts), so |D~ - D| <= 6 * 2^-20 R^2 and
+``e = exp(6 * 2^-20 S) - 1 + 1e-5``. The scores follow: |RKE~/RKE - 1| <= e / (1 - e).
+Gradients, per row: ``||g~_i - g_i|| <= (e + 3 u (1 + e)(1 + u) + 1e-5) * sum_j |W|_ij (||x_i|| +
+||x_j||)``, where |W|_ij is W_ij with every cotangent replaced by its absolute value (each term
+of W is perturbed by the factor e, W is rounded by u before the dot, x by u), e taken with the
+joint S; for "tf32x3" u = 3 * 2^-20. `error_bound` returns these numbers. Verified where:
+"ieee", "tf32" and "bf16" run under TRITON_INTERPRET=1 on CPU (the interpreter's ``tl.dot`` is
+exact float32, and since the operands are rounded first it reproduces the GPU's products); the
+bfloat16 tensor-core dots themselves and all of "tf32x3" (exact float32 in the interpreter) are
+checked against these bounds only on a GPU (``benchmarks/gpu_check.py``).
+
+Tile sizes: on a GPU a few configurations are timed once per problem key (d, m, number of
+bandwidths, flags, dtype, precision, size bucket) on at most 16,384 rows and the fastest is kept
+(`tuned_configs`); problems below 4,096 rows use the first configuration untimed. Under
+``TRITON_INTERPRET=1`` a single configuration runs (block 64, feature chunk 16, bands of 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "PRECISIONS",
+    "backward_grads",
+    "error_bound",
+    "forward_sums",
+    "get_precision",
+    "interpreted",
+    "precision",
+    "set_precision",
+    "tuned_configs",
+]
+
+PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
+
+# unit roundoff of the rounded operands of tl.dot
+_UNIT = {"ieee": 0.0, "tf32": 2.0**-11, "bf16": 2.0**-8}
+_FP32_SLACK = 1e-5
+_LOG2E = math.log2(math.e)
+
+_INF: tl.constexpr = tl.constexpr(float("inf"))
+
+_state = {"precision": "ieee"}
+
+
+# --------------------------------------------------------------------------- precision option
+
+
+def _check_precision(mode: Any) -> str:
+    if not isinstance(mode, str) or mode not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {mode!r}")
+    return mode
+
+
+def get_precision() -> str:
+    """The current input precision of the Triton dots ("ieee" unless changed).
+
+    Example:
+        >>> from rkekernels.ops import scores_triton
+        >>> scores_triton.get_precision()
+        'ieee'
+    """
+    return _state["precision"]
+
+
+def set_precision(mode: str) -> str:
+    """Set the input precision of ``tl.dot`` for the Triton backend; returns the previous one.
+
+    Args:
+        mode: "ieee" (exact, default), "tf32", "tf32x3" or "bf16" (see the module docstring
+            for what each does and `error_bound` for its error bound).
+
+    Returns:
+        str: the previous setting.
+
+    Raises:
+        ValueError: an unknown mode.
+
+    The setting is process-wide and read at each call of `forward_sums` and `backward_grads`;
+    run the backward pass under the same setting as the forward pass.
+
+    Example:
+        >>> from rkekernels.ops import scores_triton
+        >>> old = scores_triton.set_precision("bf16")
+        >>> scores_triton.get_precision(), old
+        ('bf16', 'ieee')
+        >>> _ = scores_triton.set_precision(old)
+    """
+    prev = _state["precision"]
+    _state["precision"] = _check_precision(mode)
+    return prev
+
+
+@contextlib.contextmanager
+def precision(mode: str) -> Iterator[str]:
+    """Context manager form of `set_precision`: the previous setting comes back on exit.
+
+    Example:
+        >>> from rkekernels.ops import scores_triton
+        >>> with scores_triton.precision("bf16"):
+        ...     scores_triton.get_precision()
+        'bf16'
+        >>> scores_triton.get_precision()
+        'ieee'
+    """
+    prev = set_precision(mode)
+    try:
+        yield mode
+    finally:
+        _state["precision"] = prev
+
+
+def error_bound(mode: str, scale: float, *, grad: bool = False) -> float:
+    """Stated bound on the relative error of one pair sum F (or of a gradient row) in a mode.
+
+    ``scale`` is S = sum over the kernels in the sum of c R^2 (c = 1/sigma^2, R = the largest
+    distance of a row from the mean): S = c_x R_x^2 for F_x, c_t R_t^2 for F_t, their sum for F_xt.
+
+        ieee:    e = 1e-5 (float32 arithmetic, SPEC section 5; float64 input: 1e-10)
+        tf32:    e = exp(8 u S (1 + u)) - 1 + 1e-5,  u = 2^-11
+        bf16:    e = exp(8 u S (1 + u)) - 1 + 1e-5,  u = 2^-8
+        tf32x3:  e = exp(6 * 2^-20 S) - 1 + 1e-5,    u = 3 * 2^-20
+
+    With ``grad=True`` the factor e + 3 u (1 + e)(1 + u) that bounds ||g~_i - g_i|| relative to
+    sum_j |W|_ij (||x_i|| + ||x_j||) (module docstring).
+
+    Args:
+        mode: one of `PRECISIONS`.
+        scale: S >= 0.
+        grad: the gradient factor instead of the pair-sum bound.
+
+    Returns:
+        float: the bound.
+
+    Example:
+        >>> from rkekernels.ops.scores_triton import error_bound
+        >>> error_bound("ieee", 3.0)
+        1e-05
+        >>> round(error_bound("bf16", 1.0), 4)
+        0.0318
+    """
+    mode = _check_precision(mode)
+    if mode == "ieee":
+        return _FP32_SLACK
+    if mode == "tf32x3":
+        u = 3.0 * 2.0**-20
+        e = math.expm1(6.0 * 2.0**-20 * scale) + _FP32_SLACK
+    else:
+        u = _UNIT[mode]
+        e = math.expm1(8.0 * u * scale * (1.0 + u)) + _FP32_SLACK
+    return e + 3.0 * u * (1.0 + e) * (1.0 + u) if grad else e
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _band_row(pid, GROUP: tl.constexpr):
+    """Program id -> (band p, row block bi): band p holds G (p + 1) rows' worth of programs."""
+    q = pid // GROUP
+    p = ((tl.sqrt((8 * q + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+    p = tl.where((p + 1) * (p + 2) // 2 <= q, p + 1, p)
+    p = tl.where(p * (p + 1) // 2 > q, p - 1, p)
+    bi = pid - GROUP * (p * (p + 1) // 2)
+    return p, bi
+
+
+@triton.jit
+def _sqdist_tile(
+    X,
+    NX,
+    stride,
+    d,
+    o_i,
+    m_i,
+    o_j,
+    m_j,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """max(||x_i||^2 + ||x_j||^2 - 2 x_i.x_j, 0) for a tile; +inf where row or column >= n."""
+    b_dot = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC)
+    o_d = tl.arange(0, BLOCK_D)
+    p_i = X + o_i.to(tl.int64)[:, None] * stride + o_d[None, :]
+    p_j = X + o_j.to(tl.int64)[:, None] * stride + o_d[None, :]
+    for d0 in range(0, d, BLOCK_D):
+        m_d = (d0 + o_d) < d
+        b_a = tl.load(p_i + d0, mask=m_i[:, None] & m_d[None, :], other=0.0)
+        b_b = tl.load(p_j + d0, mask=m_j[:, None] & m_d[None, :], other=0.0)
+        b_dot = tl.dot(b_a, tl.trans(b_b), b_dot, input_precision=DOT_PREC, out_dtype=ACC)
+    b_ni = tl.load(NX + o_i, mask=m_i, other=_INF)
+    b_nj = tl.load(NX + o_j, mask=m_j, other=_INF)
+    return tl.maximum(b_ni[:, None] + b_nj[None, :] - 2.0 * b_dot, 0.0)
+
+
+@triton.jit
+def _fwd_kernel(
+    X,
+    T,
+    NX,
+    NT,
+    C,
+    CT,
+    PART,
+    n,
+    d,
+    m,
+    stride_x,
+    stride_t,
+    K: tl.constexpr,
+    NSP: tl.constexpr,
+    HAS_T: tl.constexpr,
+    WANT_FX: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    # partial sums of this program: slot k = F_x[k], slot K = F_t, slot K + 1 + k = F_xt[k]
+    i_p = tl.program_id(0)
+    p, bi = _band_row(i_p, GROUP)
+    nb = tl.cdiv(n, BLOCK)
+    j_lo = tl.maximum(bi, p * GROUP)
+    j_hi = tl.minimum(p * GROUP + GROUP, nb)
+    o_i = bi * BLOCK + tl.arange(0, BLOCK)
+    m_i = o_i < n
+    o_s = tl.arange(0, NSP)
+    b_acc = tl.zeros([NSP], dtype=tl.float64)
+    for bj in range(j_lo, j_hi):
+        o_j = bj * BLOCK + tl.arange(0, BLOCK)
+        m_j = o_j < n
+        b_diag = o_i[:, None] == o_j[None, :]
+        b_zero = tl.where(m_i, 0.0, _INF)[:, None]  # the diagonal: D = 0 (inf past n)
+        w = tl.where(bj == bi, 1.0, 2.0)  # off-diagonal tiles hold both orders of their pairs
+        b_dx = _sqdist_tile(
+            X, NX, stride_x, d, o_i, m_i, o_j, m_j, BLOCK, BLOCK, BLOCK_D, DOT_PREC, ACC
+        )
+        b_dx = tl.where(b_diag, b_zero, b_dx)
+        if HAS_T:
+            b_dt = _sqdist_tile(
+                T, NT, stride_t, m, o_i, m_i, o_j, m_j, BLOCK, BLOCK, BLOCK_D, DOT_PREC, ACC
+            )
+            b_dt = tl.where(b_diag, b_zero, b_dt)
+            b_et = tl.exp2(b_dt * (-tl.load(CT)))
+            s_t = w * tl.sum(tl.sum(b_et, 1), 0)
+            b_acc += tl.where(o_s == K, s_t.to(tl.float64), 0.0)
+        for k in tl.static_range(K):
+            b_e = tl.exp2(b_dx * (-tl.load(C + k)))
+            if WANT_FX:
+                s_x = w * tl.sum(tl.sum(b_e, 1), 0)
+                b_acc += tl.where(o_s == k, s_x.to(tl.float64), 0.0)
+            if HAS_T:
+                s_xt = w * tl.sum(tl.sum(b_e * b_et, 1), 0)
+                b_acc += tl.where(o_s == K + 1 + k, s_xt.to(tl.float64), 0.0)
+    tl.store(PART + i_p.to(tl.int64) * NSP + o_s, b_acc)
+
+
+@triton.jit
+def _round_mantissa(b_w, W_ROUND: tl.constexpr):
+    """Round float32 values to TF32 (W_ROUND=1) or bfloat16 (2) precision, kept as float32."""
+    if W_ROUND == 1:
+        b_bits = b_w.to(tl.int32, bitcast=True)
+        b_w = ((b_bits + 4096) & -8192).to(tl.float32, bitcast=True)
+    if W_ROUND == 2:
+        b_bits = b_w.to(tl.int32, bitcast=True)
+        b_w = ((b_bits + 32768) & -65536).to(tl.float32, bitcast=True)
+    return b_w
+
+
+@triton.jit
+def _accumulate_g(
+    G,
+    X,
+    stride_g,
+    stride_x,
+    d,
+    b_w,
+    o_i,
+    m_i,
+    o_j,
+    m_j,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    ACC: tl.constexpr,
+    W_ROUND: tl.constexpr,
+    BF16_STORE: tl.constexpr,
+):
+    """G[i, :] += W @ X[j, :] chunk by chunk (float32 tile product, float64 accumulator)."""
+    b_w = _round_mantissa(b_w, W_ROUND)
+    if BF16_STORE:
+        b_w = b_w.to(tl.bfloat16)
+    o_d = tl.arange(0, BLOCK_D)
+    p_x = X + o_j.to(tl.int64)[:, None] * stride_x + o_d[None, :]
+    p_g = G + o_i.to(tl.int64)[:, None] * stride_g + o_d[None, :]
+    for d0 in range(0, d, BLOCK_D):
+        m_d = (d0 + o_d) < d
+        b_x = tl.load(p_x + d0, mask=m_j[:, None] & m_d[None, :], other=0.0)
+        b_c = tl.dot(b_w, b_x, input_precision=DOT_PREC, out_dtype=ACC)
+        m_g = m_i[:, None] & m_d[None, :]
+        b_g = tl.load(p_g + d0, mask=m_g, other=0.0)
+        tl.store(p_g + d0, b_g + b_c.to(tl.float64), mask=m_g)
+
+
+@triton.jit
+def _zero_rows(G, stride_g, d, o_i, m_i, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    o_d = tl.arange(0, BLOCK_D)
+    p_g = G + o_i.to(tl.int64)[:, None] * stride_g + o_d[None, :]
+    for d0 in range(0, d, BLOCK_D):
+        m_g = m_i[:, None] & ((d0 + o_d) < d)[None, :]
+        tl.store(p_g + d0, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float64), mask=m_g)
+
+
+@triton.jit
+def _epilogue(
+    OUT, G, X, b_r, stride_o, stride_g, stride_x, d, o_i, m_i, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """OUT[i, :] = G[i, :] - r_i X[i, :] in float64, stored in OUT's dtype."""
+    o_d = tl.arange(0, BLOCK_D)
+    o_i64 = o_i.to(tl.int64)[:, None]
+    for d0 in range(0, d, BLOCK_D):
+        m_g = m_i[:, None] & ((d0 + o_d) < d)[None, :]
+        b_g = tl.load(G + o_i64 * stride_g + d0 + o_d[None, :], mask=m_g, other=0.0)
+        b_x = tl.load(X + o_i64 * stride_x + d0 + o_d[None, :], mask=m_g, other=0.0)
+        b_o = b_g - b_r[:, None] * b_x.to(tl.float64)
+        tl.store(
+            OUT + o_i64 * stride_o + d0 + o_d[None, :],
+            b_o.to(OUT.dtype.element_ty),
+            mask=m_g,
+        )
+
+
+@triton.jit
+def _bwd_kernel(
+    X,
+    T,
+    NX,
+    NT,
+    C,
+    CT,
+    COEF,
+    GX,
+    GT,
+    OUTX,
+    OUTT,
+    n,
+    d,
+    m,
+    stride_x,
+    stride_t,
+    stride_gx,
+    stride_gt,
+    stride_ox,
+    stride_ot,
+    K: tl.constexpr,
+    HAS_T: tl.constexpr,
+    NEED_X: tl.constexpr,
+    NEED_T: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    ACC: tl.constexpr,
+    W_ROUND: tl.constexpr,
+    BF16_STORE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # COEF rows (each of length K): 4 c_k g_x[k], 4 c_k g_xt[k], 4 c_t g_xt[k], then 4 c_t g_t
+    i_m = tl.program_id(0)
+    o_i = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_i = o_i < n
+    b_rx = tl.zeros([BLOCK_M], dtype=tl.float64)
+    b_rt = tl.zeros([BLOCK_M], dtype=tl.float64)
+    if NEED_X:
+        _zero_rows(GX, stride_gx, d, o_i, m_i, BLOCK_M, BLOCK_D)
+    if NEED_T:
+        _zero_rows(GT, stride_gt, m, o_i, m_i, BLOCK_M, BLOCK_D)
+    for j0 in range(0, n, BLOCK_N):
+        o_j = j0 + tl.arange(0, BLOCK_N)
+        m_j = o_j < n
+        b_diag = o_i[:, None] == o_j[None, :]  # W_ii = 0: D_ii = inf
+        b_dx = _sqdist_tile(
+            X, NX, stride_x, d, o_i, m_i, o_j, m_j, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC, ACC
+        )
+        b_dx = tl.where(b_diag, _INF, b_dx)
+        b_wx = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        b_wt = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        if HAS_T:
+            b_dt = _sqdist_tile(
+                T, NT, stride_t, m, o_i, m_i, o_j, m_j, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC, ACC
+            )
+            b_dt = tl.where(b_diag, _INF, b_dt)
+            b_et = tl.exp2(b_dt * (-tl.load(CT)))
+            if NEED_T:
+                b_wt = b_et * tl.load(COEF + 3 * K)
+        for k in tl.static_range(K):
+            b_e = tl.exp2(b_dx * (-tl.load(C + k)))
+            if NEED_X:
+                if HAS_T:
+                    b_wx += b_e * (tl.load(COEF + k) + tl.load(COEF + K + k) * b_et)
+                else:
+                    b_wx += b_e * tl.load(COEF + k)
+            if NEED_T:
+                b_wt += b_e * b_et * tl.load(COEF + 2 * K + k)
+        if NEED_X:
+            b_rx += tl.sum(b_wx, 1).to(tl.float64)
+            _accumulate_g(
+                GX, X, stride_gx, stride_x, d, b_wx, o_i, m_i, o_j, m_j,
+                BLOCK_M, BLOCK_D, DOT_PREC, ACC, W_ROUND, BF16_STORE,
+            )  # fmt: skip
+        if NEED_T:
+            b_rt += tl.sum(b_wt, 1).to(tl.float64)
+            _accumulate_g(
+                GT, T, stride_gt, stride_t, m, b_wt, o_i, m_i, o_j, m_j,
+                BLOCK_M, BLOCK_D, DOT_PREC, ACC, W_ROUND, BF16_STORE,
+            )  # fmt: skip
+    if NEED_X:
+        _epilogue(OUTX, GX, X, b_rx, stride_ox, stride_gx, stride_x, d, o_i, m_i, BLOCK_M, BLOCK_D)
+    if NEED_T:
+        _epilogue(OUTT, GT, T, b_rt, stride_ot, stride_gt, stride_t, m, o_i, m_i, BLOCK_M, BLOCK_D)
+
+
+# --------------------------------------------------------------------------- configurations
+
+
+def interpreted() -> bool:
+    """True when the kernels run in the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    return type(_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+# interpreter: few programs (its cost is per operation), still several bands and column blocks
+_FWD_INTERP = {"BLOCK": 64, "BLOCK_D": 16, "GROUP": 2, "num_warps": 4, "num_stages": 1}
+_BWD_INTERP = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1}
+
+# Hopper candidates; the first of each list is the untimed default for small problems. Chosen by
+# compiling for sm_90 (Triton 3.9, no GPU at hand): these fit in registers or spill <= 24 bytes in
+# the exact-float32 (FMA) dot, none in the TF32 / bfloat16 (tensor-core) dots.
+_FWD_GPU = [
+    {"BLOCK": 128, "BLOCK_D": 16, "GROUP": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK": 128, "BLOCK_D": 16, "GROUP": 8, "num_warps": 16, "num_stages": 3},
+    {"BLOCK": 128, "BLOCK_D": 32, "GROUP": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK": 64, "BLOCK_D": 32, "GROUP": 8, "num_warps": 4, "num_stages": 3},
+]
+_FWD_GPU_F64 = [
+    {"BLOCK": 64, "BLOCK_D": 16, "GROUP": 8, "num_warps": 4, "num_stages": 2},
+    {"BLOCK": 32, "BLOCK_D": 32, "GROUP": 8, "num_warps": 4, "num_stages": 2},
+]
+_BWD_GPU = [
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 16, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 16, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 16, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 16, "num_warps": 16, "num_stages": 2},
+]
+_BWD_GPU_F64 = [
+    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": 16, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 16, "num_warps": 4, "num_stages": 2},
+]
+_TUNE_MIN_ROWS = 4096
+_TUNE_MAX_ROWS = 16384
+_tuned: dict[tuple, dict] = {}
+
+
+def tuned_configs() -> dict[tuple, dict]:
+    """The tile configurations chosen so far, by problem key (a copy; for benchmarks/reports)."""
+    return dict(_tuned)
+
+
+def _pick(key: tuple, candidates: list[dict], n: int, run: Callable[[dict, int], Any]) -> dict:
+    """The tile configuration for a problem: timed once per key on a GPU, fixed otherwise."""
+    if len(candidates) == 1 or n < _TUNE_MIN_ROWS:
+        return candidates[0]
+    bucket = min(1 << (n - 1).bit_length(), _TUNE_MAX_ROWS)
+    key = (*key, bucket)
+    if key in _tuned:
+        return _tuned[key]
+    rows = min(n, _TUNE_MAX_ROWS)
+    best, best_ms = candidates[0], math.inf
+    for cfg in candidates:
+        try:
+            ms = triton.testing.do_bench(lambda cfg=cfg: run(cfg, rows), warmup=5, rep=20)
+        except Exception:  # a configuration that does not fit this GPU (shared memory, registers)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _tuned[key] = best
+    return best
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(v - 1, 0).bit_length()
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 values to TF32 (10 explicit mantissa bits), half away from zero."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 4096) & -8192).view(torch.float32)
+
+
+class _Plan:
+    """How a precision mode maps the inputs to what the kernels read."""
+
+    def __init__(self, mode: str, dtype: torch.dtype):
+        self.mode = mode
+        self.out_dtype = dtype
+        f64 = dtype == torch.float64 and mode == "ieee"
+        self.acc = tl.float64 if f64 else tl.float32
+        self.work = torch.float64 if f64 else torch.float32
+        self.w_round = {"tf32": 1, "bf16": 2}.get(mode, 0)
+        self.bf16_store = mode == "bf16" and not interpreted()
+        # bfloat16 operands ignore input_precision: pass Triton's default for them
+        self.dot_prec = "tf32" if self.bf16_store else ("ieee" if mode == "bf16" else mode)
+
+    def operand(self, v: torch.Tensor | None) -> torch.Tensor | None:
+        """The matrix the kernels read: the input, rounded to the mode's precision."""
+        if v is None:
+            return None
+        v = v.detach().to(self.work).contiguous()
+        if self.mode == "tf32":
+            v = _round_tf32(v)
+        elif self.mode == "bf16":
+            v = v.to(torch.bfloat16)
+            v = v.contiguous() if self.bf16_store else v.to(torch.float32).contiguous()
+        return v
+
+    def norms(self, v: torch.Tensor | None, chunk: int = 65536) -> torch.Tensor | None:
+        """Squared row norms of an operand, in the working dtype (row chunks: no n x d temp)."""
+        if v is None:
+            return None
+        out = torch.empty(v.shape[0], dtype=self.work, device=v.device)
+        for i0 in range(0, v.shape[0], chunk):
+            b = v[i0 : i0 + chunk].to(self.work)
+            out[i0 : i0 + chunk] = (b * b).sum(1)
+        return out
+
+    def key(self) -> tuple:
+        return (self.mode, str(self.work))
+
+
+def _check_device(xc: torch.Tensor) -> None:
+    if xc.device.type != "cuda" and not interpreted():
+        raise ValueError(
+            f"backend='triton' got tensors on {xc.device}: the kernels need CUDA tensors, or "
+            "TRITON_INTERPRET=1 set before rkekernels is imported to run them on the CPU"
+        )
+
+
+def _scales(inv_s2: Sequence[float], dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.tensor([c * _LOG2E for c in inv_s2], dtype=dtype, device=device)
+
+
+def forward_sums(
+    xc: torch.Tensor,
+    tc: torch.Tensor | None,
+    inv_sx2: Sequence[float],
+    inv_st2: float | None,
+    want_fx: bool = True,
+    *,
+    precision: str | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(F_x (K,), F_t (), F_xt (K,)) in float64 for centred ``xc`` (n, d) and ``tc`` (n, m).
+
+    Same contract as ``ops.scores_torch.forward_sums``: ``inv_sx2`` holds c_k = 1/sigma_k^2
+    (K >= 1 bandwidths sharing one distance tile); F_t and F_xt are None without ``tc``; F_x is
+    None when ``want_fx`` is False. ``precision`` overrides the module setting (`get_precision`).
+
+    Example (CPU tensors need ``TRITON_INTERPRET=1`` set before the import, as the tests do):
+        >>> import torch
+        >>> from rkekernels.ops import scores_triton
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+        >>> x = torch.tensor([[0.0, 0.0], [0.0, 100.0], [100.0, 0.0]], device=dev)
+        >>> fx, ft, fxt = scores_triton.forward_sums(x - x.mean(0), None, (1.0,), None)
+        >>> fx.tolist(), ft, fxt
+        ([3.0], None, None)
+    """
+    _check_device(xc)
+    plan = _Plan(_check_precision(precision or get_precision()), xc.dtype)
+    xs = plan.operand(xc)
+    ts = plan.operand(tc)
+    nx, nt = plan.norms(xs), plan.norms(ts)
+    has_t = ts is not None
+    n, d = xs.shape
+    m = ts.shape[1] if has_t else 1
+    K = len(inv_sx2)
+    nsp = _next_pow2(2 * K + 1)
+    dev = xs.device
+    cl = _scales(inv_sx2, plan.work, dev)
+    clt = _scales([inv_st2 if has_t else 1.0], plan.work, dev)
+    t_arg, nt_arg = (ts, nt) if has_t else (xs, nx)
+
+    def run(cfg: dict, rows: int) -> torch.Tensor:
+        block, group = cfg["BLOCK"], cfg["GROUP"]
+        nb = triton.cdiv(rows, block)
+        bands = triton.cdiv(nb, group)
+        programs = group * bands * (bands + 1) // 2
+        part = torch.empty((programs, nsp), dtype=torch.float64, device=dev)
+        _fwd_kernel[(programs,)](
+            xs, t_arg, nx, nt_arg, cl, clt, part, rows, d, m, xs.stride(0), t_arg.stride(0),
+            K=K, NSP=nsp, HAS_T=has_t, WANT_FX=want_fx or not has_t, DOT_PREC=plan.dot_prec,
+            ACC=plan.acc, BLOCK=block, BLOCK_D=cfg["BLOCK_D"], GROUP=group,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )  # fmt: skip
+        return part
+
+    if interpreted():
+        cfg = _FWD_INTERP
+    else:
+        cands = _FWD_GPU_F64 if plan.acc == tl.float64 else _FWD_GPU
+        key = ("fwd", *plan.key(), d, m, K, has_t, want_fx)
+        cfg = _pick(key, cands, n, run)
+    sums = run(cfg, n).sum(0)
+    fx = sums[:K] if (want_fx or not has_t) else None
+    ft = sums[K] if has_t else None
+    fxt = sums[K + 1 : 2 * K + 1] if has_t else None
+    return fx, ft, fxt
+
+
+def backward_grads(
+    xc: torch.Tensor,
+    tc: torch.Tensor | None,
+    inv_sx2: Sequence[float],
+    inv_st2: float | None,
+    g_fx: torch.Tensor | None,
+    g_ft: torch.Tensor | None,
+    g_fxt: torch.Tensor | None,
+    need_x: bool = True,
+    need_t: bool = True,
+    *,
+    precision: str | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Vector-Jacobian products of `forward_sums`: (dL/dx (n, d), dL/dt (n, m) or None).
+
+    ``g_fx`` (K,), ``g_ft`` (), ``g_fxt`` (K,) are the float64 cotangents (None means zero).
+    The gradients come back in the input dtype (float64 scratch accumulation across tiles).
+
+    Example (CPU tensors need ``TRITON_INTERPRET=1``, see `forward_sums`):
+        >>> import torch
+        >>> from rkekernels.ops import scores_triton
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+        >>> x = torch.tensor([[0.0], [1.0]], device=dev)
+        >>> g = torch.ones(1, dtype=torch.float64, device=dev)
+        >>> gx, gt = scores_triton.backward_grads(x - x.mean(0), None, (1.0,), None, g, None, None)
+        >>> [round(v, 4) for v in gx.flatten().tolist()]  # dF/dx_0 = -4 (x_0 - x_1) exp(-1)
+        [1.4715, -1.4715]
+    """
+    _check_device(xc)
+    plan = _Plan(_check_precision(precision or get_precision()), xc.dtype)
+    has_t = tc is not None
+    need_t = need_t and has_t
+    if not (need_x or need_t):
+        return None, None
+    xs = plan.operand(xc)
+    ts = plan.operand(tc)
+    nx, nt = plan.norms(xs), plan.norms(ts)
+    n, d = xs.shape
+    m = ts.shape[1] if has_t else 1
+    K = len(inv_sx2)
+    dev = xs.device
+    c = torch.tensor(list(inv_sx2), dtype=torch.float64, device=dev)
+    zero_k = torch.zeros(K, dtype=torch.float64, device=dev)
+    ct = float(inv_st2) if has_t else 0.0
+    g_x = g_fx.reshape(K).double() if g_fx is not None else zero_k
+    g_xt = g_fxt.reshape(K).double() if (g_fxt is not None and has_t) else zero_k
+    g_t = g_ft.reshape(1).double() if (g_ft is not None and has_t) else zero_k[:1]
+    coef = torch.cat([4.0 * c * g_x, 4.0 * c * g_xt, 4.0 * ct * g_xt, 4.0 * ct * g_t])
+    coef = coef.to(plan.work).contiguous()
+    cl = _scales(inv_sx2, plan.work, dev)
+    clt = _scales([inv_st2 if has_t else 1.0], plan.work, dev)
+    t_arg, nt_arg = (ts, nt) if has_t else (xs, nx)
+
+    def run(cfg: dict, rows: int):
+        gx = torch.empty((rows, d), dtype=torch.float64, device=dev) if need_x else None
+        gt = torch.empty((rows, m), dtype=torch.float64, device=dev) if need_t else None
+        ox = torch.empty((rows, d), dtype=plan.out_dtype, device=dev) if need_x else None
+        ot = torch.empty((rows, m), dtype=plan.out_dtype, device=dev) if need_t else None
+        gx_a, ox_a = (gx, ox) if need_x else (coef, coef)
+        gt_a, ot_a = (gt, ot) if need_t else (coef, coef)
+        _bwd_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
+            xs, t_arg, nx, nt_arg, cl, clt, coef, gx_a, gt_a, ox_a, ot_a, rows, d, m,
+            xs.stride(0), t_arg.stride(0),
+            gx.stride(0) if need_x else 0, gt.stride(0) if need_t else 0,
+            ox.stride(0) if need_x else 0, ot.stride(0) if need_t else 0,
+            K=K, HAS_T=has_t, NEED_X=need_x, NEED_T=need_t, DOT_PREC=plan.dot_prec,
+            ACC=plan.acc, W_ROUND=plan.w_round, BF16_STORE=plan.bf16_store,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )  # fmt: skip
+        return ox, ot
+
+    if interpreted():
+        cfg = _BWD_INTERP
+    else:
+        cands = _BWD_GPU_F64 if plan.acc == tl.float64 else _BWD_GPU
+        key = ("bwd", *plan.key(), d, m, K, has_t, need_x, need_t)
+        cfg = _pick(key, cands, n, run)
+    return run(cfg, n)
