@@ -517,6 +517,8 @@ def guidance_grad(
     else:
         phi = zc
 
+    if resolved == "triton" and backend == "auto" and cdt == torch.float64:
+        resolved = "torch"  # "auto" keeps float64 on the torch path (float64 GEMMs, 1e-10)
     if resolved == "triton":
         from .ops import guidance_triton as impl
     else:

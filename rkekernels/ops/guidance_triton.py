@@ -1,0 +1,245 @@
+"""Triton path for the guidance softmax state: one kernel split over the bank, then a small combine.
+
+Same contract as ``ops.guidance_torch.softmax_state``. For b current features phi_a, bank rows
+f_j and optional prompt embeddings y_a / c_j, with inv_s2 = 1/s^2 and inv_c2 = 1/s_c^2::
+
+    l_aj  = (2 phi_a . f_j - ||f_j||^2) inv_s2 + (2 y_a . c_j - ||c_j||^2) inv_c2
+    m_a   = max_j l_aj,   l_a = sum_j exp(l_aj - m_a),   acc_a = sum_j exp(l_aj - m_a) f_j
+
+Kernel: program (i_s, i_b) owns the bank rows [i_s R, (i_s + 1) R) and the samples
+[i_b BLOCK_B, (i_b + 1) BLOCK_B). For each block of BLOCK_N bank rows it
+
+1. accumulates phi . f and ||f||^2 over the feature dimension in BLOCK_D slices (and y . c,
+   ||c||^2 over the prompt dimension: the conditional weights are fused into the logits);
+2. updates the running max m, the running sum l and rescales its partial acc (online softmax:
+   every exponent is <= 0, so any bandwidth is finite);
+3. adds p @ f to acc, re-reading the same bank block (still in L1/L2) slice by slice.
+
+Each program writes its (m, l, acc) to a per-split buffer; the combine (torch, O(splits b D))
+rescales the splits to the global max and sums them. Bank rows are loaded in their storage dtype
+(float16/bfloat16 halve the traffic) and upcast to float32 in registers (float64 in, float64
+math). float32 dot products use ``input_precision="ieee"`` (no TF32): the accuracy is that of
+the torch path, relative error <= 1e-5 for the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["SPLITS", "softmax_state"]
+
+#: Number of bank splits (programs along the bank); None chooses from the bank size and the
+#: device (about one split per streaming multiprocessor). Tests set it to cover several splits.
+SPLITS: int | None = None
+
+
+@triton.jit
+def _dot(a, b, FP64: tl.constexpr):
+    # (B, K) @ (K, N): tensor-core dot in float32 without TF32; plain FMA reduction in float64
+    if FP64:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _guidance_state_kernel(
+    phi_ptr,
+    bank_ptr,
+    y_ptr,
+    cond_ptr,
+    acc_ptr,
+    m_ptr,
+    l_ptr,
+    b,
+    n,
+    dim,
+    cdim,
+    rows_per_split,
+    stride_phi,
+    stride_bank,
+    stride_y,
+    stride_cond,
+    scal_ptr,
+    HAS_COND: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    i_s = tl.program_id(0)
+    i_b = tl.program_id(1)
+    DT = tl.float64 if FP64 else tl.float32
+    # 1/s^2 and 1/s_c^2 come in a tensor of the compute dtype (a Python float would be fp32)
+    inv_s2 = tl.load(scal_ptr)
+    inv_c2 = tl.load(scal_ptr + 1)
+    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    m_b = o_b < b
+    row0 = i_s * rows_per_split
+    row1 = tl.minimum(row0 + rows_per_split, n)
+    b_m = tl.full([BLOCK_B], float("-inf"), DT)
+    b_l = tl.zeros([BLOCK_B], DT)
+    p_acc0 = acc_ptr + i_s * b * dim  # this split's (b, dim) slab of the partial buffer
+    for start in range(row0, row1, BLOCK_N):
+        o_n = start + tl.arange(0, BLOCK_N)
+        m_n = o_n < row1
+        # -- logits of this block: (2 phi.f - ||f||^2) inv_s2 (+ the prompt term)
+        b_s = tl.zeros([BLOCK_B, BLOCK_N], DT)
+        b_q = tl.zeros([BLOCK_N], DT)
+        for d0 in range(0, dim, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m_d = o_d < dim
+            b_phi = tl.load(
+                phi_ptr + o_b[:, None] * stride_phi + o_d[None, :],
+                mask=m_b[:, None] & m_d[None, :],
+                other=0.0,
+            ).to(DT)
+            b_f = tl.load(
+                bank_ptr + o_n[:, None] * stride_bank + o_d[None, :],
+                mask=m_n[:, None] & m_d[None, :],
+                other=0.0,
+            ).to(DT)
+            b_s += _dot(b_phi, tl.trans(b_f), FP64)
+            b_q += tl.sum(b_f * b_f, axis=1)
+        b_logit = (2.0 * b_s - b_q[None, :]) * inv_s2
+        if HAS_COND:
+            b_sc = tl.zeros([BLOCK_B, BLOCK_N], DT)
+            b_r = tl.zeros([BLOCK_N], DT)
+            for k0 in range(0, cdim, BLOCK_M):
+                o_k = k0 + tl.arange(0, BLOCK_M)
+                m_k = o_k < cdim
+                b_y = tl.load(
+                    y_ptr + o_b[:, None] * stride_y + o_k[None, :],
+                    mask=m_b[:, None] & m_k[None, :],
+                    other=0.0,
+                ).to(DT)
+                b_c = tl.load(
+                    cond_ptr + o_n[:, None] * stride_cond + o_k[None, :],
+                    mask=m_n[:, None] & m_k[None, :],
+                    other=0.0,
+                ).to(DT)
+                b_sc += _dot(b_y, tl.trans(b_c), FP64)
+                b_r += tl.sum(b_c * b_c, axis=1)
+            b_logit += (2.0 * b_sc - b_r[None, :]) * inv_c2
+        b_logit = tl.where(m_n[None, :], b_logit, float("-inf"))
+        # -- online softmax update (the block holds >= 1 valid row: b_m_new is finite)
+        b_m_new = tl.maximum(b_m, tl.max(b_logit, axis=1))
+        b_alpha = tl.exp(b_m - b_m_new)
+        b_p = tl.exp(b_logit - b_m_new[:, None])
+        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        # -- values: acc = alpha acc + p @ f, the same bank block re-read slice by slice
+        for d0 in range(0, dim, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m_d = o_d < dim
+            b_f = tl.load(
+                bank_ptr + o_n[:, None] * stride_bank + o_d[None, :],
+                mask=m_n[:, None] & m_d[None, :],
+                other=0.0,
+            ).to(DT)
+            p_acc = p_acc0 + o_b[:, None] * dim + o_d[None, :]
+            m_acc = m_b[:, None] & m_d[None, :]
+            b_acc = tl.load(p_acc, mask=m_acc, other=0.0)
+            b_acc = b_acc * b_alpha[:, None] + _dot(b_p, b_f, FP64)
+            tl.store(p_acc, b_acc, mask=m_acc)
+        b_m = b_m_new
+    tl.store(m_ptr + i_s * b + o_b, b_m, mask=m_b)
+    tl.store(l_ptr + i_s * b + o_b, b_l, mask=m_b)
+
+
+def _blocks(device: torch.device, fp64: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_M, num_warps) for the device (small in the interpreter)."""
+    if device.type != "cuda":
+        return 16, 16, 32, 16, 1
+    if fp64:
+        return 16, 16, 32, 32, 4
+    return 16, 64, 128, 64, 4
+
+
+def _splits(n: int, block_n: int, device: torch.device) -> int:
+    if SPLITS is not None:
+        return max(1, int(SPLITS))
+    n_blocks = triton.cdiv(n, block_n)
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_blocks, sms))
+    return max(1, min(n_blocks, 4))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def softmax_state(
+    phi: torch.Tensor,
+    bank: torch.Tensor,
+    bank_sq: torch.Tensor | None,
+    y: torch.Tensor | None,
+    bank_cond: torch.Tensor | None,
+    bank_cond_sq: torch.Tensor | None,
+    inv_s2: float,
+    inv_c2: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Online-softmax state (m (b,), l (b,), acc (b, D)) over ``bank``, by the Triton kernel.
+
+    Same arguments and result as ``ops.guidance_torch.softmax_state``; the cached squared norms
+    are not needed (the kernel computes them from the rows it loads anyway).
+    """
+    del bank_sq, bank_cond_sq
+    cdt = phi.dtype
+    b, dim = phi.shape
+    n = bank.shape[0]
+    if n == 0:
+        return (
+            torch.full((b,), float("-inf"), dtype=cdt, device=phi.device),
+            torch.zeros((b,), dtype=cdt, device=phi.device),
+            torch.zeros((b, dim), dtype=cdt, device=phi.device),
+        )
+    fp64 = cdt == torch.float64
+    block_b, block_n, block_d, block_m, warps = _blocks(phi.device, fp64)
+    splits = _splits(n, block_n, phi.device)
+    rows_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
+    splits = triton.cdiv(n, rows_per_split)
+    phi = _rows(phi)
+    bank = _rows(bank)
+    has_cond = y is not None
+    y_arg = _rows(y) if has_cond else phi
+    c_arg = _rows(bank_cond) if has_cond else bank
+    cdim = y.shape[1] if has_cond else 0
+    scal = torch.tensor([inv_s2, inv_c2], dtype=cdt, device=phi.device)
+    acc = torch.zeros((splits, b, dim), dtype=cdt, device=phi.device)
+    m = torch.zeros((splits, b), dtype=cdt, device=phi.device)
+    l = torch.zeros((splits, b), dtype=cdt, device=phi.device)
+    grid = (splits, triton.cdiv(b, block_b))
+    _guidance_state_kernel[grid](
+        phi,
+        bank,
+        y_arg,
+        c_arg,
+        acc,
+        m,
+        l,
+        b,
+        n,
+        dim,
+        cdim,
+        rows_per_split,
+        phi.stride(0),
+        bank.stride(0),
+        y_arg.stride(0),
+        c_arg.stride(0),
+        scal,
+        HAS_COND=has_cond,
+        FP64=fp64,
+        BLOCK_B=block_b,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        num_warps=warps,
+    )
+    # combine the splits: rescale each to the global max (every split holds >= 1 row)
+    m_all = m.amax(0)
+    w = torch.exp(m - m_all)  # (splits, b)
+    return m_all, (w * l).sum(0), torch.einsum("sb,sbd->bd", w, acc)

@@ -1,0 +1,126 @@
+"""The Triton guidance kernel (under TRITON_INTERPRET=1 on CPU, at tiny sizes) vs the reference.
+
+Shapes are chosen so every mask is exercised: D = 50 and m = 5 are not multiples of the feature
+and prompt slices, n is not a multiple of the bank block, several splits (some holding a partial
+block), and b = 17 > BLOCK_B = 16 (two sample blocks). Tolerances as in test_guidance.py:
+float32 (ieee dot products, no TF32) 1e-5 relative, float64 1e-10.
+"""
+
+import math
+
+import pytest
+import torch
+
+from rkekernels import FeatureBank, guidance_grad
+from rkekernels import reference as ref
+from rkekernels._input import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def rel(a, b):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.fixture
+def splits(monkeypatch):
+    from rkekernels.ops import guidance_triton
+
+    def set_splits(k):
+        monkeypatch.setattr(guidance_triton, "SPLITS", k)
+
+    return set_splits
+
+
+def make_case(b, n, *, prompts, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, 2, 5, 5, generator=g, dtype=torch.float64).to(device, dtype)
+    f = torch.randn(n, 50, generator=g, dtype=torch.float64)
+    f = (f / f.norm(dim=1, keepdim=True)).to(device, dtype)
+    kw = {"sigma": 0.7}
+    if prompts:
+        kw["cond"] = torch.randn(b, 5, generator=g, dtype=torch.float64).to(device, dtype)
+        kw["bank_cond"] = torch.randn(n, 5, generator=g, dtype=torch.float64).to(device, dtype)
+        kw["sigma_cond"] = 1.3
+    return z, f, kw
+
+
+def check(z, f, kw, res, rtol):
+    g_ref, ls_ref = ref.guidance_grad(z.cpu(), f.cpu(), **{k: _cpu(v) for k, v in kw.items()})
+    assert res.grad.shape == z.shape and res.grad.dtype == z.dtype
+    assert rel(res.grad.cpu(), g_ref) <= rtol
+    finite = torch.isfinite(ls_ref)
+    assert torch.equal(torch.isfinite(res.log_s.cpu()), finite)
+    if finite.any():
+        assert rel(res.log_s.cpu()[finite], ls_ref[finite]) <= rtol
+
+
+def _cpu(v):
+    return v.cpu() if isinstance(v, torch.Tensor) else v
+
+
+@pytest.mark.parametrize("n_splits", [1, 3])
+@pytest.mark.parametrize("prompts", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_matches_reference(splits, n_splits, prompts, normalize, dtype):
+    splits(n_splits)
+    z, f, kw = make_case(3, 37, prompts=prompts, dtype=dtype, seed=n_splits)
+    kw["normalize"] = normalize
+    if not normalize:
+        kw["sigma"] = 8.0
+    res = guidance_grad(z, f, backend="triton", **kw)
+    check(z, f, kw, res, RTOL[dtype])
+
+
+@pytest.mark.parametrize("include_batch", [True, False])
+def test_triton_two_sample_blocks_feature_bank(splits, include_batch):
+    splits(2)
+    z, f, kw = make_case(17, 21, prompts=True, seed=4)
+    bank = FeatureBank(32)
+    bank.add(f, kw["bank_cond"])
+    call = {k: v for k, v in kw.items() if k != "bank_cond"}
+    res = guidance_grad(z, bank, backend="triton", include_batch=include_batch, **call)
+    check(z, f, dict(kw, include_batch=include_batch), res, RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_triton_half_bank_equals_torch_path(splits, half):
+    splits(2)
+    z, f, kw = make_case(3, 20, prompts=True, seed=5)
+    fh = f.to(half)
+    res = guidance_grad(z, fh, backend="triton", **kw)
+    res_torch = guidance_grad(z, fh, backend="torch", **kw)
+    check(z, fh.float(), kw, res, RTOL[torch.float32])
+    assert rel(res.grad, res_torch.grad) <= RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("sigma", [1e-4, 1e4])
+def test_triton_extreme_bandwidths(splits, sigma):
+    splits(2)
+    z, f, kw = make_case(3, 20, prompts=True, seed=6)
+    kw.update(sigma=sigma, sigma_cond=sigma)
+    res = guidance_grad(z, f, backend="triton", **kw)
+    assert bool(torch.isfinite(res.grad).all()) and bool(torch.isfinite(res.log_s).all())
+    check(z, f, kw, res, RTOL[torch.float32])
+
+
+def test_triton_empty_bank_and_bad_input():
+    z = torch.randn(1, 2, 5, 5)
+    res = guidance_grad(z, torch.zeros(0, 50), sigma=0.5, backend="triton")
+    assert torch.equal(res.grad, torch.zeros_like(z)) and res.log_s.item() == -math.inf
+    f = torch.randn(20, 50)
+    f[3, 7] = math.nan
+    with pytest.raises(ValueError, match="bank contains NaN or Inf"):
+        guidance_grad(z, f, sigma=0.5, backend="triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_auto_backend_large(bank_dtype):
+    z, f, kw = make_case(4, 5000, prompts=True, seed=7, device="cuda")
+    res = guidance_grad(z, f.to(bank_dtype), **kw)  # auto: Triton on CUDA
+    check(z, f.to(bank_dtype).float(), kw, res, RTOL[torch.float32])
