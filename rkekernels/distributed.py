@@ -122,6 +122,9 @@ def _exchange(vec: list[float], group: Any, comm_dev: torch.device) -> torch.Ten
     return torch.stack(out).cpu()
 
 
+_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _gather_rows(
     x: torch.Tensor,
     counts: Sequence[int],
@@ -130,23 +133,38 @@ def _gather_rows(
     group: Any,
     comm_dev: torch.device,
     out_dev: torch.device,
-) -> list[torch.Tensor]:
-    """All ranks' (n_r, width) blocks, in rank order: pad to max n_r, all_gather, trim.
+) -> torch.Tensor:
+    """All ranks' (n_r, width) blocks stacked in rank order: (sum n_r, width), a fresh buffer.
 
-    ``x`` is this rank's block (n_r rows; an empty block may have any width). Nothing is sent when
-    every block is empty.
+    Each block is padded to max n_r (no copy when this rank's block already has that size),
+    gathered into ONE (P * max n_r, width) buffer, and compacted in place: peak memory is the
+    gathered buffer plus at most one padded block. ``x`` may be an empty block of any width.
+    Nothing is sent when every block is empty. The result is never ``x`` itself.
     """
     world = len(counts)
     top = max(counts)
+    n = sum(counts)
     if top == 0:
-        return [torch.zeros(0, width, dtype=dtype, device=out_dev) for _ in range(world)]
-    pad = torch.zeros(top, width, dtype=dtype, device=comm_dev)
-    if x.shape[0]:
-        pad[: x.shape[0]] = x.detach().to(device=comm_dev, dtype=dtype)
-    out = [torch.zeros_like(pad) for _ in range(world)]
-    dist.all_gather(out, pad, group=group)
-    _last_comm["gathered_bytes"] += world * pad.numel() * pad.element_size()
-    return [o[:c].to(out_dev) for o, c in zip(out, counts)]
+        return torch.zeros(0, width, dtype=dtype, device=out_dev)
+    x = x.detach()
+    if x.shape == (top, width) and x.dtype == dtype and x.device == comm_dev and x.is_contiguous():
+        send = x
+    else:
+        send = torch.zeros(top, width, dtype=dtype, device=comm_dev)
+        if x.shape[0]:
+            send[: x.shape[0]] = x.to(device=comm_dev, dtype=dtype)
+    buf = torch.empty(world * top, width, dtype=dtype, device=comm_dev)
+    _gather_single(buf, send, group=group)
+    del send
+    _last_comm["gathered_bytes"] += buf.numel() * buf.element_size()
+    off = 0
+    for r, c in enumerate(counts):  # close the padding gaps, moving blocks towards the front
+        src = r * top
+        if c and src != off:
+            block = buf[src : src + c]
+            buf[off : off + c] = block.clone() if off + c > src else block
+        off += c
+    return buf[:n].to(out_dev)
 
 
 def _all_reduce_sum(v: torch.Tensor, group: Any, comm_dev: torch.device) -> torch.Tensor:
@@ -282,19 +300,17 @@ def _global_pair_sums(x_local, t_local, sigma, sigma_t, group, with_t, want_fx):
         raise ValueError("sigma and sigma_t must be the same on every rank")
     dtype = torch.float64 if any(table[r, 4] > 0 for r in live) else torch.float32
 
-    xs = _gather_rows(xt, counts, width, dtype, group, comm_dev, data_dev)
-    x_all = torch.cat(xs) if world > 1 else xs[0]
-    t_all = None
-    if with_t:
-        ts = _gather_rows(tt, counts, m, dtype, group, comm_dev, data_dev)
-        t_all = torch.cat(ts) if world > 1 else ts[0]
+    # gathered buffers are this function's own (never the caller's tensors): centred in place
+    xc = _gather_rows(xt, counts, width, dtype, group, comm_dev, data_dev)
+    tc = _gather_rows(tt, counts, m, dtype, group, comm_dev, data_dev) if with_t else None
     if sigmas is None:  # the same median on every rank: it only sees the gathered global set
-        sigmas = [_median_from_tensor(x_all)]
+        sigmas = [_median_from_tensor(xc)]
     if with_t and st is None:
-        st = _median_from_tensor(t_all)
+        st = _median_from_tensor(tc)
 
-    xc = x_all - x_all.mean(0, keepdim=True)  # the GLOBAL mean: same centring on every rank
-    tc = t_all - t_all.mean(0, keepdim=True) if t_all is not None else None
+    xc.sub_(xc.mean(0, keepdim=True))  # the GLOBAL mean: the same centring on every rank
+    if tc is not None:
+        tc.sub_(tc.mean(0, keepdim=True))
     inv_sx2 = tuple(1.0 / (s * s) for s in sigmas)
     inv_st2 = 1.0 / (st * st) if st is not None else None
     with torch.no_grad():
@@ -564,7 +580,7 @@ def all_gather_commit(bank: Any, f: Any, cond: Any = None, *, group: Any = None)
     if with_cond:
         local_c = ct if ct is not None else torch.zeros(0, 0)
         cs = _gather_rows(local_c, counts, ms.pop(), dtype, group, comm_dev, out_dev)
-    _local_add(bank, torch.cat(fs), torch.cat(cs) if cs is not None else None)
+    _local_add(bank, fs, cs)
     return total
 
 

@@ -290,21 +290,22 @@ class _Stream:
         width = widths.pop()
         dtype = torch.float64 if any(table[r, 4] > 0 for r in live) else torch.float32
         empty_x = torch.zeros(0, width, dtype=dtype, device=dev)
-        xs = D._gather_rows(
+        x_all = D._gather_rows(
             x if x is not None else empty_x, counts, width, dtype, group, comm_dev, dev
         )
-        ts = None
+        t_all = None
         if with_t:
             empty_t = torch.zeros(0, m, dtype=dtype, device=dev)
-            ts = D._gather_rows(
+            t_all = D._gather_rows(
                 t if t is not None else empty_t, counts, m, dtype, group, comm_dev, dev
             )
-        # one global shift for every cross-rank block (translation invariance)
-        cx = sum(b.sum(0, dtype=torch.float64) for b in xs) / n
-        xs = [b - cx.to(dtype) for b in xs]
-        if ts is not None:
-            ct = sum(b.sum(0, dtype=torch.float64) for b in ts) / n
-            ts = [b - ct.to(dtype) for b in ts]
+        # one global shift for every cross-rank block (translation invariance), in place
+        x_all.sub_(x_all.mean(0, keepdim=True, dtype=torch.float64).to(dtype))
+        if t_all is not None:
+            t_all.sub_(t_all.mean(0, keepdim=True, dtype=torch.float64).to(dtype))
+        offs = [sum(counts[:r]) for r in range(world + 1)]
+        xs = [x_all[offs[r] : offs[r + 1]] for r in range(world)]
+        ts = [t_all[offs[r] : offs[r + 1]] for r in range(world)] if t_all is not None else None
         part = sums.detach().clone() if x is not None else self.zeros(dev)
         idx = 0
         with torch.no_grad():
