@@ -83,10 +83,19 @@ def select(tables: list[Path], include_all: bool) -> list[Path]:
     return keep
 
 
-def plots_for(stem: str, pngs: list[Path]) -> list[Path]:
-    """The plots of one benchmark: files named ``<base>.png`` or ``<base>_*.png``."""
+def _matches(png: Path, base: str) -> bool:
+    return png.stem == base or png.stem.startswith(base + "_")
+
+
+def plots_for(stem: str, pngs: list[Path], bases: set[str]) -> list[Path]:
+    """The plots of one benchmark: ``<base>.png`` or ``<base>_*.png``, unless a longer benchmark
+    name in ``bases`` matches too (``bench_scores_grad.png`` belongs to ``bench_scores_grad``)."""
     base = _base(stem)
-    return [p for p in pngs if p.stem == base or p.stem.startswith(base + "_")]
+    return [
+        p
+        for p in pngs
+        if _matches(p, base) and max((b for b in bases if _matches(p, b)), key=len) == base
+    ]
 
 
 def render(include_all: bool = False) -> tuple[str, list[Path]]:
@@ -104,7 +113,7 @@ def render(include_all: bool = False) -> tuple[str, list[Path]]:
         # a quick table shares its plots with the full run; show them once, under the full one
         if include_all and md.stem.endswith(QUICK) and (RESULTS / f"{_base(md.stem)}.md").exists():
             continue
-        for png in plots_for(md.stem, pngs):
+        for png in plots_for(md.stem, pngs, {_base(t.stem) for t in tables}):
             if png not in used:
                 used.append(png)
                 parts.append(f"\n![{png.stem}](img/{png.name})\n")
