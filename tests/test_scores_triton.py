@@ -163,8 +163,10 @@ def test_many_bandwidths_share_one_pass(device):
 def test_other_tilings_give_the_same_sums(device, monkeypatch):
     """Bands of 3 blocks of 16 rows (7 x 7 tiles, last band partial) and a wide backward tile."""
     if device == "cuda":
-        monkeypatch.setattr(st, "_FWD_GPU", [dict(st._FWD_INTERP, BLOCK=16, GROUP=3)])
-        monkeypatch.setattr(st, "_BWD_GPU", [dict(st._BWD_INTERP, BLOCK_M=16, BLOCK_N=128)])
+        for name in ("_FWD_GPU", "_FWD_GPU_F64"):
+            monkeypatch.setattr(st, name, [dict(st._FWD_INTERP, BLOCK=16, GROUP=3)])
+        for name in ("_BWD_GPU", "_BWD_GPU_F64"):
+            monkeypatch.setattr(st, name, [dict(st._BWD_INTERP, BLOCK_M=16, BLOCK_N=128)])
     monkeypatch.setattr(st, "_FWD_INTERP", dict(st._FWD_INTERP, BLOCK=16, GROUP=3))
     monkeypatch.setattr(st, "_BWD_INTERP", dict(st._BWD_INTERP, BLOCK_M=16, BLOCK_N=128))
     x, t = _data(100, 5, 3, torch.float64, device)
@@ -244,14 +246,14 @@ def test_autograd_through_public_scores(device, dtype):
     (gx,) = torch.autograd.grad(
         rkekernels.rke_score(xg, sigmas[0], backend="triton"), xg, torch.tensor(-2.5, dtype=dtype)
     )
-    xr = x.cpu().double().requires_grad_(True)
+    xr = x.detach().cpu().double().requires_grad_(True)
     (rgx,) = torch.autograd.grad(-2.5 * ref.rke_score(xr, sigmas[0]), xr)
     _assert_grad_close(gx, rgx, dtype)
 
     cond = rkekernels.cond_rke_score(xg, tg, sigmas[1], sigma_t, backend="triton")
     gx, gt = torch.autograd.grad(3.0 * cond, (xg, tg))
-    xr = x.cpu().double().requires_grad_(True)
-    tr = t.cpu().double().requires_grad_(True)
+    xr = x.detach().cpu().double().requires_grad_(True)
+    tr = t.detach().cpu().double().requires_grad_(True)
     rgx, rgt = torch.autograd.grad(3.0 * ref.cond_rke_score(xr, tr, sigmas[1], sigma_t), (xr, tr))
     _assert_grad_close(gx, rgx, dtype)
     _assert_grad_close(gt, rgt, dtype)
@@ -269,8 +271,8 @@ def test_autograd_random_cotangents_through_entropies(device, dtype):
     ent = rkekernels.rke_entropies(xg, tg, sigmas, sigma_t, backend="triton")
     loss = sum((v * cot[i].to(dtype).to(device)).sum() for i, v in enumerate(ent))
     gx, gt = torch.autograd.grad(loss, (xg, tg))
-    xr = x.cpu().double().requires_grad_(True)
-    tr = t.cpu().double().requires_grad_(True)
+    xr = x.detach().cpu().double().requires_grad_(True)
+    tr = t.detach().cpu().double().requires_grad_(True)
     rloss = 0.0
     for k, s in enumerate(sigmas):
         want = ref.rke_entropies(xr, tr, s, sigma_t)

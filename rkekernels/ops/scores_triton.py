@@ -644,8 +644,8 @@ def forward_sums(
         >>> fx.tolist(), ft, fxt
         ([3.0], None, None)
     """
-    _check_device(xc)
     plan = _Plan(_check_precision(precision or get_precision()), xc.dtype)
+    _check_device(xc)
     xs = plan.operand(xc)
     ts = plan.operand(tc)
     nx, nt = plan.norms(xs), plan.norms(ts)
@@ -714,8 +714,8 @@ def backward_grads(
         >>> [round(v, 4) for v in gx.flatten().tolist()]  # dF/dx_0 = -4 (x_0 - x_1) exp(-1)
         [1.4715, -1.4715]
     """
-    _check_device(xc)
     plan = _Plan(_check_precision(precision or get_precision()), xc.dtype)
+    _check_device(xc)
     has_t = tc is not None
     need_t = need_t and has_t
     if not (need_x or need_t):

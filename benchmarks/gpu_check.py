@@ -1,0 +1,597 @@
+"""GPU check of the fused Triton kernels (issue 3): correctness on CUDA, then the benchmarks.
+
+Self-contained: needs only what the repository already imports (torch, triton, numpy); run from
+anywhere, it puts the repository root on sys.path. Written for an H100/H200 with torch 2.11 and
+Triton 3.6; works with Triton >= 3.2.
+
+    python benchmarks/gpu_check.py                 # full run, results under $OUT (or --out)
+    python benchmarks/gpu_check.py --small         # tiny sizes: a smoke test of every section
+    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --small   # the same on a CPU-only machine
+
+Sections (``--sections``, comma separated, in this order):
+
+- ``check``: `forward_sums` and `backward_grads` against ``rkekernels.reference`` (dense float64, on
+  the same device) for odd sizes up to n = 1000 and d = 768, float32 in every precision mode and
+  float64 in "ieee"; pair sums within 1e-5 (float32) / 1e-10 (float64) or the mode's
+  `error_bound`, gradient rows within the same factor times sum_j |W|_ij (||x_i|| + ||x_j||).
+  Also: backend="auto" picks Triton for CUDA tensors and agrees with the reference.
+- ``matmul``: fused ``rke_score`` (exact float32, the default) vs torch ``x @ x.T`` with TF32 off at
+  n = 65,536, d = 768 (target: ratio <= 0.6), plus the score's error vs the torch float64 path.
+- ``stream``: the same fused score vs the torch streaming backend (backend="torch", TF32 off).
+- ``large``: n = 1,000,000, d = 768 completes; time, result, extra memory as a multiple of the
+  input's n d 4 bytes (O(n d)), and the time relative to the n^2 extrapolation from ``matmul``.
+- ``backward``: `backward_grads` vs `forward_sums` at n = 32,768 (expected ~4: the backward visits
+  the full square with two dots per tile, the forward the triangle with one), and autograd
+  through ``rke_score`` vs the forward alone.
+- ``modes``: "tf32" vs ``x @ x.T`` with TF32 on, "bf16" vs a bfloat16 ``x @ x.T``, "tf32x3" vs
+  float32 ``x @ x.T``; each with its error vs the float64 path and its stated bound.
+- ``pykeops`` (only with ``--pykeops``): a KeOps LazyTensor sum of the same kernel, if it compiles.
+
+Timings on CUDA use ``triton.testing.do_bench`` (quantiles 0.5, 0.2, 0.8, milliseconds); on a CPU
+(``--small`` under the interpreter) the same quantiles of 5 runs. Every row is written as soon as
+it exists, to ``<out>/gpu_check.csv`` and ``<out>/gpu_check.md`` (rows carry the GPU, versions and
+date), so a run cut short still leaves its results. ``--budget-s`` skips the sections that would
+start after that many seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+SECTIONS = ("check", "matmul", "stream", "large", "backward", "modes", "pykeops")
+COLUMNS = [
+    "section",
+    "case",
+    "precision",
+    "n",
+    "d",
+    "ms_p50",
+    "ms_p20",
+    "ms_p80",
+    "baseline",
+    "baseline_ms_p50",
+    "ratio",
+    "target",
+    "error",
+    "bound",
+    "status",
+    "detail",
+]
+TARGET_MATMUL = 0.6
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def machine() -> dict[str, str]:
+    import triton
+
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_name(0)
+    else:
+        dev = f"CPU ({platform.machine()}), Triton interpreter"
+    return {
+        "device": dev,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": str(torch.version.cuda),
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        if v == 0 or 1e-3 <= abs(v) < 1e5:
+            return f"{v:.4g}"
+        return f"{v:.3e}"
+    return str(v)
+
+
+class Report:
+    """Rows written to CSV and markdown after every addition."""
+
+    def __init__(self, out: Path, facts: dict[str, str], notes: list[str]):
+        self.out = out
+        self.facts = facts
+        self.notes = notes
+        self.rows: list[dict] = []
+        self.extra: list[str] = []
+        out.mkdir(parents=True, exist_ok=True)
+
+    def add(self, **row) -> dict:
+        self.rows.append(row)
+        shown = {k: _fmt(v) for k, v in row.items() if v not in (None, "")}
+        print("  " + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+        self.flush()
+        return row
+
+    def flush(self) -> None:
+        with open(self.out / "gpu_check.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=COLUMNS + list(self.facts))
+            w.writeheader()
+            for r in self.rows:
+                w.writerow({**{c: _fmt(r.get(c, "")) for c in COLUMNS}, **self.facts})
+        f = self.facts
+        lines = [
+            "### GPU check of the fused Triton kernels",
+            "",
+            f"{f['device']}, torch {f['torch']} (CUDA {f['cuda']}), Triton {f['triton']}, "
+            f"Python {f['python']}, {f['date']}.",
+            "",
+            *[f"- {note}" for note in self.notes],
+            "",
+            "| " + " | ".join(COLUMNS) + " |",
+            "|" + "---|" * len(COLUMNS),
+        ]
+        for r in self.rows:
+            cells = [_fmt(r.get(c, "")).replace("|", "\\|") for c in COLUMNS]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", *self.extra]
+        (self.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+
+
+def bench(fn: Callable[[], object], cuda: bool, rep_ms: int = 100) -> tuple[float, float, float]:
+    """(p50, p20, p80) in milliseconds."""
+    if cuda:
+        from triton.testing import do_bench
+
+        q = do_bench(fn, warmup=10, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return float(q[0]), float(q[1]), float(q[2])
+    fn()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    times.sort()
+    return statistics.median(times), times[1], times[3]
+
+
+def sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def rel(a, b) -> float:
+    return abs(float(a) / float(b) - 1.0)
+
+
+# --------------------------------------------------------------------------- check
+
+
+def _grad_scale(x, t, sigmas, sigma_t, g_fx, g_ft, g_fxt):
+    """sum_j |W|_ij (||x_i|| + ||x_j||) per row for x and t (the scale of the gradient error)."""
+    from rkekernels import reference as ref
+
+    xc = x.double() - x.double().mean(0)
+    tc = t.double() - t.double().mean(0)
+    ct = 1.0 / sigma_t**2
+    kt2 = torch.exp(-ct * ref.sq_dists(tc, tc))
+    wx = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
+    wt = 4.0 * ct * kt2 * abs(float(g_ft))
+    for k, s in enumerate(sigmas):
+        c = 1.0 / s**2
+        kx2 = torch.exp(-c * ref.sq_dists(xc, xc))
+        wx += 4.0 * c * kx2 * (abs(float(g_fx[k])) + abs(float(g_fxt[k])) * kt2)
+        wt += 4.0 * ct * kt2 * kx2 * abs(float(g_fxt[k]))
+
+    def scale(w, v):
+        nrm = v.norm(dim=1)
+        return (w * (nrm[:, None] + nrm[None, :])).sum(1)
+
+    return scale(wx, xc), scale(wt, tc)
+
+
+def _max_r2(v) -> float:
+    vc = v.double() - v.double().mean(0)
+    return float((vc * vc).sum(1).max())
+
+
+def section_check(rep: Report, dev: torch.device, small: bool) -> None:
+    import rkekernels
+    from rkekernels import reference as ref
+    from rkekernels._input import check_backend
+    from rkekernels.ops import scores_triton as st
+
+    sizes = [(1, 3, 2), (37, 1, 3), (130, 20, 5)]
+    if not small:
+        sizes += [(257, 20, 5), (1000, 64, 8), (200, 768, 16)]
+    gen = torch.Generator().manual_seed(0)
+    for n, d, m in sizes:
+        for dtype, modes in ((torch.float32, st.PRECISIONS), (torch.float64, ("ieee",))):
+            x = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dev, dtype)
+            t = torch.randn(n, m, generator=gen, dtype=torch.float64).to(dev, dtype)
+            med = rkekernels.median_bandwidth(x) if n > 1 else 1.0
+            sigmas = [0.7 * med, 1.9 * med]
+            sigma_t = rkekernels.median_bandwidth(t) if n > 1 else 1.0
+            inv = [1.0 / s**2 for s in sigmas]
+            ref_sums = [ref.pair_sums(x, t, s, sigma_t) for s in sigmas]
+            g = torch.randn(5, generator=gen, dtype=torch.float64)
+            g_fx, g_ft, g_fxt = g[:2], g[2], g[3:]
+            xr = x.detach().double().requires_grad_(True)
+            tr = t.detach().double().requires_grad_(True)
+            loss = g_ft.to(dev) * ref.pair_sums(xr, tr, sigmas[0], sigma_t)[1]
+            for k, s in enumerate(sigmas):
+                fx_r, _, fxt_r = ref.pair_sums(xr, tr, s, sigma_t)
+                loss = loss + g_fx[k].to(dev) * fx_r + g_fxt[k].to(dev) * fxt_r
+            rgx, rgt = torch.autograd.grad(loss, (xr, tr))
+            sx, stt = _grad_scale(x, t, sigmas, sigma_t, g_fx, g_ft, g_fxt)
+            s_t = _max_r2(t) / sigma_t**2
+            xc, tc = x - x.mean(0), t - t.mean(0)
+            for mode in modes:
+                case = f"pair sums + VJP, {str(dtype)[6:]}, m={m}, 2 sigmas"
+                try:
+                    fx, ft, fxt = st.forward_sums(xc, tc, inv, 1 / sigma_t**2, precision=mode)
+                    ratio_f = [rel(ft, ref_sums[0][1])]
+                    bounds = [st.error_bound(mode, s_t)]
+                    for k, s in enumerate(sigmas):
+                        s_x = _max_r2(x) / s**2
+                        ratio_f += [rel(fx[k], ref_sums[k][0]), rel(fxt[k], ref_sums[k][2])]
+                        bounds += [st.error_bound(mode, s_x), st.error_bound(mode, s_x + s_t)]
+                    if mode == "ieee":
+                        bounds = [TOL[dtype]] * len(bounds)
+                    ok_f = all(e <= b for e, b in zip(ratio_f, bounds))
+                    dg = [v.to(dev) for v in (g_fx, g_ft, g_fxt)]
+                    gx, gt = st.backward_grads(xc, tc, inv, 1 / sigma_t**2, *dg, precision=mode)
+                    s_joint = _max_r2(x) / min(sigmas) ** 2 + s_t
+                    gb = TOL[dtype] if mode == "ieee" else st.error_bound(mode, s_joint, grad=True)
+                    ex = float(((gx.double() - rgx).norm(dim=1) / sx.clamp_min(1e-300)).max())
+                    et = float(((gt.double() - rgt).norm(dim=1) / stt.clamp_min(1e-300)).max())
+                    ok_g = ex <= gb and et <= gb
+                    rep.add(
+                        section="check", case=case, precision=mode, n=n, d=d,
+                        error=max(ratio_f), bound=min(bounds),
+                        status="ok" if ok_f else "FAIL", detail="forward: max rel error of F",
+                    )  # fmt: skip
+                    rep.add(
+                        section="check", case=case, precision=mode, n=n, d=d,
+                        error=max(ex, et), bound=gb, status="ok" if ok_g else "FAIL",
+                        detail="backward: max ||g - g_ref|| / sum_j |W|_ij (|x_i| + |x_j|)",
+                    )  # fmt: skip
+                except Exception as exc:
+                    rep.add(section="check", case=case, precision=mode, n=n, d=d,
+                            status="ERROR", detail=f"{type(exc).__name__}: {exc}")  # fmt: skip
+                    traceback.print_exc()
+    # the public path: backend="auto" on CUDA tensors is Triton, and it is right
+    x = torch.randn(333, 17, generator=gen).to(dev)
+    chosen = check_backend("auto", x.device)
+    got = rkekernels.rke_score(x, 2.0)
+    want = ref.rke_score(x, 2.0)
+    e = rel(got, want)
+    expect = "triton" if dev.type == "cuda" else "torch"
+    rep.add(section="check", case="rke_score backend='auto'", precision="ieee", n=333, d=17,
+            error=e, bound=1e-5, status="ok" if (e <= 1e-5 and chosen == expect) else "FAIL",
+            detail=f"auto -> {chosen}")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+def _baseline_matmul(mode: str, x: torch.Tensor):
+    """torch x @ x.T in the same input precision as the fused score's mode."""
+    if mode == "bf16":
+        xb = x.to(torch.bfloat16)
+        return "torch x @ x.T, bfloat16", lambda: xb @ xb.T, "highest"
+    if mode == "tf32":
+        return "torch x @ x.T, TF32 on", lambda: x @ x.T, "high"
+    return "torch x @ x.T, float32 (TF32 off)", lambda: x @ x.T, "highest"
+
+
+def _fused_vs_matmul(rep, state, mode, n, d, cuda, dev):
+    import rkekernels
+    from rkekernels.ops import scores_triton as st
+
+    x = state["x"]
+    sigma = state["sigma"]
+    with st.precision(mode):
+        fused = lambda: rkekernels.rke_score(x, sigma, backend="triton")  # noqa: E731
+        value = fused()  # compile and tune outside the timing
+        sync(cuda)
+        f50, f20, f80 = bench(fused, cuda)
+    state.setdefault("fused_ms", {})[mode] = f50
+    name, base, matmul_precision = _baseline_matmul(mode, x)
+    torch.set_float32_matmul_precision(matmul_precision)
+    try:
+        base()
+        b50, _, _ = bench(base, cuda)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        if cuda:
+            torch.cuda.empty_cache()
+    exact = state["exact"]
+    err = rel(value, exact)
+    s_x = state["max_r2"] / sigma**2
+    bound = 1e-5 if mode == "ieee" else st.error_bound(mode, s_x) / (1 - st.error_bound(mode, s_x))
+    ratio = f50 / b50
+    rep.add(
+        section="matmul" if mode == "ieee" else "modes", case="fused rke_score", precision=mode,
+        n=n, d=d, ms_p50=f50, ms_p20=f20, ms_p80=f80, baseline=name, baseline_ms_p50=b50,
+        ratio=ratio, target=TARGET_MATMUL if mode == "ieee" else "",
+        error=err, bound=bound,
+        status=("ok" if err <= bound else "FAIL")
+        + ("" if mode != "ieee" else (", meets target" if ratio <= TARGET_MATMUL
+                                      else ", misses target")),
+        detail="error vs the torch float64 path",
+    )  # fmt: skip
+
+
+def _bench_state(state, n, d, dev, cuda):
+    """The benchmark input (n, d) float32 and its float64 score, made once."""
+    import rkekernels
+
+    if state.get("n") == n:
+        return state
+    state.clear()
+    gen = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(n, d, device=dev, generator=gen)
+    sigma = rkekernels.median_bandwidth(x)
+    exact = float(rkekernels.rke_score(x.double(), sigma, backend="torch"))
+    xc = x.double() - x.double().mean(0)
+    max_r2 = float((xc * xc).sum(1).max())
+    del xc
+    if cuda:
+        torch.cuda.empty_cache()
+    state.update(n=n, x=x, sigma=sigma, exact=exact, max_r2=max_r2)
+    return state
+
+
+def section_matmul(rep, state, n, d, dev, cuda):
+    _bench_state(state, n, d, dev, cuda)
+    _fused_vs_matmul(rep, state, "ieee", n, d, cuda, dev)
+    # the kernel alone (no validation, centring or norms around it)
+    from rkekernels.ops import scores_triton as st
+
+    x = state["x"]
+    xc = x - x.mean(0)
+    inv = (1.0 / state["sigma"] ** 2,)
+    k50, k20, k80 = bench(lambda: st.forward_sums(xc, None, inv, None), cuda)
+    b50 = None
+    for r in rep.rows:
+        if r.get("section") == "matmul" and r.get("precision") == "ieee":
+            b50 = r.get("baseline_ms_p50")
+    rep.add(section="matmul", case="forward_sums kernel only", precision="ieee", n=n, d=d,
+            ms_p50=k50, ms_p20=k20, ms_p80=k80, baseline="torch x @ x.T, float32 (TF32 off)",
+            baseline_ms_p50=b50, ratio=k50 / b50 if b50 else "", target=TARGET_MATMUL,
+            status="meets target" if b50 and k50 / b50 <= TARGET_MATMUL else "misses target",
+            detail="centred input given")  # fmt: skip
+
+
+def section_stream(rep, state, n, d, dev, cuda):
+    import rkekernels
+
+    _bench_state(state, n, d, dev, cuda)
+    x, sigma = state["x"], state["sigma"]
+    if "ieee" not in state.get("fused_ms", {}):
+        fused = lambda: rkekernels.rke_score(x, sigma, backend="triton")  # noqa: E731
+        fused()
+        state.setdefault("fused_ms", {})["ieee"] = bench(fused, cuda)[0]
+    f50 = state["fused_ms"]["ieee"]
+    torch.set_float32_matmul_precision("highest")
+    stream = lambda: rkekernels.rke_score(x, sigma, backend="torch")  # noqa: E731
+    stream()
+    s50, s20, s80 = bench(stream, cuda)
+    err = rel(stream(), state["exact"])
+    rep.add(section="stream", case="torch streaming rke_score (baseline)", precision="ieee",
+            n=n, d=d, ms_p50=s50, ms_p20=s20, ms_p80=s80, error=err, bound=1e-5,
+            status="ok" if err <= 1e-5 else "FAIL")  # fmt: skip
+    rep.add(section="stream", case="fused rke_score vs torch streaming", precision="ieee",
+            n=n, d=d, ms_p50=f50, baseline="torch streaming rke_score", baseline_ms_p50=s50,
+            ratio=f50 / s50, status="faster" if f50 < s50 else "slower")  # fmt: skip
+
+
+def section_large(rep, state, n_large, d, dev, cuda, n_bench):
+    import rkekernels
+
+    state.clear()
+    if cuda:
+        torch.cuda.empty_cache()
+    gen = torch.Generator(device=dev).manual_seed(2)
+    x = torch.randn(n_large, d, device=dev, generator=gen)
+    sigma = rkekernels.median_bandwidth(x)
+    in_bytes = x.numel() * x.element_size()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    value = float(rkekernels.rke_score(x, sigma, backend="triton"))
+    sync(cuda)
+    secs = time.perf_counter() - t0
+    extra = (torch.cuda.max_memory_allocated() - base) / in_bytes if cuda else float("nan")
+    ok = math.isfinite(value) and 1.0 <= value <= n_large
+    ref_ms = None
+    for r in rep.rows:
+        if r.get("case") == "fused rke_score" and r.get("precision") == "ieee":
+            ref_ms = r.get("ms_p50")
+    scaling = secs * 1e3 / (ref_ms * (n_large / n_bench) ** 2) if ref_ms else ""
+    rep.add(section="large", case="fused rke_score completes", precision="ieee", n=n_large, d=d,
+            ms_p50=secs * 1e3, ratio=scaling, status="ok" if ok else "FAIL",
+            detail=f"RKE={value:.6g}; extra memory {_fmt(extra)} x (n d 4 bytes); "
+            f"ratio = time / (n^2 extrapolation of the n={n_bench} fused time)")  # fmt: skip
+    del x
+
+
+def section_backward(rep, n, d, dev, cuda):
+    import rkekernels
+    from rkekernels.ops import scores_triton as st
+
+    gen = torch.Generator(device=dev).manual_seed(3)
+    x = torch.randn(n, d, device=dev, generator=gen)
+    sigma = rkekernels.median_bandwidth(x)
+    xc = x - x.mean(0)
+    inv = (1.0 / sigma**2,)
+    g = torch.ones(1, dtype=torch.float64, device=dev)
+    fwd = lambda: st.forward_sums(xc, None, inv, None)  # noqa: E731
+    bwd = lambda: st.backward_grads(xc, None, inv, None, g, None, None)  # noqa: E731
+    fwd()
+    bwd()
+    f50, _, _ = bench(fwd, cuda)
+    b50, b20, b80 = bench(bwd, cuda)
+    rep.add(section="backward", case="backward_grads vs forward_sums", precision="ieee", n=n,
+            d=d, ms_p50=b50, ms_p20=b20, ms_p80=b80, baseline="forward_sums",
+            baseline_ms_p50=f50, ratio=b50 / f50, target=4.0,
+            status="ok" if b50 / f50 <= 6.0 else "slow",
+            detail="full-square backward, 2 dots per tile; forward: triangle, 1 dot")  # fmt: skip
+    xg = x.clone().requires_grad_(True)
+    full = lambda: torch.autograd.grad(rkekernels.rke_score(xg, sigma, backend="triton"), xg)  # noqa: E731
+    only = lambda: rkekernels.rke_score(x, sigma, backend="triton")  # noqa: E731
+    full()
+    only()
+    a50, a20, a80 = bench(full, cuda)
+    o50, _, _ = bench(only, cuda)
+    rep.add(section="backward", case="autograd: rke_score forward + backward", precision="ieee",
+            n=n, d=d, ms_p50=a50, ms_p20=a20, ms_p80=a80, baseline="rke_score forward",
+            baseline_ms_p50=o50, ratio=a50 / o50, target=5.0)  # fmt: skip
+
+
+def section_modes(rep, state, n, d, dev, cuda):
+    _bench_state(state, n, d, dev, cuda)
+    for mode in ("tf32", "bf16", "tf32x3"):
+        try:
+            _fused_vs_matmul(rep, state, mode, n, d, cuda, dev)
+        except Exception as exc:
+            rep.add(section="modes", case="fused rke_score", precision=mode, n=n, d=d,
+                    status="ERROR", detail=f"{type(exc).__name__}: {exc}")  # fmt: skip
+            traceback.print_exc()
+
+
+def section_pykeops(rep, state, n, d, dev, cuda):
+    _bench_state(state, n, d, dev, cuda)
+    try:
+        from pykeops.torch import LazyTensor
+    except Exception as exc:
+        rep.add(section="pykeops", case="KeOps sum", status="skipped",
+                detail=f"pykeops not importable: {exc}")  # fmt: skip
+        return
+    x, sigma = state["x"], state["sigma"]
+    c = 1.0 / sigma**2
+
+    def keops():
+        xc = x - x.mean(0)
+        xi, xj = LazyTensor(xc[:, None, :]), LazyTensor(xc[None, :, :])
+        return n * n / ((-c * ((xi - xj) ** 2).sum(-1)).exp().sum(dim=1).double().sum())
+
+    try:
+        value = keops()
+        k50, _, _ = bench(keops, cuda)
+    except Exception as exc:
+        rep.add(section="pykeops", case="KeOps sum", status="skipped",
+                detail=f"KeOps failed: {type(exc).__name__}: {exc}")  # fmt: skip
+        return
+    f50 = state.get("fused_ms", {}).get("ieee")
+    rep.add(section="pykeops", case="fused rke_score vs KeOps", precision="ieee", n=n, d=d,
+            ms_p50=f50, baseline="pykeops LazyTensor", baseline_ms_p50=k50,
+            ratio=f50 / k50 if f50 else "", error=rel(value, state["exact"]))  # fmt: skip
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--small", action="store_true", help="tiny sizes (smoke test, CPU or GPU)")
+    p.add_argument("--sections", default=",".join(s for s in SECTIONS if s != "pykeops"))
+    p.add_argument("--pykeops", action="store_true", help="also try the KeOps comparison")
+    p.add_argument("--n-bench", type=int, default=None, help="n for matmul/stream/modes (65536)")
+    p.add_argument("--d", type=int, default=None, help="feature dimension (768)")
+    p.add_argument("--n-large", type=int, default=None, help="n for the large run (1,000,000)")
+    p.add_argument("--n-backward", type=int, default=None, help="n for backward (32768)")
+    p.add_argument("--budget-s", type=float, default=480.0, help="start no section after this")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    small = args.small
+    n_bench = args.n_bench or (256 if small else 65536)
+    d = args.d or (24 if small else 768)
+    n_large = args.n_large or (600 if small else 1_000_000)
+    n_bwd = args.n_backward or (256 if small else 32768)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if args.pykeops and "pykeops" not in sections:
+        sections.append("pykeops")
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        print(f"unknown sections {unknown}; choose from {SECTIONS}", file=sys.stderr)
+        return 2
+
+    from rkekernels.ops import scores_triton as st
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    if not cuda and not st.interpreted():
+        print("no CUDA GPU: run with TRITON_INTERPRET=1 (and --small) to smoke-test on CPU",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    torch.set_float32_matmul_precision("highest")
+    notes = [
+        "ratio = ms_p50 / baseline_ms_p50 (do_bench quantiles 0.5/0.2/0.8, ms); "
+        f"target for the exact-float32 fused score vs a float32 x @ x.T: <= {TARGET_MATMUL}",
+        "error: relative error of the score vs the torch float64 path (benchmarks) or of the "
+        "pair sums / gradient rows vs rkekernels.reference (check); bound: the stated bound",
+        f"sizes: n_bench={n_bench}, d={d}, n_large={n_large}, n_backward={n_bwd}"
+        + (" (--small)" if small else ""),
+    ]
+    rep = Report(Path(args.out), machine(), notes)
+    start = time.perf_counter()
+    state: dict = {}
+    runners = {
+        "check": lambda: section_check(rep, dev, small),
+        "matmul": lambda: section_matmul(rep, state, n_bench, d, dev, cuda),
+        "stream": lambda: section_stream(rep, state, n_bench, d, dev, cuda),
+        "large": lambda: section_large(rep, state, n_large, d, dev, cuda, n_bench),
+        "backward": lambda: section_backward(rep, n_bwd, d, dev, cuda),
+        "modes": lambda: section_modes(rep, state, n_bench, d, dev, cuda),
+        "pykeops": lambda: section_pykeops(rep, state, n_bench, d, dev, cuda),
+    }
+    failed = False
+    for name in [s for s in SECTIONS if s in sections]:
+        elapsed = time.perf_counter() - start
+        if elapsed > args.budget_s:
+            rep.add(section=name, status="skipped", detail=f"budget: {elapsed:.0f} s elapsed")
+            continue
+        print(f"[{elapsed:7.1f} s] {name}", flush=True)
+        try:
+            runners[name]()
+        except Exception as exc:
+            failed = True
+            rep.add(section=name, status="ERROR", detail=f"{type(exc).__name__}: {exc}")
+            traceback.print_exc()
+        finally:
+            if cuda:
+                torch.cuda.empty_cache()
+    tuned = st.tuned_configs()
+    rep.extra = ["Tile configurations chosen by the tuner (problem key -> config):", ""]
+    rep.extra += [f"- `{k}` -> `{v}`" for k, v in tuned.items()] or ["- none (small problems)"]
+    rep.extra += ["", f"Total wall time {time.perf_counter() - start:.0f} s."]
+    rep.flush()
+    bad = [r for r in rep.rows if str(r.get("status", "")).startswith(("FAIL", "ERROR"))]
+    print(f"done in {time.perf_counter() - start:.0f} s; {len(rep.rows)} rows, {len(bad)} failed;"
+          f" results in {rep.out}/gpu_check.csv and .md", flush=True)  # fmt: skip
+    return 1 if (bad or failed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
