@@ -250,7 +250,7 @@ def _global_pair_sums(x_local, t_local, sigma, sigma_t, group, with_t, want_fx):
     sigmas, many, st = None, False, None
     try:
         xt, tt, sigmas, many, st = _prepare_local(x_local, t_local, sigma, sigma_t, with_t)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # raised after the exchange, so no other rank waits for this one
         err = exc
     data_dev = xt.device if xt is not None else torch.device("cpu")
     comm_dev = _comm_device(group, data_dev)
@@ -545,7 +545,7 @@ def all_gather_commit(bank: Any, f: Any, cond: Any = None, *, group: Any = None)
     ft = ct = None
     try:
         ft, ct = _commit_input(bank, f, cond)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # raised after the exchange, so no other rank waits for this one
         err = exc
     data_dev = ft.device if ft is not None else torch.device("cpu")
     comm_dev = _comm_device(group, data_dev)
