@@ -498,21 +498,15 @@ def guidance_grad(
         bc = cond_sq = None
     check_same_device(z=zt, bank=fb, cond=y, bank_cond=bc)
     resolved = check_backend(backend, zt.device)
-    check_finite(zf, "z")
-    if y is not None:
-        check_finite(y, "cond")
 
-    # -- compute dtype: float64 when z or the bank is float64, else float32
+    # -- compute dtype: float64 when z or the bank is float64, else float32. NaN/Inf in any
+    # input (or a zero latent under normalize) propagate to the result and are named after
+    # one check of the result: no extra pass over the bank, one host sync per call.
     cdt = torch.float64 if torch.float64 in (zf.dtype, fb.dtype) else torch.float32
     zc = zf.to(cdt)
     yc = y.to(cdt) if y is not None else None
     if normalize:
         znorm = zc.norm(dim=1, keepdim=True)
-        if not bool((znorm > 0).all()):
-            raise ValueError(
-                "z has a sample whose latent is all zeros: its normalised feature is undefined; "
-                "use normalize=False or drop that sample"
-            )
         phi = zc / znorm
     else:
         phi = zc
@@ -523,9 +517,9 @@ def guidance_grad(
         from .ops import guidance_triton as impl
     else:
         from .ops import guidance_torch as impl
-    m, l, acc = impl.softmax_state(phi, fb, bank_sq, yc, bc, cond_sq, inv_s2, inv_c2)
-    if include_batch and b > 1:
-        m, l, acc = _merge((m, l, acc), _batch_state(phi, yc, inv_s2, inv_c2))
+    # the other current samples first (a tiny b x b state), then the bank streams into it
+    state = _batch_state(phi, yc, inv_s2, inv_c2) if include_batch and b > 1 else None
+    m, l, acc = impl.softmax_state(phi, fb, bank_sq, yc, bc, cond_sq, inv_s2, inv_c2, state)
 
     # -- finish: log S, the phi gradient, the chain rule through the feature map
     row_const = (phi * phi).sum(1) * inv_s2
@@ -538,10 +532,11 @@ def guidance_grad(
     g = torch.where(has.unsqueeze(1), g, torch.zeros_like(g))
     if normalize:
         g = (g - phi * (phi * g).sum(1, keepdim=True)) / znorm
-    # one host sync: NaN/Inf from the bank (validated lazily, here) or an overflow
-    ok = torch.isfinite(l).all() & torch.isfinite(g).all() & (torch.isfinite(log_s) | ~has).all()
-    if not bool(ok):
-        _explain_non_finite(fb, bc)
+    checks = [phi.reshape(-1), g.reshape(-1), l, torch.where(has, log_s, 0.0)]
+    if yc is not None:
+        checks.append(yc.reshape(-1))
+    if not bool(torch.isfinite(torch.cat(checks)).all()):
+        _explain_non_finite(zf, normalize, y, fb, bc)
     grad = g.reshape(zt.shape)
     if out_dtype is not None:
         grad, log_s = grad.to(out_dtype), log_s.to(out_dtype)
@@ -566,22 +561,22 @@ def _batch_state(
     return m, p.sum(1), p @ phi
 
 
-def _merge(
-    s1: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    s2: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Combine two online-softmax states (m, l, acc) over disjoint sets of entries."""
-    m1, l1, a1 = s1
-    m2, l2, a2 = s2
-    m = torch.maximum(m1, m2)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e1 = torch.exp(m1 - m_safe)
-    e2 = torch.exp(m2 - m_safe)
-    return m, l1 * e1 + l2 * e2, a1 * e1.unsqueeze(1) + a2 * e2.unsqueeze(1)
-
-
-def _explain_non_finite(bank: torch.Tensor, bank_cond: torch.Tensor | None) -> None:
+def _explain_non_finite(
+    z: torch.Tensor,
+    normalize: bool,
+    cond: torch.Tensor | None,
+    bank: torch.Tensor,
+    bank_cond: torch.Tensor | None,
+) -> None:
     """The result is not finite: name the input at fault (checked lazily, off the hot path)."""
+    check_finite(z, "z")
+    if normalize and not bool((z.norm(dim=1) > 0).all()):
+        raise ValueError(
+            "z has a sample whose latent is all zeros: its normalised feature is undefined; "
+            "use normalize=False or drop that sample"
+        )
+    if cond is not None:
+        check_finite(cond, "cond")
     check_finite(bank, "bank")
     if bank_cond is not None:
         check_finite(bank_cond, "bank_cond")

@@ -9,6 +9,11 @@ import torch
 from rkekernels import FeatureBank, guidance_grad
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 def rows(start, count, dim=5):
     return torch.arange(start, start + count, dtype=torch.float32)[:, None] + torch.zeros(dim)
 
@@ -53,6 +58,7 @@ def test_properties_and_clear():
 
 @pytest.mark.parametrize("with_cond", [False, True])
 def test_state_round_trip(with_cond):
+    torch.manual_seed(0)
     bank = FeatureBank(5)
     for _ in range(3):
         bank.add(torch.randn(3, 8), torch.randn(3, 2) if with_cond else None)
@@ -72,7 +78,8 @@ def test_state_round_trip(with_cond):
     if with_cond:
         kw.update(cond=torch.randn(2, 2), sigma_cond=1.0)
     a, b = guidance_grad(z, bank, **kw), guidance_grad(z, other, **kw)
-    assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=0)
+    # same entries in another slot order: equal up to float32 summation order
+    assert float((a.grad - b.grad).norm() / b.grad.norm()) <= 1e-5
     f_new = torch.randn(2, 8)
     c_new = torch.randn(2, 2) if with_cond else None
     bank.add(f_new, c_new)

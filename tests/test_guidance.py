@@ -27,6 +27,11 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(guidance_torch, "CHUNK_ROWS", CHUNK)
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 def rel(a, b):
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))

@@ -20,6 +20,11 @@ pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not in
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 def rel(a, b):
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))

@@ -27,9 +27,9 @@ import torch
 
 __all__ = ["CHUNK_ELEMENTS", "CHUNK_ROWS", "chunk_rows", "softmax_state"]
 
-#: Elements per bank chunk (rows = CHUNK_ELEMENTS // D, at least 16): 2**20 float32 = 4 MiB,
+#: Elements per bank chunk (rows = CHUNK_ELEMENTS // D, at least 16): 2**19 float32 = 2 MiB,
 #: sized so a chunk stays in the L2/L3 cache between the logits and the values GEMM.
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 19
 
 #: Fixed number of rows per chunk; overrides CHUNK_ELEMENTS when set (tests use it to place bank
 #: sizes around chunk boundaries).
@@ -52,6 +52,7 @@ def softmax_state(
     bank_cond_sq: torch.Tensor | None,
     inv_s2: float,
     inv_c2: float,
+    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online-softmax state (m (b,), l (b,), acc (b, D)) of the logits above over ``bank``.
 
@@ -63,16 +64,21 @@ def softmax_state(
         bank_cond: (n, m) prompt embeddings of the bank (None iff ``y`` is None).
         bank_cond_sq: (n,) cached ||c_j||^2, or None to compute them chunk by chunk.
         inv_s2, inv_c2: 1/s^2 and 1/s_c^2.
+        state: an initial state (m, l, acc) over other entries (state in, state out), whose
+            acc may be updated in place; None starts from the empty state.
 
     Returns:
-        (m, l, acc) in phi's dtype; an empty bank gives m = -inf, l = 0, acc = 0.
+        (m, l, acc) in phi's dtype; an empty bank (and no state) gives m = -inf, l = 0, acc = 0.
     """
     cdt = phi.dtype
     b, dim = phi.shape
     n = bank.shape[0]
-    m = torch.full((b,), float("-inf"), dtype=cdt, device=phi.device)
-    l = torch.zeros((b,), dtype=cdt, device=phi.device)
-    acc = torch.zeros((b, dim), dtype=cdt, device=phi.device)
+    if state is not None:
+        m, l, acc = state
+    else:
+        m = torch.full((b,), float("-inf"), dtype=cdt, device=phi.device)
+        l = torch.zeros((b,), dtype=cdt, device=phi.device)
+        acc = torch.zeros((b, dim), dtype=cdt, device=phi.device)
     if n == 0:
         return m, l, acc
     phi2 = phi * (2.0 * inv_s2)  # logits = phi2 @ f^T - q inv_s2

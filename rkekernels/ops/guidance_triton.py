@@ -181,10 +181,12 @@ def softmax_state(
     bank_cond_sq: torch.Tensor | None,
     inv_s2: float,
     inv_c2: float,
+    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online-softmax state (m (b,), l (b,), acc (b, D)) over ``bank``, by the Triton kernel.
 
-    Same arguments and result as ``ops.guidance_torch.softmax_state``; the cached squared norms
+    Same arguments (``state``: an initial state merged in the combine) and result as
+    ``ops.guidance_torch.softmax_state``; the cached squared norms
     are not needed (the kernel computes them from the rows it loads anyway).
     """
     del bank_sq, bank_cond_sq
@@ -192,6 +194,8 @@ def softmax_state(
     b, dim = phi.shape
     n = bank.shape[0]
     if n == 0:
+        if state is not None:
+            return state
         return (
             torch.full((b,), float("-inf"), dtype=cdt, device=phi.device),
             torch.zeros((b,), dtype=cdt, device=phi.device),
@@ -239,7 +243,11 @@ def softmax_state(
         BLOCK_M=block_m,
         num_warps=warps,
     )
-    # combine the splits: rescale each to the global max (every split holds >= 1 row)
-    m_all = m.amax(0)
+    # combine the splits (and the initial state): rescale each to the global max
+    if state is not None:
+        m = torch.cat([m, state[0].unsqueeze(0)])
+        l = torch.cat([l, state[1].unsqueeze(0)])
+        acc = torch.cat([acc, state[2].unsqueeze(0)])
+    m_all = m.amax(0)  # finite: every split holds >= 1 bank row
     w = torch.exp(m - m_all)  # (splits, b)
     return m_all, (w * l).sum(0), torch.einsum("sb,sbd->bd", w, acc)
