@@ -26,6 +26,8 @@ Sections (``--sections``, comma separated, in this order):
 - ``modes``: "tf32" vs ``x @ x.T`` with TF32 on, "bf16" vs a bfloat16 ``x @ x.T``, "tf32x3" vs
   float32 ``x @ x.T``; each with its error vs the float64 path and its stated bound.
 - ``pykeops`` (only with ``--pykeops``): a KeOps LazyTensor sum of the same kernel, if it compiles.
+- ``compile`` (only with ``--compile-only``, no GPU needed, TRITON_INTERPRET unset): compiles every
+  kernel variant for sm_90 with the installed Triton and reports registers and spill bytes.
 
 Timings on CUDA use ``triton.testing.do_bench`` (quantiles 0.5, 0.2, 0.8, milliseconds); on a CPU
 (``--small`` under the interpreter) the same quantiles of 5 runs. Every row is written as soon as
@@ -55,7 +57,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-SECTIONS = ("check", "matmul", "stream", "large", "backward", "modes", "pykeops")
+SECTIONS = ("compile", "check", "matmul", "stream", "large", "backward", "modes", "pykeops")
 COLUMNS = [
     "section",
     "case",
@@ -505,6 +507,91 @@ def section_pykeops(rep, state, n, d, dev, cuda):
             ratio=f50 / k50 if f50 else "", error=rel(value, state["exact"]))  # fmt: skip
 
 
+# --------------------------------------------------------------------------- compile only
+
+
+def section_compile(rep: Report) -> None:
+    """Compile the kernels for sm_90 without a GPU; registers / spills via cuobjdump if present."""
+    import subprocess
+    import tempfile
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from rkekernels.ops import scores_triton as st
+
+    target = GPUTarget("cuda", 90, 32)
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+    def compile_one(fn, sig, consts, cfg, case, prec):
+        src_kw = {"signature": {**sig, **{k: "constexpr" for k in consts}}}
+        try:
+            src = ASTSource(fn=fn, constexprs=consts, **src_kw)
+        except TypeError:  # older Triton: constants= and no constexpr entries in the signature
+            src = ASTSource(fn=fn, signature=sig, constants=consts)
+        opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+        t0 = time.perf_counter()
+        try:
+            kern = triton.compile(src, target=target, options=opts)
+        except Exception as exc:
+            rep.add(section="compile", case=case, precision=prec, status="ERROR",
+                    detail=f"{type(exc).__name__}: {str(exc)[:300]}")  # fmt: skip
+            return
+        secs = time.perf_counter() - t0
+        usage = ""
+        if cuobjdump.exists() and "cubin" in kern.asm:
+            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
+                fh.write(kern.asm["cubin"])
+            out = subprocess.run([str(cuobjdump), "--dump-resource-usage", fh.name],
+                                 capture_output=True, text=True)  # fmt: skip
+            usage = " ".join(
+                w for line in out.stdout.splitlines() if "REG" in line
+                for w in line.split() if w.startswith(("REG:", "STACK:"))
+            )  # fmt: skip
+            os.unlink(fh.name)
+        rep.add(section="compile", case=case, precision=prec, ms_p50=secs * 1e3, status="ok",
+                detail=f"{cfg} {usage}".strip())  # fmt: skip
+
+    def ptr(dtype):
+        return {tl.float32: "*fp32", tl.float64: "*fp64", tl.bfloat16: "*bf16"}[dtype]
+
+    variants = [  # (mode, storage dtype, accumulation dtype, forward configs, backward configs)
+        ("ieee", tl.float32, tl.float32, st._FWD_GPU, st._BWD_GPU),
+        ("tf32", tl.float32, tl.float32, st._FWD_GPU[:1], st._BWD_GPU[:1]),
+        ("tf32x3", tl.float32, tl.float32, st._FWD_GPU[:1], st._BWD_GPU[:1]),
+        ("bf16", tl.bfloat16, tl.float32, st._FWD_GPU[:1], st._BWD_GPU[:1]),
+        ("ieee", tl.float64, tl.float64, st._FWD_GPU_F64[:1], st._BWD_GPU_F64[:1]),
+    ]
+    for mode, store, acc, fwd_cfgs, bwd_cfgs in variants:
+        dot_prec = "tf32" if mode == "bf16" else mode
+        w_round = {"tf32": 1, "bf16": 2}.get(mode, 0)
+        for has_t, K in ((False, 1), (True, 2)):
+            scal = ptr(acc)
+            sig = dict(X=ptr(store), T=ptr(store), NX=scal, NT=scal, C=scal, CT=scal,
+                       PART="*fp64", n="i32", d="i32", m="i32",
+                       stride_x="i32", stride_t="i32")  # fmt: skip
+            for cfg in fwd_cfgs:
+                consts = dict(K=K, NSP=triton.next_power_of_2(2 * K + 1), HAS_T=has_t,
+                              WANT_FX=True, DOT_PREC=dot_prec, ACC=acc, BLOCK=cfg["BLOCK"],
+                              BLOCK_D=cfg["BLOCK_D"], GROUP=cfg["GROUP"])  # fmt: skip
+                compile_one(st._fwd_kernel, sig, consts, cfg,
+                            f"forward, {store}, HAS_T={has_t}, K={K}", mode)  # fmt: skip
+            out = ptr(tl.float64 if acc == tl.float64 else tl.float32)
+            sig = dict(X=ptr(store), T=ptr(store), NX=scal, NT=scal, C=scal, CT=scal, COEF=scal,
+                       GX="*fp64", GT="*fp64", OUTX=out, OUTT=out, n="i32", d="i32", m="i32",
+                       stride_x="i32", stride_t="i32", stride_gx="i32", stride_gt="i32",
+                       stride_ox="i32", stride_ot="i32")  # fmt: skip
+            for cfg in bwd_cfgs:
+                consts = dict(K=K, HAS_T=has_t, NEED_X=True, NEED_T=has_t, DOT_PREC=dot_prec,
+                              ACC=acc, W_ROUND=w_round, BF16_STORE=store == tl.bfloat16,
+                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                              BLOCK_D=cfg["BLOCK_D"])  # fmt: skip
+                compile_one(st._bwd_kernel, sig, consts, cfg,
+                            f"backward, {store}, HAS_T={has_t}, K={K}", mode)  # fmt: skip
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -512,8 +599,15 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
     p.add_argument("--small", action="store_true", help="tiny sizes (smoke test, CPU or GPU)")
-    p.add_argument("--sections", default=",".join(s for s in SECTIONS if s != "pykeops"))
+    p.add_argument(
+        "--sections", default=",".join(s for s in SECTIONS if s not in ("pykeops", "compile"))
+    )
     p.add_argument("--pykeops", action="store_true", help="also try the KeOps comparison")
+    p.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="only compile the kernels for sm_90 (no GPU needed; TRITON_INTERPRET unset)",
+    )
     p.add_argument("--n-bench", type=int, default=None, help="n for matmul/stream/modes (65536)")
     p.add_argument("--d", type=int, default=None, help="feature dimension (768)")
     p.add_argument("--n-large", type=int, default=None, help="n for the large run (1,000,000)")
@@ -532,6 +626,8 @@ def main(argv=None) -> int:
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if args.pykeops and "pykeops" not in sections:
         sections.append("pykeops")
+    if args.compile_only:
+        sections = ["compile"]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         print(f"unknown sections {unknown}; choose from {SECTIONS}", file=sys.stderr)
@@ -541,7 +637,11 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
-    if not cuda and not st.interpreted():
+    if sections == ["compile"]:
+        if st.interpreted():
+            print("--compile-only needs TRITON_INTERPRET unset", file=sys.stderr)
+            return 2
+    elif not cuda and not st.interpreted():
         print("no CUDA GPU: run with TRITON_INTERPRET=1 (and --small) to smoke-test on CPU",
               file=sys.stderr)  # fmt: skip
         return 2
@@ -558,6 +658,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     state: dict = {}
     runners = {
+        "compile": lambda: section_compile(rep),
         "check": lambda: section_check(rep, dev, small),
         "matmul": lambda: section_matmul(rep, state, n_bench, d, dev, cuda),
         "stream": lambda: section_stream(rep, state, n_bench, d, dev, cuda),

@@ -67,6 +67,10 @@ exact float32, and since the operands are rounded first it reproduces the GPU's 
 bfloat16 tensor-core dots themselves and all of "tf32x3" (exact float32 in the interpreter) are
 checked against these bounds only on a GPU (``benchmarks/gpu_check.py``).
 
+Verified where (kernels): every variant (4 modes, float64, with and without t) compiles for sm_90
+with Triton 3.9 on a machine without a GPU (``benchmarks/gpu_check.py --compile-only``), and runs
+correctly in the interpreter; nothing here has run on a GPU yet (``benchmarks/gpu_check.py``).
+
 Tile sizes: on a GPU a few configurations are timed once per problem key (d, m, number of
 bandwidths, flags, dtype, precision, size bucket) on at most 16,384 rows and the fastest is kept
 (`tuned_configs`); problems below 4,096 rows use the first configuration untimed. Under
