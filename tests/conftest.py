@@ -1,19 +1,13 @@
 """Shared test set-up.
 
-- Without a GPU, Triton kernels run in the interpreter (TRITON_INTERPRET=1 must be set before
-  any kernel is defined, so it is set here, before rkekernels imports Triton).
+- Without a GPU, Triton kernels run in the interpreter: the root conftest.py sets
+  TRITON_INTERPRET=1 before any kernel is defined (doctests under rkekernels/ need it too).
 - TF32 is off so that float32 references stay exact.
 - Fresh torch.empty buffers are poisoned with NaN so an unwritten output fails loudly.
 """
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 from hypothesis import settings
 
 torch.backends.cuda.matmul.allow_tf32 = False

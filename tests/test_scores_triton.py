@@ -384,3 +384,20 @@ def test_torch_and_triton_backends_share_the_contract():
         b = list(inspect.signature(getattr(st, name)).parameters)
         positional = [p for p in a if p not in ("block_rows", "block_cols", "shard")]
         assert b[: len(positional)] == positional
+
+
+def test_backward_uses_the_precision_of_its_forward():
+    """A graph built under precision("bf16") differentiates in bf16 even after the block ends."""
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(40, 5, generator=g)
+    x1 = x0.clone().requires_grad_()
+    with st.precision("bf16"):
+        y1 = rkekernels.rke_score(x1, 2.0, backend="triton")
+    y1.backward()  # outside the block: the module setting is "ieee" again
+    x2 = x0.clone().requires_grad_()
+    with st.precision("bf16"):
+        rkekernels.rke_score(x2, 2.0, backend="triton").backward()
+    x3 = x0.clone().requires_grad_()
+    rkekernels.rke_score(x3, 2.0, backend="triton").backward()
+    assert torch.equal(x1.grad, x2.grad)
+    assert not torch.equal(x1.grad, x3.grad)

@@ -35,20 +35,23 @@ class _PairSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, backend, inv_sx2, inv_st2, want_fx):
         impl = backend_module(backend)
+        # the Triton precision mode in force now is the one the backward must use too
+        prec = impl.get_precision() if backend == "triton" else None
+        kw = {"precision": prec} if prec is not None else {}
         # centring: the kernel is translation invariant, so the gradient w.r.t. the centred data
         # equals the gradient w.r.t. the data (the centring Jacobian kills a zero-sum vector)
         xc = x - x.mean(0, keepdim=True)
         tc = t - t.mean(0, keepdim=True) if t is not None else None
-        fx, ft, fxt = impl.forward_sums(xc, tc, inv_sx2, inv_st2, want_fx)
+        fx, ft, fxt = impl.forward_sums(xc, tc, inv_sx2, inv_st2, want_fx, **kw)
         ctx.save_for_backward(xc, tc if tc is not None else _EMPTY)
-        ctx.meta = (backend, inv_sx2, inv_st2, t is not None)
+        ctx.meta = (backend, inv_sx2, inv_st2, t is not None, kw)
         ctx.set_materialize_grads(False)
         out = [v if v is not None else _EMPTY.to(x.device) for v in (fx, ft, fxt)]
         return tuple(out)
 
     @staticmethod
     def backward(ctx, g_fx, g_ft, g_fxt):
-        backend, inv_sx2, inv_st2, has_t = ctx.meta
+        backend, inv_sx2, inv_st2, has_t, kw = ctx.meta
         xc, tc = ctx.saved_tensors
         tc = tc if has_t else None
         need_x = ctx.needs_input_grad[0]
@@ -63,7 +66,7 @@ class _PairSums(torch.autograd.Function):
             return None, None, None, None, None, None
         impl = backend_module(backend)
         gx, gt = impl.backward_grads(
-            xc, tc, inv_sx2, inv_st2, g_fx, g_ft, g_fxt, need_x=need_x, need_t=need_t
+            xc, tc, inv_sx2, inv_st2, g_fx, g_ft, g_fxt, need_x=need_x, need_t=need_t, **kw
         )
         return gx, gt, None, None, None, None
 
