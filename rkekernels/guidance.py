@@ -233,7 +233,7 @@ class FeatureBank:
             ValueError: f not 2-D or empty, NaN/Inf, a width other than the bank's, cond given
                 in some calls and not in others, cond with another width or row count.
         """
-        ft = as_tensor(f, "f") if not _is_float_tensor(f) else f
+        ft = (as_tensor(f, "f") if not _is_float_tensor(f) else f).detach()
         if ft.dim() != 2:
             raise ValueError(
                 f"f must be 2-D (b, D) features; got shape {tuple(ft.shape)}: map latents with "
@@ -255,7 +255,7 @@ class FeatureBank:
             )
         ct = None
         if has_cond:
-            ct = as_tensor(cond, "cond") if not _is_float_tensor(cond) else cond
+            ct = (as_tensor(cond, "cond") if not _is_float_tensor(cond) else cond).detach()
             if ct.dim() != 2 or ct.shape[0] != ft.shape[0] or ct.shape[1] == 0:
                 raise ValueError(
                     f"cond must be 2-D (b, m) with b = {ft.shape[0]} rows like f; "
@@ -517,25 +517,31 @@ def guidance_grad(
         from .ops import guidance_triton as impl
     else:
         from .ops import guidance_torch as impl
-    # the other current samples first (a tiny b x b state), then the bank streams into it
-    state = _batch_state(phi, yc, inv_s2, inv_c2) if include_batch and b > 1 else None
-    m, l, acc = impl.softmax_state(phi, fb, bank_sq, yc, bc, cond_sq, inv_s2, inv_c2, state)
-
-    # -- finish: log S, the phi gradient, the chain rule through the feature map
-    row_const = (phi * phi).sum(1) * inv_s2
+    row_const = (phi * phi).sum(1) * inv_s2  # ||phi||^2/s^2 (+ ||y||^2/s_c^2): bounds every logit
     if yc is not None:
         row_const = row_const + (yc * yc).sum(1) * inv_c2
-    has = l > 0
-    l_safe = torch.where(has, l, torch.ones_like(l))
-    log_s = torch.where(has, m + torch.log(l_safe) - row_const, torch.full_like(l, -math.inf))
-    g = (phi - acc / l_safe.unsqueeze(1)) * (2.0 * inv_s2)
-    g = torch.where(has.unsqueeze(1), g, torch.zeros_like(g))
-    if normalize:
-        g = (g - phi * (phi * g).sum(1, keepdim=True)) / znorm
-    checks = [phi.reshape(-1), g.reshape(-1), l, torch.where(has, log_s, 0.0)]
-    if yc is not None:
-        checks.append(yc.reshape(-1))
-    if not bool(torch.isfinite(torch.cat(checks)).all()):
+    # torch path: shift the logits by that bound (no running max; see ops.guidance_torch) and
+    # fall back to the running max if every term underflows. Triton: running max in registers.
+    shift = row_const if resolved == "torch" else None
+    args = (phi, fb, bank_sq, yc, bc, cond_sq, inv_s2, inv_c2)
+    # the other current samples first (a tiny b x b state), then the bank streams into it
+    batch = include_batch and b > 1
+    state = _batch_state(phi, yc, inv_s2, inv_c2, shift) if batch else None
+    m, l, acc = impl.softmax_state(*args, state, shift)
+    g, log_s, checks = _finish(phi, yc, znorm if normalize else None, m, l, acc, row_const, inv_s2)
+    # one host sync: are the results finite; did the shifted sums leave [tiny, 1/tiny] (every
+    # term underflowed, or rounding pushed a huge-scale exponent up; NaN counts too)
+    tiny = 1e-280 if cdt == torch.float64 else 1e-20
+    out_of_range = ~((l >= tiny) & (l <= 1.0 / tiny)).all()
+    flags = torch.stack([torch.isfinite(checks).all(), out_of_range]).tolist()
+    if shift is not None and flags[1] and (fb.shape[0] > 0 or batch):
+        state = _batch_state(phi, yc, inv_s2, inv_c2, None) if batch else None
+        m, l, acc = impl.softmax_state(*args, state, None)
+        g, log_s, checks = _finish(
+            phi, yc, znorm if normalize else None, m, l, acc, row_const, inv_s2
+        )
+        flags[0] = bool(torch.isfinite(checks).all())
+    if not flags[0]:
         _explain_non_finite(zf, normalize, y, fb, bc)
     grad = g.reshape(zt.shape)
     if out_dtype is not None:
@@ -548,17 +554,48 @@ def guidance_grad(
 
 
 def _batch_state(
-    phi: torch.Tensor, y: torch.Tensor | None, inv_s2: float, inv_c2: float
+    phi: torch.Tensor,
+    y: torch.Tensor | None,
+    inv_s2: float,
+    inv_c2: float,
+    shift: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Online-softmax state of each sample against the other b - 1 (constants, self excluded)."""
+    """Softmax state of each sample against the other b - 1 (constants, self excluded).
+
+    With ``shift`` the state is taken relative to it (as the bank pass will be), else to the max.
+    """
     logits = (phi @ phi.T) * (2.0 * inv_s2) - (phi * phi).sum(1) * inv_s2  # (b, b): [a, c]
     if y is not None:
         logits = logits + (y @ y.T) * (2.0 * inv_c2) - (y * y).sum(1) * inv_c2
     eye = torch.eye(phi.shape[0], dtype=torch.bool, device=phi.device)
     logits = logits.masked_fill(eye, -math.inf)
-    m = logits.amax(1)
+    m = shift if shift is not None else logits.amax(1)
     p = torch.exp(logits - m.unsqueeze(1))
     return m, p.sum(1), p @ phi
+
+
+def _finish(
+    phi: torch.Tensor,
+    y: torch.Tensor | None,
+    znorm: torch.Tensor | None,
+    m: torch.Tensor,
+    l: torch.Tensor,
+    acc: torch.Tensor,
+    row_const: torch.Tensor,
+    inv_s2: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad (b, D), log S (b,), values to check for NaN/Inf) from a softmax state."""
+    has = l > 0
+    l_safe = torch.where(has, l, torch.ones_like(l))
+    log_s = torch.where(has, (m - row_const) + torch.log(l_safe), torch.full_like(l, -math.inf))
+    g = (phi - acc / l_safe.unsqueeze(1)) * (2.0 * inv_s2)
+    g = torch.where(has.unsqueeze(1), g, torch.zeros_like(g))
+    if znorm is not None:  # chain rule through phi = z / ||z||: (I - u u^T) g / ||z||
+        g = (g - phi * (phi * g).sum(1, keepdim=True)) / znorm
+    checks = [phi.reshape(-1), g.reshape(-1), l, torch.where(has, log_s, 0.0)]
+    if y is not None:
+        checks.append(y.reshape(-1))
+    return g, log_s, torch.cat(checks)
 
 
 def _explain_non_finite(

@@ -102,6 +102,14 @@ def test_empty_state_round_trip():
     assert len(other) == 0 and other.dim == 4
 
 
+def test_add_detaches_from_autograd():
+    bank = FeatureBank(4)
+    f = torch.randn(2, 3, requires_grad=True)
+    bank.add(f * 2.0)
+    assert not bank.features.requires_grad
+    assert torch.equal(bank.features, (f * 2.0).detach())
+
+
 def test_oversized_add_keeps_newest_with_cond():
     bank = FeatureBank(3)
     f, c = rows(0, 10), rows(100, 10, dim=2)

@@ -7,18 +7,26 @@ per-row constants (they cancel in the softmax and are added back by the caller) 
 
     l_aj = (2 phi_a . f_j - q_j) inv_s2 + (2 y_a . c_j - r_j) inv_c2
 
-This module returns the un-normalised online-softmax state over the bank::
+This module returns an un-normalised softmax state over the bank, for some shift m_a::
 
-    m_a   = max_j l_aj
     l_a   = sum_j exp(l_aj - m_a)
     acc_a = sum_j exp(l_aj - m_a) f_j                      (b, D)
 
 so that log S_a = m_a + log l_a - ||phi_a||^2 inv_s2 - ||y_a||^2 inv_c2 and
-sum_j pi_aj f_j = acc_a / l_a. The bank is visited once, in chunks of rows: each chunk is used for
-the logits (one GEMM for all b samples) and, right after, for the values (a second GEMM with the
-same chunk, while it is still in cache). Extra memory: O(b D) for the state plus one chunk of
-logits (b x rows) and, for a float16/bfloat16 bank, one upcast chunk. The running max keeps every
-exponent <= 0, so the result is finite for any bandwidth.
+sum_j pi_aj f_j = acc_a / l_a. Two ways to pick m_a:
+
+- ``shift=None``: the running max (online softmax). Every exponent is <= 0 and the largest is 0,
+  so the state is exact and finite for any bandwidth.
+- ``shift=M`` with M_a = ||phi_a||^2 inv_s2 + ||y_a||^2 inv_c2, an upper bound of every logit
+  (2 a.b - ||b||^2 <= ||a||^2), so l_aj - M_a = -||phi_a - f_j||^2/s^2 - ||y_a - c_j||^2/s_c^2
+  <= 0: no overflow, and no per-chunk max, rescale or extra dispatches. It can underflow when
+  every entry is many bandwidths away; the caller checks l_a and falls back to the running max.
+
+The bank is visited once, in chunks of rows: each chunk is used for the logits (one GEMM for all
+b samples, the norms as its bias) and, right after, for the values (a second GEMM with the same
+chunk, while it is still in cache). Extra memory: O(b D) for the state, one chunk of logits
+(b x rows), an (n,) row of scaled norms for a FeatureBank, and for a float16/bfloat16 bank one
+upcast chunk.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import torch
 __all__ = ["CHUNK_ELEMENTS", "CHUNK_ROWS", "chunk_rows", "softmax_state"]
 
 #: Elements per bank chunk (rows = CHUNK_ELEMENTS // D, at least 16): 2**19 float32 = 2 MiB,
-#: sized so a chunk stays in the L2/L3 cache between the logits and the values GEMM.
+#: sized so a chunk stays in cache between the logits and the values GEMM.
 CHUNK_ELEMENTS = 1 << 19
 
 #: Fixed number of rows per chunk; overrides CHUNK_ELEMENTS when set (tests use it to place bank
@@ -53,8 +61,9 @@ def softmax_state(
     inv_s2: float,
     inv_c2: float,
     state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Online-softmax state (m (b,), l (b,), acc (b, D)) of the logits above over ``bank``.
+    """Softmax state (m (b,), l (b,), acc (b, D)) of the logits above over ``bank``.
 
     Args:
         phi: (b, D) current features, float32 or float64 (the compute dtype).
@@ -65,10 +74,12 @@ def softmax_state(
         bank_cond_sq: (n,) cached ||c_j||^2, or None to compute them chunk by chunk.
         inv_s2, inv_c2: 1/s^2 and 1/s_c^2.
         state: an initial state (m, l, acc) over other entries (state in, state out), whose
-            acc may be updated in place; None starts from the empty state.
+            acc may be updated in place; with ``shift`` its m must be ``shift``.
+        shift: None for the running max, or (b,) fixed shifts m_a >= every logit (see above).
 
     Returns:
-        (m, l, acc) in phi's dtype; an empty bank (and no state) gives m = -inf, l = 0, acc = 0.
+        (m, l, acc) in phi's dtype; an empty bank (and no state) gives l = 0, acc = 0 and
+        m = -inf (or the shift).
     """
     cdt = phi.dtype
     b, dim = phi.shape
@@ -76,60 +87,50 @@ def softmax_state(
     if state is not None:
         m, l, acc = state
     else:
-        m = torch.full((b,), float("-inf"), dtype=cdt, device=phi.device)
-        l = torch.zeros((b,), dtype=cdt, device=phi.device)
-        acc = torch.zeros((b, dim), dtype=cdt, device=phi.device)
+        m = shift if shift is not None else phi.new_full((b,), float("-inf"))
+        l = phi.new_zeros((b,))
+        acc = phi.new_zeros((b, dim))
     if n == 0:
         return m, l, acc
     phi2 = phi * (2.0 * inv_s2)  # logits = phi2 @ f^T - q inv_s2
     y2 = y * (2.0 * inv_c2) if y is not None else None
+    # scaled norms as one (1, n) bias row when cached (O(n), D times less than the bank)
+    q_row = (bank_sq * -inv_s2).to(cdt).unsqueeze(0) if bank_sq is not None else None
+    r_row = None
+    if y2 is not None and bank_cond_sq is not None:
+        r_row = (bank_cond_sq * -inv_c2).to(cdt).unsqueeze(0)
+    neg_shift = -shift.unsqueeze(1) if shift is not None else None
     rows = chunk_rows(dim)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         f = bank[start:stop]
         if f.dtype != cdt:
             f = f.to(cdt)
-        q = bank_sq[start:stop].to(cdt) if bank_sq is not None else _sq_norms(f)
-        # logits (b, rows): one GEMM for all b samples, the squared norms as the bias
-        logits = torch.addmm(q.unsqueeze(0), phi2, f.T, beta=-inv_s2)
+        # logits (b, rows): one GEMM for all b samples, the scaled squared norms as the bias
+        if q_row is not None:
+            logits = torch.addmm(q_row[:, start:stop], phi2, f.T)
+        else:
+            logits = torch.addmm(_sq_norms(f).unsqueeze(0), phi2, f.T, beta=-inv_s2)
         if y2 is not None:
             c = bank_cond[start:stop]
             if c.dtype != cdt:
                 c = c.to(cdt)
-            r = bank_cond_sq[start:stop].to(cdt) if bank_cond_sq is not None else _sq_norms(c)
-            logits.addmm_(y2, c.T).sub_(r.unsqueeze(0), alpha=inv_c2)
-        m_new = torch.maximum(m, logits.amax(1))
-        alpha = torch.exp(m - m_new)  # m = -inf on the first chunk: alpha = 0
-        p = logits.sub_(m_new.unsqueeze(1)).exp_()  # in place: every exponent <= 0
-        l = torch.addcmul(p.sum(1), l, alpha)
-        # values GEMM with the same chunk, still in cache: acc = alpha acc + p f
-        acc.mul_(alpha.unsqueeze(1)).addmm_(p, f)
-        m = m_new
-    return m, l, acc
-    phi2t = (phi * (2.0 * inv_s2)).T.contiguous()  # (D, b): logits = f @ phi2t - q inv_s2
-    y2t = (y * (2.0 * inv_c2)).T.contiguous() if y is not None else None
-    rows = chunk_rows(dim)
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        f = bank[start:stop]
-        if f.dtype != cdt:
-            f = f.to(cdt)
-        q = bank_sq[start:stop].to(cdt) if bank_sq is not None else (f * f).sum(1)
-        # logits (rows, b): one GEMM for all b samples, the squared norms as the bias
-        logits = torch.addmm(q.unsqueeze(1), f, phi2t, beta=-inv_s2)
-        if y2t is not None:
-            c = bank_cond[start:stop]
-            if c.dtype != cdt:
-                c = c.to(cdt)
-            r = bank_cond_sq[start:stop].to(cdt) if bank_cond_sq is not None else (c * c).sum(1)
-            logits.addmm_(c, y2t).sub_(r.unsqueeze(1), alpha=inv_c2)
-        m_new = torch.maximum(m, logits.amax(0))
-        alpha = torch.exp(m - m_new)  # m = -inf on the first chunk: alpha = 0
-        p = logits.sub_(m_new).exp_()  # in place: every exponent <= 0
-        l = torch.addcmul(p.sum(0), l, alpha)
-        # values GEMM with the same chunk, still in cache: acc = alpha acc + p^T f
-        acc.mul_(alpha.unsqueeze(1)).addmm_(p.T, f)
-        m = m_new
+            if r_row is not None:
+                logits.addmm_(y2, c.T).add_(r_row[:, start:stop])
+            else:
+                logits.addmm_(y2, c.T).sub_(_sq_norms(c).unsqueeze(0), alpha=inv_c2)
+        if neg_shift is not None:
+            p = logits.add_(neg_shift).exp_()  # every exponent <= 0 by the bound
+            l = l.add_(p.sum(1))
+            acc.addmm_(p, f)
+        else:
+            m_new = torch.maximum(m, logits.amax(1))
+            alpha = torch.exp(m - m_new)  # m = -inf on the first chunk: alpha = 0
+            p = logits.sub_(m_new.unsqueeze(1)).exp_()  # in place: every exponent <= 0
+            l = torch.addcmul(p.sum(1), l, alpha)
+            acc.mul_(alpha.unsqueeze(1))
+            m = m_new
+            acc.addmm_(p, f)  # values GEMM with the same chunk, still in cache
     return m, l, acc
 
 

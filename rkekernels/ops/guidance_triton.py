@@ -182,14 +182,18 @@ def softmax_state(
     inv_s2: float,
     inv_c2: float,
     state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    shift: None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online-softmax state (m (b,), l (b,), acc (b, D)) over ``bank``, by the Triton kernel.
 
-    Same arguments (``state``: an initial state merged in the combine) and result as
+    Same arguments (``state``: an initial state merged in the combine; no fixed ``shift``: the
+    kernel keeps a running max in registers, which costs nothing there) and result as
     ``ops.guidance_torch.softmax_state``; the cached squared norms
     are not needed (the kernel computes them from the rows it loads anyway).
     """
     del bank_sq, bank_cond_sq
+    if shift is not None:
+        raise ValueError("the Triton kernel keeps its running max in registers: shift must be None")
     cdt = phi.dtype
     b, dim = phi.shape
     n = bank.shape[0]
