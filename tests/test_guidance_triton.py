@@ -123,6 +123,39 @@ def test_triton_empty_bank_and_bad_input():
         guidance_grad(z, f, sigma=0.5, backend="triton")
 
 
+_COMPILE = """
+import os, subprocess, sys, tempfile
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rkekernels.ops import guidance_triton as gt
+bb, bn, bd, bm, warps = gt._blocks(torch.device("cuda"), False)
+t = "*fp32"
+sig = dict(phi_ptr=t, bank_ptr="*bf16", y_ptr=t, cond_ptr=t, acc_ptr=t, m_ptr=t, l_ptr=t,
+           b="i32", n="i32", dim="i32", cdim="i32", rows_per_split="i32", stride_phi="i32",
+           stride_bank="i32", stride_y="i32", stride_cond="i32", scal_ptr=t)
+consts = dict(HAS_COND=True, FP64=False, BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, BLOCK_M=bm)
+src = ASTSource(fn=gt._guidance_state_kernel, constexprs=consts,
+                signature={**sig, **{k: "constexpr" for k in consts}})
+kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+print("compiled", len(kern.asm["cubin"]))
+"""
+
+
+def test_kernel_compiles_for_sm90():
+    # the GPU code path itself (not the interpreter): compile for Hopper without a GPU
+    pytest.importorskip("triton.backends.nvidia")
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _COMPILE], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "compiled" in out.stdout
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16])
 def test_cuda_auto_backend_large(bank_dtype):
