@@ -374,8 +374,8 @@ def guidance_grad(
 
     with J_a the Jacobian of the feature map (identity, or (I - u u^T)/||z_a|| when normalised).
     With ``include_batch`` the other b - 1 current samples (and their prompts) count as bank
-    entries, as constants. Streams the bank once (online softmax); no autograd is used, so it
-    works inside ``torch.no_grad()``.
+    entries, as constants. Streams the bank once, O(n D) time and O(b D) extra memory; no
+    autograd is used, so it works inside ``torch.no_grad()``.
 
     Args:
         z: (b, ...) latents, float32 or float64 (others are converted to float32).
@@ -402,7 +402,11 @@ def guidance_grad(
     Math is float32 (float64 when z or the bank is float64); bank entries in float16/bfloat16
     are upcast chunk by chunk. The squared distances use ||phi||^2 + ||f||^2 - 2 phi.f, whose
     absolute error is about eps (||phi||^2 + ||f||^2), i.e. eps (||phi||^2 + ||f||^2) / s^2 in
-    the logits.
+    the logits. The softmax is exact and finite for any bandwidth: the torch path shifts the
+    logits by their upper bound ||phi||^2/s^2 (+ ||y||^2/s_c^2), so each term is
+    exp(-||phi - f_j||^2/s^2 - ||y - c_j||^2/s_c^2); only when every term underflows (all
+    entries more than ~6.8 bandwidths away) does it take a second pass with a running max.
+    The Triton kernel keeps a running max in registers (one pass always).
 
     >>> import torch
     >>> z = torch.tensor([[1.0, 0.0]])

@@ -27,6 +27,14 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(guidance_torch, "CHUNK_ROWS", CHUNK)
 
 
+@pytest.fixture(params=["rows_first", "samples_first"])
+def layout(request, monkeypatch):
+    # both GEMM layouts of the logits: (rows, D) @ (D, b) and (b, D) @ (D, rows)
+    limit = 10**9 if request.param == "rows_first" else 0
+    monkeypatch.setattr(guidance_torch, "ROWS_FIRST_MAX_DIM", limit)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -73,7 +81,7 @@ def check_against_reference(z, bank, kw, res, rtol):
 @pytest.mark.parametrize("include_batch", [True, False])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("as_bank", [False, True])
-def test_matches_reference(small_chunks, as_bank, normalize, include_batch, prompts, b, n):
+def test_matches_reference(small_chunks, layout, as_bank, normalize, include_batch, prompts, b, n):
     z, f, kw = make_case(b, n, normalize=normalize, prompts=prompts, seed=n + 10 * b)
     kw["include_batch"] = include_batch
     if as_bank:
@@ -112,6 +120,24 @@ def test_wrapped_feature_bank_equals_tensor_bank(small_chunks):
     res = guidance_grad(z, bank, **call)
     kw_ref = dict(kw, bank_cond=kw["bank_cond"][-11:])
     check_against_reference(z, f[-11:], kw_ref, res, RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("sigma", [0.3, 3.0])
+def test_shifted_and_running_max_states_agree(small_chunks, layout, sigma):
+    # the two torch strategies (fixed bound shift, online running max) give the same softmax
+    g = torch.Generator().manual_seed(21)
+    phi = torch.randn(3, 40, generator=g, dtype=torch.float64)
+    phi = phi / phi.norm(dim=1, keepdim=True)
+    bank = torch.randn(2 * CHUNK + 5, 40, generator=g, dtype=torch.float64)
+    y, c = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(21, 6, generator=g)
+    inv_s2, inv_c2 = 1 / sigma**2, 0.5
+    args = (phi, bank, None, y, c.double(), None, inv_s2, inv_c2)
+    shift = (phi * phi).sum(1) * inv_s2 + (y * y).sum(1) * inv_c2
+    m1, l1, a1 = guidance_torch.softmax_state(*args)
+    m2, l2, a2 = guidance_torch.softmax_state(*args, None, shift)
+    assert torch.equal(m2, shift)
+    assert torch.allclose(m1 + l1.log(), m2 + l2.log(), rtol=1e-12, atol=0)
+    assert torch.allclose(a1 / l1[:, None], a2 / l2[:, None], rtol=1e-12, atol=1e-15)
 
 
 def test_grad_is_descent_direction_of_log_s():
@@ -180,7 +206,7 @@ def test_half_precision_bank(small_chunks, half, as_bank):
 @pytest.mark.parametrize("sigma", [1e-4, 1e4])
 @pytest.mark.parametrize("include_batch", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_extreme_bandwidths_finite_and_exact(small_chunks, sigma, include_batch, dtype):
+def test_extreme_bandwidths_finite_and_exact(small_chunks, layout, sigma, include_batch, dtype):
     z, f, kw = make_case(3, 2 * CHUNK + 1, normalize=True, prompts=True, dtype=dtype, seed=13)
     kw.update(sigma=sigma, sigma_cond=sigma, include_batch=include_batch)
     res = guidance_grad(z, f, **kw)

@@ -25,19 +25,24 @@ sum_j pi_aj f_j = acc_a / l_a. Two ways to pick m_a:
 The bank is visited once, in chunks of rows: each chunk is used for the logits (one GEMM for all
 b samples, the norms as its bias) and, right after, for the values (a second GEMM with the same
 chunk, while it is still in cache). Extra memory: O(b D) for the state, one chunk of logits
-(b x rows), an (n,) row of scaled norms for a FeatureBank, and for a float16/bfloat16 bank one
-upcast chunk.
+(b x rows), an (n,) vector of scaled norms for a FeatureBank, and for a float16/bfloat16 bank
+one upcast chunk.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["CHUNK_ELEMENTS", "CHUNK_ROWS", "chunk_rows", "softmax_state"]
+__all__ = ["CHUNK_ELEMENTS", "CHUNK_ROWS", "ROWS_FIRST_MAX_DIM", "chunk_rows", "softmax_state"]
 
-#: Elements per bank chunk (rows = CHUNK_ELEMENTS // D, at least 16): 2**19 float32 = 2 MiB,
-#: sized so a chunk stays in cache between the logits and the values GEMM.
-CHUNK_ELEMENTS = 1 << 19
+#: Elements per bank chunk (rows = CHUNK_ELEMENTS // D, at least 16): 2**18 float32 = 1 MiB,
+#: sized so a chunk stays in cache (L2) between the logits and the values GEMM.
+CHUNK_ELEMENTS = 1 << 18
+
+#: Up to this width the logits GEMM is laid out as (rows, D) @ (D, b) ("bank @ z.T"), above it
+#: as (b, D) @ (D, rows): on MKL (single thread, b = 4) the first is faster streaming narrow
+#: rows, the second for wide rows (measured at D = 768 and 16,384; benchmarks/bench_guidance.py).
+ROWS_FIRST_MAX_DIM = 4096
 
 #: Fixed number of rows per chunk; overrides CHUNK_ELEMENTS when set (tests use it to place bank
 #: sizes around chunk boundaries).
@@ -94,11 +99,12 @@ def softmax_state(
         return m, l, acc
     phi2 = phi * (2.0 * inv_s2)  # logits = phi2 @ f^T - q inv_s2
     y2 = y * (2.0 * inv_c2) if y is not None else None
-    # scaled norms as one (1, n) bias row when cached (O(n), D times less than the bank)
-    q_row = (bank_sq * -inv_s2).to(cdt).unsqueeze(0) if bank_sq is not None else None
-    r_row = None
+    rows_first = dim <= ROWS_FIRST_MAX_DIM
+    # scaled norms as one bias vector when cached (O(n), D times less than the bank)
+    q_all = (bank_sq * -inv_s2).to(cdt) if bank_sq is not None else None
+    r_all = None
     if y2 is not None and bank_cond_sq is not None:
-        r_row = (bank_cond_sq * -inv_c2).to(cdt).unsqueeze(0)
+        r_all = (bank_cond_sq * -inv_c2).to(cdt)
     neg_shift = -shift.unsqueeze(1) if shift is not None else None
     rows = chunk_rows(dim)
     for start in range(0, n, rows):
@@ -106,31 +112,39 @@ def softmax_state(
         f = bank[start:stop]
         if f.dtype != cdt:
             f = f.to(cdt)
-        # logits (b, rows): one GEMM for all b samples, the scaled squared norms as the bias
-        if q_row is not None:
-            logits = torch.addmm(q_row[:, start:stop], phi2, f.T)
+        # logits: one GEMM for all b samples, the scaled squared norms as its bias; `lg` is the
+        # (b, rows) view whichever layout the GEMM wrote
+        if q_all is not None:
+            q, beta = q_all[start:stop], 1.0
         else:
-            logits = torch.addmm(_sq_norms(f).unsqueeze(0), phi2, f.T, beta=-inv_s2)
+            q, beta = _sq_norms(f), -inv_s2
+        if rows_first:
+            lg = torch.addmm(q.unsqueeze(1), f, phi2.T, beta=beta).T
+        else:
+            lg = torch.addmm(q.unsqueeze(0), phi2, f.T, beta=beta)
         if y2 is not None:
             c = bank_cond[start:stop]
             if c.dtype != cdt:
                 c = c.to(cdt)
-            if r_row is not None:
-                logits.addmm_(y2, c.T).add_(r_row[:, start:stop])
+            if r_all is not None:
+                r, alpha_r = r_all[start:stop], 1.0
             else:
-                logits.addmm_(y2, c.T).sub_(_sq_norms(c).unsqueeze(0), alpha=inv_c2)
+                r, alpha_r = _sq_norms(c), -inv_c2
+            if rows_first:
+                lg.T.addmm_(c, y2.T).add_(r.unsqueeze(1), alpha=alpha_r)
+            else:
+                lg.addmm_(y2, c.T).add_(r.unsqueeze(0), alpha=alpha_r)
         if neg_shift is not None:
-            p = logits.add_(neg_shift).exp_()  # every exponent <= 0 by the bound
+            p = lg.add_(neg_shift).exp_()  # every exponent <= 0 by the bound
             l = l.add_(p.sum(1))
-            acc.addmm_(p, f)
         else:
-            m_new = torch.maximum(m, logits.amax(1))
+            m_new = torch.maximum(m, lg.amax(1))
             alpha = torch.exp(m - m_new)  # m = -inf on the first chunk: alpha = 0
-            p = logits.sub_(m_new.unsqueeze(1)).exp_()  # in place: every exponent <= 0
+            p = lg.sub_(m_new.unsqueeze(1)).exp_()  # in place: every exponent <= 0
             l = torch.addcmul(p.sum(1), l, alpha)
             acc.mul_(alpha.unsqueeze(1))
             m = m_new
-            acc.addmm_(p, f)  # values GEMM with the same chunk, still in cache
+        acc.addmm_(p, f)  # values GEMM with the same chunk, still in cache
     return m, l, acc
 
 
