@@ -367,12 +367,13 @@ class PromptWorld:
 
     Prompts come in groups of ``group_size`` semantically close prompts: their embeddings are a
     shared group direction plus a small offset (distance ~0.14 inside a group, ~1.4 across
-    groups, in ``embed_dim`` dimensions). Each group owns a pool of ``modes_per_prompt + 1``
-    modes placed on a circle of the latent plane; prompt j of a group uses the pool's modes
-    j .. j + modes_per_prompt - 1, so close prompts share all but one of their modes, and its
-    dominant mode (weight ``dominant``) is pool mode j; the other modes share the remaining
-    weight equally (the rare ones). Components have standard deviation ``std`` and adjacent
-    modes are at least ``10 std`` apart.
+    groups, in ``embed_dim`` dimensions). Each group owns a "flower" in the latent plane: a
+    centre mode, the dominant mode (weight ``dominant``) of every prompt of the group, and petals
+    on a circle around it, the rare modes (sharing the remaining weight equally). Prompt j of a
+    group takes K - 1 consecutive petals starting at petal j * shift, shift = max(1, (K-1) // 2),
+    so close prompts share their dominant mode and some rare ones, the situation where
+    unguided samples of similar prompts look alike. Components have standard deviation ``std``;
+    every two modes are at least ``10 std`` apart, flowers of different groups further.
 
     With ``dim > 2`` the plane is embedded in R^dim by a fixed random orthonormal basis
     (the higher-dimensional variant); every mixture uses the same plane.
@@ -399,11 +400,13 @@ class PromptWorld:
         >>> world = PromptWorld(n_prompts=2, modes_per_prompt=3)
         >>> world.embeddings.shape, world.n_modes(0), world.shared_modes(0, 1)
         (torch.Size([2, 8]), 3, 2)
-        >>> cond = torch.tensor([0] * 8 + [1] * 8)
-        >>> x = 80.0 * torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
-        >>> out = sample_euler(world.denoise, x, get_sigmas_karras(25, 0.01, 80.0), {"cond": cond})
-        >>> world.precision(out[:8], 0), world.precision(out[8:], 1)
-        (1.0, 1.0)
+        >>> cond = torch.tensor([0] * 100 + [1] * 100)
+        >>> x = 80.0 * torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+        >>> out = sample_euler(world.denoise, x, get_sigmas_karras(30, 0.002, 80.0), {"cond": cond})
+        >>> world.precision(out[:100], 0) > 0.95, world.precision(out[100:], 1) > 0.95
+        (True, True)
+        >>> world.mixture(0).mode_counts(out[:100]).argmax().item()  # the dominant mode
+        0
     """
 
     def __init__(
@@ -437,28 +440,42 @@ class PromptWorld:
         n_groups = -(-n_prompts // group_size)
         self.groups = torch.arange(n_prompts) // group_size
         sizes = [min(group_size, n_prompts - g * group_size) for g in range(n_groups)]
-        pools = [k + s - 1 for s in sizes]  # modes in each group's pool
-        total = sum(pools)
-        # modes on a circle, one arc per group; adjacent modes >= 10 std apart, radius >= 2
-        radius = max(2.0, 10.0 * self.std / (2.0 * math.sin(math.pi / max(total, 2))))
-        angles = 2.0 * math.pi * torch.arange(total, dtype=torch.float64) / total + math.pi / 2
-        plane = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
-        self.plane_means = plane.to(torch.float32)
-        self.radius = radius
+        # a flower per group: the shared dominant mode in the centre, petals around it; prompt j
+        # of a group takes petals j*shift .. j*shift + k - 2, so close prompts share the centre
+        # and some petals. Adjacent modes are >= 10 std apart, groups further still.
+        shift = max(1, (k - 1) // 2)
+        petals = [k - 1 + (sz - 1) * shift for sz in sizes]
+        gap = 10.0 * self.std
+        r = max(gap, max(gap / (2.0 * math.sin(math.pi / max(n, 2))) for n in petals))
+        if n_groups == 1:
+            centres = torch.zeros(1, 2, dtype=torch.float64)
+        else:
+            rg = (2.0 * r + gap) / (2.0 * math.sin(math.pi / n_groups))
+            a = 2.0 * math.pi * torch.arange(n_groups, dtype=torch.float64) / n_groups
+            centres = rg * torch.stack([a.cos(), a.sin()], dim=1)
+        plane, self.prompt_modes = [], []
+        for g in range(n_groups):
+            a = 2.0 * math.pi * torch.arange(petals[g], dtype=torch.float64) / petals[g]
+            a = a + math.pi / 2
+            ring = centres[g] + r * torch.stack([a.cos(), a.sin()], dim=1)
+            base = sum(len(m) for m in plane)
+            plane.append(torch.cat([centres[g][None], ring]))
+            for j in range(sizes[g]):
+                own = [base + 1 + j * shift + i for i in range(k - 1)]
+                self.prompt_modes.append(torch.tensor([base, *own]))
+        self.plane_means = torch.cat(plane).to(torch.float32)
+        self.petal_radius = r
+        self.radius = float(self.plane_means.norm(dim=1).max())
         directions = torch.linalg.qr(
             torch.randn(embed_dim, max(n_groups, embed_dim), generator=gen)
         )[0]
         offsets = torch.randn(n_prompts, embed_dim, generator=gen, dtype=torch.float64)
         offsets = 0.1 * offsets / offsets.norm(dim=1, keepdim=True)
         emb = []
-        self.prompt_modes: list[torch.Tensor] = []
-        start = 0
         for g in range(n_groups):
             for j in range(sizes[g]):
                 direction = directions[:, g % directions.shape[1]].double()
                 emb.append(direction + offsets[g * group_size + j])
-                self.prompt_modes.append(torch.arange(start + j, start + j + k))
-            start += pools[g]
         self.embeddings = torch.stack(emb).to(torch.float32)
         self.basis: torch.Tensor | None = None
         if dim > 2:
