@@ -412,10 +412,11 @@ def _cmd_bench(args) -> int:
                 print(proc.stdout, end="")
             continue
         stem = script.stem
+        names_md = {f"{stem}.md", f"{stem}_quick.md", f"{stem.removeprefix('bench_')}.md"}
         tables = [
             p
-            for p in {bdir / "results" / f"{stem}.md", bdir / "results" / f"{stem[6:]}.md"}
-            if p.is_file() and p.stat().st_mtime >= started - 1
+            for p in (bdir / "results" / n for n in names_md)
+            if p.is_file() and p.stat().st_mtime >= started - 1  # written by this run
         ]
         print(f"\n## {stem}\n")
         if tables:

@@ -448,12 +448,18 @@ def plot(res: DemoResult, world: Any, out: str) -> str:
     P = len(res.per_prompt["unguided"])
     cols = ["true", *METHODS]
     fig, axes = plt.subplots(P, len(cols), figsize=(3.0 * len(cols), 3.0 * P), squeeze=False)
-    lim = world.radius + 8.0 * world.std
     all_modes = world.plane_means.numpy()
     gen = torch.Generator().manual_seed(cfg.seed)
     for p in range(P):
         gm = world.mixture(p)
         own = world.plane_means[world.prompt_modes[p]].numpy()
+        # zoom on the prompt's flower, wide enough to show every sample (none is hidden)
+        centre = world.plane_means[world.prompt_modes[p][0]]
+        half = world.petal_radius + 8.0 * world.std
+        for m in METHODS:
+            off = (world.to_plane(res.samples[m][p]) - centre).abs().max()
+            half = max(half, float(off) + 2.0 * world.std)
+        cx, cy = float(centre[0]), float(centre[1])
         for c, col in enumerate(cols):
             ax = axes[p][c]
             ax.scatter(all_modes[:, 0], all_modes[:, 1], s=6, c="0.85", zorder=1)
@@ -481,8 +487,8 @@ def plot(res: DemoResult, world: Any, out: str) -> str:
                     f"{_label(col, cfg)}\n{s.covered}/{s.true_modes} modes, prec {s.precision:.2f}"
                 )
             ax.set_title(title, fontsize=9)
-            ax.set_xlim(-lim, lim)
-            ax.set_ylim(-lim, lim)
+            ax.set_xlim(cx - half, cx + half)
+            ax.set_ylim(cy - half, cy + half)
             ax.set_aspect("equal")
             ax.set_xticks([])
             ax.set_yticks([])

@@ -215,14 +215,15 @@ def test_bench_runs_scripts_and_prints_tables(tmp_path, capsys):
     (bdir / "bench_scores.py").write_text(
         "import sys, pathlib\n"
         "quick = '--quick' in sys.argv\n"
-        "p = pathlib.Path(__file__).parent / 'results' / 'bench_scores.md'\n"
+        "name = 'bench_scores_quick.md' if quick else 'bench_scores.md'\n"
+        "p = pathlib.Path(__file__).parent / 'results' / name\n"
         "mode = 'quick' if quick else 'full'\n"
         "p.write_text('| n | ratio |\\n|---|---|\\n| 10 | %s |\\n' % mode)\n"
     )
     (bdir / "bench_guidance.py").write_text("raise SystemExit(3)\n")
     code, out, err = _run(capsys, "bench", "--dir", bdir)
     assert code == 1
-    assert "| 10 | quick |" in out and "bench_scores" in out
+    assert "| 10 | quick |" in out and "bench_scores_quick.md" in out
     assert "bench_guidance.py failed with exit code 3" in err
     assert "bench_distributed.py: not found" in err
     code, out, _ = _run(capsys, "bench", "--dir", bdir, "--only", "scores", "--full")
