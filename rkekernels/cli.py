@@ -181,13 +181,14 @@ def _stages(total: int, enabled: bool, desc: str):
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, desc=desc, unit="pass", file=sys.stderr, leave=False)
+            bar.set_postfix_str("bandwidths")
         except ImportError:  # tqdm is an optional dependency (rkekernels[demo])
             bar = None
 
-    def step(label: str) -> None:
+    def step(label: str) -> None:  # one pass done; ``label`` names the next one
         if bar is not None:
-            bar.set_postfix_str(label)
             bar.update(1)
+            bar.set_postfix_str(label)
 
     try:
         yield step
@@ -263,7 +264,7 @@ def score_files(
             if t is not None:
                 sig_c = float(sigma_cond) if sigma_cond is not None else None
                 sig_c = sig_c if sig_c is not None else float(rkekernels.median_bandwidth(t))
-            step("bandwidths")
+            step("pair sums (one streamed pass over all n^2 pairs)")
             arg = sig if many else sig[0]
             with torch.no_grad():
                 if t is None:
@@ -275,7 +276,7 @@ def score_files(
                     vals = {k: _to_py(getattr(e, k)) for k in e._fields}
                     exp = (lambda v: [math.exp(a) for a in v]) if many else math.exp
                     out = {"rke": exp(vals["h_x"]), "cond_rke": exp(vals["h_x_given_t"]), **vals}
-            step("pair sums")
+            step("done")
     except (ValueError, TypeError) as exc:  # API validation (SPEC section 4): one line
         raise CLIError(str(exc)) from None
     out["sigma"] = sig if many else sig[0]
