@@ -37,10 +37,7 @@ from typing import Any
 
 import torch
 
-from .guidance import GuidanceResult
-from .sampling import DiversityGuidance
-
-__all__ = ["DemoConfig", "DemoResult", "MarginalGuidance", "add_arguments", "main", "run"]
+__all__ = ["DemoConfig", "DemoResult", "add_arguments", "main", "run"]
 
 METHODS = ("unguided", "guided", "guided_batch")
 
@@ -59,7 +56,7 @@ class DemoConfig:
         sigma_cond: kernel bandwidth on prompt embeddings (prompt-aware guidance).
         start, stop: the guidance window on the sampler's progress (step / steps).
         objective: "log1p" (default) guides along -grad log(1 + 2 S), "log" along the
-            library's plain -grad log S (see `MarginalGuidance`).
+            library's default -grad log S (see `rkekernels.sampling.OBJECTIVES`).
         batch: batch size of the batched guided run.
         dim: latent dimension (2, or more: the plane embedded by a fixed orthonormal basis).
         out: path of the PNG ("" for none). progress: tqdm bars on stderr.
@@ -128,37 +125,6 @@ class DemoResult:
     def ok(self) -> bool:
         """True when every guided setting covers clearly more modes at kept precision."""
         return all(ok for ok, _ in self.verdicts.values())
-
-
-class MarginalGuidance(DiversityGuidance):
-    """`DiversityGuidance` along -grad log(1 + 2 S) instead of -grad log S.
-
-    Adding a sample to the bank raises the denominator of CondRKE by 2 S + 1 (SPEC section 2),
-    so log(1 + 2 S) is the log of that increase relative to the sample's own term, and
-
-        -grad log(1 + 2 S) = 2 S / (1 + 2 S) * (-grad log S)
-
-    is the library's direction times a factor in [0, 1]: full strength when the bank holds
-    samples similar to this one (S >> 1), fading when nothing similar is there (S -> 0), for
-    example when every bank entry belongs to an unrelated prompt (weights w_j ~ 0). The plain
-    -grad log S does not fade: its size is the distance to the (weighted) nearest entries,
-    however small the weights, which in score space (`guided_denoiser`: D + scale sigma^2 g)
-    throws samples off the data. Only `grad` changes; the adapters use it as they are.
-
-    Example:
-        >>> import torch
-        >>> from rkekernels.demo import MarginalGuidance
-        >>> g = MarginalGuidance(sigma=1.0, normalize=False)
-        >>> g.commit(torch.zeros(1, 2))
-        >>> g.grad(torch.tensor([[3.0, 0.0]])).grad  # far from the bank: the push fades
-        tensor([[0.0015, 0.0000]])
-    """
-
-    def grad(self, latents: torch.Tensor, cond: Any = None) -> GuidanceResult:
-        res = super().grad(latents, cond)
-        fade = torch.sigmoid(res.log_s.to(res.grad.dtype) + math.log(2.0))  # 2S / (1 + 2S)
-        fade = fade.reshape(-1, *([1] * (res.grad.dim() - 1)))
-        return GuidanceResult(res.grad * fade, res.log_s)
 
 
 def _bar(total: int, enabled: bool, desc: str):
@@ -248,9 +214,9 @@ def run(cfg: DemoConfig | None = None, **overrides: Any) -> DemoResult:
     bar = _bar(4 * P * N, cfg.progress, "sampling")
 
     def guidance() -> rkekernels.DiversityGuidance:
-        cls = MarginalGuidance if cfg.objective == "log1p" else rkekernels.DiversityGuidance
-        return cls(
+        return rkekernels.DiversityGuidance(
             cfg.sigma,
+            objective=cfg.objective,
             sigma_cond=cfg.sigma_cond,
             scale=cfg.scale,
             start=cfg.start,

@@ -35,7 +35,13 @@ import torch
 from ._input import as_tensor, check_sigma
 from .guidance import FeatureBank, GuidanceResult, features, guidance_grad
 
-__all__ = ["DiversityGuidance"]
+__all__ = ["OBJECTIVES", "DiversityGuidance"]
+
+#: "log": -grad log S (SPEC, the paper's direction). "log1p": -grad log(1 + 2 S), the log of the
+#: actual rise 2 S + 1 of CondRKE's denominator: the same direction times 2S / (1 + 2S) in [0, 1],
+#: which fades when nothing similar (or only unrelated prompts) is in the bank. The two differ
+#: only where the step is not rescaled (`guided_denoiser`'s raw score-space scale).
+OBJECTIVES = ("log", "log1p")
 
 
 def _check_unit(value: Any, name: str) -> float:
@@ -80,6 +86,8 @@ class DiversityGuidance:
             then stores ``features(feature_fn(latents))``.
         device, bank_dtype: where and in which dtype the bank lives (see `FeatureBank`).
         backend: "auto", "torch" or "triton", passed to `guidance_grad`.
+        objective: "log" (default, -grad log S) or "log1p" (-grad log(1 + 2 S), see
+            `OBJECTIVES`); only `grad`'s magnitude changes, per sample.
 
     Attributes:
         bank: the `FeatureBank` of committed samples (``len(guidance.bank)`` entries).
@@ -121,7 +129,11 @@ class DiversityGuidance:
         device: torch.device | str | None = None,
         bank_dtype: torch.dtype = torch.float32,
         backend: str = "auto",
+        objective: str = "log",
     ) -> None:
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        self.objective = objective
         self.sigma = check_sigma(sigma, "sigma")
         self.sigma_cond = None if sigma_cond is None else check_sigma(sigma_cond, "sigma_cond")
         if isinstance(scale, bool) or not isinstance(scale, int | float | np.integer | np.floating):
@@ -277,7 +289,7 @@ class DiversityGuidance:
             backend=self.backend,
         )
         if self.feature_fn is None:
-            return guidance_grad(latents.detach(), self.bank, **kwargs)
+            return self._fade(guidance_grad(latents.detach(), self.bank, **kwargs))
         with torch.enable_grad():
             z = latents.detach().requires_grad_(True)
             f = self.feature_fn(z)
@@ -297,7 +309,16 @@ class DiversityGuidance:
             )
         if gz is None:
             gz = torch.zeros_like(latents)
-        return GuidanceResult(gz.detach(), res.log_s)
+        return self._fade(GuidanceResult(gz.detach(), res.log_s))
+
+    def _fade(self, res: GuidanceResult) -> GuidanceResult:
+        """objective="log1p": -grad log(1 + 2S) = 2S / (1 + 2S) * (-grad log S), per sample."""
+        if self.objective == "log":
+            return res
+        log_s = torch.as_tensor(res.log_s)
+        grad = torch.as_tensor(res.grad)
+        fade = torch.sigmoid(log_s.to(grad.dtype) + math.log(2.0))
+        return GuidanceResult(grad * fade.reshape(-1, *([1] * (grad.dim() - 1))), res.log_s)
 
     def update(self, latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """The rescaled step ``z_a + scale * ||z_a|| / ||g_a|| * g_a`` (no move where g_a = 0).

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rkekernels.cli import main
-from rkekernels.demo import DemoConfig, MarginalGuidance, format_report, run
+from rkekernels.demo import DemoConfig, format_report, run
 from rkekernels.toy import PromptWorld
 
 
@@ -89,11 +89,11 @@ def test_high_dimensional_variant():
     assert res.ok
 
 
-def test_marginal_guidance_is_the_faded_plain_direction():
+def test_log1p_objective_is_the_faded_plain_direction():
     from rkekernels import DiversityGuidance
 
     kw = dict(sigma=0.8, sigma_cond=0.5, normalize=False)
-    plain, marginal = DiversityGuidance(**kw), MarginalGuidance(**kw)
+    plain, marginal = DiversityGuidance(**kw), DiversityGuidance(objective="log1p", **kw)
     bank = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
     cond = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
     plain.commit(bank, cond)
@@ -107,6 +107,8 @@ def test_marginal_guidance_is_the_faded_plain_direction():
     # far from everything in the bank (or only unrelated prompts): the push fades to ~0
     far = marginal.grad(z + 50.0, y).grad
     assert float(far.abs().max()) < 1e-12 < float(plain.grad(z + 50.0, y).grad.abs().max())
+    with pytest.raises(ValueError, match="objective must be one of"):
+        DiversityGuidance(sigma=1.0, objective="inverse")
 
 
 def test_cli_demo(tmp_path, capsys):
