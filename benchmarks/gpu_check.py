@@ -183,26 +183,10 @@ def rel(a, b) -> float:
 
 
 def _grad_scale(x, t, sigmas, sigma_t, g_fx, g_ft, g_fxt):
-    """sum_j |W|_ij (||x_i|| + ||x_j||) per row for x and t (the scale of the gradient error)."""
-    from rkekernels import reference as ref
+    """sum_j |W|_ij (||x_i|| + ||x_j||) per row, for x and t: `reference.grad_term_scale`."""
+    from rkekernels import reference
 
-    xc = x.double() - x.double().mean(0)
-    tc = t.double() - t.double().mean(0)
-    ct = 1.0 / sigma_t**2
-    kt2 = torch.exp(-ct * ref.sq_dists(tc, tc))
-    wx = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
-    wt = 4.0 * ct * kt2 * abs(float(g_ft))
-    for k, s in enumerate(sigmas):
-        c = 1.0 / s**2
-        kx2 = torch.exp(-c * ref.sq_dists(xc, xc))
-        wx += 4.0 * c * kx2 * (abs(float(g_fx[k])) + abs(float(g_fxt[k])) * kt2)
-        wt += 4.0 * ct * kt2 * kx2 * abs(float(g_fxt[k]))
-
-    def scale(w, v):
-        nrm = v.norm(dim=1)
-        return (w * (nrm[:, None] + nrm[None, :])).sum(1)
-
-    return scale(wx, xc), scale(wt, tc)
+    return reference.grad_term_scale(x, t, sigmas, sigma_t, g_fx, g_ft, g_fxt)
 
 
 def _max_r2(v) -> float:

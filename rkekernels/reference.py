@@ -25,6 +25,7 @@ __all__ = [
     "cond_rke_score",
     "features",
     "gaussian_kernel",
+    "grad_term_scale",
     "guidance_grad",
     "guidance_log_s",
     "median_bandwidth",
@@ -171,3 +172,32 @@ def guidance_grad(z, bank, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros_like(z), log_s.detach()
     (g,) = torch.autograd.grad(log_s[finite].sum(), z)
     return -g, log_s.detach()
+
+
+def grad_term_scale(x, t, sigmas, sigma_t, g_fx, g_ft, g_fxt):
+    """The natural size of each gradient row of the pair sums, for error bounds (float64).
+
+    With W^x_ij = sum_k 4 c_k (|g_x[k]| + |g_xt[k]| Kt^2) Kx_k^2 and
+    W^t_ij = 4 c_t (|g_t| + sum_k |g_xt[k]| Kx_k^2) Kt^2 on centred data, returns
+    (sum_j W^x_ij (||x_i|| + ||x_j||) (n,), sum_j W^t_ij (||t_i|| + ||t_j||) (n,)): every term of
+    dL/dx_i = -sum_j W_ij (x_i - x_j) is at most this in norm, so a rounding error relative to it
+    is the right measure of a streamed gradient's accuracy.
+    """
+    xc = _f64(x).detach().cpu()
+    tc = _f64(t).detach().cpu()
+    xc, tc = xc - xc.mean(0), tc - tc.mean(0)
+    ct = 1.0 / float(sigma_t) ** 2
+    kt2 = torch.exp(-ct * sq_dists(tc, tc))
+    wx = torch.zeros(xc.shape[0], xc.shape[0], dtype=torch.float64)
+    wt = 4.0 * ct * kt2 * abs(float(g_ft))
+    for k, s in enumerate(sigmas):
+        c = 1.0 / float(s) ** 2
+        kx2 = torch.exp(-c * sq_dists(xc, xc))
+        wx += 4.0 * c * kx2 * (abs(float(g_fx[k])) + abs(float(g_fxt[k])) * kt2)
+        wt += 4.0 * ct * kt2 * kx2 * abs(float(g_fxt[k]))
+
+    def scale(w, v):
+        nrm = v.norm(dim=1)
+        return (w * (nrm[:, None] + nrm[None, :])).sum(1)
+
+    return scale(wx, xc), scale(wt, tc)

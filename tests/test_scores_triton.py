@@ -84,25 +84,10 @@ def _ref_vjp(x, t, sigmas, sigma_t, g_fx, g_ft, g_fxt):
 
 
 def _grad_scale(x, t, sigmas, sigma_t, g_fx, g_ft, g_fxt):
-    """sum_j |W|_ij (||x_i|| + ||x_j||) per row, for x and for t (centred data, float64)."""
-    xc = x.detach().cpu().double()
-    tc = t.detach().cpu().double()
-    xc, tc = xc - xc.mean(0), tc - tc.mean(0)
-    ct = 1.0 / sigma_t**2
-    kt2 = torch.exp(-ct * ref.sq_dists(tc, tc))
-    wx = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64)
-    wt = 4.0 * ct * kt2 * abs(float(g_ft))
-    for k, s in enumerate(sigmas):
-        c = 1.0 / s**2
-        kx2 = torch.exp(-c * ref.sq_dists(xc, xc))
-        wx += 4.0 * c * kx2 * (abs(float(g_fx[k])) + abs(float(g_fxt[k])) * kt2)
-        wt += 4.0 * ct * kt2 * kx2 * abs(float(g_fxt[k]))
+    """sum_j |W|_ij (||x_i|| + ||x_j||) per row, for x and t: `reference.grad_term_scale`."""
+    from rkekernels import reference
 
-    def scale(w, v):
-        nrm = v.norm(dim=1)
-        return (w * (nrm[:, None] + nrm[None, :])).sum(1)
-
-    return scale(wx, xc), scale(wt, tc)
+    return reference.grad_term_scale(x, t, sigmas, sigma_t, g_fx, g_ft, g_fxt)
 
 
 def _cotangents(K, seed=1):
