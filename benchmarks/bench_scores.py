@@ -8,7 +8,8 @@ Run:  python benchmarks/bench_scores.py [--quick]
    package's Monte Carlo estimate (RKE-MC), each where it runs, with its relative error.
 2. Scaling in n at d = 64 (log-log plot), and the dense version at a size where it runs out of
    memory (a child process with a 16 GiB address-space cap, so the machine itself is safe).
-3. Peak memory of `rke_score` at n = 100,000, d = 64 in a fresh process (target: input + 64 MiB).
+3. Peak memory of `rke_score` at n = 100,000, d = 64 in a fresh process (target: input + 64 MiB),
+   and extra peak memory vs n for `rke_score` and the dense version (log-log plot).
 
 Results: benchmarks/results/bench_scores.{csv,md} and bench_scores.png.
 """
@@ -34,7 +35,10 @@ from common import RESULTS, timeit, write_results
 import rkekernels as rk
 from rkekernels import reference
 
-COLUMNS = ["case", "method", "n", "d", "seconds", "ratio_vs_baseline", "baseline", "rel_error"]
+COLUMNS = [
+    "case", "method", "n", "d", "seconds", "ratio_vs_baseline", "baseline", "rel_error",
+    "extra_peak_mib",
+]  # fmt: skip
 
 
 def _data(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -170,33 +174,60 @@ def dense_out_of_memory(n: int, d: int, rows: list) -> None:
     )  # fmt: skip
 
 
-def peak_memory(n: int, d: int, rows: list) -> dict:
-    res = _child(
+def _peak_child(n: int, d: int, method: str) -> dict:
+    """Extra peak RSS of one call in a fresh process: VmHWM after, minus VmRSS with x allocated."""
+    call = "rk.rke_score(x, 8.0)" if method == "rk" else "baselines.dense_torch(x, 8.0)"
+    return _child(
         f"""
-        import json, torch, rkekernels as rk
+        import json, sys, torch, rkekernels as rk
+        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+        import baselines
         def status(key):  # /proc/self/status, MiB: VmRSS now, VmHWM peak of this process
             with open("/proc/self/status") as fh:
                 return next(int(l.split()[1]) for l in fh if l.startswith(key)) / 1024.0
         rk.rke_score(torch.randn(8, {d}), 1.0)   # warm up: threads and code, not memory
+        baselines.dense_torch(torch.randn(8, {d}), 1.0)
         x = torch.randn({n}, {d})
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # reset VmHWM to the current RSS (ru_maxrss would include the parent)
         base = status("VmRSS")
-        v = float(rk.rke_score(x, 8.0))
+        v = float({call})
         extra = status("VmHWM") - base
         print(json.dumps(dict(extra_mib=extra, input_mib=x.numel() * 4 / 2**20, value=v)))
         """
     )
+
+
+def peak_memory(n: int, d: int, rows: list) -> dict:
+    res = _peak_child(n, d, "rk")
     rows.append(
         dict(case=f"peak memory n={n:,}, d={d}", method="rkekernels.rke_score", n=n, d=d,
              seconds=f"input {res.get('input_mib', 0):.1f} MiB + "
                      f"{res.get('extra_mib', float('nan')):.1f} MiB extra peak RSS",
-             ratio_vs_baseline="", baseline="target: input + 64 MiB", rel_error="")
+             ratio_vs_baseline="", baseline="target: input + 64 MiB", rel_error="",
+             extra_peak_mib=res.get("extra_mib", ""))
     )  # fmt: skip
     return res
 
 
-def plot(points: list[tuple[int, float, float | None]], d: int) -> Path | None:
+def memory_scaling(ns: list[int], d: int, rows: list, dense_max: int = 16_000) -> list:
+    """Extra peak memory vs n for rke_score and (where it fits) the dense version."""
+    out = []
+    for n in ns:
+        rk_mib = _peak_child(n, d, "rk").get("extra_mib")
+        de_mib = _peak_child(n, d, "dense").get("extra_mib") if n <= dense_max else None
+        out.append((n, rk_mib, de_mib))
+        for method, mib in (("rkekernels.rke_score", rk_mib), ("dense torch", de_mib)):
+            if mib is not None:
+                rows.append(
+                    dict(case=f"memory scaling, d={d}", method=method, n=n, d=d, seconds="",
+                         ratio_vs_baseline="", baseline="", rel_error="", extra_peak_mib=mib)
+                )  # fmt: skip
+        print(f"  n={n:>7,}: extra peak MiB rkekernels {rk_mib}, dense {de_mib}")
+    return out
+
+
+def plot(points: list, mem: list, d: int) -> Path | None:
     try:
         import matplotlib
 
@@ -204,16 +235,22 @@ def plot(points: list[tuple[int, float, float | None]], d: int) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, (ax, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
     ax.loglog([p[0] for p in points], [p[1] for p in points], "o-", label="rkekernels.rke_score")
     dense = [(p[0], p[2]) for p in points if p[2]]
     if dense:
         ax.loglog(*zip(*dense), "s--", label="dense torch (cdist, exp, sum)")
-    ax.set_xlabel("n (samples)")
-    ax.set_ylabel("seconds")
-    ax.set_title(f"RKE score, d = {d}, float32, CPU")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.set(xlabel="n (samples)", ylabel="seconds", title=f"time, d = {d}, float32, CPU")
+    ax_m.loglog([p[0] for p in mem if p[1]], [p[1] for p in mem if p[1]], "o-",
+                label="rkekernels.rke_score")  # fmt: skip
+    dm = [(p[0], p[2]) for p in mem if p[2]]
+    if dm:
+        ax_m.loglog(*zip(*dm), "s--", label="dense torch (cdist, exp, sum)")
+    ax_m.set(xlabel="n (samples)", ylabel="extra peak memory, MiB",
+             title=f"memory above the input, d = {d}")  # fmt: skip
+    for a in (ax, ax_m):
+        a.grid(True, which="both", alpha=0.3)
+        a.legend()
     path = RESULTS / "bench_scores.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -236,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         pts = scaling([1000, 4000, 16_000, 32_000, 100_000], 64, rows)
         dense_out_of_memory(100_000, 64, rows)
         mem = peak_memory(100_000, 64, rows)
+        mem_pts = memory_scaling([1000, 4000, 16_000, 32_000, 100_000], 64, rows)
     md = write_results(
         "bench_scores" if not args.quick else "bench_scores_quick",
         rows,
@@ -243,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         "rke_score vs the alternatives (median wall time; ratio < 1 is faster than the baseline)",
     )
     if not args.quick:
-        plot(pts, 64)
+        plot(pts, mem_pts, 64)
     print(md)
     if "extra_mib" in mem and math.isfinite(mem["extra_mib"]):
         print(f"peak memory: input {mem['input_mib']:.1f} MiB + {mem['extra_mib']:.1f} MiB")

@@ -74,6 +74,11 @@ class _Workspace:
         return buf[: rows * cols].view(rows, cols)
 
 
+def _sq_norms(v: torch.Tensor) -> torch.Tensor:
+    """||v_i||^2 per row, as a batched dot product (no (n, d) temporary)."""
+    return torch.einsum("ij,ij->i", v, v)
+
+
 def _neg_sqdist(a, na, b, nb, diag: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """-max(||a_i - b_j||^2, 0) as one GEMM with the norms folded in: 2 a.b - n_b, then - n_a."""
     neg = torch.addmm(nb.unsqueeze(0), a, b.t(), beta=-1.0, alpha=2.0, out=out)
@@ -102,8 +107,8 @@ def forward_sums(
     n = xc.shape[0]
     dev = xc.device
     K = len(inv_sx2)
-    nx = (xc * xc).sum(1)
-    nt = (tc * tc).sum(1) if tc is not None else None
+    nx = _sq_norms(xc)
+    nt = _sq_norms(tc) if tc is not None else None
     fx = torch.zeros(K, dtype=torch.float64, device=dev) if want_fx else None
     ft = torch.zeros((), dtype=torch.float64, device=dev) if tc is not None else None
     fxt = torch.zeros(K, dtype=torch.float64, device=dev) if tc is not None else None
@@ -154,8 +159,8 @@ def backward_grads(
     dt = xc.dtype
     has_t = tc is not None
     need_t = need_t and has_t
-    nx = (xc * xc).sum(1)
-    nt = (tc * tc).sum(1) if has_t else None
+    nx = _sq_norms(xc)
+    nt = _sq_norms(tc) if has_t else None
     # per-bandwidth scalar weights, kept on device (no host sync)
     c = torch.tensor(list(inv_sx2), dtype=torch.float64, device=xc.device)
     ax = 4.0 * c * g_fx if g_fx is not None else None  # weight of Kx_k^2 in W^x
