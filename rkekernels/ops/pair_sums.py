@@ -50,18 +50,14 @@ class _PairSums(torch.autograd.Function):
         return tuple(out)
 
     @staticmethod
-    def backward(ctx, g_fx, g_ft, g_fxt):
+    def backward(ctx, *grads):
         backend, inv_sx2, inv_st2, has_t, kw = ctx.meta
         xc, tc = ctx.saved_tensors
         tc = tc if has_t else None
         need_x = ctx.needs_input_grad[0]
         need_t = has_t and ctx.needs_input_grad[1]
-        if g_fx is not None and g_fx.numel() == 0:
-            g_fx = None
-        if g_ft is not None and g_ft.numel() == 0:
-            g_ft = None
-        if g_fxt is not None and g_fxt.numel() == 0:
-            g_fxt = None
+        # the empty placeholder outputs (sums not asked for) carry no gradient
+        g_fx, g_ft, g_fxt = (g if g is not None and g.numel() else None for g in grads)
         if (g_fx is None and g_ft is None and g_fxt is None) or not (need_x or need_t):
             return None, None, None, None, None, None
         impl = backend_module(backend)

@@ -163,11 +163,13 @@ def backward_grads(
     nt = _sq_norms(tc) if has_t else None
     # per-bandwidth scalar weights, kept on device (no host sync)
     c = torch.tensor(list(inv_sx2), dtype=torch.float64, device=xc.device)
-    ax = 4.0 * c * g_fx if g_fx is not None else None  # weight of Kx_k^2 in W^x
-    axt = 4.0 * c * g_fxt if (g_fxt is not None and has_t) else None  # of Kx_k^2 Kt^2 in W^x
-    bt = 4.0 * inv_st2 * g_ft if (g_ft is not None and has_t) else None  # of Kt^2 in W^t
-    bxt = 4.0 * inv_st2 * g_fxt if (g_fxt is not None and has_t) else None  # of Kx^2Kt^2 in W^t
+    # each is None when its term does not reach a gradient that is asked for
+    ax = 4.0 * c * g_fx if (g_fx is not None and need_x) else None  # weight of Kx_k^2 in W^x
+    axt = 4.0 * c * g_fxt if (g_fxt is not None and has_t and need_x) else None  # Kx^2 Kt^2, W^x
+    bt = 4.0 * inv_st2 * g_ft if (g_ft is not None and need_t) else None  # of Kt^2 in W^t
+    bxt = 4.0 * inv_st2 * g_fxt if (g_fxt is not None and need_t) else None  # Kx^2 Kt^2, W^t
     ax, axt, bt, bxt = (None if v is None else v.to(dt) for v in (ax, axt, bt, bxt))
+    use_kx = ax is not None or axt is not None or bxt is not None  # else skip the K exps
 
     rx = torch.zeros(n, dtype=torch.float64, device=xc.device) if need_x else None
     gx = torch.zeros(xc.shape, dtype=torch.float64, device=xc.device) if need_x else None
@@ -193,17 +195,20 @@ def backward_grads(
         wx = ws("wx", *shape).zero_() if need_x else None
         wt = None
         if need_t:
-            wt = torch.mul(kt2, bt, out=ws("wt", *shape)) if bt is not None else None
-            wt = wt if wt is not None else ws("wt", *shape).zero_()
-        for k, ck in enumerate(inv_sx2):
+            wt = ws("wt", *shape)
+            if bt is not None:
+                torch.mul(kt2, bt, out=wt)
+            else:
+                wt.zero_()
+        for k, ck in enumerate(inv_sx2 if use_kx else ()):
             e = torch.mul(negd, ck, out=ws("e", *shape)).exp_()
-            if need_x and ax is not None:
+            if ax is not None:
                 wx.addcmul_(e, ax[k])
-            if kt2 is not None and (axt is not None or bxt is not None):
+            if axt is not None or bxt is not None:
                 ekt = e.mul_(kt2)
-                if need_x and axt is not None:
+                if axt is not None:
                     wx.addcmul_(ekt, axt[k])
-                if need_t and bxt is not None:
+                if bxt is not None:
                     wt.addcmul_(ekt, bxt[k])
         if need_x:
             _accumulate(wx, rx, gx, xc, i0, i1, j0, j1, diag)
