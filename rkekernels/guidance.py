@@ -537,14 +537,17 @@ def guidance_grad(
     # term underflowed, or rounding pushed a huge-scale exponent up; NaN counts too)
     tiny = 1e-280 if cdt == torch.float64 else 1e-20
     out_of_range = ~((l >= tiny) & (l <= 1.0 / tiny)).all()
-    flags = torch.stack([torch.isfinite(checks).all(), out_of_range]).tolist()
+    # an infinite prompt embedding can turn a logit into -inf (that entry silently dropped)
+    # instead of NaN, so bank_cond is checked directly (n x m: cheap, in the same sync)
+    cond_ok = torch.isfinite(bc).all() if bc is not None else torch.tensor(True, device=l.device)
+    flags = torch.stack([torch.isfinite(checks).all() & cond_ok, out_of_range]).tolist()
     if shift is not None and flags[1] and (fb.shape[0] > 0 or batch):
         state = _batch_state(phi, yc, inv_s2, inv_c2, None) if batch else None
         m, l, acc = impl.softmax_state(*args, state, None)
         g, log_s, checks = _finish(
             phi, yc, znorm if normalize else None, m, l, acc, row_const, inv_s2
         )
-        flags[0] = bool(torch.isfinite(checks).all())
+        flags[0] = bool(torch.isfinite(checks).all() & cond_ok)
     if not flags[0]:
         _explain_non_finite(zf, normalize, y, fb, bc)
     grad = g.reshape(zt.shape)

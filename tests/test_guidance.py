@@ -309,6 +309,17 @@ def test_bad_input():
         guidance_grad(z, FeatureBank(3), bank_cond=bc, sigma=1.0)
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_infinite_bank_cond_is_named_even_when_it_only_drops_an_entry(sign):
+    """+/-inf in bank_cond against a prompt of the opposite sign gives a logit of -inf, not NaN."""
+    z, f, kw = make_case(2, 6, normalize=True, prompts=True)
+    cond = torch.full_like(kw["cond"], -sign)
+    bank_cond = kw["bank_cond"].clone()
+    bank_cond[0, 0] = sign * math.inf
+    with pytest.raises(ValueError, match=r"^bank_cond contains NaN or Inf"):
+        guidance_grad(z, f, cond=cond, bank_cond=bank_cond, sigma=1.0, sigma_cond=1.0)
+
+
 @pytest.mark.parametrize("where", ["z", "bank", "cond", "bank_cond"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_non_finite_input_named(where, bad):
@@ -316,7 +327,7 @@ def test_non_finite_input_named(where, bad):
     args = {"z": z.clone(), "bank": f.clone(), "cond": kw["cond"].clone()}
     args["bank_cond"] = kw["bank_cond"].clone()
     args[where].view(-1)[3] = bad
-    with pytest.raises(ValueError, match=rf"{where} contains NaN or Inf"):
+    with pytest.raises(ValueError, match=rf"^{where} contains NaN or Inf"):
         guidance_grad(
             args["z"],
             args["bank"],
