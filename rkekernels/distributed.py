@@ -122,6 +122,26 @@ def _exchange(vec: list[float], group: Any, comm_dev: torch.device) -> torch.Ten
     return torch.stack(out).cpu()
 
 
+def _check_same_bandwidths(
+    k_column: torch.Tensor,
+    values: list[float],
+    sigma_t: float | None,
+    group: Any,
+    comm_dev: torch.device,
+) -> None:
+    """Collective: every rank must pass the same bandwidths, in the same order.
+
+    ``k_column`` holds each rank's ``len(values)`` from an earlier exchange: equal lengths are
+    checked first (every rank reaches the same verdict), then the values themselves are
+    all-gathered and compared exactly (a checksum would let [1, 2] and [2, 1] through).
+    """
+    if not bool((k_column == k_column[0]).all()):
+        raise ValueError("sigma must be the same on every rank (different numbers of bandwidths)")
+    table = _exchange([*values, sigma_t if sigma_t is not None else -1.0], group, comm_dev)
+    if not bool((table == table[0]).all()):
+        raise ValueError("sigma and sigma_t must be the same on every rank, in the same order")
+
+
 _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
@@ -268,9 +288,6 @@ def _global_pair_sums(x_local, t_local, sigma, sigma_t, group, with_t, want_fx):
         float(m_r),
         f64,
         float(len(s_list)),
-        math.fsum(s_list),
-        math.fsum(s * s for s in s_list),
-        st if st is not None else -1.0,
     ]
     table = _exchange(meta, group, comm_dev)
     _raise_collective(err, table[:, 0], "x_local/t_local/sigma")
@@ -296,8 +313,7 @@ def _global_pair_sums(x_local, t_local, sigma, sigma_t, group, with_t, want_fx):
                 f"t_local has a different number of features on different ranks: {sorted(ms)}"
             )
         m = ms.pop()
-    if not all(torch.equal(table[r, 5:9], table[0, 5:9]) for r in range(world)):
-        raise ValueError("sigma and sigma_t must be the same on every rank")
+    _check_same_bandwidths(table[:, 5], [float(many), *s_list], st, group, comm_dev)
     dtype = torch.float64 if any(table[r, 4] > 0 for r in live) else torch.float32
 
     # gathered buffers are this function's own (never the caller's tensors): centred in place

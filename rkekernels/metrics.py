@@ -269,12 +269,9 @@ class _Stream:
             1.0 if has_t else 0.0,
             1.0 if x is not None and x.dtype == torch.float64 else 0.0,
             float(self.K),
-            math.fsum(self.sigmas),
-            self.sigma_t if self.sigma_t is not None else -1.0,
         ]
         table = D._exchange(meta, group, comm_dev)
-        if not all(torch.equal(table[r, 5:], table[0, 5:]) for r in range(world)):
-            raise ValueError("sigma and sigma_t must be the same on every rank")
+        D._check_same_bandwidths(table[:, 5], list(self.sigmas), self.sigma_t, group, comm_dev)
         counts = [int(v) for v in table[:, 0].tolist()]
         n = sum(counts)
         if n == 0:

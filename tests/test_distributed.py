@@ -22,6 +22,7 @@ import rkekernels
 from rkekernels import distributed as D
 from rkekernels import reference
 from rkekernels.metrics import RKEMetric
+from rkekernels.ops import scores_torch
 
 F64 = 1e-10
 F32 = 1e-5
@@ -83,6 +84,9 @@ def _checks(rank: int, world: int) -> dict:
     wide = torch.ones(2, DIM + (rank == 0))
     res["err_width"] = _catch(lambda: D.rke_score(wide, SIG))
     res["err_sigma_differs"] = _catch(lambda: D.rke_score(xl, SIG + (rank == 0)))
+    # the same bandwidths in another order would add sums of different kernels
+    res["err_sigma_order"] = _catch(lambda: D.rke_score(xl, SIGS[::-1] if rank == 0 else SIGS))
+    res["own_tiles"] = len(list(scores_torch.tiles(N, shard=(rank, world))))
     rows = tl[:-1] if rank == last else tl
     res["err_rows"] = _catch(lambda: D.cond_rke_score(xl, rows, SIG, SIG_T))
     res["err_sigma"] = _catch(lambda: D.rke_score(xl, -1.0 if rank == 0 else SIG))
@@ -143,6 +147,9 @@ def _entry(rank: int, world: int, init_file: str, out_dir: str) -> None:
         world_size=world,
         timeout=timedelta(seconds=60),
     )
+    # tiny tiles: N = 37 rows make 5 x 5 blocks, so every rank reduces tiles of its own (with
+    # the default 1024-row tiles rank 0 would hold the only tile and the others add zeros)
+    scores_torch.BLOCK_ROWS = scores_torch.BLOCK_COLS = 8
     try:
         res = _checks(rank, world)
         dist.barrier()
@@ -205,7 +212,7 @@ def test_communication_volume(ranks):
     world, results = ranks
     nmax = max(SHARDS[world])
     for res in results:
-        meta = world * 9 * 8
+        meta = world * (6 + 3) * 8  # sizes and flags, then (many, sigma, sigma_t)
         assert res["comm"]["gathered_bytes"] == meta + world * nmax * DIM * 8
         assert res["comm"]["reduced_bytes"] == 8  # one float64 sum
 
@@ -224,6 +231,8 @@ def test_bad_input_raises_on_every_rank(ranks):
         assert "global n = 0" in res["err_empty"][1]
         assert "different number of features" in res["err_width"][1]
         assert "same on every rank" in res["err_sigma_differs"][1]
+        assert "same on every rank, in the same order" in res["err_sigma_order"][1]
+        assert res["own_tiles"] >= 3  # this rank's share of the 15 upper-triangle tiles
         assert "same number of rows" in res["err_rows"][1] or "rank(s)" in res["err_rows"][1]
         assert "sigma must be finite and > 0" in res["err_sigma"][1] or (
             "rank(s) [0]" in res["err_sigma"][1]
