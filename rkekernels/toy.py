@@ -466,15 +466,18 @@ class PromptWorld:
         self.plane_means = torch.cat(plane).to(torch.float32)
         self.petal_radius = r
         self.radius = float(self.plane_means.norm(dim=1).max())
-        directions = torch.linalg.qr(
-            torch.randn(embed_dim, max(n_groups, embed_dim), generator=gen)
-        )[0]
+        if n_groups > embed_dim:  # orthonormal group directions need embed_dim >= groups
+            raise ValueError(
+                f"embed_dim must be >= the number of prompt groups ({n_groups} for "
+                f"n_prompts={n_prompts}, group_size={group_size}), got {embed_dim}"
+            )
+        directions = torch.linalg.qr(torch.randn(embed_dim, embed_dim, generator=gen))[0]
         offsets = torch.randn(n_prompts, embed_dim, generator=gen, dtype=torch.float64)
         offsets = 0.1 * offsets / offsets.norm(dim=1, keepdim=True)
         emb = []
         for g in range(n_groups):
             for j in range(sizes[g]):
-                direction = directions[:, g % directions.shape[1]].double()
+                direction = directions[:, g].double()
                 emb.append(direction + offsets[g * group_size + j])
         self.embeddings = torch.stack(emb).to(torch.float32)
         self.basis: torch.Tensor | None = None

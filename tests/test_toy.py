@@ -170,3 +170,13 @@ def test_prompt_world_structure_and_conditional_denoiser():
         world.denoise(x, 0.5, cond=torch.tensor([0, 1]))
     with pytest.raises(IndexError, match="prompt must be in"):
         world.mixture(5)
+
+
+def test_prompt_groups_never_share_a_direction():
+    """As many groups as embedding dimensions: every cross-group pair stays far apart."""
+    world = PromptWorld(n_prompts=16, modes_per_prompt=3, embed_dim=8, seed=0)
+    d = torch.cdist(world.embeddings, world.embeddings)
+    other = world.groups[:, None] != world.groups[None, :]
+    assert float(d[other].min()) > 1.0
+    with pytest.raises(ValueError, match="embed_dim must be >= the number of prompt groups"):
+        PromptWorld(n_prompts=18, modes_per_prompt=3, embed_dim=8)
