@@ -128,13 +128,20 @@ def interleaved(
         for k, fn in fns.items():
             if r < repeat[k]:
                 _flush_caches()
+                _sync()
                 t0 = time.perf_counter()
                 fn()
+                _sync()  # on CUDA: time the kernels, not their launch
                 times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 _FLUSH = torch.empty(16 * 2**20)  # 64 MiB, twice this machine's last-level cache
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _flush_caches() -> None:
@@ -252,9 +259,10 @@ with open("/proc/self/clear_refs", "w") as fh:  # reset the peak (VmHWM) to the 
 before = status("VmRSS")
 fn()
 extra = status("VmHWM") - before
+sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 ts = []
 for _ in range({repeat}):
-    t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
+    sync(); t0 = time.perf_counter(); fn(); sync(); ts.append(time.perf_counter() - t0)
 print(json.dumps(dict(seconds=statistics.median(ts), input_mib=n * dim * 4 / 2**20,
                       extra_mib=max(0.0, extra))))
 """

@@ -79,8 +79,10 @@ def guidance() -> Path | None:
         [("guidance_grad, FeatureBank", "o-"), ("bank @ z.T", "s--"), ("ORIGINAL algorithm", "^:")],
         ["tab:blue", "tab:orange", "tab:green"],
     ):
+        # the GEMM row is named after whichever layout was faster at that n
+        names = {"bank @ z.T", "z @ bank.T"} if method == "bank @ z.T" else {method}
         pts = [(int(r["n"]), float(r["seconds"]), _num(r["extra_mib"])) for r in rows
-               if r["method"] == method]  # fmt: skip
+               if r["method"] in names]  # fmt: skip
         if not pts:
             continue
         ax_t.loglog([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=method)

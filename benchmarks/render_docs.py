@@ -30,7 +30,7 @@ PAGE = DOCS / "performance.md"
 IMG = DOCS / "img"
 QUICK = "_quick"
 #: benchmarks shown first, in this order; any others follow alphabetically
-ORDER = ["bench_scores", "bench_guidance", "bench_sampling", "bench_distributed"]
+ORDER = ["bench_scores", "bench_guidance", "bench_distributed"]
 
 HEADER = """\
 # Performance
