@@ -38,7 +38,6 @@ each rank received through ``all_gather`` and the bytes of its ``all_reduce``), 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,7 +55,7 @@ from ._input import (
 )
 from .guidance import FeatureBank
 from .ops import scores_torch
-from .scores import RKEEntropies, _median_from_tensor
+from .scores import RKEEntropies, _median_from_tensor, entropies_from_sums
 
 __all__ = [
     "SharedFeatureBank",
@@ -470,11 +469,7 @@ def rke_entropies(
     n, fx, ft, fxt, dtype, _, many = _global_pair_sums(
         x_local, t_local, sigma, sigma_t, group, True, True
     )
-    log_n2 = 2.0 * math.log(n)
-    h_x = log_n2 - torch.log(fx)
-    h_t = (log_n2 - torch.log(ft)).expand_as(h_x)
-    h_xt = log_n2 - torch.log(fxt)
-    vals = (h_x, h_t, h_xt, h_xt - h_t, h_x + h_t - h_xt)
+    vals = entropies_from_sums(n, fx, ft, fxt)
     return RKEEntropies(*(to_output(v.to(dtype), is_torch(x_local), many) for v in vals))
 
 

@@ -27,7 +27,6 @@ ranks' updates, the same on every rank; the local state is unchanged (updates ma
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -36,7 +35,7 @@ import torch
 from ._input import as_tensor, check_finite, check_same_device, check_sigma, check_sigmas
 from .ops import scores_torch
 from .ops.scores_torch import _neg_sqdist
-from .scores import RKEEntropies
+from .scores import RKEEntropies, entropies_from_sums
 
 __all__ = ["RKEMetric", "RKEMetricResult", "cross_pair_sums"]  # + TorchMetricsRKE, lazily
 
@@ -336,11 +335,7 @@ class _Stream:
         if not with_t:
             return RKEMetricResult(rke, None, None)
         ft, fxt = sums[K], sums[K + 1 :]
-        log_n2 = 2.0 * math.log(n)
-        h_x = log_n2 - torch.log(fx)
-        h_t = (log_n2 - torch.log(ft)).expand_as(h_x)
-        h_xt = log_n2 - torch.log(fxt)
-        ent = RKEEntropies(*(shape(v) for v in (h_x, h_t, h_xt, h_xt - h_t, h_x + h_t - h_xt)))
+        ent = RKEEntropies(*(shape(v) for v in entropies_from_sums(n, fx, ft, fxt)))
         return RKEMetricResult(rke, shape(ft / fxt), ent)
 
 

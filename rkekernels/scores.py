@@ -238,9 +238,18 @@ def rke_entropies(
     xt, tt, sigmas, many, st, backend, torch_out = _pair(x, t, sigma, sigma_t, backend)
     n = xt.shape[0]
     fx, ft, fxt = pair_sums(xt, tt, sigmas, st, backend=backend)
+    vals = entropies_from_sums(n, fx, ft, fxt)
+    return RKEEntropies(*(to_output(v.to(xt.dtype), torch_out, many) for v in vals))
+
+
+def entropies_from_sums(n: int, fx, ft, fxt) -> tuple:
+    """(H2(X), H2(T), H2(X,T), H2(X|T), I2(X;T)) from the pair sums (SPEC section 2).
+
+    The one place the decomposition is written: the one-process, distributed and streaming
+    scores all call it. ``fx`` and ``fxt`` are (K,) over the bandwidths; H2(T) is repeated.
+    """
     log_n2 = 2.0 * math.log(n)
     h_x = log_n2 - torch.log(fx)
     h_t = (log_n2 - torch.log(ft)).expand_as(h_x)
     h_xt = log_n2 - torch.log(fxt)
-    vals = (h_x, h_t, h_xt, h_xt - h_t, h_x + h_t - h_xt)
-    return RKEEntropies(*(to_output(v.to(xt.dtype), torch_out, many) for v in vals))
+    return h_x, h_t, h_xt, h_xt - h_t, h_x + h_t - h_xt
