@@ -34,7 +34,7 @@ import torch
 
 from ._input import as_tensor, check_finite, check_same_device, check_sigma, check_sigmas
 from .ops import scores_torch
-from .ops.scores_torch import _neg_sqdist
+from .ops.scores_torch import neg_sqdist
 from .scores import RKEEntropies, entropies_from_sums
 
 __all__ = ["RKEMetric", "RKEMetricResult", "cross_pair_sums"]  # + TorchMetricsRKE, lazily
@@ -114,8 +114,8 @@ def cross_pair_sums(
     has_t = ta is not None
     sx, st = shift
     idx = start
-    norm_a = (a * a).sum(1)
-    norm_ta = (ta * ta).sum(1) if has_t else None
+    norm_a = scores_torch.sq_norms(a)
+    norm_ta = scores_torch.sq_norms(ta) if has_t else None
     for j0 in range(0, nb, bc):
         j1 = min(j0 + bc, nb)
         mine = [
@@ -128,16 +128,16 @@ def cross_pair_sums(
             continue
         bj = b[j0:j1].to(dev)
         bj = bj - sx if sx is not None else bj
-        norm_b = (bj * bj).sum(1)
+        norm_b = scores_torch.sq_norms(bj)
         if has_t:
             tbj = tb[j0:j1].to(dev)
             tbj = tbj - st if st is not None else tbj
-            norm_tb = (tbj * tbj).sum(1)
+            norm_tb = scores_torch.sq_norms(tbj)
         for i0, i1 in mine:
-            negd = _neg_sqdist(a[i0:i1], norm_a[i0:i1], bj, norm_b, False)
+            negd = neg_sqdist(a[i0:i1], norm_a[i0:i1], bj, norm_b, False)
             kt2 = None
             if has_t:
-                kt2 = _neg_sqdist(ta[i0:i1], norm_ta[i0:i1], tbj, norm_tb, False)
+                kt2 = neg_sqdist(ta[i0:i1], norm_ta[i0:i1], tbj, norm_tb, False)
                 kt2 = kt2.mul_(inv_st2).exp_()
                 out[K] += weight * kt2.sum(dtype=torch.float64)
             for k, c in enumerate(inv_sx2):

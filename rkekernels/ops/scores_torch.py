@@ -30,7 +30,15 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["BLOCK_COLS", "BLOCK_ROWS", "backward_grads", "forward_sums", "tiles"]
+__all__ = [
+    "BLOCK_COLS",
+    "BLOCK_ROWS",
+    "backward_grads",
+    "forward_sums",
+    "neg_sqdist",
+    "sq_norms",
+    "tiles",
+]
 
 BLOCK_ROWS = 1024
 BLOCK_COLS = 1024
@@ -74,12 +82,12 @@ class _Workspace:
         return buf[: rows * cols].view(rows, cols)
 
 
-def _sq_norms(v: torch.Tensor) -> torch.Tensor:
+def sq_norms(v: torch.Tensor) -> torch.Tensor:
     """||v_i||^2 per row, as a batched dot product (no (n, d) temporary)."""
     return torch.einsum("ij,ij->i", v, v)
 
 
-def _neg_sqdist(a, na, b, nb, diag: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+def neg_sqdist(a, na, b, nb, diag: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """-max(||a_i - b_j||^2, 0) as one GEMM with the norms folded in: 2 a.b - n_b, then - n_a."""
     neg = torch.addmm(nb.unsqueeze(0), a, b.t(), beta=-1.0, alpha=2.0, out=out)
     neg.sub_(na.unsqueeze(1)).clamp_(max=0.0)
@@ -107,8 +115,8 @@ def forward_sums(
     n = xc.shape[0]
     dev = xc.device
     K = len(inv_sx2)
-    nx = _sq_norms(xc)
-    nt = _sq_norms(tc) if tc is not None else None
+    nx = sq_norms(xc)
+    nt = sq_norms(tc) if tc is not None else None
     fx = torch.zeros(K, dtype=torch.float64, device=dev) if want_fx else None
     ft = torch.zeros((), dtype=torch.float64, device=dev) if tc is not None else None
     fxt = torch.zeros(K, dtype=torch.float64, device=dev) if tc is not None else None
@@ -118,13 +126,13 @@ def forward_sums(
     for i0, i1, j0, j1, diag in tiles(n, br, bc, shard):
         w = 1.0 if diag else 2.0
         shape = (i1 - i0, j1 - j0)
-        negd = _neg_sqdist(xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag, ws("d", *shape))
+        negd = neg_sqdist(xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag, ws("d", *shape))
         if single:
             fx[0] += w * negd.mul_(inv_sx2[0]).exp_().sum().double()
             continue
         kt2 = None
         if tc is not None:
-            kt2 = _neg_sqdist(tc[i0:i1], nt[i0:i1], tc[j0:j1], nt[j0:j1], diag, ws("t", *shape))
+            kt2 = neg_sqdist(tc[i0:i1], nt[i0:i1], tc[j0:j1], nt[j0:j1], diag, ws("t", *shape))
             kt2 = kt2.mul_(inv_st2).exp_()
             ft += w * kt2.sum().double()
         for k, c in enumerate(inv_sx2):
@@ -159,8 +167,8 @@ def backward_grads(
     dt = xc.dtype
     has_t = tc is not None
     need_t = need_t and has_t
-    nx = _sq_norms(xc)
-    nt = _sq_norms(tc) if has_t else None
+    nx = sq_norms(xc)
+    nt = sq_norms(tc) if has_t else None
     # per-bandwidth scalar weights, kept on device (no host sync)
     c = torch.tensor(list(inv_sx2), dtype=torch.float64, device=xc.device)
     # each is None when its term does not reach a gradient that is asked for
@@ -187,10 +195,10 @@ def backward_grads(
     ws = _Workspace(xc, min(n, max(br, bc)), min(n, max(br, bc)))
     for i0, i1, j0, j1, diag in tiles(n, br, bc):
         shape = (i1 - i0, j1 - j0)
-        negd = _neg_sqdist(xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag, ws("d", *shape))
+        negd = neg_sqdist(xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag, ws("d", *shape))
         kt2 = None
         if has_t:
-            kt2 = _neg_sqdist(tc[i0:i1], nt[i0:i1], tc[j0:j1], nt[j0:j1], diag, ws("t", *shape))
+            kt2 = neg_sqdist(tc[i0:i1], nt[i0:i1], tc[j0:j1], nt[j0:j1], diag, ws("t", *shape))
             kt2 = kt2.mul_(inv_st2).exp_()
         wx = ws("wx", *shape).zero_() if need_x else None
         wt = None
