@@ -269,5 +269,6 @@ def test_importing_rkekernels_does_not_import_diffusers():
     code = (
         "import sys, rkekernels, rkekernels.adapters, rkekernels.adapters.kdiffusion\n"
         "assert 'diffusers' not in sys.modules, 'diffusers was imported'\n"
+        "assert 'k_diffusion' not in sys.modules, 'k_diffusion was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -2,7 +2,6 @@
 on an exact Gaussian-mixture denoiser (rkekernels.toy)."""
 
 import math
-import sys
 
 import pytest
 import torch
@@ -193,10 +192,6 @@ def test_bad_input():
     with pytest.raises(ValueError, match="one value per sample"):
         den(torch.randn(3, 2), torch.ones(2))
     assert isinstance(den, GuidedDenoiser)
-
-
-def test_no_kdiffusion_dependency():
-    assert "k_diffusion" not in sys.modules
 
 
 def test_plain_loop_example_agrees_with_the_adapter():
