@@ -99,7 +99,7 @@ def cross_pair_sums(
         (out, next tile index).
 
     Example:
-        >>> import torch
+        >>> import math, torch
         >>> a, b = torch.zeros(2, 1, dtype=torch.float64), torch.ones(3, 1, dtype=torch.float64)
         >>> out, _ = cross_pair_sums(a, b, [1.0])
         >>> round(float(out[0]), 6) == round(6 * math.exp(-1.0), 6)
