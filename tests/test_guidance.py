@@ -16,10 +16,10 @@ import torch
 
 from rkekernels import FeatureBank, GuidanceResult, features, guidance_grad
 from rkekernels import reference as ref
-from rkekernels.ops import guidance_torch
+from rkekernels.ops import guidance_cpu, guidance_torch
 
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-CHUNK = 8  # rows per chunk in these tests (set through guidance_torch.CHUNK_ROWS)
+CHUNK = 8  # rows per chunk (GEMM path) or block (fused kernel): guidance_torch.CHUNK_ROWS
 
 
 @pytest.fixture
@@ -27,9 +27,16 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(guidance_torch, "CHUNK_ROWS", CHUNK)
 
 
-@pytest.fixture(params=["rows_first", "samples_first"])
+@pytest.fixture(params=["fused", "rows_first", "samples_first"])
 def layout(request, monkeypatch):
-    # both GEMM layouts of the logits: (rows, D) @ (D, b) and (b, D) @ (D, rows)
+    # the CPU torch backend's two paths: the fused numba kernel (the default where numba is
+    # installed, as in the test extra) and the chunked GEMMs, in both layouts of the logits:
+    # (rows, D) @ (D, b) and (b, D) @ (D, rows)
+    if request.param == "fused":
+        assert guidance_cpu.available(), "the test extra installs numba"
+        monkeypatch.setattr(guidance_cpu, "ENABLED", True)
+        return request.param
+    monkeypatch.setattr(guidance_cpu, "ENABLED", False)
     limit = 10**9 if request.param == "rows_first" else 0
     monkeypatch.setattr(guidance_torch, "ROWS_FIRST_MAX_DIM", limit)
     return request.param
@@ -310,8 +317,11 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_infinite_bank_cond_is_named_even_when_it_only_drops_an_entry(sign):
-    """+/-inf in bank_cond against a prompt of the opposite sign gives a logit of -inf, not NaN."""
+def test_infinite_bank_cond_is_named_even_when_it_only_drops_an_entry(layout, sign):
+    """+/-inf in bank_cond against a prompt of the opposite sign gives a logit of -inf, not NaN.
+
+    Both CPU paths turn a non-finite prompt norm into a NaN logit (no extra pass over bank_cond).
+    """
     z, f, kw = make_case(2, 6, normalize=True, prompts=True)
     cond = torch.full_like(kw["cond"], -sign)
     bank_cond = kw["bank_cond"].clone()
@@ -322,7 +332,7 @@ def test_infinite_bank_cond_is_named_even_when_it_only_drops_an_entry(sign):
 
 @pytest.mark.parametrize("where", ["z", "bank", "cond", "bank_cond"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_non_finite_input_named(where, bad):
+def test_non_finite_input_named(layout, where, bad):
     z, f, kw = make_case(2, 6, normalize=True, prompts=True)
     args = {"z": z.clone(), "bank": f.clone(), "cond": kw["cond"].clone()}
     args["bank_cond"] = kw["bank_cond"].clone()

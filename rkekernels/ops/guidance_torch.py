@@ -86,6 +86,12 @@ def softmax_state(
         (m, l, acc) in phi's dtype; an empty bank (and no state) gives l = 0, acc = 0 and
         m = -inf (or the shift).
     """
+    if phi.device.type == "cpu" and _fused_cpu():
+        from . import guidance_cpu
+
+        return guidance_cpu.softmax_state(
+            phi, bank, bank_sq, y, bank_cond, bank_cond_sq, inv_s2, inv_c2, state, shift
+        )
     cdt = phi.dtype
     b, dim = phi.shape
     n = bank.shape[0]
@@ -104,7 +110,7 @@ def softmax_state(
     q_all = (bank_sq * -inv_s2).to(cdt) if bank_sq is not None else None
     r_all = None
     if y2 is not None and bank_cond_sq is not None:
-        r_all = (bank_cond_sq * -inv_c2).to(cdt)
+        r_all = _nan_unless_finite((bank_cond_sq * -inv_c2).to(cdt))
     neg_shift = -shift.unsqueeze(1) if shift is not None else None
     rows = chunk_rows(dim)
     for start in range(0, n, rows):
@@ -129,7 +135,7 @@ def softmax_state(
             if r_all is not None:
                 r, alpha_r = r_all[start:stop], 1.0
             else:
-                r, alpha_r = _sq_norms(c), -inv_c2
+                r, alpha_r = _nan_unless_finite(_sq_norms(c)), -inv_c2
             if rows_first:
                 lg.T.addmm_(c, y2.T).add_(r.unsqueeze(1), alpha=alpha_r)
             else:
@@ -146,6 +152,20 @@ def softmax_state(
             m = m_new
         acc.addmm_(p, f)  # values GEMM with the same chunk, still in cache
     return m, l, acc
+
+
+def _fused_cpu() -> bool:
+    """Whether CPU tensors go to the fused kernel (`guidance_cpu`: numba installed and enabled)."""
+    from . import guidance_cpu
+
+    return guidance_cpu.ENABLED and guidance_cpu.available()
+
+
+def _nan_unless_finite(r: torch.Tensor) -> torch.Tensor:
+    """Prompt norms with NaN for a non-finite entry. An infinite prompt embedding c_j would give
+    the logit 2 y.c_j - ||c_j||^2 = -inf (the entry silently dropped: c_j, unlike f_j, never
+    meets a zero weight in the values), so it is made NaN and reaches the caller's check."""
+    return torch.where(torch.isfinite(r), r, torch.full_like(r, float("nan")))
 
 
 def _sq_norms(f: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,187 @@
+"""The fused CPU guidance kernel (`rkekernels.ops.guidance_cpu`, numba) against the float64 state.
+
+Each case computes the softmax state (m, l, acc) of `guidance_torch.softmax_state` with the fused
+kernel and compares the normalised results, log-sum-exp m + log l and the weighted mean acc / l,
+with the same state computed in float64 by the chunked-GEMM path (itself tested against the
+reference in test_guidance.py). Float64 inputs: 1e-12; float32: 1e-5 (as test_guidance.py).
+
+The sizes put b around the kernel's blocks of 4 samples (1, 3, 4, 5, 9) and n around its blocks of
+rows (pairs for the logits, quads for the values, CHUNK_ROWS per block), with both logits
+variants (one row or two rows per pass) and the split over threads.
+"""
+
+import math
+import sys
+
+import pytest
+import torch
+
+import rkekernels as rk
+from rkekernels import reference as ref
+from rkekernels.ops import guidance_cpu, guidance_torch
+
+
+@pytest.fixture(autouse=True)
+def _fused(monkeypatch):
+    assert guidance_cpu.available(), "the test extra installs numba"
+    monkeypatch.setattr(guidance_cpu, "ENABLED", True)
+
+
+def case(b, n, dim, *, prompts, dtype, seed, m_dim=6):
+    g = torch.Generator().manual_seed(seed)
+    phi = torch.randn(b, dim, generator=g, dtype=torch.float64)
+    phi = phi / phi.norm(dim=1, keepdim=True)
+    bank = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    bank = bank / bank.norm(dim=1, keepdim=True)
+    y = c = None
+    if prompts:
+        y = torch.randn(b, m_dim, generator=g, dtype=torch.float64)
+        c = torch.randn(n, m_dim, generator=g, dtype=torch.float64)
+    return phi.to(dtype), bank.to(dtype), y, c
+
+
+def state(phi, bank, y, c, *, sigma, shift, cached_norms, fused, inv_c2=0.4):
+    inv_s2 = 1.0 / sigma**2
+    cdt = phi.dtype
+    yy = y.to(cdt) if y is not None else None
+    cc = c.to(bank.dtype) if c is not None else None
+    bank_sq = (bank.double() ** 2).sum(1) if cached_norms else None
+    cond_sq = (c.double() ** 2).sum(1) if (cached_norms and c is not None) else None
+    sh = None
+    if shift:
+        sh = (phi * phi).sum(1) * inv_s2
+        if yy is not None:
+            sh = sh + (yy * yy).sum(1) * inv_c2
+    old = guidance_cpu.ENABLED
+    guidance_cpu.ENABLED = fused
+    try:
+        return guidance_torch.softmax_state(
+            phi, bank, bank_sq, yy, cc, cond_sq, inv_s2, inv_c2 if y is not None else 0.0, None, sh
+        )
+    finally:
+        guidance_cpu.ENABLED = old
+
+
+def assert_same(got, want, rtol):
+    m, l, acc = got
+    mw, lw, accw = (t.double() for t in want)
+    lse, lse_w = m.double() + l.double().log(), mw + lw.log()
+    assert float((lse - lse_w).abs().max()) <= rtol * max(1.0, float(lse_w.abs().max()))
+    mean, mean_w = acc.double() / l.double()[:, None], accw / lw[:, None]
+    assert float((mean - mean_w).norm() / mean_w.norm()) <= rtol
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 8, 9, 17])
+@pytest.mark.parametrize("b", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("pair", [True, False])
+def test_blocks_match_float64(monkeypatch, n, b, shift, pair):
+    monkeypatch.setattr(guidance_torch, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(guidance_cpu, "PAIR_MIN_DIM", 1 if pair else 10**9)
+    phi, bank, y, c = case(b, n, 37, prompts=n % 2 == 1, dtype=torch.float32, seed=n + 100 * b)
+    kw = {"sigma": 0.8, "shift": shift, "cached_norms": n % 3 != 0}
+    want = state(phi.double(), bank.double(), y, c, fused=False, **kw)
+    got = state(phi, bank, y, c, fused=True, **kw)
+    assert got[2].dtype == torch.float32
+    assert_same(got, want, 1e-5)
+    got64 = state(phi.double(), bank.double(), y, c, fused=True, **kw)
+    assert_same(got64, want, 1e-12)
+
+
+@pytest.mark.parametrize("dim", [768, 4096])
+def test_default_blocks_and_wide_rows(dim):
+    # default block size (BLOCK_BYTES) with several blocks, at a width of each logits variant
+    rows = guidance_cpu.block_rows(dim, 4)
+    phi, bank, y, c = case(4, 2 * rows + 3, dim, prompts=True, dtype=torch.float32, seed=dim)
+    for shift in (True, False):
+        kw = {"sigma": 1.0, "shift": shift, "cached_norms": True}
+        want = state(phi.double(), bank.double(), y, c, fused=False, **kw)
+        assert_same(state(phi, bank, y, c, fused=True, **kw), want, 1e-5)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_running_max_rescales_as_the_max_grows(monkeypatch, shift):
+    # rows sorted by increasing similarity: the running max grows in every block, and the
+    # states before the growth must be rescaled (a missed rescale is off by exp(gap))
+    monkeypatch.setattr(guidance_torch, "CHUNK_ROWS", 4)
+    phi, bank, _, _ = case(3, 40, 16, prompts=False, dtype=torch.float64, seed=1)
+    order = (bank @ phi[0]).argsort()
+    bank = bank[order].contiguous()
+    kw = {"sigma": 0.05, "shift": shift, "cached_norms": False}
+    want = state(phi, bank, None, None, fused=False, **kw)
+    assert_same(state(phi, bank, None, None, fused=True, **kw), want, 1e-12)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("prompts", [False, True])
+def test_split_over_threads_matches_one_thread(monkeypatch, shift, prompts):
+    # with 2 torch threads and a low threshold the bank is split into parts whose states merge
+    monkeypatch.setattr(guidance_cpu, "MIN_ROWS_PER_THREAD_BYTES", 1)
+    phi, bank, y, c = case(5, 203, 24, prompts=prompts, dtype=torch.float64, seed=3)
+    kw = {"sigma": 0.3, "shift": shift, "cached_norms": True}
+    calls = []
+    real = guidance_cpu._merge
+    monkeypatch.setattr(guidance_cpu, "_merge", lambda s, r: calls.append(len(s)) or real(s, r))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        split = state(phi, bank, y, c, fused=True, **kw)
+        torch.set_num_threads(1)
+        one = state(phi, bank, y, c, fused=True, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [2]
+    assert_same(split, one, 1e-12)
+
+
+def test_merge_ignores_parts_that_saw_nothing():
+    # a part whose every logit was -inf (m = -inf, l = 0) must not turn the merge into NaN
+    inf = math.inf
+    a = (torch.tensor([1.0, -inf]), torch.tensor([2.0, 0.0]), torch.tensor([[2.0], [0.0]]))
+    b = (torch.tensor([-inf, -inf]), torch.tensor([0.0, 0.0]), torch.tensor([[0.0], [0.0]]))
+    m, l, acc = guidance_cpu._merge([a, b], running=True)
+    assert m.tolist() == [1.0, -inf] and l.tolist() == [2.0, 0.0] and acc.tolist() == [[2.0], [0.0]]
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "float32_for_float64", "strided"])
+def test_converted_banks(monkeypatch, kind):
+    # banks the kernel cannot read in place are converted a chunk at a time (2 rows here)
+    monkeypatch.setattr(guidance_cpu, "CONVERT_ELEMENTS", 2 * 40)
+    phi, bank, y, c = case(4, 13, 33, prompts=True, dtype=torch.float64, seed=5)
+    if kind == "bfloat16":
+        phi, bank = phi.float(), bank.to(torch.bfloat16)
+    elif kind == "float32_for_float64":
+        bank = bank.float()
+    else:
+        bank = torch.cat([bank, bank], dim=1)[:, ::2]  # not contiguous
+        assert not bank.is_contiguous()
+    c = c.to(bank.dtype).double()  # the kernel gets the prompts in the bank's dtype
+    kw = {"sigma": 0.7, "shift": False, "cached_norms": False}
+    want = state(phi.double(), bank.double(), y, c, fused=False, **kw)
+    tol = 1e-5 if phi.dtype == torch.float32 else 1e-12
+    assert_same(state(phi, bank, y, c, fused=True, **kw), want, tol)
+
+
+@pytest.mark.parametrize("where", ["bank", "bank_cond"])
+def test_nan_propagates_through_the_kernel(where):
+    # the kernel keeps IEEE NaN semantics (no fastmath "nnan"): a NaN row reaches the result's
+    # check, and guidance_grad names the input
+    z = torch.randn(4, 32)
+    bank, cond, bank_cond = torch.randn(20, 32), torch.randn(4, 3), torch.randn(20, 3)
+    {"bank": bank, "bank_cond": bank_cond}[where][7, 1] = math.nan
+    with pytest.raises(ValueError, match=where):
+        rk.guidance_grad(z, bank, sigma=1.0, cond=cond, bank_cond=bank_cond, sigma_cond=1.0)
+
+
+def test_without_numba_the_gemm_path_runs(monkeypatch):
+    # numba missing: available() is False and guidance_grad runs the chunked GEMMs
+    monkeypatch.setitem(sys.modules, "numba", None)
+    assert not guidance_cpu.available()
+    called = []
+    monkeypatch.setattr(guidance_cpu, "softmax_state", lambda *a: called.append(1))
+    z, bank = torch.randn(3, 16, dtype=torch.float64), torch.randn(11, 16, dtype=torch.float64)
+    res = rk.guidance_grad(z, bank, sigma=1.0)
+    assert not called
+    g_ref, ls_ref = ref.guidance_grad(z, bank, sigma=1.0)
+    assert torch.allclose(res.grad, g_ref, rtol=1e-10, atol=0)
+    assert torch.allclose(res.log_s, ls_ref, rtol=1e-10, atol=0)
