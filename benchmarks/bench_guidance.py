@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -369,6 +370,38 @@ def direction_check(rows: list) -> None:
     print(f"  direction check: cosine {c:.8f}", flush=True)
 
 
+def threads_section(threads: int, rows: list) -> None:
+    """The head-to-head ratio with several torch threads (GEMM and guidance_grad alike)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, dim in ((10_000, 768), (100_000, 768), (10_000, 16384)):
+            F = unit_rows(n, dim, seed=2)
+            zf = torch.randn(4, dim)
+            bank = rk.FeatureBank(n)
+            bank.add(F)
+            fns = {
+                "bank @ z.T": lambda F=F, zf=zf: gemm_bank_zt(F, zf),
+                "guidance_grad, FeatureBank": lambda zf=zf, bank=bank: rk.guidance_grad(
+                    zf, bank, sigma=SIGMA
+                ),
+            }
+            reps = 7 if n * dim > 10**8 else 21
+            t = interleaved(fns, {k: reps for k in fns})
+            base = t["bank @ z.T"]
+            case = f"{threads} threads, b=4, n={n:,}, D={dim:,}, float32"
+            for k, secs in t.items():
+                rows.append(
+                    dict(case=case, method=k, n=n, D=dim, seconds=secs, ratio=secs / base,
+                         baseline="bank @ z.T", note=path_name() if k != "bank @ z.T" else "")
+                )  # fmt: skip
+            ours = t["guidance_grad, FeatureBank"]
+            msg = f"  {case}: gemm {base * 1e3:.2f} ms, ours {ours * 1e3:.2f} ms"
+            print(f"{msg} ({ours / base:.2f}x)", flush=True)
+    finally:
+        torch.set_num_threads(old)
+
+
 NOTES = """Notes.
 - Every timed run starts with cold CPU caches (64 MiB written before it, untimed); torch runs on
   {threads} thread(s); the machine may be shared, so compare ratios, not seconds.
@@ -385,6 +418,10 @@ NOTES = """Notes.
   cached chunk; with D = 768 on this CPU a b = 4 GEMM runs about as fast from memory as from
   cache (MKL's small-b kernel, about 30 GFLOP/s, is the limit, not DRAM), so the second GEMM
   costs nearly as much as the first and that path stays near 2x.
+- The rows "N threads" rerun the head-to-head with every core (GEMM and guidance_grad alike).
+  The fused kernel splits a bank over threads only from 16 MiB per thread on; right after a
+  multi-threaded torch op OpenMP's spinning workers hold the other cores for a while, which
+  eats most of that gain on this 2-core VM (OMP_WAIT_POLICY=PASSIVE gives it back).
 - "extra_mib": peak resident memory of one call above the resident memory before it, in a
   fresh process (the bank itself excluded); flat in n for guidance_grad.
 """
@@ -409,6 +446,9 @@ def main() -> None:
     print("2. scaling in n at D = 768", flush=True)
     sizes = [1_000, 10_000] if args.quick else [1_000, 3_000, 10_000, 30_000, 100_000]
     scaling(sizes, 768, b, args.threads, rows)
+    if not torch.cuda.is_available() and not args.quick and (os.cpu_count() or 1) > 1:
+        print(f"3. with {os.cpu_count()} torch threads", flush=True)
+        threads_section(os.cpu_count() or 2, rows)
     name = "bench_guidance_quick" if args.quick else "bench_guidance"
     md = write_results(
         name, rows, COLUMNS,

@@ -143,13 +143,21 @@ def test_merge_ignores_parts_that_saw_nothing():
     assert m.tolist() == [1.0, -inf] and l.tolist() == [2.0, 0.0] and acc.tolist() == [[2.0], [0.0]]
 
 
-@pytest.mark.parametrize("kind", ["bfloat16", "float32_for_float64", "strided"])
-def test_converted_banks(monkeypatch, kind):
-    # banks the kernel cannot read in place are converted a chunk at a time (2 rows here)
+KINDS = ["bfloat16", "bfloat16_strided", "float16", "float32_for_float64", "strided"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_half_and_converted_banks(monkeypatch, kind):
+    # contiguous bfloat16 rows are decoded in the kernel, a block at a time; other banks the
+    # kernel cannot read in place are converted a chunk at a time (2 rows here)
     monkeypatch.setattr(guidance_cpu, "CONVERT_ELEMENTS", 2 * 40)
+    monkeypatch.setattr(guidance_torch, "CHUNK_ROWS", 3)
     phi, bank, y, c = case(4, 13, 33, prompts=True, dtype=torch.float64, seed=5)
-    if kind == "bfloat16":
-        phi, bank = phi.float(), bank.to(torch.bfloat16)
+    if kind.startswith("bfloat16") or kind == "float16":
+        half = torch.float16 if kind == "float16" else torch.bfloat16
+        phi, bank = phi.float(), bank.to(half)
+        if kind.endswith("strided"):
+            bank = torch.cat([bank, bank], dim=1)[:, ::2]
     elif kind == "float32_for_float64":
         bank = bank.float()
     else:

@@ -48,9 +48,11 @@ ENABLED = os.environ.get("RKEKERNELS_FUSED_CPU", "1") != "0"
 #: stays in L2 between the two products, and the running max is updated once per block.
 BLOCK_BYTES = 128 * 1024
 
-#: Split the bank over threads only when each thread gets at least this many bytes of it (below,
-#: the dispatch to the thread pool costs more than it saves).
-MIN_ROWS_PER_THREAD_BYTES = 4 * 2**20
+#: Split the bank over threads only when each thread gets at least this many bytes of it. Below,
+#: the hand-off costs more than it saves; and right after a multi-threaded torch op, OpenMP's
+#: spinning workers hold the other cores for a while (OMP_WAIT_POLICY=PASSIVE releases them), so
+#: a split of a small bank measured no gain on the 2-core benchmark machine.
+MIN_ROWS_PER_THREAD_BYTES = 16 * 2**20
 
 #: From this row width on, the logits take 2 bank rows per pass (measured: 0.82x against 0.99x
 #: of one GEMM at D = 16,384; at D = 768 one row per pass, 1.08x against 1.58x).
@@ -235,22 +237,50 @@ def _compile():
         return s
 
     @jit
-    def stream(phi2, bank, qb, y2, cond, rc, inv_s2, inv_c2, has_q, has_cond, has_r, m, l, acc,
-               block, running, pair, pair_cond):  # fmt: skip
-        """Fold bank rows into the state (m, l, acc), block by block."""
+    def decode_bf16(src, start, rows, dst):
+        """dst[r] = float32(src[start + r]) for bfloat16 rows given as int16 bit patterns (the
+        upper half of a float32: a shift, exact, NaN/Inf kept)."""
+        bits = dst.view(np.uint32)
+        for r in range(rows):
+            s = src[start + r]
+            o = bits[r]
+            for d in range(s.shape[0]):
+                o[d] = np.uint32(np.uint16(s[d])) << np.uint32(16)
+
+    @jit
+    def stream(n, phi2, bank, bank16, qb, y2, cond, cond16, rc, inv_s2, inv_c2, has_q,
+               has_cond, has_r, m, l, acc, block, running, pair, pair_cond):  # fmt: skip
+        """Fold n bank rows into the state (m, l, acc), block by block. ``bank16``/``cond16``
+        (int16 bits of bfloat16 rows), when not empty, replace ``bank``/``cond``: each block is
+        decoded into a float32 scratch block in cache, so the bank streams at half the bytes."""
         b = phi2.shape[0]
-        n = bank.shape[0]
+        is16 = bank16.shape[0] > 0
+        cis16 = cond16.shape[0] > 0
         lg = np.empty((block, b), dtype=acc.dtype)
+        fbuf = np.empty((block if is16 else 0, bank16.shape[1]), dtype=acc.dtype)
+        cbuf = np.empty((block if cis16 else 0, cond16.shape[1]), dtype=acc.dtype)
         for start in range(0, n, block):
             rows = min(block, n - start)
-            dots(phi2, bank, start, rows, lg, False, pair)
+            f = bank
+            fo = start
+            if is16:
+                decode_bf16(bank16, start, rows, fbuf)
+                f = fbuf
+                fo = 0
+            dots(phi2, f, fo, rows, lg, False, pair)
             if has_cond:
-                dots(y2, cond, start, rows, lg, True, pair_cond)
+                c = cond
+                co = start
+                if cis16:
+                    decode_bf16(cond16, start, rows, cbuf)
+                    c = cbuf
+                    co = 0
+                dots(y2, c, co, rows, lg, True, pair_cond)
             for r in range(rows):
                 j = start + r
-                bias = qb[j] if has_q else -inv_s2 * sq_norm(bank[j])
+                bias = qb[j] if has_q else -inv_s2 * sq_norm(f[fo + r])
                 if has_cond:
-                    rb = rc[j] if has_r else -inv_c2 * sq_norm(cond[j])
+                    rb = rc[j] if has_r else -inv_c2 * sq_norm(c[co + r])
                     # an infinite prompt embedding: NaN, not a silently dropped -inf logit
                     bias += rb if math.isfinite(rb) else math.nan
                 for a in range(b):
@@ -271,7 +301,7 @@ def _compile():
                     pr = math.exp(lg[r, a] - m[a])
                     lg[r, a] = pr
                     l[a] += pr
-            values(bank, start, rows, lg, acc)
+            values(f, fo, rows, lg, acc)
 
     _kernel = stream
     return _kernel
@@ -339,26 +369,39 @@ def softmax_state(
     if has_cond and bank_cond_sq is not None:
         rc = (bank_cond_sq * -inv_c2).to(cdt).contiguous()
     empty1 = phi.new_zeros((0,)).numpy()
-    no_cond = phi.new_zeros((0, 0))
+    empty2 = phi.new_zeros((0, 0)).numpy()
+    no16 = np.zeros((0, 0), dtype=np.int16)
     itemsize = phi.element_size()
     block = block_rows(dim, itemsize)
     m_dim = bank_cond.shape[1] if has_cond else 0
 
-    def ready(t: torch.Tensor) -> bool:
-        return t.dtype == cdt and t.is_contiguous()
+    def how(t: torch.Tensor | None) -> str:
+        """How the kernel reads a (rows, width) input: in place, as bfloat16 bits, or converted
+        to the compute dtype a chunk at a time."""
+        if t is None or (t.dtype == cdt and t.is_contiguous()):
+            return "native"
+        if t.dtype == torch.bfloat16 and cdt == torch.float32 and t.is_contiguous():
+            return "bf16"
+        return "convert"
 
-    native = ready(bank) and (not has_cond or ready(bank_cond))
+    kinds = (how(bank), how(bank_cond if has_cond else None))
     step_conv = max(1, CONVERT_ELEMENTS // max(1, dim + m_dim))
 
+    def arrays(t: torch.Tensor, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """(float array, int16 bfloat16 bits): one of them is a placeholder."""
+        if kind == "bf16":
+            return empty2, t.view(torch.int16).numpy()
+        return t.to(cdt).contiguous().numpy(), no16  # a view unless kind == "convert"
+
     def run(lo: int, hi: int, mt: torch.Tensor, lt: torch.Tensor, acct: torch.Tensor) -> None:
-        step = hi - lo if native else step_conv
+        step = hi - lo if "convert" not in kinds else step_conv
         for s in range(lo, hi, step):
             e = min(s + step, hi)
-            f = bank[s:e].to(cdt).contiguous()  # views when already native
-            c = bank_cond[s:e].to(cdt).contiguous() if has_cond else no_cond
+            f, f16 = arrays(bank[s:e], kinds[0])
+            c, c16 = arrays(bank_cond[s:e], kinds[1]) if has_cond else (empty2, no16)
             stream(
-                phi2.numpy(), f.numpy(), qb[s:e].numpy() if qb is not None else empty1,
-                y2.numpy(), c.numpy(), rc[s:e].numpy() if rc is not None else empty1,
+                e - s, phi2.numpy(), f, f16, qb[s:e].numpy() if qb is not None else empty1,
+                y2.numpy(), c, c16, rc[s:e].numpy() if rc is not None else empty1,
                 inv_s2, inv_c2, qb is not None, has_cond, rc is not None,
                 mt.numpy(), lt.numpy(), acct.numpy(), block, running,
                 dim >= PAIR_MIN_DIM, m_dim >= PAIR_MIN_DIM,
@@ -377,7 +420,11 @@ def softmax_state(
         )
         for _ in range(parts - 1)
     ]
-    futures = [_executor().submit(run, bounds[k], bounds[k + 1], *states[k]) for k in range(parts)]
+    # parts 1.. on the pool, part 0 on this thread (no idle waiter)
+    futures = [
+        _executor().submit(run, bounds[k], bounds[k + 1], *states[k]) for k in range(1, parts)
+    ]
+    run(bounds[0], bounds[1], *states[0])
     for fut in futures:
         fut.result()
     return _merge(states, running)
