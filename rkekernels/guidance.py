@@ -512,6 +512,19 @@ def guidance_grad(
     cdt = torch.float64 if torch.float64 in (zf.dtype, fb.dtype) else torch.float32
     zc = zf.to(cdt)
     yc = y.to(cdt) if y is not None else None
+    batch = include_batch and b > 1
+    if resolved == "torch" and zc.device.type == "cpu":
+        from .ops import guidance_torch
+
+        if guidance_torch._fused_cpu():  # numba: the whole computation in compiled code
+            from .ops import guidance_cpu
+
+            g, log_s, ok = guidance_cpu.guide(
+                zc, normalize, yc, fb, bank_sq, bc, cond_sq, inv_s2, inv_c2, batch
+            )
+            if not ok:
+                _explain_non_finite(zf, normalize, y, fb, bc)
+            return _output(g.reshape(zt.shape), log_s, zt, out_dtype, like_torch)
     if normalize:
         znorm = zc.norm(dim=1, keepdim=True)
         phi = zc / znorm
@@ -532,7 +545,6 @@ def guidance_grad(
     shift = row_const if resolved == "torch" else None
     args = (phi, fb, bank_sq, yc, bc, cond_sq, inv_s2, inv_c2)
     # the other current samples first (a tiny b x b state), then the bank streams into it
-    batch = include_batch and b > 1
     state = _batch_state(phi, yc, inv_s2, inv_c2, shift) if batch else None
     m, l, acc = impl.softmax_state(*args, state, shift)
     g, log_s, checks = _finish(phi, yc, znorm if normalize else None, m, l, acc, row_const, inv_s2)
@@ -556,11 +568,20 @@ def guidance_grad(
         flags[0] = bool(torch.isfinite(checks).all() & cond_ok)
     if not flags[0]:
         _explain_non_finite(zf, normalize, y, fb, bc)
-    grad = g.reshape(zt.shape)
-    if out_dtype is not None:
-        grad, log_s = grad.to(out_dtype), log_s.to(out_dtype)
-    else:
-        grad, log_s = grad.to(zt.dtype), log_s.to(zt.dtype)
+    return _output(g.reshape(zt.shape), log_s, zt, out_dtype, like_torch)
+
+
+def _output(
+    grad: torch.Tensor,
+    log_s: torch.Tensor,
+    zt: torch.Tensor,
+    out_dtype: torch.dtype | None,
+    like_torch: bool,
+) -> GuidanceResult:
+    """The result in z's dtype (torch input) or as numpy arrays."""
+    dt = out_dtype if out_dtype is not None else zt.dtype
+    if grad.dtype != dt:
+        grad, log_s = grad.to(dt), log_s.to(dt)
     if like_torch:
         return GuidanceResult(grad, log_s)
     return GuidanceResult(grad.cpu().numpy(), log_s.cpu().numpy())

@@ -13,9 +13,11 @@ of the values::
 Why a kernel of its own: with b = 4 samples, a BLAS GEMM (``bank @ z.T``) runs far below the
 CPU's peak (MKL's small-b kernel: about 30 GFLOP/s on one AVX-512 core, measured) and the chunked
 torch path runs two such GEMMs, so it costs about two GEMMs. Here the products are register-blocked
-(2 bank rows x 4 samples for the logits, 4 rows x 4 samples for the values), run at about 90
-GFLOP/s from cache, and hide behind the memory stream of the bank: the whole pass costs about one
-read of the bank (benchmarks/bench_guidance.py).
+(4 samples per pass over a row; 1 row per pass for the logits, or 2 from `PAIR_MIN_DIM` on; 4 rows
+per pass for the values), run at 65-90 GFLOP/s from cache, and mostly hide behind the memory
+stream of the bank: the whole pass costs 1.3-1.4x one GEMM over the bank at D = 768 and 0.8x at
+D = 16,384 (benchmarks/bench_guidance.py). Contiguous bfloat16 banks are decoded in the kernel
+(a shift of the 16 bits), a block of rows at a time.
 
 Numerics: float32 (or float64) arithmetic like the GEMM path, with reassociation and FMA
 contraction allowed but *not* numba's full fastmath: NaN and Inf propagate as in IEEE arithmetic,
@@ -34,11 +36,21 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["BLOCK_BYTES", "ENABLED", "MIN_ROWS_PER_THREAD_BYTES", "available", "softmax_state"]
+__all__ = [
+    "BLOCK_BYTES",
+    "CONVERT_ELEMENTS",
+    "ENABLED",
+    "MIN_ROWS_PER_THREAD_BYTES",
+    "PAIR_MIN_DIM",
+    "available",
+    "block_rows",
+    "softmax_state",
+]
 
 #: Use the fused kernel for CPU tensors when numba is importable. Set False (or the environment
 #: variable RKEKERNELS_FUSED_CPU=0) to run the chunked-GEMM torch path instead.
@@ -58,24 +70,30 @@ MIN_ROWS_PER_THREAD_BYTES = 16 * 2**20
 #: of one GEMM at D = 16,384; at D = 768 one row per pass, 1.08x against 1.58x).
 PAIR_MIN_DIM = 4096
 
-#: Bank rows converted to the compute dtype at a time for float16/bfloat16 banks (numba has no
-#: bfloat16): 2**18 elements, 1 MiB of float32.
+#: Elements of bank (and prompt) rows converted to the compute dtype at a time for the banks the
+#: kernel cannot read in place: float16 (numba has no float16), non-contiguous rows, float32 rows
+#: for float64 math, bfloat16 for float64 math. 2**18 elements: 1 MiB of float32.
 CONVERT_ELEMENTS = 1 << 18
 
-_NATIVE = (torch.float32, torch.float64)
-_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}  # no "nnan"/"ninf": NaN/Inf must propagate
+_FASTMATH = {"reassoc", "contract", "nsz"}  # no "nnan"/"ninf": NaN/Inf propagate; no "arcp":
+# x / y stays a correctly rounded division (a sample on a bank entry gets a gradient of exactly 0)
 
 _kernel = None
 _pool: ThreadPoolExecutor | None = None
+_available: bool | None = None  # the import of numba tried once
 
 
 def available() -> bool:
     """True when numba can be imported (the fused CPU kernel can run)."""
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    global _available
+    if _available is None:
+        try:
+            import numba  # noqa: F401
+        except ImportError:
+            _available = False
+        else:
+            _available = True
+    return _available
 
 
 def _compile():
@@ -85,7 +103,9 @@ def _compile():
         return _kernel
     from numba import njit
 
-    jit = njit(fastmath=_FASTMATH, nogil=True, cache=_cache_ok())
+    # error_model="numpy": IEEE division (x / 0 = inf or NaN, reaching the finite check), not
+    # Python's ZeroDivisionError
+    jit = njit(fastmath=_FASTMATH, nogil=True, error_model="numpy", cache=_cache_ok())
 
     @jit
     def dots(w, x, start, rows, out, add, pair):
@@ -249,10 +269,15 @@ def _compile():
 
     @jit
     def stream(n, phi2, bank, bank16, qb, y2, cond, cond16, rc, inv_s2, inv_c2, has_q,
-               has_cond, has_r, m, l, acc, block, running, pair, pair_cond):  # fmt: skip
-        """Fold n bank rows into the state (m, l, acc), block by block. ``bank16``/``cond16``
-        (int16 bits of bfloat16 rows), when not empty, replace ``bank``/``cond``: each block is
-        decoded into a float32 scratch block in cache, so the bank streams at half the bytes."""
+               has_cond, has_r, m, l, acc, block, running, pair, pair_cond, self_at):  # fmt: skip
+        """Fold n bank rows into the state (m, l, acc), block by block.
+
+        ``qb``/``rc`` are the rows' squared norms (any float dtype; computed here when has_q /
+        has_r is false). ``bank16``/``cond16`` (int16 bits of bfloat16 rows), when not empty,
+        replace ``bank``/``cond``: each block is decoded into a float32 scratch block in cache,
+        so the bank streams at half the bytes. With self_at >= 0, row j is excluded for sample
+        j - self_at (the batch pass: the current samples as entries, each without itself).
+        """
         b = phi2.shape[0]
         is16 = bank16.shape[0] > 0
         cis16 = cond16.shape[0] > 0
@@ -278,13 +303,15 @@ def _compile():
                 dots(y2, c, co, rows, lg, True, pair_cond)
             for r in range(rows):
                 j = start + r
-                bias = qb[j] if has_q else -inv_s2 * sq_norm(f[fo + r])
+                bias = -inv_s2 * (qb[j] if has_q else sq_norm(f[fo + r]))
                 if has_cond:
-                    rb = rc[j] if has_r else -inv_c2 * sq_norm(c[co + r])
+                    rb = -inv_c2 * (rc[j] if has_r else sq_norm(c[co + r]))
                     # an infinite prompt embedding: NaN, not a silently dropped -inf logit
                     bias += rb if math.isfinite(rb) else math.nan
                 for a in range(b):
                     lg[r, a] += bias
+                if self_at >= 0 and 0 <= j - self_at < b:
+                    lg[r, j - self_at] = -math.inf
             if running:
                 for a in range(b):
                     top = lg[0, a]
@@ -303,8 +330,59 @@ def _compile():
                     l[a] += pr
             values(f, fo, rows, lg, acc)
 
-    _kernel = stream
+    @jit
+    def prep(z, normalize, y, inv_s2, inv_c2, phi, znorm, phi2, y2, row_const):
+        """phi = z / znorm (or z), 2 phi / s^2, 2 y / s_c^2 and the logits' bound
+        ||phi||^2 / s^2 + ||y||^2 / s_c^2, per sample (as `guidance_grad`'s torch code)."""
+        b, dim = z.shape
+        for a in range(b):
+            nrm = znorm[a]
+            for d in range(dim):
+                v = z[a, d] / nrm if normalize else z[a, d]
+                phi[a, d] = v
+                phi2[a, d] = v * (2.0 * inv_s2)
+            row_const[a] = sq_norm(phi[a]) * inv_s2
+            if y.shape[1] > 0:
+                for d in range(y.shape[1]):
+                    y2[a, d] = y[a, d] * (2.0 * inv_c2)
+                row_const[a] += sq_norm(y[a]) * inv_c2
+
+    @jit
+    def finish(phi, znorm, normalize, m, l, acc, row_const, inv_s2, y, g, log_s):
+        """The gradient and log S from the softmax state (as `guidance._finish`): returns
+        whether every input and result is finite (one flag for the caller's error path)."""
+        b, dim = phi.shape
+        ok = True
+        for a in range(b):
+            has = l[a] > 0
+            ok = ok and math.isfinite(l[a])
+            if has:
+                log_s[a] = (m[a] - row_const[a]) + math.log(l[a])
+                ok = ok and math.isfinite(log_s[a])
+            else:
+                log_s[a] = -math.inf
+            proj = np.zeros(1, g.dtype)[0]
+            for d in range(dim):
+                gv = (phi[a, d] - acc[a, d] / l[a]) * (2.0 * inv_s2) if has else 0.0
+                g[a, d] = gv
+                proj += phi[a, d] * gv
+                ok = ok and math.isfinite(phi[a, d])
+            for d in range(dim):
+                if normalize:  # chain rule through phi = z / ||z||: (I - u u^T) g / ||z||
+                    g[a, d] = (g[a, d] - phi[a, d] * proj) / znorm[a]
+                ok = ok and math.isfinite(g[a, d])
+            for d in range(y.shape[1]):
+                ok = ok and math.isfinite(y[a, d])
+        return ok
+
+    _kernel = _Kernels(stream, prep, finish)
     return _kernel
+
+
+class _Kernels(NamedTuple):
+    stream: Any
+    prep: Any
+    finish: Any
 
 
 def _cache_ok() -> bool:
@@ -346,32 +424,110 @@ def softmax_state(
     floating dtype and layout (rows that are not C-contiguous in the compute dtype are converted
     a chunk at a time).
     """
-    cdt = phi.dtype
     b, dim = phi.shape
-    n = bank.shape[0]
     running = shift is None
     if state is not None:
-        m, l, acc = (t.contiguous() for t in state)
-        if running:
-            m = m.clone()
+        m, l, acc = (t.contiguous().clone() for t in state)
     else:
         m = shift.clone() if shift is not None else phi.new_full((b,), float("-inf"))
         l = phi.new_zeros((b,))
         acc = phi.new_zeros((b, dim))
-    if n == 0:
+    if bank.shape[0] == 0:
         return m, l, acc
-    stream = _compile()
+    phi2 = (phi * (2.0 * inv_s2)).contiguous().numpy()
+    y2 = (y * (2.0 * inv_c2)).contiguous().numpy() if y is not None else None
+    out = _fold(
+        phi2, y2, bank, bank_sq, bank_cond if y is not None else None, bank_cond_sq,
+        inv_s2, inv_c2, (m.numpy(), l.numpy(), acc.numpy()), running,
+    )  # fmt: skip
+    return tuple(torch.from_numpy(t) for t in out)
+
+
+def guide(
+    z: torch.Tensor,
+    normalize: bool,
+    y: torch.Tensor | None,
+    bank: torch.Tensor,
+    bank_sq: torch.Tensor | None,
+    bank_cond: torch.Tensor | None,
+    bank_cond_sq: torch.Tensor | None,
+    inv_s2: float,
+    inv_c2: float,
+    include_batch: bool,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """`guidance_grad`'s whole computation for CPU tensors, after its input checks.
+
+    Args:
+        z: (b, D) flattened latents in the compute dtype (float32 or float64), CPU.
+        normalize: phi = z / ||z|| (and the chain rule through it), else phi = z.
+        y: (b, m) prompt embeddings in the compute dtype, or None.
+        bank, bank_sq, bank_cond, bank_cond_sq: as `softmax_state` (bank_cond None iff y is).
+        inv_s2, inv_c2: 1/s^2 and 1/s_c^2.
+        include_batch: the other b - 1 samples count as entries (each without itself).
+
+    Returns:
+        (grad (b, D), log S (b,), ok): ok is False when an input or result is not finite (the
+        caller names the input). Every step runs in compiled code: the per-sample preparation,
+        the batch pass, the bank pass (running max: exact and finite for any bandwidth, no
+        second pass) and the gradient; a torch op costs ~40 us with cold caches, a kernel ~20.
+    """
+    k = _compile()
+    b, dim = z.shape
+    zn = z.contiguous().numpy()
+    dt = zn.dtype
+    yn = y.contiguous().numpy() if y is not None else np.zeros((b, 0), dt)
+    phi, phi2, y2 = np.empty_like(zn), np.empty_like(zn), np.empty_like(yn)
+    row_const = np.empty(b, dt)
+    # ||z|| by torch, as `features` computes it: a sample committed to the bank and the same
+    # sample in z then get bitwise the same feature (a gradient of exactly 0, not rounding)
+    znorm = z.norm(dim=1).numpy() if normalize else np.ones(b, dt)
+    k.prep(zn, normalize, yn, inv_s2, inv_c2, phi, znorm, phi2, y2, row_const)
+    state = (np.full(b, -np.inf, dt), np.zeros(b, dt), np.zeros((b, dim), dt))
     has_cond = y is not None
-    phi2 = (phi * (2.0 * inv_s2)).contiguous()
-    y2 = (y * (2.0 * inv_c2)).contiguous() if has_cond else phi.new_zeros((b, 0))
-    qb = (bank_sq * -inv_s2).to(cdt).contiguous() if bank_sq is not None else None
-    rc = None
-    if has_cond and bank_cond_sq is not None:
-        rc = (bank_cond_sq * -inv_c2).to(cdt).contiguous()
-    empty1 = phi.new_zeros((0,)).numpy()
-    empty2 = phi.new_zeros((0, 0)).numpy()
-    no16 = np.zeros((0, 0), dtype=np.int16)
-    itemsize = phi.element_size()
+    if include_batch and b > 1:  # the current samples as entries, self excluded
+        k.stream(
+            b, phi2, phi, _NO16, np.zeros(0, dt), y2, yn, _NO16, np.zeros(0, dt), inv_s2,
+            inv_c2, False, has_cond, False, *state, b, True, dim >= PAIR_MIN_DIM,
+            yn.shape[1] >= PAIR_MIN_DIM, 0,
+        )  # fmt: skip
+    if bank.shape[0] > 0:
+        state = _fold(
+            phi2, y2 if has_cond else None, bank, bank_sq, bank_cond if has_cond else None,
+            bank_cond_sq, inv_s2, inv_c2, state, True,
+        )  # fmt: skip
+    g, log_s = np.empty_like(zn), np.empty(b, dt)
+    ok = k.finish(phi, znorm, normalize, *state, row_const, inv_s2, yn, g, log_s)
+    return torch.from_numpy(g), torch.from_numpy(log_s), bool(ok)
+
+
+_NO16 = np.zeros((0, 0), dtype=np.int16)
+
+
+def _fold(
+    phi2: np.ndarray,
+    y2: np.ndarray | None,
+    bank: torch.Tensor,
+    bank_sq: torch.Tensor | None,
+    bank_cond: torch.Tensor | None,
+    bank_cond_sq: torch.Tensor | None,
+    inv_s2: float,
+    inv_c2: float,
+    state: tuple[np.ndarray, np.ndarray, np.ndarray],
+    running: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fold the bank's rows into ``state`` (updated in place, or merged from thread parts)."""
+    stream = _compile().stream
+    b, dim = phi2.shape
+    n = bank.shape[0]
+    dt = phi2.dtype
+    cdt = torch.float64 if dt == np.float64 else torch.float32
+    has_cond = y2 is not None
+    empty1, empty2 = np.zeros(0, dt), np.zeros((0, 0), dt)
+    if y2 is None:
+        y2 = np.zeros((b, 0), dt)
+    qb = bank_sq.numpy() if bank_sq is not None else empty1
+    rc = bank_cond_sq.numpy() if (has_cond and bank_cond_sq is not None) else empty1
+    itemsize = dt.itemsize
     block = block_rows(dim, itemsize)
     m_dim = bank_cond.shape[1] if has_cond else 0
 
@@ -384,47 +540,45 @@ def softmax_state(
             return "bf16"
         return "convert"
 
-    kinds = (how(bank), how(bank_cond if has_cond else None))
+    kinds = (how(bank), how(bank_cond))
     step_conv = max(1, CONVERT_ELEMENTS // max(1, dim + m_dim))
 
-    def arrays(t: torch.Tensor, kind: str) -> tuple[np.ndarray, np.ndarray]:
-        """(float array, int16 bfloat16 bits): one of them is a placeholder."""
+    def arrays(t: torch.Tensor, kind: str, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows s:e as (float array, int16 bfloat16 bits): one of them is a placeholder."""
+        if s > 0 or e < t.shape[0]:
+            t = t[s:e]
         if kind == "bf16":
             return empty2, t.view(torch.int16).numpy()
-        return t.to(cdt).contiguous().numpy(), no16  # a view unless kind == "convert"
+        if kind == "convert":
+            t = t.to(cdt).contiguous()
+        return t.numpy(), _NO16
 
-    def run(lo: int, hi: int, mt: torch.Tensor, lt: torch.Tensor, acct: torch.Tensor) -> None:
+    def run(lo: int, hi: int, st: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
         step = hi - lo if "convert" not in kinds else step_conv
         for s in range(lo, hi, step):
             e = min(s + step, hi)
-            f, f16 = arrays(bank[s:e], kinds[0])
-            c, c16 = arrays(bank_cond[s:e], kinds[1]) if has_cond else (empty2, no16)
+            f, f16 = arrays(bank, kinds[0], s, e)
+            c, c16 = arrays(bank_cond, kinds[1], s, e) if has_cond else (empty2, _NO16)
             stream(
-                e - s, phi2.numpy(), f, f16, qb[s:e].numpy() if qb is not None else empty1,
-                y2.numpy(), c, c16, rc[s:e].numpy() if rc is not None else empty1,
-                inv_s2, inv_c2, qb is not None, has_cond, rc is not None,
-                mt.numpy(), lt.numpy(), acct.numpy(), block, running,
-                dim >= PAIR_MIN_DIM, m_dim >= PAIR_MIN_DIM,
+                e - s, phi2, f, f16, qb[s:e], y2, c, c16, rc[s:e], inv_s2, inv_c2,
+                qb.shape[0] > 0, has_cond, rc.shape[0] > 0, *st, block, running,
+                dim >= PAIR_MIN_DIM, m_dim >= PAIR_MIN_DIM, -1,
             )  # fmt: skip
 
     parts = _parts(n, n * (dim + m_dim) * itemsize)
     if parts == 1:
-        run(0, n, m, l, acc)
-        return m, l, acc
+        run(0, n, state)
+        return state
     bounds = [n * k // parts for k in range(parts + 1)]
-    states = [(m, l, acc)] + [
-        (
-            shift.clone() if shift is not None else phi.new_full((b,), float("-inf")),
-            phi.new_zeros((b,)),
-            phi.new_zeros((b, dim)),
-        )
-        for _ in range(parts - 1)
+    m0 = state[0] if not running else np.full(b, -np.inf, dt)
+    states = [state] + [
+        (m0.copy(), np.zeros(b, dt), np.zeros((b, dim), dt)) for _ in range(parts - 1)
     ]
     # parts 1.. on the pool, part 0 on this thread (no idle waiter)
     futures = [
-        _executor().submit(run, bounds[k], bounds[k + 1], *states[k]) for k in range(1, parts)
+        _executor().submit(run, bounds[k], bounds[k + 1], states[k]) for k in range(1, parts)
     ]
-    run(bounds[0], bounds[1], *states[0])
+    run(bounds[0], bounds[1], states[0])
     for fut in futures:
         fut.result()
     return _merge(states, running)
@@ -446,16 +600,17 @@ def _executor() -> ThreadPoolExecutor:
 
 
 def _merge(
-    states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], running: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    states: list[tuple[np.ndarray, np.ndarray, np.ndarray]], running: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One state from the states of disjoint parts of the bank (all relative to one shift, or
     each to its own running max)."""
-    ms = torch.stack([s[0] for s in states])  # (P, b)
-    ls = torch.stack([s[1] for s in states])
-    accs = torch.stack([s[2] for s in states])  # (P, b, D)
+    ms = np.stack([s[0] for s in states])  # (P, b)
+    ls = np.stack([s[1] for s in states])
+    accs = np.stack([s[2] for s in states])  # (P, b, D)
     if not running:
         return states[0][0], ls.sum(0), accs.sum(0)
-    top = ms.amax(0)
+    top = ms.max(0)
     # a part that saw nothing (m = -inf) weighs 0; exp(-inf - -inf) would be NaN
-    w = torch.where(ms == -math.inf, 0.0, torch.exp(ms - top))
-    return top, (w * ls).sum(0), (w.unsqueeze(2) * accs).sum(0)
+    with np.errstate(invalid="ignore"):
+        w = np.where(ms == -np.inf, 0.0, np.exp(ms - top)).astype(ms.dtype)
+    return top, (w * ls).sum(0), (w[:, :, None] * accs).sum(0)
