@@ -274,7 +274,9 @@ if which == "ours":
     bank.add(F)
     del F
     fn = lambda: rk.guidance_grad(z, bank, sigma=SIGMA)
-    rk.guidance_grad(torch.randn(2, dim), torch.randn(10, dim), sigma=1.0)  # load kernels
+    warm = rk.FeatureBank(10)
+    warm.add(torch.randn(10, dim))
+    rk.guidance_grad(torch.randn(b, dim), warm, sigma=1.0)  # load the kernels of this call
 else:
     M = torch.full((n, n), 0.5)
     fn = lambda: original(z, F, M)

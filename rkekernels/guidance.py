@@ -405,11 +405,12 @@ def guidance_grad(
     Math is float32 (float64 when z or the bank is float64); bank entries in float16/bfloat16
     are upcast chunk by chunk. The squared distances use ||phi||^2 + ||f||^2 - 2 phi.f, whose
     absolute error is about eps (||phi||^2 + ||f||^2), i.e. eps (||phi||^2 + ||f||^2) / s^2 in
-    the logits. The softmax is exact and finite for any bandwidth: the torch path shifts the
-    logits by their upper bound ||phi||^2/s^2 (+ ||y||^2/s_c^2), so each term is
+    the logits. The softmax is exact and finite for any bandwidth: the chunked-GEMM torch path
+    shifts the logits by their upper bound ||phi||^2/s^2 (+ ||y||^2/s_c^2), so each term is
     exp(-||phi - f_j||^2/s^2 - ||y - c_j||^2/s_c^2); only when every term underflows (all
     entries more than ~6.8 bandwidths away) does it take a second pass with a running max.
-    The Triton kernel keeps a running max in registers (one pass always).
+    The fused CPU kernel keeps a running max per block of rows, the Triton kernel one in
+    registers (one pass always).
 
     >>> import torch
     >>> z = torch.tensor([[1.0, 0.0]])

@@ -486,7 +486,7 @@ def guide(
     has_cond = y is not None
     if include_batch and b > 1:  # the current samples as entries, self excluded
         k.stream(
-            b, phi2, phi, _NO16, np.zeros(0, dt), y2, yn, _NO16, np.zeros(0, dt), inv_s2,
+            b, phi2, phi, _NO16, _NO_NORMS, y2, yn, _NO16, _NO_NORMS, inv_s2,
             inv_c2, False, has_cond, False, *state, b, True, dim >= PAIR_MIN_DIM,
             yn.shape[1] >= PAIR_MIN_DIM, 0,
         )  # fmt: skip
@@ -501,6 +501,14 @@ def guide(
 
 
 _NO16 = np.zeros((0, 0), dtype=np.int16)
+_NO_NORMS = np.zeros(0, dtype=np.float64)
+
+
+def _norms(sq: torch.Tensor | None) -> np.ndarray:
+    """Cached squared norms as float64 numpy (or the empty placeholder)."""
+    if sq is None:
+        return _NO_NORMS
+    return sq.numpy() if sq.dtype == torch.float64 else sq.double().numpy()
 
 
 def _fold(
@@ -522,11 +530,13 @@ def _fold(
     dt = phi2.dtype
     cdt = torch.float64 if dt == np.float64 else torch.float32
     has_cond = y2 is not None
-    empty1, empty2 = np.zeros(0, dt), np.zeros((0, 0), dt)
+    empty2 = np.zeros((0, 0), dt)
     if y2 is None:
         y2 = np.zeros((b, 0), dt)
-    qb = bank_sq.numpy() if bank_sq is not None else empty1
-    rc = bank_cond_sq.numpy() if (has_cond and bank_cond_sq is not None) else empty1
+    # cached norms: float64 from a FeatureBank (the placeholder has that dtype too, so banks
+    # with and without cached norms share one compiled kernel)
+    qb = _norms(bank_sq)
+    rc = _norms(bank_cond_sq if has_cond else None)
     itemsize = dt.itemsize
     block = block_rows(dim, itemsize)
     m_dim = bank_cond.shape[1] if has_cond else 0
