@@ -16,7 +16,8 @@ Run:  python benchmarks/bench_guidance.py [--quick] [--threads K]
    must stay flat (no n x n, no (n, D) temporaries).
 
 All timings: median of repeated runs, the candidates interleaved run by run with their baseline
-in the same process (the machine may be shared). On CPU the benchmark pins torch to
+in the same process (the machine may be shared); a ratio is the median over rounds of the
+candidate's time over the baseline's time in the same round. On CPU the benchmark pins torch to
 ``--threads`` threads (default 1): with several processes on few cores, OpenMP barriers make
 multi-threaded timings of small ops erratic. Results: benchmarks/results/bench_guidance.{csv,md}.
 """
@@ -125,9 +126,13 @@ def original(z: torch.Tensor, F: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
 
 
 def interleaved(
-    fns: dict[str, Callable[[], object]], repeat: dict[str, int], warmup: bool = True
+    fns: dict[str, Callable[[], object]],
+    repeat: dict[str, int],
+    warmup: bool = True,
+    rounds: dict[str, list[float]] | None = None,
 ) -> dict[str, float]:
-    """Median seconds of each function, run round-robin (one warm-up each) so drift hits all.
+    """Median seconds of each function, run round-robin (one warm-up each) so drift hits all
+    (``rounds``, if given, receives each function's seconds round by round).
 
     Before every timed run the CPU caches are flushed (64 MiB written, untimed): each call starts
     cold, as it does between two denoising steps, and no candidate inherits the bank that the
@@ -145,7 +150,15 @@ def interleaved(
                 fn()
                 _sync()  # on CUDA: time the kernels, not their launch
                 times[k].append(time.perf_counter() - t0)
+    if rounds is not None:
+        rounds.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def paired_ratio(rounds: dict[str, list[float]], k: str, base: str) -> float:
+    """Median over rounds of (k's seconds / base's seconds in the same round): a load that
+    changes between rounds (a shared machine) cancels in each pair."""
+    return statistics.median(a / b for a, b in zip(rounds[k], rounds[base]))
 
 
 _FLUSH = torch.empty(16 * 2**20)  # 64 MiB, twice this machine's last-level cache
@@ -216,18 +229,19 @@ def head_to_head(dim: int, n: int, b: int, repeat: int, rows: list) -> None:
         fns["guidance_grad, FeatureBank, chunked GEMMs (no numba)"] = lambda: gemm_path(
             lambda: rk.guidance_grad(z, bank, sigma=SIGMA)
         )
-    t = interleaved(fns, {k: repeat for k in fns})
+    rounds: dict[str, list[float]] = {}
+    t = interleaved(fns, {k: repeat for k in fns}, rounds=rounds)
     base_name = min(("bank @ z.T", "z @ bank.T"), key=t.__getitem__)
-    base = t[base_name]
     for k, secs in t.items():
         note = "baseline (faster GEMM layout)" if k == base_name else ""
         if k == "guidance_grad, FeatureBank":
             note = f"target <= 1.5x; {path_name()}"
+        ratio = paired_ratio(rounds, k, base_name)
         rows.append(
-            dict(case=case, method=k, n=n, D=dim, seconds=secs, ratio=secs / base,
+            dict(case=case, method=k, n=n, D=dim, seconds=secs, ratio=ratio,
                  baseline=base_name, note=note)
         )  # fmt: skip
-        print(f"  {case} | {k}: {secs * 1e3:.1f} ms ({secs / base:.2f}x)", flush=True)
+        print(f"  {case} | {k}: {secs * 1e3:.1f} ms ({ratio:.2f}x)", flush=True)
     bank_bf16 = pbank = pbank_cond = fns = None  # free before the original's temporaries
 
     # the original algorithm: M is the bank's (n, n) kernel matrix, its state between calls.
@@ -245,7 +259,7 @@ def head_to_head(dim: int, n: int, b: int, repeat: int, rows: list) -> None:
     speedup = t_orig / t_ours
     rows.append(
         dict(case=case, method="ORIGINAL algorithm (b calls; rebuild (n+1)^2 M; autograd)", n=n,
-             D=dim, seconds=t_orig, ratio=t_orig / base, baseline=base_name,
+             D=dim, seconds=t_orig, ratio=t_orig / t[base_name], baseline=base_name,
              note=f"median of {rep_orig} runs; guidance_grad (include_batch=False) is "
              f"{speedup:.0f}x faster (target >= 100x)")
     )  # fmt: skip
@@ -315,6 +329,7 @@ def scaling(sizes: list[int], dim: int, b: int, threads: int, rows: list) -> Non
         zf = torch.randn(b, dim)
         bank = rk.FeatureBank(n)
         bank.add(F)
+        rounds: dict[str, list[float]] = {}
         t = interleaved(
             {
                 "bank @ z.T": lambda F=F, zf=zf: gemm_bank_zt(F, zf),
@@ -322,6 +337,7 @@ def scaling(sizes: list[int], dim: int, b: int, threads: int, rows: list) -> Non
                 "ours": lambda zf=zf, bank=bank: rk.guidance_grad(zf, bank, sigma=SIGMA),
             },
             {"bank @ z.T": 7, "z @ bank.T": 7, "ours": 7},
+            rounds=rounds,
         )
         base_name = min(("bank @ z.T", "z @ bank.T"), key=t.__getitem__)
         t["gemm"] = t[base_name]
@@ -333,7 +349,7 @@ def scaling(sizes: list[int], dim: int, b: int, threads: int, rows: list) -> Non
         )  # fmt: skip
         rows.append(
             dict(case=case, method="guidance_grad, FeatureBank", n=n, D=dim, seconds=t["ours"],
-                 ratio=t["ours"] / t["gemm"], baseline=base_name,
+                 ratio=paired_ratio(rounds, "ours", base_name), baseline=base_name,
                  extra_mib=mem.get("extra_mib", mem.get("error")),
                  note=f"bank {n * dim * 4 / 2**20:.0f} MiB; "
                  f"{t['ours'] / n * 1e9:.0f} ns per bank row; "
@@ -389,17 +405,20 @@ def threads_section(threads: int, rows: list) -> None:
                 ),
             }
             reps = 7 if n * dim > 10**8 else 21
-            t = interleaved(fns, {k: reps for k in fns})
+            rounds: dict[str, list[float]] = {}
+            t = interleaved(fns, {k: reps for k in fns}, rounds=rounds)
             base = t["bank @ z.T"]
             case = f"{threads} threads, b=4, n={n:,}, D={dim:,}, float32"
             for k, secs in t.items():
                 rows.append(
-                    dict(case=case, method=k, n=n, D=dim, seconds=secs, ratio=secs / base,
-                         baseline="bank @ z.T", note=path_name() if k != "bank @ z.T" else "")
+                    dict(case=case, method=k, n=n, D=dim, seconds=secs,
+                         ratio=paired_ratio(rounds, k, "bank @ z.T"), baseline="bank @ z.T",
+                         note=path_name() if k != "bank @ z.T" else "")
                 )  # fmt: skip
             ours = t["guidance_grad, FeatureBank"]
+            ratio = paired_ratio(rounds, "guidance_grad, FeatureBank", "bank @ z.T")
             msg = f"  {case}: gemm {base * 1e3:.2f} ms, ours {ours * 1e3:.2f} ms"
-            print(f"{msg} ({ours / base:.2f}x)", flush=True)
+            print(f"{msg} ({ratio:.2f}x)", flush=True)
     finally:
         torch.set_num_threads(old)
 
@@ -447,7 +466,7 @@ def main() -> None:
     print("1. head to head (n = 10,000)", flush=True)
     n = 2_000 if args.quick else 10_000
     for dim in (16384, 768):
-        repeat = 5 if args.quick else (9 if dim > 4096 else 31)
+        repeat = 5 if args.quick else (11 if dim > 4096 else 41)
         head_to_head(dim, n, b, repeat=repeat, rows=rows)
     direction_check(rows)
     print("2. scaling in n at D = 768", flush=True)
@@ -460,7 +479,8 @@ def main() -> None:
     md = write_results(
         name, rows, COLUMNS,
         "guidance_grad vs one GEMM over the bank and vs the original algorithm "
-        "(median wall time; ratio = seconds / baseline seconds)",
+        "(median wall time; ratio = median over rounds of seconds / baseline seconds in the "
+        "same round)",
     )  # fmt: skip
     notes = NOTES.format(threads=args.threads)
     with open(RESULTS / f"{name}.md", "a") as fh:
