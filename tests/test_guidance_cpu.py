@@ -224,3 +224,26 @@ def test_without_numba_the_gemm_path_runs(monkeypatch):
     g_ref, ls_ref = ref.guidance_grad(z, bank, sigma=1.0)
     assert torch.allclose(res.grad, g_ref, rtol=1e-10, atol=0)
     assert torch.allclose(res.log_s, ls_ref, rtol=1e-10, atol=0)
+
+
+def test_kernels_compile_without_a_disk_cache(monkeypatch):
+    # where numba finds no writable cache location it raises at decoration: the kernels are
+    # then compiled without a cache, and give the same result
+    import numba
+
+    real = numba.njit
+
+    def njit(*args, cache=False, **kw):
+        if cache:
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x'")
+        return real(*args, **kw)
+
+    phi, bank, y, c = case(3, 9, 8, prompts=True, dtype=torch.float64, seed=2)
+    kw = {"sigma": 0.9, "shift": False, "cached_norms": True}
+    want = state(phi, bank, y, c, fused=True, **kw)
+    monkeypatch.setattr(numba, "njit", njit)
+    monkeypatch.setattr(guidance_cpu, "_kernel", None)  # compile again (restored afterwards)
+    got = state(phi, bank, y, c, fused=True, **kw)
+    assert guidance_cpu._kernel is not None and guidance_cpu._kernel.stream is not None
+    assert not guidance_cpu._kernel.stream._cache.__class__.__name__.endswith("FunctionCache")
+    assert_same(got, want, 1e-12)

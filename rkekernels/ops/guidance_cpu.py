@@ -105,7 +105,17 @@ def _compile():
 
     # error_model="numpy": IEEE division (x / 0 = inf or NaN, reaching the finite check), not
     # Python's ZeroDivisionError
-    jit = njit(fastmath=_FASTMATH, nogil=True, error_model="numpy", cache=_cache_ok())
+    opts = {"fastmath": _FASTMATH, "nogil": True, "error_model": "numpy"}
+
+    def jit(fn):
+        """njit with an on-disk cache (next to this file, else numba's per-user cache folder:
+        the first call in a fresh environment compiles for a few seconds, later processes load
+        the machine code); without a writable cache location numba raises, and the kernels are
+        compiled in each process instead."""
+        try:
+            return njit(cache=True, **opts)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return njit(cache=False, **opts)(fn)
 
     @jit
     def dots(w, x, start, rows, out, add, pair):
@@ -383,17 +393,6 @@ class _Kernels(NamedTuple):
     stream: Any
     prep: Any
     finish: Any
-
-
-def _cache_ok() -> bool:
-    """Cache compiled kernels on disk only where numba can write its cache (else compile per
-    process: numba raises at compile time when no cache location is writable)."""
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
-    if os.access(os.path.dirname(here), os.W_OK) and (
-        not os.path.exists(here) or os.access(here, os.W_OK)
-    ):
-        return True
-    return bool(os.environ.get("NUMBA_CACHE_DIR"))
 
 
 def block_rows(dim: int, itemsize: int) -> int:
