@@ -247,3 +247,18 @@ def test_kernels_compile_without_a_disk_cache(monkeypatch):
     assert guidance_cpu._kernel is not None and guidance_cpu._kernel.stream is not None
     assert not guidance_cpu._kernel.stream._cache.__class__.__name__.endswith("FunctionCache")
     assert_same(got, want, 1e-12)
+
+
+def test_environment_variable_turns_the_kernel_off():
+    # RKEKERNELS_FUSED_CPU=0 selects the chunked-GEMM path for the whole process
+    import os
+    import subprocess
+
+    code = "from rkekernels.ops import guidance_cpu, guidance_torch; "
+    code += "print(guidance_cpu.ENABLED, guidance_torch._fused_cpu())"
+    for value, want in (("0", "False False"), ("1", "True True")):
+        env = dict(os.environ, RKEKERNELS_FUSED_CPU=value)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.split() == want.split()

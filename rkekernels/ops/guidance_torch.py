@@ -22,6 +22,10 @@ sum_j pi_aj f_j = acc_a / l_a. Two ways to pick m_a:
   <= 0: no overflow, and no per-chunk max, rescale or extra dispatches. It can underflow when
   every entry is many bandwidths away; the caller checks l_a and falls back to the running max.
 
+For CPU tensors, `softmax_state` hands the work to the fused numba kernel of
+`rkekernels.ops.guidance_cpu` when numba is installed (same result to rounding); the code here is
+the path without it, and the one for CUDA tensors with backend="torch".
+
 The bank is visited once, in chunks of rows: each chunk is used for the logits (one GEMM for all
 b samples, the norms as its bias) and, right after, for the values (a second GEMM with the same
 chunk, while it is still in cache). Extra memory: O(b D) for the state, one chunk of logits
