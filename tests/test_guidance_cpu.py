@@ -11,7 +11,9 @@ variants (one row or two rows per pass) and the split over threads.
 """
 
 import math
+import signal
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -262,3 +264,39 @@ def test_environment_variable_turns_the_kernel_off():
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
         )
         assert out.stdout.split() == want.split()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX)")
+def test_split_works_in_a_forked_child(monkeypatch):
+    # the thread pool of the parent has no threads in a forked child (a DataLoader worker, say):
+    # the child must start its own pool instead of waiting on threads that do not exist
+    import os
+
+    monkeypatch.setattr(guidance_cpu, "MIN_ROWS_PER_THREAD_BYTES", 1)
+    phi, bank, _, _ = case(4, 64, 16, prompts=False, dtype=torch.float64, seed=4)
+    kw = {"sigma": 0.5, "shift": False, "cached_norms": True}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = state(phi, bank, None, None, fused=True, **kw)  # creates the pool here
+        assert guidance_cpu._pool is not None
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: same computation, report, exit without pytest's teardown
+            try:
+                got = state(phi, bank, None, None, fused=True, **kw)
+                ok = all(torch.allclose(a, b, rtol=1e-12, atol=0) for a, b in zip(got, want))
+                os.write(write, b"1" if ok else b"0")
+            finally:
+                os._exit(0)
+        os.close(write)
+        deadline = time.monotonic() + 60  # a child waiting on a dead pool would hang forever
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in the split over threads")
+        assert os.read(read, 1) == b"1" and done[1] == 0
+    finally:
+        torch.set_num_threads(threads)

@@ -601,6 +601,16 @@ def _parts(n: int, nbytes: int) -> int:
     return max(1, min(threads, n // 8, nbytes // MIN_ROWS_PER_THREAD_BYTES))
 
 
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool when needed."""
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _executor() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
