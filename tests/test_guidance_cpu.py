@@ -85,7 +85,8 @@ def test_blocks_match_float64(monkeypatch, n, b, shift, pair):
     kw = {"sigma": 0.8, "shift": shift, "cached_norms": n % 3 != 0}
     want = state(phi.double(), bank.double(), y, c, fused=False, **kw)
     got = state(phi, bank, y, c, fused=True, **kw)
-    assert got[2].dtype == torch.float32
+    assert got[0].dtype == torch.float32  # m in the compute dtype, l and acc in float64
+    assert got[1].dtype == got[2].dtype == torch.float64
     assert_same(got, want, 1e-5)
     got64 = state(phi.double(), bank.double(), y, c, fused=True, **kw)
     assert_same(got64, want, 1e-12)
@@ -300,3 +301,23 @@ def test_split_works_in_a_forked_child(monkeypatch):
         assert os.read(read, 1) == b"1" and done[1] == 0
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dim", [4, 64])
+@pytest.mark.parametrize("fused", [True, False])
+def test_float32_within_1e5_for_20000_alike_entries(monkeypatch, fused, dim):
+    # SPEC section 5: float32 within 1e-5 up to n = 20,000. The hardest case for the sums: a
+    # bank of 19,999 copies of one entry (a collapsed generator), all with the same weight.
+    # Sums are float32 within a block (fused) or chunk (GEMM) and float64 across them; one
+    # float32 sum over the bank measured 5.5e-5 here.
+    monkeypatch.setattr(guidance_cpu, "ENABLED", fused)
+    n = 20_000
+    z = torch.zeros(1, dim)
+    z[0, 0] = 1.0
+    bank = torch.zeros(n, dim)
+    bank[:, 1] = 1.0
+    bank[0] = z[0]
+    res = rk.guidance_grad(z, bank, sigma=1.0)
+    g_ref, ls_ref = ref.guidance_grad(z, bank, sigma=1.0)
+    assert float((res.grad.double() - g_ref).norm() / g_ref.norm()) <= 1e-5
+    assert abs(float(res.log_s[0]) - float(ls_ref[0])) <= 1e-5 * abs(float(ls_ref[0]))

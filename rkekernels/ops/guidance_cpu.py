@@ -45,6 +45,7 @@ __all__ = [
     "BLOCK_BYTES",
     "CONVERT_ELEMENTS",
     "ENABLED",
+    "MAX_BLOCK_ROWS",
     "MIN_ROWS_PER_THREAD_BYTES",
     "PAIR_MIN_DIM",
     "available",
@@ -59,6 +60,12 @@ ENABLED = os.environ.get("RKEKERNELS_FUSED_CPU", "1") != "0"
 #: Bank bytes per block of rows (the rows whose logits are taken before their values): the block
 #: stays in L2 between the two products, and the running max is updated once per block.
 BLOCK_BYTES = 128 * 1024
+
+#: At most this many rows per block: a block's values are summed in the compute dtype (the blocks
+#: in float64), so for narrow rows the block is capped to keep that float32 sum short (its error
+#: grows with the number of terms: ~rows eps when the weights are all alike, as for a bank of
+#: near-duplicates).
+MAX_BLOCK_ROWS = 64
 
 #: Split the bank over threads only when each thread gets at least this many bytes of it. Below,
 #: the hand-off costs more than it saves; and right after a multi-threaded torch op, OpenMP's
@@ -89,7 +96,7 @@ def available() -> bool:
     if _available is None:
         try:
             import numba  # noqa: F401
-        except ImportError:
+        except Exception:  # not installed, or broken (a numpy it was not built for)
             _available = False
         else:
             _available = True
@@ -289,11 +296,14 @@ def _compile():
         j - self_at (the batch pass: the current samples as entries, each without itself).
         """
         b = phi2.shape[0]
+        block = max(1, min(block, n))
         is16 = bank16.shape[0] > 0
         cis16 = cond16.shape[0] > 0
-        lg = np.empty((block, b), dtype=acc.dtype)
-        fbuf = np.empty((block if is16 else 0, bank16.shape[1]), dtype=acc.dtype)
-        cbuf = np.empty((block if cis16 else 0, cond16.shape[1]), dtype=acc.dtype)
+        lg = np.empty((block, b), dtype=phi2.dtype)
+        fbuf = np.empty((block if is16 else 0, bank16.shape[1]), dtype=phi2.dtype)
+        cbuf = np.empty((block if cis16 else 0, cond16.shape[1]), dtype=phi2.dtype)
+        # a block's values are summed in the compute dtype, the blocks in acc's (float64)
+        part = np.empty((b, acc.shape[1]), dtype=phi2.dtype)
         for start in range(0, n, block):
             rows = min(block, n - start)
             f = bank
@@ -335,10 +345,15 @@ def _compile():
                         m[a] = top
             for r in range(rows):
                 for a in range(b):
-                    pr = math.exp(lg[r, a] - m[a])
+                    # an entry at -inf weighs 0, also while m is still -inf (exp(NaN) not)
+                    pr = 0.0 if lg[r, a] == -math.inf else math.exp(lg[r, a] - m[a])
                     lg[r, a] = pr
                     l[a] += pr
-            values(f, fo, rows, lg, acc)
+            part[:] = 0.0
+            values(f, fo, rows, lg, part)
+            for a in range(b):
+                for d in range(acc.shape[1]):
+                    acc[a, d] += part[a, d]
 
     @jit
     def prep(z, normalize, y, inv_s2, inv_c2, phi, znorm, phi2, y2, row_const):
@@ -401,7 +416,7 @@ def block_rows(dim: int, itemsize: int) -> int:
 
     if guidance_torch.CHUNK_ROWS is not None:
         return max(1, int(guidance_torch.CHUNK_ROWS))
-    return max(8, BLOCK_BYTES // max(1, dim * itemsize))
+    return min(MAX_BLOCK_ROWS, max(8, BLOCK_BYTES // max(1, dim * itemsize)))
 
 
 def softmax_state(
@@ -433,13 +448,13 @@ def softmax_state(
         acc = phi.new_zeros((b, dim))
     if bank.shape[0] == 0:
         return m, l, acc
-    phi2 = (phi * (2.0 * inv_s2)).contiguous().numpy()
-    y2 = (y * (2.0 * inv_c2)).contiguous().numpy() if y is not None else None
-    out = _fold(
+    phi2 = _arr((phi * (2.0 * inv_s2)).contiguous())
+    y2 = _arr((y * (2.0 * inv_c2)).contiguous()) if y is not None else None
+    m, l, acc = _fold(
         phi2, y2, bank, bank_sq, bank_cond if y is not None else None, bank_cond_sq,
-        inv_s2, inv_c2, (m.numpy(), l.numpy(), acc.numpy()), running,
+        inv_s2, inv_c2, (_arr(m), _arr(l.double()), _arr(acc.double())), running,
     )  # fmt: skip
-    return tuple(torch.from_numpy(t) for t in out)
+    return torch.from_numpy(m), torch.from_numpy(l), torch.from_numpy(acc)
 
 
 def guide(
@@ -472,16 +487,19 @@ def guide(
     """
     k = _compile()
     b, dim = z.shape
-    zn = z.contiguous().numpy()
+    normalize = bool(normalize)  # one compiled kernel whatever type the flag came in
+    zn = _arr(z.contiguous())
     dt = zn.dtype
-    yn = y.contiguous().numpy() if y is not None else np.zeros((b, 0), dt)
+    yn = _arr(y.contiguous()) if y is not None else np.zeros((b, 0), dt)
     phi, phi2, y2 = np.empty_like(zn), np.empty_like(zn), np.empty_like(yn)
     row_const = np.empty(b, dt)
     # ||z|| by torch, as `features` computes it: a sample committed to the bank and the same
     # sample in z then get bitwise the same feature (a gradient of exactly 0, not rounding)
-    znorm = z.norm(dim=1).numpy() if normalize else np.ones(b, dt)
+    znorm = _arr(z.norm(dim=1)) if normalize else np.ones(b, dt)
     k.prep(zn, normalize, yn, inv_s2, inv_c2, phi, znorm, phi2, y2, row_const)
-    state = (np.full(b, -np.inf, dt), np.zeros(b, dt), np.zeros((b, dim), dt))
+    # l and acc in float64: they sum over the whole bank (in float32 they would drift by about
+    # (n / block) eps; SPEC: float32 results within 1e-5 up to n = 20,000)
+    state = (np.full(b, -np.inf, dt), np.zeros(b, np.float64), np.zeros((b, dim), np.float64))
     has_cond = y is not None
     if include_batch and b > 1:  # the current samples as entries, self excluded
         k.stream(
@@ -507,7 +525,12 @@ def _norms(sq: torch.Tensor | None) -> np.ndarray:
     """Cached squared norms as float64 numpy (or the empty placeholder)."""
     if sq is None:
         return _NO_NORMS
-    return sq.numpy() if sq.dtype == torch.float64 else sq.double().numpy()
+    return _arr(sq if sq.dtype == torch.float64 else sq.double())
+
+
+def _arr(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor (a tensor with the lazy negation bit is materialised)."""
+    return t.resolve_neg().numpy()
 
 
 def _fold(
@@ -557,10 +580,10 @@ def _fold(
         if s > 0 or e < t.shape[0]:
             t = t[s:e]
         if kind == "bf16":
-            return empty2, t.view(torch.int16).numpy()
+            return empty2, _arr(t.resolve_neg().view(torch.int16))
         if kind == "convert":
             t = t.to(cdt).contiguous()
-        return t.numpy(), _NO16
+        return _arr(t), _NO16
 
     def run(lo: int, hi: int, st: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
         step = hi - lo if "convert" not in kinds else step_conv
@@ -574,14 +597,16 @@ def _fold(
                 dim >= PAIR_MIN_DIM, m_dim >= PAIR_MIN_DIM, -1,
             )  # fmt: skip
 
-    parts = _parts(n, n * (dim + m_dim) * itemsize)
+    row_bytes = dim * bank.element_size() + (m_dim * bank_cond.element_size() if has_cond else 0)
+    parts = _parts(n, n * row_bytes)
     if parts == 1:
         run(0, n, state)
         return state
     bounds = [n * k // parts for k in range(parts + 1)]
     m0 = state[0] if not running else np.full(b, -np.inf, dt)
     states = [state] + [
-        (m0.copy(), np.zeros(b, dt), np.zeros((b, dim), dt)) for _ in range(parts - 1)
+        (m0.copy(), np.zeros(b, np.float64), np.zeros((b, dim), np.float64))
+        for _ in range(parts - 1)
     ]
     # parts 1.. on the pool, part 0 on this thread (no idle waiter)
     futures = [

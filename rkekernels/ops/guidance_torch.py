@@ -37,11 +37,23 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CHUNK_ELEMENTS", "CHUNK_ROWS", "ROWS_FIRST_MAX_DIM", "chunk_rows", "softmax_state"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "CHUNK_ROWS",
+    "MAX_CHUNK_ROWS",
+    "ROWS_FIRST_MAX_DIM",
+    "chunk_rows",
+    "softmax_state",
+]
 
 #: Elements per bank chunk (rows = CHUNK_ELEMENTS // D, at least 16): 2**18 float32 = 1 MiB,
 #: sized so a chunk stays in cache (L2) between the logits and the values GEMM.
 CHUNK_ELEMENTS = 1 << 18
+
+#: At most this many rows per chunk: the values GEMM sums a chunk's rows in the compute dtype
+#: (the chunks are summed in float64), so narrow rows get no longer float32 sums than the
+#: score tiles (1,024).
+MAX_CHUNK_ROWS = 1024
 
 #: Up to this width the logits GEMM is laid out as (rows, D) @ (D, b) ("bank @ z.T"), above it
 #: as (b, D) @ (D, rows): on MKL (single thread, b = 4) the first is faster streaming narrow
@@ -57,7 +69,7 @@ def chunk_rows(dim: int) -> int:
     """Rows of the bank processed per chunk for features of width ``dim``."""
     if CHUNK_ROWS is not None:
         return max(1, int(CHUNK_ROWS))
-    return max(16, CHUNK_ELEMENTS // max(1, dim))
+    return min(MAX_CHUNK_ROWS, max(16, CHUNK_ELEMENTS // max(1, dim)))
 
 
 def softmax_state(
@@ -87,8 +99,10 @@ def softmax_state(
         shift: None for the running max, or (b,) fixed shifts m_a >= every logit (see above).
 
     Returns:
-        (m, l, acc) in phi's dtype; an empty bank (and no state) gives l = 0, acc = 0 and
-        m = -inf (or the shift).
+        (m, l, acc): m in phi's dtype, l and acc in float64 (float32 on Apple MPS): they are
+        summed across chunks in float64 (SPEC section 5: float32 results within 1e-5 up to
+        n = 20,000; a float32 sum over the chunks drifted to 5.5e-5 there). An empty bank (and
+        no state) gives l = 0, acc = 0 and m = -inf (or the shift).
     """
     if phi.device.type == "cpu" and _fused_cpu():
         from . import guidance_cpu
@@ -97,14 +111,15 @@ def softmax_state(
             phi, bank, bank_sq, y, bank_cond, bank_cond_sq, inv_s2, inv_c2, state, shift
         )
     cdt = phi.dtype
+    wide = torch.float32 if phi.device.type == "mps" else torch.float64
     b, dim = phi.shape
     n = bank.shape[0]
     if state is not None:
-        m, l, acc = state
+        m, l, acc = state[0], state[1].to(wide), state[2].to(wide)
     else:
         m = shift if shift is not None else phi.new_full((b,), float("-inf"))
-        l = phi.new_zeros((b,))
-        acc = phi.new_zeros((b, dim))
+        l = phi.new_zeros((b,), dtype=wide)
+        acc = phi.new_zeros((b, dim), dtype=wide)
     if n == 0:
         return m, l, acc
     phi2 = phi * (2.0 * inv_s2)  # logits = phi2 @ f^T - q inv_s2
@@ -114,7 +129,9 @@ def softmax_state(
     q_all = (bank_sq * -inv_s2).to(cdt) if bank_sq is not None else None
     r_all = None
     if y2 is not None and bank_cond_sq is not None:
-        r_all = _nan_unless_finite((bank_cond_sq * -inv_c2).to(cdt))
+        # the check on the cached norms themselves: a huge finite one may round to -inf in
+        # float32, a logit of -inf and a weight of 0, which is the right limit
+        r_all = (_nan_unless_finite(bank_cond_sq) * -inv_c2).to(cdt)
     neg_shift = -shift.unsqueeze(1) if shift is not None else None
     rows = chunk_rows(dim)
     for start in range(0, n, rows):
@@ -154,7 +171,7 @@ def softmax_state(
             l = torch.addcmul(p.sum(1), l, alpha)
             acc.mul_(alpha.unsqueeze(1))
             m = m_new
-        acc.addmm_(p, f)  # values GEMM with the same chunk, still in cache
+        acc.add_(p @ f)  # values GEMM with the same chunk, still in cache; summed in float64
     return m, l, acc
 
 
