@@ -61,10 +61,10 @@ ENABLED = os.environ.get("RKEKERNELS_FUSED_CPU", "1") != "0"
 #: stays in L2 between the two products, and the running max is updated once per block.
 BLOCK_BYTES = 128 * 1024
 
-#: At most this many rows per block: a block's values are summed in the compute dtype (the blocks
-#: in float64), so for narrow rows the block is capped to keep that float32 sum short (its error
-#: grows with the number of terms: ~rows eps when the weights are all alike, as for a bank of
-#: near-duplicates).
+#: At most this many rows per block, and per partial sum of the values: those are summed in the
+#: compute dtype over at most this many rows (for wide rows, over several blocks), then added
+#: into the float64 accumulator. A float32 sum's error grows with its number of terms (~rows eps
+#: when the weights are all alike, as for a bank of near-duplicates).
 MAX_BLOCK_ROWS = 64
 
 #: Split the bank over threads only when each thread gets at least this many bytes of it. Below,
@@ -286,7 +286,8 @@ def _compile():
 
     @jit
     def stream(n, phi2, bank, bank16, qb, y2, cond, cond16, rc, inv_s2, inv_c2, has_q,
-               has_cond, has_r, m, l, acc, block, running, pair, pair_cond, self_at):  # fmt: skip
+               has_cond, has_r, m, l, acc, block, running, pair, pair_cond, self_at,
+               part_rows):  # fmt: skip
         """Fold n bank rows into the state (m, l, acc), block by block.
 
         ``qb``/``rc`` are the rows' squared norms (any float dtype; computed here when has_q /
@@ -302,8 +303,10 @@ def _compile():
         lg = np.empty((block, b), dtype=phi2.dtype)
         fbuf = np.empty((block if is16 else 0, bank16.shape[1]), dtype=phi2.dtype)
         cbuf = np.empty((block if cis16 else 0, cond16.shape[1]), dtype=phi2.dtype)
-        # a block's values are summed in the compute dtype, the blocks in acc's (float64)
-        part = np.empty((b, acc.shape[1]), dtype=phi2.dtype)
+        # values are summed in the compute dtype over at most part_rows rows, then added into
+        # acc (float64); the partial sum is flushed before any rescale of acc
+        part = np.zeros((b, acc.shape[1]), dtype=phi2.dtype)
+        in_part = 0
         for start in range(0, n, block):
             rows = min(block, n - start)
             f = bank
@@ -341,7 +344,8 @@ def _compile():
                         scale = math.exp(m[a] - top)  # m = -inf before the first entry: 0
                         l[a] *= scale
                         for d in range(acc.shape[1]):
-                            acc[a, d] *= scale
+                            acc[a, d] = (acc[a, d] + part[a, d]) * scale
+                            part[a, d] = 0.0
                         m[a] = top
             for r in range(rows):
                 for a in range(b):
@@ -349,11 +353,14 @@ def _compile():
                     pr = 0.0 if lg[r, a] == -math.inf else math.exp(lg[r, a] - m[a])
                     lg[r, a] = pr
                     l[a] += pr
-            part[:] = 0.0
             values(f, fo, rows, lg, part)
-            for a in range(b):
-                for d in range(acc.shape[1]):
-                    acc[a, d] += part[a, d]
+            in_part += rows
+            if in_part + block > part_rows or start + block >= n:
+                for a in range(b):
+                    for d in range(acc.shape[1]):
+                        acc[a, d] += part[a, d]
+                        part[a, d] = 0.0
+                in_part = 0
 
     @jit
     def prep(z, normalize, y, inv_s2, inv_c2, phi, znorm, phi2, y2, row_const):
@@ -505,7 +512,7 @@ def guide(
         k.stream(
             b, phi2, phi, _NO16, _NO_NORMS, y2, yn, _NO16, _NO_NORMS, inv_s2,
             inv_c2, False, has_cond, False, *state, b, True, dim >= PAIR_MIN_DIM,
-            yn.shape[1] >= PAIR_MIN_DIM, 0,
+            yn.shape[1] >= PAIR_MIN_DIM, 0, MAX_BLOCK_ROWS,
         )  # fmt: skip
     if bank.shape[0] > 0:
         state = _fold(
@@ -594,7 +601,7 @@ def _fold(
             stream(
                 e - s, phi2, f, f16, qb[s:e], y2, c, c16, rc[s:e], inv_s2, inv_c2,
                 qb.shape[0] > 0, has_cond, rc.shape[0] > 0, *st, block, running,
-                dim >= PAIR_MIN_DIM, m_dim >= PAIR_MIN_DIM, -1,
+                dim >= PAIR_MIN_DIM, m_dim >= PAIR_MIN_DIM, -1, MAX_BLOCK_ROWS,
             )  # fmt: skip
 
     row_bytes = dim * bank.element_size() + (m_dim * bank_cond.element_size() if has_cond else 0)
