@@ -321,3 +321,25 @@ def test_float32_within_1e5_for_20000_alike_entries(monkeypatch, fused, dim):
     g_ref, ls_ref = ref.guidance_grad(z, bank, sigma=1.0)
     assert float((res.grad.double() - g_ref).norm() / g_ref.norm()) <= 1e-5
     assert abs(float(res.log_s[0]) - float(ls_ref[0])) <= 1e-5 * abs(float(ls_ref[0]))
+
+
+def test_kernels_never_read_the_row_padding(monkeypatch):
+    # the small (b, D) arrays get padded rows (cache sets, see guidance_cpu._padded): fill the
+    # padding with NaN, which would reach the result if any kernel read it
+    real = guidance_cpu._padded
+
+    def nan_padded(a):
+        out = real(a)
+        out[:, a.shape[1] :] = math.nan
+        return out
+
+    monkeypatch.setattr(guidance_cpu, "_padded", nan_padded)
+    monkeypatch.setattr(guidance_torch, "CHUNK_ROWS", 3)
+    g = torch.Generator().manual_seed(6)
+    z, f = torch.randn(5, 20, generator=g), torch.randn(17, 20, generator=g)
+    kw = {"sigma": 2.0, "cond": torch.randn(5, 3, generator=g), "sigma_cond": 1.5}
+    kw["bank_cond"] = torch.randn(17, 3, generator=g)
+    res = rk.guidance_grad(z, f, **kw)
+    g_ref, ls_ref = ref.guidance_grad(z, f, **kw)
+    assert float((res.grad.double() - g_ref).norm() / g_ref.norm()) <= 1e-5
+    assert torch.allclose(res.log_s.double(), ls_ref, rtol=1e-5, atol=0)

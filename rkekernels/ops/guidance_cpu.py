@@ -128,7 +128,8 @@ def _compile():
     def dots(w, x, start, rows, out, add, pair):
         """out[r, a] (+)= w[a] . x[start + r] for r < rows: 4 samples per pass over a row, and
         with ``pair`` 2 rows per pass (faster from cache, slower streaming narrow rows)."""
-        b, dim = w.shape
+        b = w.shape[0]
+        dim = x.shape[1]  # w's rows may be longer (padded, see _padded)
         zero = np.zeros(1, out.dtype)[0]
         r = 0
         while r < rows:
@@ -217,7 +218,8 @@ def _compile():
     @jit
     def values(x, start, rows, p, acc):
         """acc[a] += sum_r p[r, a] x[start + r], 4 rows x 4 samples per pass."""
-        b, dim = acc.shape
+        b = acc.shape[0]
+        dim = x.shape[1]  # acc's rows may be longer (padded, see _padded)
         r = 0
         while r < rows:
             if r + 4 <= rows:
@@ -287,7 +289,7 @@ def _compile():
     @jit
     def stream(n, phi2, bank, bank16, qb, y2, cond, cond16, rc, inv_s2, inv_c2, has_q,
                has_cond, has_r, m, l, acc, block, running, pair, pair_cond, self_at,
-               part_rows):  # fmt: skip
+               part_rows, pad):  # fmt: skip
         """Fold n bank rows into the state (m, l, acc), block by block.
 
         ``qb``/``rc`` are the rows' squared norms (any float dtype; computed here when has_q /
@@ -305,7 +307,7 @@ def _compile():
         cbuf = np.empty((block if cis16 else 0, cond16.shape[1]), dtype=phi2.dtype)
         # values are summed in the compute dtype over at most part_rows rows, then added into
         # acc (float64); the partial sum is flushed before any rescale of acc
-        part = np.zeros((b, acc.shape[1]), dtype=phi2.dtype)
+        part = np.zeros((b, acc.shape[1] + pad), dtype=phi2.dtype)
         in_part = 0
         for start in range(0, n, block):
             rows = min(block, n - start)
@@ -455,8 +457,8 @@ def softmax_state(
         acc = phi.new_zeros((b, dim))
     if bank.shape[0] == 0:
         return m, l, acc
-    phi2 = _arr((phi * (2.0 * inv_s2)).contiguous())
-    y2 = _arr((y * (2.0 * inv_c2)).contiguous()) if y is not None else None
+    phi2 = _padded(_arr(phi * (2.0 * inv_s2)))
+    y2 = _padded(_arr(y * (2.0 * inv_c2))) if y is not None else None
     m, l, acc = _fold(
         phi2, y2, bank, bank_sq, bank_cond if y is not None else None, bank_cond_sq,
         inv_s2, inv_c2, (_arr(m), _arr(l.double()), _arr(acc.double())), running,
@@ -498,7 +500,7 @@ def guide(
     zn = _arr(z.contiguous())
     dt = zn.dtype
     yn = _arr(y.contiguous()) if y is not None else np.zeros((b, 0), dt)
-    phi, phi2, y2 = np.empty_like(zn), np.empty_like(zn), np.empty_like(yn)
+    phi, phi2, y2 = np.empty_like(zn), _padded(zn), _padded(yn)  # prep fills phi2, y2
     row_const = np.empty(b, dt)
     # ||z|| by torch, as `features` computes it: a sample committed to the bank and the same
     # sample in z then get bitwise the same feature (a gradient of exactly 0, not rounding)
@@ -512,7 +514,7 @@ def guide(
         k.stream(
             b, phi2, phi, _NO16, _NO_NORMS, y2, yn, _NO16, _NO_NORMS, inv_s2,
             inv_c2, False, has_cond, False, *state, b, True, dim >= PAIR_MIN_DIM,
-            yn.shape[1] >= PAIR_MIN_DIM, 0, MAX_BLOCK_ROWS,
+            yn.shape[1] >= PAIR_MIN_DIM, 0, MAX_BLOCK_ROWS, _PAD,
         )  # fmt: skip
     if bank.shape[0] > 0:
         state = _fold(
@@ -525,6 +527,22 @@ def guide(
 
 
 _NO16 = np.zeros((0, 0), dtype=np.int16)
+
+#: Elements added to each row of the small (b, D) arrays the kernels stream next to the bank
+#: rows. With D a multiple of 1,024 (a 4x64x64 latent: D = 16,384), unpadded rows sit a multiple
+#: of 4 KiB apart, like the bank rows, and all map to the same L1 cache sets: how badly depended
+#: on where the allocator put them, and a call took 0.8x or 1.5x of one GEMM from run to run.
+_PAD = 16
+
+
+def _padded(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of the (b, w) array ``a`` with rows of w + _PAD elements (zeros past
+    w); the kernels read only the first w."""
+    out = np.zeros((a.shape[0], a.shape[1] + _PAD), dtype=a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
+
+
 _NO_NORMS = np.zeros(0, dtype=np.float64)
 
 
@@ -554,8 +572,8 @@ def _fold(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fold the bank's rows into ``state`` (updated in place, or merged from thread parts)."""
     stream = _compile().stream
-    b, dim = phi2.shape
-    n = bank.shape[0]
+    b = phi2.shape[0]
+    n, dim = bank.shape  # phi2's rows are padded (see _padded)
     dt = phi2.dtype
     cdt = torch.float64 if dt == np.float64 else torch.float32
     has_cond = y2 is not None
@@ -601,7 +619,7 @@ def _fold(
             stream(
                 e - s, phi2, f, f16, qb[s:e], y2, c, c16, rc[s:e], inv_s2, inv_c2,
                 qb.shape[0] > 0, has_cond, rc.shape[0] > 0, *st, block, running,
-                dim >= PAIR_MIN_DIM, m_dim >= PAIR_MIN_DIM, -1, MAX_BLOCK_ROWS,
+                dim >= PAIR_MIN_DIM, m_dim >= PAIR_MIN_DIM, -1, MAX_BLOCK_ROWS, _PAD,
             )  # fmt: skip
 
     row_bytes = dim * bank.element_size() + (m_dim * bank_cond.element_size() if has_cond else 0)
