@@ -15,6 +15,10 @@ Sections (``--sections``, comma separated, in this order):
   float64 in "ieee"; pair sums within 1e-5 (float32) / 1e-10 (float64) or the mode's
   `error_bound`, gradient rows within the same factor times sum_j |W|_ij (||x_i|| + ||x_j||).
   Also: backend="auto" picks Triton for CUDA tensors and agrees with the reference.
+- ``guidance`` (issue 4): `guidance_grad` with backend="triton" against
+  ``rkekernels.reference.guidance_grad`` on CUDA (float32 within 1e-5: b = 4 and 17, prompts,
+  normalize, a bfloat16 bank), then b = 4, n = 10,000, D = 16,384 and 768 (float32 FeatureBank)
+  vs one ``bank @ z.T`` with TF32 off (target: ratio <= 1.5), next to backend="torch" on CUDA.
 - ``matmul``: fused ``rke_score`` (exact float32, the default) vs torch ``x @ x.T`` with TF32 off at
   n = 65,536, d = 768 (target: ratio <= 0.6), plus the score's error vs the torch float64 path.
 - ``stream``: the same fused score vs the torch streaming backend (backend="torch", TF32 off).
@@ -57,7 +61,17 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-SECTIONS = ("compile", "check", "matmul", "stream", "large", "backward", "modes", "pykeops")
+SECTIONS = (
+    "compile",
+    "check",
+    "guidance",
+    "matmul",
+    "stream",
+    "large",
+    "backward",
+    "modes",
+    "pykeops",
+)
 COLUMNS = [
     "section",
     "case",
@@ -77,6 +91,7 @@ COLUMNS = [
     "detail",
 ]
 TARGET_MATMUL = 0.6
+TARGET_GUIDANCE = 1.5
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
@@ -272,6 +287,58 @@ def section_check(rep: Report, dev: torch.device, small: bool) -> None:
 
 
 # --------------------------------------------------------------------------- benchmarks
+
+
+def section_guidance(rep: Report, dev: torch.device, cuda: bool, small: bool) -> None:
+    import rkekernels as rk
+    from rkekernels import reference as ref
+
+    g = torch.Generator().manual_seed(7)
+    cases = [(4, 1000, 768, False, torch.float32), (17, 2049, 50, True, torch.float32),
+             (4, 1000, 768, True, torch.bfloat16)]  # fmt: skip
+    if small:
+        cases = [(4, 70, 24, False, torch.float32), (17, 130, 10, True, torch.bfloat16)]
+    for b, n, dim, prompts, bank_dtype in cases:
+        z = torch.randn(b, dim, generator=g, dtype=torch.float64)
+        f = torch.randn(n, dim, generator=g, dtype=torch.float64)
+        f = (f / f.norm(dim=1, keepdim=True)).to(bank_dtype).double()  # the stored values
+        kw = {"sigma": 0.8}
+        if prompts:
+            kw.update(cond=torch.randn(b, 6, generator=g, dtype=torch.float64), sigma_cond=1.1)
+            kw["bank_cond"] = torch.randn(n, 6, generator=g, dtype=torch.float64)
+        g_ref, ls_ref = ref.guidance_grad(z, f, **kw)
+        kw_dev = {k: v.to(dev, torch.float32) if torch.is_tensor(v) else v for k, v in kw.items()}
+        res = rk.guidance_grad(z.to(dev, torch.float32), f.to(dev, bank_dtype), backend="triton",
+                               **kw_dev)  # fmt: skip
+        err = max(
+            float((res.grad.cpu().double() - g_ref).norm() / g_ref.norm()),
+            float((res.log_s.cpu().double() - ls_ref).abs().max() / ls_ref.abs().max()),
+        )
+        rep.add(section="guidance", case=f"guidance_grad vs reference, b={b}, prompts={prompts}, "
+                f"{str(bank_dtype).split('.')[-1]} bank", precision="ieee", n=n, d=dim,
+                error=err, bound=TOL[torch.float32],
+                status="ok" if err <= TOL[torch.float32] else "FAIL")  # fmt: skip
+    sizes = [(300, 24)] if small else [(10_000, 16384), (10_000, 768)]
+    for n, dim in sizes:
+        f = torch.randn(n, dim, generator=g)
+        f = (f / f.norm(dim=1, keepdim=True)).to(dev)
+        z = torch.randn(4, dim, generator=g).to(dev)
+        bank = rk.FeatureBank(n, device=dev)
+        bank.add(f)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        base = bench(lambda f=f, z=z: f @ z.T, cuda)
+        ours = bench(lambda z=z, bank=bank: rk.guidance_grad(z, bank, sigma=1.1, backend="triton"),
+                     cuda)  # fmt: skip
+        tpath = bench(lambda z=z, bank=bank: rk.guidance_grad(z, bank, sigma=1.1, backend="torch"),
+                      cuda)  # fmt: skip
+        for case, t in (("guidance_grad, Triton", ours), ("guidance_grad, torch path", tpath)):
+            ratio = t[0] / base[0]
+            target = TARGET_GUIDANCE if "Triton" in case else ""
+            status = "ok" if not target or ratio <= target else "MISSED"
+            rep.add(section="guidance", case=f"{case}, b=4 (FeatureBank, float32)",
+                    precision="ieee", n=n, d=dim, ms_p50=t[0], ms_p20=t[1], ms_p80=t[2],
+                    baseline="bank @ z.T (TF32 off)", baseline_ms_p50=base[0], ratio=ratio,
+                    target=target, status=status)  # fmt: skip
 
 
 def _baseline_matmul(mode: str, x: torch.Tensor):
@@ -644,6 +711,7 @@ def main(argv=None) -> int:
     runners = {
         "compile": lambda: section_compile(rep),
         "check": lambda: section_check(rep, dev, small),
+        "guidance": lambda: section_guidance(rep, dev, cuda, small),
         "matmul": lambda: section_matmul(rep, state, n_bench, d, dev, cuda),
         "stream": lambda: section_stream(rep, state, n_bench, d, dev, cuda),
         "large": lambda: section_large(rep, state, n_large, d, dev, cuda, n_bench),

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["SPLITS", "softmax_state"]
+__all__ = ["MAX_SPLIT_ROWS", "SPLITS", "softmax_state"]
 
 #: Number of bank splits (programs along the bank); None chooses from the bank size and the
 #: device (about one split per streaming multiprocessor). Tests set it to cover several splits.
@@ -171,14 +171,21 @@ def _blocks(device: torch.device, fp64: bool) -> tuple[int, int, int, int, int]:
     return 16, 64, 32, 32, 8
 
 
+#: At most this many bank rows per split: a split sums its rows in the compute dtype, the
+#: splits are summed in float64 (as the torch paths' chunks: float32 within 1e-5 to n = 20,000
+#: even for a bank of near-duplicates, whose weights are all alike).
+MAX_SPLIT_ROWS = 1024
+
+
 def _splits(n: int, block_n: int, device: torch.device) -> int:
     if SPLITS is not None:
         return max(1, int(SPLITS))
     n_blocks = triton.cdiv(n, block_n)
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_blocks, sms))
-    return max(1, min(n_blocks, 4))
+        base = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        base = 4
+    return max(1, min(n_blocks, max(base, triton.cdiv(n, MAX_SPLIT_ROWS))))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -201,7 +208,8 @@ def softmax_state(
 
     Same arguments (``state``: an initial state merged in the combine; no fixed ``shift``: the
     kernel keeps a running max in registers, which costs nothing there) and result as
-    ``ops.guidance_torch.softmax_state``; the cached squared norms
+    ``ops.guidance_torch.softmax_state`` (m in phi's dtype; l and acc summed across the splits
+    in float64; each split sums its rows in the compute dtype); the cached squared norms
     are not needed (the kernel computes them from the rows it loads anyway).
     """
     del bank_sq, bank_cond_sq
@@ -212,11 +220,11 @@ def softmax_state(
     n = bank.shape[0]
     if n == 0:
         if state is not None:
-            return state
+            return state[0], state[1].double(), state[2].double()
         return (
             torch.full((b,), float("-inf"), dtype=cdt, device=phi.device),
-            torch.zeros((b,), dtype=cdt, device=phi.device),
-            torch.zeros((b, dim), dtype=cdt, device=phi.device),
+            torch.zeros((b,), dtype=torch.float64, device=phi.device),
+            torch.zeros((b, dim), dtype=torch.float64, device=phi.device),
         )
     fp64 = cdt == torch.float64
     block_b, block_n, block_d, block_m, warps = _blocks(phi.device, fp64)
@@ -260,11 +268,13 @@ def softmax_state(
         BLOCK_M=block_m,
         num_warps=warps,
     )
-    # combine the splits (and the initial state): rescale each to the global max
+    # combine the splits (and the initial state): rescale each to the global max; the sums
+    # across splits in float64, like the torch paths' sums across chunks
+    l, acc = l.double(), acc.double()
     if state is not None:
         m = torch.cat([m, state[0].unsqueeze(0)])
-        l = torch.cat([l, state[1].unsqueeze(0)])
-        acc = torch.cat([acc, state[2].unsqueeze(0)])
+        l = torch.cat([l, state[1].double().unsqueeze(0)])
+        acc = torch.cat([acc, state[2].double().unsqueeze(0)])
     m_all = m.amax(0)  # finite: every split holds >= 1 bank row
-    w = torch.exp(m - m_all)  # (splits, b)
+    w = torch.exp(m - m_all).double()  # (splits, b)
     return m_all, (w * l).sum(0), torch.einsum("sb,sbd->bd", w, acc)
