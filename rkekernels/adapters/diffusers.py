@@ -39,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test with diffus
         "`pip install diffusers` (or `pip install rkekernels[diffusers]`)"
     ) from exc
 
-from ..sampling import DiversityGuidance
+from ..sampling import DiversityGuidance, check_adapter_guidance
 
 __all__ = ["SparkeCallback", "pool_prompt_embeds", "sparke_callback"]
 
@@ -111,15 +111,7 @@ class SparkeCallback(PipelineCallback):
         self, guidance: DiversityGuidance, cond: Any = None, *, normalize_cond: bool = True
     ) -> None:
         super().__init__()
-        if not isinstance(guidance, DiversityGuidance):
-            raise TypeError(
-                f"guidance must be a rkekernels.DiversityGuidance, got {type(guidance).__name__}"
-            )
-        if cond is not None and not guidance.conditional:
-            raise ValueError(
-                "cond was given but guidance.sigma_cond is None: build the DiversityGuidance "
-                "with sigma_cond for prompt-aware guidance, or leave cond out"
-            )
+        check_adapter_guidance(guidance, cond)
         if cond is not None:
             cond = cond if isinstance(cond, torch.Tensor) else torch.as_tensor(cond)
             if cond.dim() == 3:

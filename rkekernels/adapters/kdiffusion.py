@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from ..sampling import DiversityGuidance
+from ..sampling import DiversityGuidance, check_adapter_guidance
 
 __all__ = ["GuidedDenoiser", "guided_denoiser"]
 
@@ -65,15 +65,7 @@ class GuidedDenoiser:
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
-        if not isinstance(guidance, DiversityGuidance):
-            raise TypeError(
-                f"guidance must be a rkekernels.DiversityGuidance, got {type(guidance).__name__}"
-            )
-        if cond is not None and not guidance.conditional:
-            raise ValueError(
-                "cond was given but guidance.sigma_cond is None: build the DiversityGuidance "
-                "with sigma_cond for prompt-aware guidance, or leave cond out"
-            )
+        check_adapter_guidance(guidance, cond)
         if cond is None and guidance.conditional:
             raise ValueError(
                 "cond is required: the guidance is conditional (sigma_cond is set); pass (b, m) "
