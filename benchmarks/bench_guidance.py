@@ -168,7 +168,7 @@ def path_name() -> str:
     """Which path guidance_grad takes for CPU tensors in this environment."""
     if torch.cuda.is_available():
         return "Triton kernel"
-    fused = guidance_cpu.ENABLED and guidance_cpu.available()
+    fused = guidance_cpu.enabled()
     return "fused CPU kernel (numba)" if fused else "chunked GEMMs (numba not installed)"
 
 

@@ -515,11 +515,9 @@ def guidance_grad(
     yc = y.to(cdt) if y is not None else None
     batch = include_batch and b > 1
     if resolved == "torch" and zc.device.type == "cpu":
-        from .ops import guidance_torch
+        from .ops import guidance_cpu
 
-        if guidance_torch._fused_cpu():  # numba: the whole computation in compiled code
-            from .ops import guidance_cpu
-
+        if guidance_cpu.enabled():  # numba: the whole computation in compiled code
             g, log_s, ok = guidance_cpu.guide(
                 zc, normalize, yc, fb, bank_sq, bc, cond_sq, inv_s2, inv_c2, batch
             )

@@ -55,14 +55,10 @@ def state(phi, bank, y, c, *, sigma, shift, cached_norms, fused, inv_c2=0.4):
         sh = (phi * phi).sum(1) * inv_s2
         if yy is not None:
             sh = sh + (yy * yy).sum(1) * inv_c2
-    old = guidance_cpu.ENABLED
-    guidance_cpu.ENABLED = fused
-    try:
-        return guidance_torch.softmax_state(
-            phi, bank, bank_sq, yy, cc, cond_sq, inv_s2, inv_c2 if y is not None else 0.0, None, sh
-        )
-    finally:
-        guidance_cpu.ENABLED = old
+    impl = guidance_cpu if fused else guidance_torch  # the kernel, or the chunked GEMMs
+    return impl.softmax_state(
+        phi, bank, bank_sq, yy, cc, cond_sq, inv_s2, inv_c2 if y is not None else 0.0, None, sh
+    )
 
 
 def assert_same(got, want, rtol):
@@ -220,7 +216,7 @@ def test_without_numba_the_gemm_path_runs(monkeypatch):
     monkeypatch.setattr(guidance_cpu, "_available", None)  # try the import again
     assert not guidance_cpu.available()
     called = []
-    monkeypatch.setattr(guidance_cpu, "softmax_state", lambda *a: called.append(1))
+    monkeypatch.setattr(guidance_cpu, "guide", lambda *a: called.append(1))
     z, bank = torch.randn(3, 16, dtype=torch.float64), torch.randn(11, 16, dtype=torch.float64)
     res = rk.guidance_grad(z, bank, sigma=1.0)
     assert not called
@@ -257,8 +253,8 @@ def test_environment_variable_turns_the_kernel_off():
     import os
     import subprocess
 
-    code = "from rkekernels.ops import guidance_cpu, guidance_torch; "
-    code += "print(guidance_cpu.ENABLED, guidance_torch._fused_cpu())"
+    code = "from rkekernels.ops import guidance_cpu; "
+    code += "print(guidance_cpu.ENABLED, guidance_cpu.enabled())"
     for value, want in (("0", "False False"), ("1", "True True")):
         env = dict(os.environ, RKEKERNELS_FUSED_CPU=value)
         out = subprocess.run(

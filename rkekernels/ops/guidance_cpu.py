@@ -27,8 +27,10 @@ rows (one rescale of the b x D accumulator per block where the max grew).
 
 Threads: the kernel releases the GIL; with ``torch.get_num_threads() > 1`` and a large bank, the
 bank is split into contiguous parts, one per thread, and their states merged (as the Triton path
-merges its splits). Used by the torch backend for CPU tensors when numba is installed
-(``pip install "rkekernels[cpu]"``) and `ENABLED` is true; otherwise the chunked-GEMM path runs.
+merges its splits). `guidance_grad` (backend "torch" or "auto", CPU tensors) runs `guide` when
+numba is installed (``pip install "rkekernels[cpu]"``) and `ENABLED` is true; otherwise the
+chunked-GEMM path of `guidance_torch` runs. `softmax_state` exposes the kernel's bank pass alone,
+with the same contract as the GEMM path's (the tests compare the two).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ __all__ = [
     "PAIR_MIN_DIM",
     "available",
     "block_rows",
+    "enabled",
+    "guide",
     "softmax_state",
 ]
 
@@ -101,6 +105,11 @@ def available() -> bool:
         else:
             _available = True
     return _available
+
+
+def enabled() -> bool:
+    """Whether `guidance_grad` runs CPU tensors here: numba importable and `ENABLED` true."""
+    return ENABLED and available()
 
 
 def _compile():

@@ -22,9 +22,9 @@ sum_j pi_aj f_j = acc_a / l_a. Two ways to pick m_a:
   <= 0: no overflow, and no per-chunk max, rescale or extra dispatches. It can underflow when
   every entry is many bandwidths away; the caller checks l_a and falls back to the running max.
 
-For CPU tensors, `softmax_state` hands the work to the fused numba kernel of
-`rkekernels.ops.guidance_cpu` when numba is installed (same result to rounding); the code here is
-the path without it, and the one for CUDA tensors with backend="torch".
+For CPU tensors `guidance_grad` runs the fused numba kernel of `rkekernels.ops.guidance_cpu`
+when numba is installed (same result to rounding); the code here is the path without it, and
+the one for CUDA tensors with backend="torch".
 
 The bank is visited once, in chunks of rows: each chunk is used for the logits (one GEMM for all
 b samples, the norms as its bias) and, right after, for the values (a second GEMM with the same
@@ -104,12 +104,6 @@ def softmax_state(
         n = 20,000; a float32 sum over the chunks drifted to 5.5e-5 there). An empty bank (and
         no state) gives l = 0, acc = 0 and m = -inf (or the shift).
     """
-    if phi.device.type == "cpu" and _fused_cpu():
-        from . import guidance_cpu
-
-        return guidance_cpu.softmax_state(
-            phi, bank, bank_sq, y, bank_cond, bank_cond_sq, inv_s2, inv_c2, state, shift
-        )
     cdt = phi.dtype
     wide = torch.float32 if phi.device.type == "mps" else torch.float64
     b, dim = phi.shape
@@ -173,13 +167,6 @@ def softmax_state(
             m = m_new
         acc.add_(p @ f)  # values GEMM with the same chunk, still in cache; summed in float64
     return m, l, acc
-
-
-def _fused_cpu() -> bool:
-    """Whether CPU tensors go to the fused kernel (`guidance_cpu`: numba installed and enabled)."""
-    from . import guidance_cpu
-
-    return guidance_cpu.ENABLED and guidance_cpu.available()
 
 
 def _nan_unless_finite(r: torch.Tensor) -> torch.Tensor:
