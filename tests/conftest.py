@@ -4,7 +4,10 @@
   TRITON_INTERPRET=1 before any kernel is defined (doctests under rkekernels/ need it too).
 - TF32 is off so that float32 references stay exact.
 - Fresh torch.empty buffers are poisoned with NaN so an unwritten output fails loudly.
+- HF_HUB_OFFLINE=1: nothing is downloaded; encoders are tiny random-weight models (below).
 """
+
+import os
 
 import pytest
 import torch
@@ -12,6 +15,8 @@ from hypothesis import settings
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 settings.load_profile("ci")
@@ -45,3 +50,91 @@ def triton_ok() -> bool:
     from rkekernels._input import triton_available
 
     return triton_available()
+
+
+# --------------------------------------------------------------------------- tiny encoders
+# Random-weight models built from config classes (nothing is downloaded): the image encoders of
+# rkekernels.adapters.encoders, the evaluate command and encoder-feature guidance use them.
+
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=16,
+    patch_size=8,
+)
+
+
+def tiny_clip(seed: int = 0):
+    """(CLIPModel, CLIPTokenizer): 16x16 images, a 58-token character vocabulary, D = 16."""
+    import json
+    import os
+    import tempfile
+
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    text = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=64,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    model = CLIPModel(CLIPConfig(vision_config=TINY_VISION, text_config=text, projection_dim=16))
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz0123":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    d = tempfile.mkdtemp(prefix="tiny-clip-tok-")
+    with open(os.path.join(d, "vocab.json"), "w") as fh:
+        json.dump(vocab, fh)
+    with open(os.path.join(d, "merges.txt"), "w") as fh:
+        fh.write("#version: 0.2\n")
+    tok = CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"))
+    return model.eval(), tok
+
+
+def tiny_dinov2(seed: int = 0):
+    """A random-weight Dinov2Model for 16x16 crops, D = 32."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    return Dinov2Model(Dinov2Config(**TINY_VISION)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dirs(tmp_path_factory):
+    """{"clip": folder, "dinov2": folder}: the tiny models saved with save_pretrained."""
+    root = tmp_path_factory.mktemp("tiny-encoders")
+    clip, tok = tiny_clip()
+    clip.save_pretrained(root / "clip")
+    tok.save_pretrained(root / "clip")
+    tiny_dinov2().save_pretrained(root / "dinov2")
+    return {"clip": str(root / "clip"), "dinov2": str(root / "dinov2")}
+
+
+def write_images(folder, n: int, *, size=16, seed: int = 0, clusters: int = 3, fmt: str = "png"):
+    """n small RGB images in ``clusters`` colour groups (img_000.png, ...); returns the paths."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, 255, size=(clusters, 3))
+    paths = []
+    for i in range(n):
+        s = size if isinstance(size, int) else size[i % len(size)]
+        base = centres[i % clusters][None, None, :] + rng.normal(0, 12, size=(s, s, 3))
+        img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+        p = os.path.join(folder, f"img_{i:03d}.{fmt}")
+        img.save(p)
+        paths.append(p)
+    return paths
