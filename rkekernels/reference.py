@@ -2,7 +2,10 @@
 
 Obviously correct and O(n^2) memory: build the kernel matrix, square it, sum it. Tests and
 benchmarks import these (and only these) as ground truth; the fast paths never call them.
-Gradients come from torch autograd through these functions.
+Gradients come from torch autograd through these functions. Every tensor returned lies on the
+device of the input tensors (a CUDA input gives CUDA results, so they compare with a kernel's
+output directly; tests/test_reference.py checks this on torch's "meta" device, which refuses to
+mix devices as CUDA does).
 
 Math (Gaussian kernel, sums over all ordered pairs, diagonal included)::
 
@@ -16,6 +19,7 @@ Math (Gaussian kernel, sums over all ordered pairs, diagonal included)::
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -91,7 +95,7 @@ def rke_entropies(x, t, sigma: float, sigma_t: float) -> Entropies:
     x, t = _f64(x), _f64(t)
     n = x.shape[0]
     fx, ft, fxt = pair_sums(x, t, sigma, sigma_t)
-    log_n2 = 2.0 * torch.log(torch.tensor(float(n), dtype=torch.float64))
+    log_n2 = 2.0 * math.log(n)
     h_x = log_n2 - torch.log(fx)
     h_t = log_n2 - torch.log(ft)
     h_xt = log_n2 - torch.log(fxt)
@@ -108,7 +112,7 @@ def median_bandwidth(x) -> torch.Tensor:
     n = x.shape[0]
     iu = torch.triu_indices(n, n, offset=1)
     d = sq_dists(x, x)[iu[0], iu[1]].sqrt()
-    return torch.quantile(d, 0.5) if d.numel() else torch.tensor(float("nan"))
+    return torch.quantile(d, 0.5) if d.numel() else x.new_tensor(float("nan"))
 
 
 # --------------------------------------------------------------------------- guidance objective
@@ -151,11 +155,11 @@ def guidance_log_s(
         lb = -sq_dists(phi, other) / float(sigma) ** 2
         if cond is not None:
             lb = lb - sq_dists(cond, cond) / float(sigma_cond) ** 2
-        eye = torch.eye(b, dtype=torch.bool)
+        eye = torch.eye(b, dtype=torch.bool, device=phi.device)
         lb = lb.masked_fill(eye, float("-inf"))
         logits = torch.cat([logits, lb], dim=1)
     if logits.shape[1] == 0:
-        return torch.full((b,), float("-inf"), dtype=torch.float64)
+        return phi.new_full((b,), float("-inf"))
     return torch.logsumexp(logits, dim=1)
 
 
@@ -183,12 +187,12 @@ def grad_term_scale(x, t, sigmas, sigma_t, g_fx, g_ft, g_fxt):
     dL/dx_i = -sum_j W_ij (x_i - x_j) is at most this in norm, so a rounding error relative to it
     is the right measure of a streamed gradient's accuracy.
     """
-    xc = _f64(x).detach().cpu()
-    tc = _f64(t).detach().cpu()
+    xc = _f64(x).detach()
+    tc = _f64(t).detach()
     xc, tc = xc - xc.mean(0), tc - tc.mean(0)
     ct = 1.0 / float(sigma_t) ** 2
     kt2 = torch.exp(-ct * sq_dists(tc, tc))
-    wx = torch.zeros(xc.shape[0], xc.shape[0], dtype=torch.float64)
+    wx = xc.new_zeros((xc.shape[0], xc.shape[0]))
     wt = 4.0 * ct * kt2 * abs(float(g_ft))
     for k, s in enumerate(sigmas):
         c = 1.0 / float(s) ** 2

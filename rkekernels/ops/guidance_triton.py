@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launches_on_input
+
 __all__ = ["MAX_SPLIT_ROWS", "SPLITS", "softmax_state"]
 
 #: Number of bank splits (programs along the bank); None chooses from the bank size and the
@@ -83,16 +85,20 @@ def _guidance_state_kernel(
     # 1/s^2 and 1/s_c^2 come in a tensor of the compute dtype (a Python float would be fp32)
     inv_s2 = tl.load(scal_ptr)
     inv_c2 = tl.load(scal_ptr + 1)
+    # every pointer offset in int64 (one expression per pointer): n D elements, or splits b D,
+    # exceed 2^31 for large banks (131,072 rows at D = 16,384)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
     m_b = o_b < b
+    o_b64 = o_b.to(tl.int64)
     row0 = i_s * rows_per_split
     row1 = tl.minimum(row0 + rows_per_split, n)
     b_m = tl.full([BLOCK_B], float("-inf"), DT)
     b_l = tl.zeros([BLOCK_B], DT)
-    p_acc0 = acc_ptr + i_s * b * dim  # this split's (b, dim) slab of the partial buffer
+    p_acc0 = acc_ptr + i_s.to(tl.int64) * b * dim  # this split's (b, dim) slab of the partials
     for start in range(row0, row1, BLOCK_N):
         o_n = start + tl.arange(0, BLOCK_N)
         m_n = o_n < row1
+        o_n64 = o_n.to(tl.int64)
         # -- logits of this block: (2 phi.f - ||f||^2) inv_s2 (+ the prompt term)
         b_s = tl.zeros([BLOCK_B, BLOCK_N], DT)
         b_q = tl.zeros([BLOCK_N], DT)
@@ -100,12 +106,12 @@ def _guidance_state_kernel(
             o_d = d0 + tl.arange(0, BLOCK_D)
             m_d = o_d < dim
             b_phi = tl.load(
-                phi_ptr + o_b[:, None] * stride_phi + o_d[None, :],
+                phi_ptr + (o_b64[:, None] * stride_phi + o_d[None, :]),
                 mask=m_b[:, None] & m_d[None, :],
                 other=0.0,
             ).to(DT)
             b_f = tl.load(
-                bank_ptr + o_n[:, None] * stride_bank + o_d[None, :],
+                bank_ptr + (o_n64[:, None] * stride_bank + o_d[None, :]),
                 mask=m_n[:, None] & m_d[None, :],
                 other=0.0,
             ).to(DT)
@@ -119,12 +125,12 @@ def _guidance_state_kernel(
                 o_k = k0 + tl.arange(0, BLOCK_M)
                 m_k = o_k < cdim
                 b_y = tl.load(
-                    y_ptr + o_b[:, None] * stride_y + o_k[None, :],
+                    y_ptr + (o_b64[:, None] * stride_y + o_k[None, :]),
                     mask=m_b[:, None] & m_k[None, :],
                     other=0.0,
                 ).to(DT)
                 b_c = tl.load(
-                    cond_ptr + o_n[:, None] * stride_cond + o_k[None, :],
+                    cond_ptr + (o_n64[:, None] * stride_cond + o_k[None, :]),
                     mask=m_n[:, None] & m_k[None, :],
                     other=0.0,
                 ).to(DT)
@@ -142,18 +148,19 @@ def _guidance_state_kernel(
             o_d = d0 + tl.arange(0, BLOCK_D)
             m_d = o_d < dim
             b_f = tl.load(
-                bank_ptr + o_n[:, None] * stride_bank + o_d[None, :],
+                bank_ptr + (o_n64[:, None] * stride_bank + o_d[None, :]),
                 mask=m_n[:, None] & m_d[None, :],
                 other=0.0,
             ).to(DT)
-            p_acc = p_acc0 + o_b[:, None] * dim + o_d[None, :]
+            p_acc = p_acc0 + (o_b64[:, None] * dim + o_d[None, :])
             m_acc = m_b[:, None] & m_d[None, :]
             b_acc = tl.load(p_acc, mask=m_acc, other=0.0)
             b_acc = b_acc * b_alpha[:, None] + _dot(b_p, b_f, FP64)
             tl.store(p_acc, b_acc, mask=m_acc)
         b_m = b_m_new
-    tl.store(m_ptr + i_s * b + o_b, b_m, mask=m_b)
-    tl.store(l_ptr + i_s * b + o_b, b_l, mask=m_b)
+    o_state = i_s.to(tl.int64) * b + o_b64
+    tl.store(m_ptr + o_state, b_m, mask=m_b)
+    tl.store(l_ptr + o_state, b_l, mask=m_b)
 
 
 def _blocks(device: torch.device, fp64: bool) -> tuple[int, int, int, int, int]:
@@ -192,6 +199,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@launches_on_input
 def softmax_state(
     phi: torch.Tensor,
     bank: torch.Tensor,

@@ -88,6 +88,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launches_on_input
+
 __all__ = [
     "PRECISIONS",
     "backward_grads",
@@ -624,6 +626,7 @@ def _scales(inv_s2: Sequence[float], dtype: torch.dtype, device) -> torch.Tensor
     return torch.tensor([c * _LOG2E for c in inv_s2], dtype=dtype, device=device)
 
 
+@launches_on_input
 def forward_sums(
     xc: torch.Tensor,
     tc: torch.Tensor | None,
@@ -690,6 +693,7 @@ def forward_sums(
     return fx, ft, fxt
 
 
+@launches_on_input
 def backward_grads(
     xc: torch.Tensor,
     tc: torch.Tensor | None,
