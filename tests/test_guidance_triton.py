@@ -130,17 +130,48 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from rkekernels.ops import guidance_triton as gt
-bb, bn, bd, bm, warps = gt._blocks(torch.device("cuda"), False)
+b = int(sys.argv[1])
+bb, bn, bd, bm, warps = gt._blocks(b, torch.device("cuda"), False)
 t = "*fp32"
 sig = dict(phi_ptr=t, bank_ptr="*bf16", y_ptr=t, cond_ptr=t, acc_ptr=t, m_ptr=t, l_ptr=t,
-           b="i32", n="i32", dim="i32", cdim="i32", rows_per_split="i32", stride_phi="i32",
+           b="i32", n="i32", dim="i32", cdim="i32", n_blocks="i32", stride_phi="i32",
            stride_bank="i32", stride_y="i32", stride_cond="i32", scal_ptr=t)
-consts = dict(HAS_COND=True, FP64=False, BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, BLOCK_M=bm)
+consts = dict(HAS_COND=True, FP64=False, FMA=bb < 16, BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd,
+              BLOCK_M=bm)
 src = ASTSource(fn=gt._guidance_state_kernel, constexprs=consts,
                 signature={**sig, **{k: "constexpr" for k in consts}})
 kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 print("compiled", len(kern.asm["cubin"]))
 """
+
+
+@pytest.mark.parametrize(
+    ("n", "block_n", "programs"), [(10_000, 64, 132), (37, 16, 4), (1, 16, 4), (200_000, 64, 132)]
+)
+def test_splits_fill_the_device_and_cover_every_row(n, block_n, programs):
+    # the kernel's rule: split s owns blocks [s nb // S, (s + 1) nb // S)
+    from rkekernels.ops import guidance_triton
+
+    splits, nb = guidance_triton.plan_splits(n, block_n, programs)
+    assert nb == -(-n // block_n)
+    assert splits == min(nb, max(programs, -(-n // guidance_triton.MAX_SPLIT_ROWS)))
+    owned = [((s + 1) * nb) // splits - (s * nb) // splits for s in range(splits)]
+    assert sum(owned) == nb and min(owned) >= 1 and max(owned) - min(owned) <= 1
+    assert max(owned) * block_n <= max(block_n, guidance_triton.MAX_SPLIT_ROWS)
+
+
+@pytest.mark.parametrize("b", [1, 2, 4, 5, 16])
+def test_small_sample_blocks_match_reference(splits, b):
+    # BLOCK_B = next power of two >= b (FMA products) below 16, tl.dot from 16 on
+    from rkekernels.ops import guidance_triton
+
+    splits(3)
+    assert guidance_triton._blocks(b, torch.device("cuda"), False)[0] == min(
+        16, 1 << (b - 1).bit_length()
+    )
+    z, f, kw = make_case(b, 45, prompts=b % 2 == 1, seed=10 + b)
+    res = guidance_grad(z, f, backend="triton", **kw)
+    check(z, f, kw, res, RTOL[torch.float32])
 
 
 def test_triton_float32_within_1e5_for_20000_alike_entries():
@@ -156,19 +187,22 @@ def test_triton_float32_within_1e5_for_20000_alike_entries():
     bank = torch.zeros(n, dim)
     bank[:, 1] = 1.0
     bank[0] = z[0]
-    assert guidance_triton._splits(n, 64, z.device) >= n // guidance_triton.MAX_SPLIT_ROWS
+    splits, _ = guidance_triton.plan_splits(n, 64, 4)
+    assert splits >= n // guidance_triton.MAX_SPLIT_ROWS
     res = guidance_grad(z, bank, sigma=1.0, backend="triton")
     check(z, bank, {"sigma": 1.0}, res, RTOL[torch.float32])
 
 
-def test_kernel_compiles_for_sm90():
-    # the GPU code path itself (not the interpreter): compile for Hopper without a GPU
+@pytest.mark.parametrize("b", [4, 17])
+def test_kernel_compiles_for_sm90(b):
+    # the GPU code path itself (not the interpreter): compile for Hopper without a GPU, with the
+    # FMA sample block (b = 4: BLOCK_B = 4) and the tl.dot one (b = 17: BLOCK_B = 16)
     pytest.importorskip("triton.backends.nvidia")
     import subprocess
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-c", _COMPILE], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _COMPILE, str(b)], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "compiled" in out.stdout

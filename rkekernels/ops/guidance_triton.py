@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .launch import launches_on_input
 
-__all__ = ["MAX_SPLIT_ROWS", "SPLITS", "softmax_state"]
+__all__ = ["MAX_SPLIT_ROWS", "NO_SPECIALIZE", "SPLITS", "plan_splits", "softmax_state"]
 
 #: Number of bank splits (programs along the bank); None chooses from the bank size and the
 #: device (about one split per streaming multiprocessor). Tests set it to cover several splits.
@@ -45,15 +45,22 @@ SPLITS: int | None = None
 
 
 @triton.jit
-def _dot(a, b, FP64: tl.constexpr):
-    # (B, K) @ (K, N): tensor-core dot in float32 without TF32; plain FMA reduction in float64
-    if FP64:
+def _dot(a, b, FMA: tl.constexpr):
+    # (B, K) @ (K, N): tl.dot in float32 without TF32 (needs B >= 16); a plain FMA reduction in
+    # float64 and for sample blocks of fewer than 16 rows (b = 4 is not padded to 16 rows)
+    if FMA:
         return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     else:
         return tl.dot(a, b, input_precision="ieee")
 
 
-@triton.jit
+#: Integer arguments that must not create a compiled variant per value (Triton specialises
+#: integers equal to 1 and multiples of 16): counts. Widths and strides keep their
+#: specialisation (aligned rows give vector loads).
+NO_SPECIALIZE = ("b", "n", "n_blocks")
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _guidance_state_kernel(
     phi_ptr,
     bank_ptr,
@@ -66,7 +73,7 @@ def _guidance_state_kernel(
     n,
     dim,
     cdim,
-    rows_per_split,
+    n_blocks,
     stride_phi,
     stride_bank,
     stride_y,
@@ -74,6 +81,7 @@ def _guidance_state_kernel(
     scal_ptr,
     HAS_COND: tl.constexpr,
     FP64: tl.constexpr,
+    FMA: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -90,8 +98,11 @@ def _guidance_state_kernel(
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
     m_b = o_b < b
     o_b64 = o_b.to(tl.int64)
-    row0 = i_s * rows_per_split
-    row1 = tl.minimum(row0 + rows_per_split, n)
+    # split i_s owns the bank blocks [i_s nb / S, (i_s + 1) nb / S): every split 1+ blocks,
+    # the counts differ by at most one (S = the number of splits <= nb)
+    n_splits = tl.num_programs(0)
+    row0 = ((i_s * n_blocks) // n_splits) * BLOCK_N
+    row1 = tl.minimum((((i_s + 1) * n_blocks) // n_splits) * BLOCK_N, n)
     b_m = tl.full([BLOCK_B], float("-inf"), DT)
     b_l = tl.zeros([BLOCK_B], DT)
     p_acc0 = acc_ptr + i_s.to(tl.int64) * b * dim  # this split's (b, dim) slab of the partials
@@ -115,7 +126,7 @@ def _guidance_state_kernel(
                 mask=m_n[:, None] & m_d[None, :],
                 other=0.0,
             ).to(DT)
-            b_s += _dot(b_phi, tl.trans(b_f), FP64)
+            b_s += _dot(b_phi, tl.trans(b_f), FMA)
             b_q += tl.sum(b_f * b_f, axis=1)
         b_logit = (2.0 * b_s - b_q[None, :]) * inv_s2
         if HAS_COND:
@@ -134,7 +145,7 @@ def _guidance_state_kernel(
                     mask=m_n[:, None] & m_k[None, :],
                     other=0.0,
                 ).to(DT)
-                b_sc += _dot(b_y, tl.trans(b_c), FP64)
+                b_sc += _dot(b_y, tl.trans(b_c), FMA)
                 b_r += tl.sum(b_c * b_c, axis=1)
             b_logit += (2.0 * b_sc - b_r[None, :]) * inv_c2
         b_logit = tl.where(m_n[None, :], b_logit, float("-inf"))
@@ -155,7 +166,7 @@ def _guidance_state_kernel(
             p_acc = p_acc0 + (o_b64[:, None] * dim + o_d[None, :])
             m_acc = m_b[:, None] & m_d[None, :]
             b_acc = tl.load(p_acc, mask=m_acc, other=0.0)
-            b_acc = b_acc * b_alpha[:, None] + _dot(b_p, b_f, FP64)
+            b_acc = b_acc * b_alpha[:, None] + _dot(b_p, b_f, FMA)
             tl.store(p_acc, b_acc, mask=m_acc)
         b_m = b_m_new
     o_state = i_s.to(tl.int64) * b + o_b64
@@ -163,19 +174,23 @@ def _guidance_state_kernel(
     tl.store(l_ptr + o_state, b_l, mask=m_b)
 
 
-def _blocks(device: torch.device, fp64: bool) -> tuple[int, int, int, int, int]:
-    """(BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_M, num_warps) for the device (small in the interpreter).
+def _blocks(b: int, device: torch.device, fp64: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_M, num_warps) for b samples on the device.
 
-    GPU choices come from compiling for sm_90 with Triton 3.9 on a machine without a GPU
-    (cuobjdump resource usage): float32 / float16 / bfloat16 banks 190-239 registers and no
-    spills with 8 warps; float64 166 registers, no spills. Larger feature slices (BLOCK_D 32 with
-    4 warps, or 128) spill, since the exact-float32 ``tl.dot`` is an FMA loop. Not timed on a GPU.
+    BLOCK_B: the next power of two >= b up to 16 (b = 4 runs 4 rows of FMA work, not 16), 16
+    from there (tl.dot). GPU choices come from compiling for sm_90 with Triton 3.9 on a machine
+    without a GPU (cuobjdump resource usage): float32 / float16 / bfloat16 banks 190-239
+    registers and no spills with 8 warps; float64 166 registers, no spills. Larger feature slices
+    (BLOCK_D 32 with 4 warps, or 128) spill, since the exact-float32 ``tl.dot`` is an FMA loop.
+    Not timed on a GPU. The interpreter uses small blocks (its cost is per operation) with the
+    same BLOCK_B rule, so both dot forms are tested there.
     """
+    block_b = min(16, triton.next_power_of_2(max(1, b)))
     if device.type != "cuda":
-        return 16, 16, 32, 16, 1
+        return block_b, 16, 32, 16, 1
     if fp64:
-        return 16, 16, 16, 16, 4
-    return 16, 64, 32, 32, 8
+        return block_b, 16, 16, 16, 4
+    return block_b, 64, 32, 32, 8
 
 
 #: At most this many bank rows per split: a split sums its rows in the compute dtype, the
@@ -184,15 +199,31 @@ def _blocks(device: torch.device, fp64: bool) -> tuple[int, int, int, int, int]:
 MAX_SPLIT_ROWS = 1024
 
 
-def _splits(n: int, block_n: int, device: torch.device) -> int:
-    if SPLITS is not None:
-        return max(1, int(SPLITS))
+def plan_splits(n: int, block_n: int, programs: int) -> tuple[int, int]:
+    """(splits, bank blocks) for n bank rows in blocks of ``block_n``, filling ``programs``.
+
+    About one split per streaming multiprocessor (``programs``), at least n / MAX_SPLIT_ROWS,
+    at most one per block; the kernel hands each split a contiguous run of whole blocks whose
+    lengths differ by at most one (n = 10,000 in 64-row blocks: 157 blocks, 132 splits on an
+    H100/H200, where rounding rows per split up to whole blocks gave 79).
+
+    >>> plan_splits(10_000, 64, 132)
+    (132, 157)
+    >>> plan_splits(100, 64, 132)
+    (2, 2)
+    """
     n_blocks = triton.cdiv(n, block_n)
+    if SPLITS is not None:
+        return max(1, min(int(SPLITS), n_blocks)), n_blocks
+    want = max(programs, triton.cdiv(n, MAX_SPLIT_ROWS))
+    return max(1, min(n_blocks, want)), n_blocks
+
+
+def _programs(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 in the interpreter)."""
     if device.type == "cuda":
-        base = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        base = 4
-    return max(1, min(n_blocks, max(base, triton.cdiv(n, MAX_SPLIT_ROWS))))
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -235,17 +266,18 @@ def softmax_state(
             torch.zeros((b, dim), dtype=torch.float64, device=phi.device),
         )
     fp64 = cdt == torch.float64
-    block_b, block_n, block_d, block_m, warps = _blocks(phi.device, fp64)
-    splits = _splits(n, block_n, phi.device)
-    rows_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
-    splits = triton.cdiv(n, rows_per_split)
+    block_b, block_n, block_d, block_m, warps = _blocks(b, phi.device, fp64)
+    splits, n_blocks = plan_splits(n, block_n, _programs(phi.device))
     phi = _rows(phi)
     bank = _rows(bank)
     has_cond = y is not None
     y_arg = _rows(y) if has_cond else phi
     c_arg = _rows(bank_cond) if has_cond else bank
     cdim = y.shape[1] if has_cond else 0
-    scal = torch.tensor([inv_s2, inv_c2], dtype=cdt, device=phi.device)
+    # 1/s^2, 1/s_c^2 in the compute dtype, written on the device (fill kernels: no blocking
+    # host-to-device copy, and capturable in a CUDA graph)
+    scal = torch.full((2,), inv_c2, dtype=cdt, device=phi.device)
+    scal[:1].fill_(inv_s2)
     acc = torch.zeros((splits, b, dim), dtype=cdt, device=phi.device)
     m = torch.zeros((splits, b), dtype=cdt, device=phi.device)
     l = torch.zeros((splits, b), dtype=cdt, device=phi.device)
@@ -262,7 +294,7 @@ def softmax_state(
         n,
         dim,
         cdim,
-        rows_per_split,
+        n_blocks,
         phi.stride(0),
         bank.stride(0),
         y_arg.stride(0),
@@ -270,6 +302,7 @@ def softmax_state(
         scal,
         HAS_COND=has_cond,
         FP64=fp64,
+        FMA=fp64 or block_b < 16,
         BLOCK_B=block_b,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
