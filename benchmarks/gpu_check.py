@@ -622,7 +622,8 @@ def section_compile(rep: Report) -> None:
             scal = ptr(acc)
             sig = dict(X=ptr(store), T=ptr(store), NX=scal, NT=scal, C=scal, CT=scal,
                        PART="*fp64", n="i32", d="i32", m="i32",
-                       stride_x="i32", stride_t="i32")  # fmt: skip
+                       stride_x="i32", stride_t="i32", shard_rank="i32",
+                       shard_world="i32")  # fmt: skip
             for cfg in fwd_cfgs:
                 consts = dict(K=K, NSP=triton.next_power_of_2(2 * K + 1), HAS_T=has_t,
                               WANT_FX=True, DOT_PREC=dot_prec, ACC=acc, BLOCK=cfg["BLOCK"],

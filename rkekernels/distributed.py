@@ -15,8 +15,11 @@ without approximation:
 2. *Features.* Each shard is padded to the largest shard, ``all_gather``-ed and trimmed, so every
    rank holds the global (n, d) set X in rank order (and T).
 3. *Tiles.* Every rank centres X with the global mean (translation invariance) and reduces the
-   tiles ``i % P == rank`` of the upper triangle with the same torch kernel as one process
-   (`rkekernels.ops.scores_torch.forward_sums` with ``shard=(rank, P)``), in float64.
+   tiles ``i % P == rank`` of the upper triangle with the same kernel as one process, in float64:
+   on CUDA the fused Triton kernel (`rkekernels.ops.scores_triton.forward_sums` with
+   ``shard=(rank, P)``: the programs rank, rank + P, ...), else the torch tile loop
+   (`rkekernels.ops.scores_torch.forward_sums`, the same argument). ``backend`` chooses as in
+   the one-process scores ("auto": Triton for CUDA tensors when it imports).
 4. *Sums.* One ``all_reduce`` (SUM) of the 2K + 1 float64 partial sums.
 
 Per rank: compute O(n^2 d / P), memory O(n d), communication O(n d) (all-gather) + O(K)
@@ -46,6 +49,7 @@ import torch.distributed as dist
 
 from ._input import (
     as_tensor,
+    check_backend,
     check_finite,
     check_same_device,
     check_sigma,
@@ -54,7 +58,7 @@ from ._input import (
     to_output,
 )
 from .guidance import FeatureBank
-from .ops import scores_torch
+from .ops.pair_sums import backend_module
 from .scores import RKEEntropies, _median_from_tensor, entropies_from_sums
 
 __all__ = [
@@ -257,7 +261,7 @@ def _prepare_local(x_local, t_local, sigma, sigma_t, with_t):
 # --------------------------------------------------------------------------- the distributed sums
 
 
-def _global_pair_sums(x_local, t_local, sigma, sigma_t, group, with_t, want_fx):
+def _global_pair_sums(x_local, t_local, sigma, sigma_t, group, with_t, want_fx, backend):
     """Validate, exchange sizes, all-gather, reduce this rank's tiles, all-reduce.
 
     Returns (n, fx, ft, fxt, dtype, out_device, many) with float64 sums on ``out_device``.
@@ -269,6 +273,7 @@ def _global_pair_sums(x_local, t_local, sigma, sigma_t, group, with_t, want_fx):
     sigmas, many, st = None, False, None
     try:
         xt, tt, sigmas, many, st = _prepare_local(x_local, t_local, sigma, sigma_t, with_t)
+        backend = check_backend(backend, xt.device)
     except Exception as exc:  # raised after the exchange, so no other rank waits for this one
         err = exc
     data_dev = xt.device if xt is not None else torch.device("cpu")
@@ -329,7 +334,7 @@ def _global_pair_sums(x_local, t_local, sigma, sigma_t, group, with_t, want_fx):
     inv_sx2 = tuple(1.0 / (s * s) for s in sigmas)
     inv_st2 = 1.0 / (st * st) if st is not None else None
     with torch.no_grad():
-        fx, ft, fxt = scores_torch.forward_sums(
+        fx, ft, fxt = backend_module(backend).forward_sums(
             xc, tc, inv_sx2, inv_st2, want_fx, shard=(rank, world)
         )
     K = len(sigmas)
@@ -351,7 +356,7 @@ def _global_pair_sums(x_local, t_local, sigma, sigma_t, group, with_t, want_fx):
 # --------------------------------------------------------------------------- public scores
 
 
-def rke_score(x_local: Any, sigma: Any, *, group: Any = None):
+def rke_score(x_local: Any, sigma: Any, *, group: Any = None, backend: str = "auto"):
     """RKE score of the union of every rank's shard, computed by all ranks together.
 
     RKE(X) = n^2 / sum_ij k_s(x_i, x_j)^2 over the global set X (all shards, rank order; the
@@ -370,6 +375,7 @@ def rke_score(x_local: Any, sigma: Any, *, group: Any = None):
         sigma: bandwidth s > 0, a sequence of them (1-D result), or None for the median bandwidth
             of the global set (`rkekernels.median_bandwidth` of the concatenated shards).
         group: a ``torch.distributed`` process group (None: the default group).
+        backend: "auto" (the fused Triton kernel for CUDA tensors), "triton" or "torch".
 
     Returns:
         torch input: a 0-dim tensor (1-D for several sigmas) on x_local's device, detached
@@ -391,12 +397,22 @@ def rke_score(x_local: Any, sigma: Any, *, group: Any = None):
     if not is_distributed(group):
         from . import scores
 
-        return scores.rke_score(x_local, sigma)
-    n, fx, _, _, dtype, _, many = _global_pair_sums(x_local, None, sigma, None, group, False, True)
+        return scores.rke_score(x_local, sigma, backend=backend)
+    n, fx, _, _, dtype, _, many = _global_pair_sums(
+        x_local, None, sigma, None, group, False, True, backend
+    )
     return to_output((n * n / fx).to(dtype), is_torch(x_local), many)
 
 
-def cond_rke_score(x_local: Any, t_local: Any, sigma: Any, sigma_t: Any, *, group: Any = None):
+def cond_rke_score(
+    x_local: Any,
+    t_local: Any,
+    sigma: Any,
+    sigma_t: Any,
+    *,
+    group: Any = None,
+    backend: str = "auto",
+):
     """Conditional RKE of the global set given its prompts, computed by all ranks together.
 
     CondRKE(X|T) = sum_ij Kt[i,j]^2 / sum_ij Kx[i,j]^2 Kt[i,j]^2 over the union of the shards.
@@ -409,6 +425,7 @@ def cond_rke_score(x_local: Any, t_local: Any, sigma: Any, sigma_t: Any, *, grou
         sigma: bandwidth for x (float, sequence for a 1-D result, or None for the global median).
         sigma_t: bandwidth for t (one float, or None for the global median of t).
         group: process group (None: the default group).
+        backend: "auto", "triton" or "torch", as in `rke_score`.
 
     Returns:
         As `rke_score`: detached tensor for torch input, else a float.
@@ -429,15 +446,21 @@ def cond_rke_score(x_local: Any, t_local: Any, sigma: Any, sigma_t: Any, *, grou
 
         if t_local is None:
             raise ValueError("t_local is None: give this rank's prompt embeddings, shape (n, m)")
-        return scores.cond_rke_score(x_local, t_local, sigma, sigma_t)
+        return scores.cond_rke_score(x_local, t_local, sigma, sigma_t, backend=backend)
     _, _, ft, fxt, dtype, _, many = _global_pair_sums(
-        x_local, t_local, sigma, sigma_t, group, True, False
+        x_local, t_local, sigma, sigma_t, group, True, False, backend
     )
     return to_output((ft / fxt).to(dtype), is_torch(x_local), many)
 
 
 def rke_entropies(
-    x_local: Any, t_local: Any, sigma: Any, sigma_t: Any, *, group: Any = None
+    x_local: Any,
+    t_local: Any,
+    sigma: Any,
+    sigma_t: Any,
+    *,
+    group: Any = None,
+    backend: str = "auto",
 ) -> RKEEntropies:
     """Order-2 entropies (nats) of the global set and its prompts, computed by all ranks together.
 
@@ -446,7 +469,7 @@ def rke_entropies(
     Collective, like `rke_score`; falls back to `rkekernels.rke_entropies` without a group.
 
     Args:
-        x_local, t_local, sigma, sigma_t, group: as in `cond_rke_score`.
+        x_local, t_local, sigma, sigma_t, group, backend: as in `cond_rke_score`.
 
     Returns:
         RKEEntropies(h_x, h_t, h_xt, h_x_given_t, mutual_info), detached tensors for torch input
@@ -465,9 +488,9 @@ def rke_entropies(
 
         if t_local is None:
             raise ValueError("t_local is None: give this rank's prompt embeddings, shape (n, m)")
-        return scores.rke_entropies(x_local, t_local, sigma, sigma_t)
+        return scores.rke_entropies(x_local, t_local, sigma, sigma_t, backend=backend)
     n, fx, ft, fxt, dtype, _, many = _global_pair_sums(
-        x_local, t_local, sigma, sigma_t, group, True, True
+        x_local, t_local, sigma, sigma_t, group, True, True, backend
     )
     vals = entropies_from_sums(n, fx, ft, fxt)
     return RKEEntropies(*(to_output(v.to(dtype), is_torch(x_local), many) for v in vals))

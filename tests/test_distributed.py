@@ -21,8 +21,12 @@ import torch.multiprocessing as mp
 import rkekernels
 from rkekernels import distributed as D
 from rkekernels import reference
+from rkekernels._input import triton_available
 from rkekernels.metrics import RKEMetric
 from rkekernels.ops import scores_torch
+
+if triton_available():
+    from rkekernels.ops import scores_triton
 
 F64 = 1e-10
 F32 = 1e-5
@@ -73,6 +77,12 @@ def _checks(rank: int, world: int) -> dict:
     res["cond_many"] = D.cond_rke_score(xl, tl, SIGS, SIG_T)
     res["ent"] = D.rke_entropies(xl, tl, SIGS, SIG_T)
     res["grad"] = D.rke_score(xl.clone().requires_grad_(True), SIG).requires_grad
+    if triton_available():  # the fused kernel's shards (interpreter on CPU): the same sums
+        res["rke_triton"] = D.rke_score(xl.float(), SIGS, backend="triton")
+        res["ent_triton"] = D.rke_entropies(xl.float(), tl.float(), SIGS, SIG_T, backend="triton")
+        xc = (x - x.mean(0)).float()
+        part = scores_triton.forward_sums(xc, None, (1 / SIG**2,), None, shard=(rank, world))[0]
+        res["triton_part"] = float(part[0])
 
     # bad input on one rank: that rank raises its own error, every other rank names it
     last = world - 1
@@ -150,6 +160,8 @@ def _entry(rank: int, world: int, init_file: str, out_dir: str) -> None:
     # tiny tiles: N = 37 rows make 5 x 5 blocks, so every rank reduces tiles of its own (with
     # the default 1024-row tiles rank 0 would hold the only tile and the others add zeros)
     scores_torch.BLOCK_ROWS = scores_torch.BLOCK_COLS = 8
+    if triton_available():  # 16-row tiles: 3 x 3 blocks, 6 programs over the ranks
+        scores_triton._FWD_INTERP = dict(scores_triton._FWD_INTERP, BLOCK=16)
     try:
         res = _checks(rank, world)
         dist.barrier()
@@ -206,6 +218,23 @@ def test_scores_equal_one_process(ranks):
     # bitwise the same value on every rank
     for res in results[1:]:
         assert torch.equal(res["rke"], results[0]["rke"])
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_triton_shards_equal_one_process(ranks):
+    # the fused kernel on each rank's programs (CUDA uses it by default; the interpreter here)
+    _, results = ranks
+    x, t = _data()
+    x32, t32 = x.float(), t.float()
+    want = rkekernels.rke_entropies(x32, t32, SIGS, SIG_T)
+    for res in results:
+        _close(res["rke_triton"], torch.stack([reference.rke_score(x32, s) for s in SIGS]), F32)
+        for got_v, want_v in zip(res["ent_triton"], want):
+            _close(got_v, want_v.detach(), rel=F32)
+    # the shards partition the tiles: every rank adds a part, the parts add up to the whole
+    parts = [res["triton_part"] for res in results]
+    whole = float(reference.pair_sums(x32, sigma=SIG)[0])
+    assert all(p > 0 for p in parts) and abs(sum(parts) / whole - 1) <= F32
 
 
 def test_communication_volume(ranks):

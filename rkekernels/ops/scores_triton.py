@@ -91,6 +91,7 @@ import triton.language as tl
 from .launch import launches_on_input
 
 __all__ = [
+    "NO_SPECIALIZE",
     "PRECISIONS",
     "backward_grads",
     "error_bound",
@@ -267,7 +268,13 @@ def _sqdist_tile(
     return tl.maximum(b_ni[:, None] + b_nj[None, :] - 2.0 * b_dot, 0.0)
 
 
-@triton.jit
+#: Integer arguments that must not create a compiled variant per value (Triton specialises
+#: integers equal to 1 and multiples of 16): the row count and the shard. Widths and strides
+#: keep their specialisation (aligned rows give vector loads).
+NO_SPECIALIZE = ("n", "shard_rank", "shard_world")
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _fwd_kernel(
     X,
     T,
@@ -281,6 +288,8 @@ def _fwd_kernel(
     m,
     stride_x,
     stride_t,
+    shard_rank,
+    shard_world,
     K: tl.constexpr,
     NSP: tl.constexpr,
     HAS_T: tl.constexpr,
@@ -291,8 +300,10 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr,
     GROUP: tl.constexpr,
 ):
-    # partial sums of this program: slot k = F_x[k], slot K = F_t, slot K + 1 + k = F_xt[k]
-    i_p = tl.program_id(0)
+    # partial sums of this program: slot k = F_x[k], slot K = F_t, slot K + 1 + k = F_xt[k].
+    # A shard (rank r of w) runs the programs r, r + w, r + 2w, ... of the whole grid.
+    i_l = tl.program_id(0)
+    i_p = i_l * shard_world + shard_rank
     p, bi = _band_row(i_p, GROUP)
     nb = tl.cdiv(n, BLOCK)
     j_lo = tl.maximum(bi, p * GROUP)
@@ -327,7 +338,7 @@ def _fwd_kernel(
             if HAS_T:
                 s_xt = w * tl.sum(tl.sum(b_e * b_et, 1), 0)
                 b_acc += tl.where(o_s == K + 1 + k, s_xt.to(tl.float64), 0.0)
-    tl.store(PART + i_p.to(tl.int64) * NSP + o_s, b_acc)
+    tl.store(PART + i_l.to(tl.int64) * NSP + o_s, b_acc)
 
 
 @triton.jit
@@ -406,7 +417,7 @@ def _epilogue(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("n",))
 def _bwd_kernel(
     X,
     T,
@@ -635,12 +646,15 @@ def forward_sums(
     want_fx: bool = True,
     *,
     precision: str | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(F_x (K,), F_t (), F_xt (K,)) in float64 for centred ``xc`` (n, d) and ``tc`` (n, m).
 
     Same contract as ``ops.scores_torch.forward_sums``: ``inv_sx2`` holds c_k = 1/sigma_k^2
     (K >= 1 bandwidths sharing one distance tile); F_t and F_xt are None without ``tc``; F_x is
     None when ``want_fx`` is False. ``precision`` overrides the module setting (`get_precision`).
+    ``shard=(rank, world)`` sums only the tiles of every world-th program starting at rank (the
+    shards partition the tiles: their sums add up to the whole; `rkekernels.distributed`).
 
     Example (CPU tensors need ``TRITON_INTERPRET=1`` set before the import, as the tests do):
         >>> import torch
@@ -666,14 +680,20 @@ def forward_sums(
     clt = _scales([inv_st2 if has_t else 1.0], plan.work, dev)
     t_arg, nt_arg = (ts, nt) if has_t else (xs, nx)
 
+    rank, world = shard if shard is not None else (0, 1)
+
     def run(cfg: dict, rows: int) -> torch.Tensor:
         block, group = cfg["BLOCK"], cfg["GROUP"]
         nb = triton.cdiv(rows, block)
         bands = triton.cdiv(nb, group)
         programs = group * bands * (bands + 1) // 2
-        part = torch.empty((programs, nsp), dtype=torch.float64, device=dev)
-        _fwd_kernel[(programs,)](
+        mine = max(0, triton.cdiv(programs - rank, world))  # programs rank, rank + world, ...
+        part = torch.zeros((max(mine, 1), nsp), dtype=torch.float64, device=dev)
+        if mine == 0:
+            return part
+        _fwd_kernel[(mine,)](
             xs, t_arg, nx, nt_arg, cl, clt, part, rows, d, m, xs.stride(0), t_arg.stride(0),
+            rank, world,
             K=K, NSP=nsp, HAS_T=has_t, WANT_FX=want_fx or not has_t, DOT_PREC=plan.dot_prec,
             ACC=plan.acc, BLOCK=block, BLOCK_D=cfg["BLOCK_D"], GROUP=group,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
