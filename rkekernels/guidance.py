@@ -388,8 +388,9 @@ def guidance_grad(
         include_batch: let the other current samples count as bank entries.
         backend: "auto", "torch" or "triton". For CPU tensors the torch backend runs a fused
             kernel (`rkekernels.ops.guidance_cpu`: one read of each bank row for both its logits
-            and its values) when numba is installed (``pip install "rkekernels[cpu]"``), else
-            two GEMMs per cached chunk of the bank; both give the same result to rounding.
+            and its values; numba, a dependency: where it cannot load, a one-time warning says
+            so), else two GEMMs per cached chunk of the bank; both give the same result to
+            rounding.
 
     Returns:
         GuidanceResult(grad, log_s): grad with z's shape and dtype; log_s (b,). Torch tensors

@@ -214,7 +214,10 @@ def test_without_numba_the_gemm_path_runs(monkeypatch):
     # numba missing: available() is False and guidance_grad runs the chunked GEMMs
     monkeypatch.setitem(sys.modules, "numba", None)
     monkeypatch.setattr(guidance_cpu, "_available", None)  # try the import again
-    assert not guidance_cpu.available()
+    with pytest.warns(RuntimeWarning, match="numba could not be imported") as said:
+        assert not guidance_cpu.available()
+        assert not guidance_cpu.available()  # said once per process, not per call
+    assert len(said) == 1
     called = []
     monkeypatch.setattr(guidance_cpu, "guide", lambda *a: called.append(1))
     z, bank = torch.randn(3, 16, dtype=torch.float64), torch.randn(11, 16, dtype=torch.float64)

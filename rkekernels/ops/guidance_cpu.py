@@ -28,7 +28,7 @@ rows (one rescale of the b x D accumulator per block where the max grew).
 Threads: the kernel releases the GIL; with ``torch.get_num_threads() > 1`` and a large bank, the
 bank is split into contiguous parts, one per thread, and their states merged (as the Triton path
 merges its splits). `guidance_grad` (backend "torch" or "auto", CPU tensors) runs `guide` when
-numba is installed (``pip install "rkekernels[cpu]"``) and `ENABLED` is true; otherwise the
+numba loads (a dependency: see `available`) and `ENABLED` is true; otherwise the
 chunked-GEMM path of `guidance_torch` runs. `softmax_state` exposes the kernel's bank pass alone,
 with the same contract as the GEMM path's (the tests compare the two).
 """
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -95,13 +96,25 @@ _available: bool | None = None  # the import of numba tried once
 
 
 def available() -> bool:
-    """True when numba can be imported (the fused CPU kernel can run)."""
+    """True when numba can be imported (the fused CPU kernel can run).
+
+    numba is a dependency of rkekernels; where it cannot load (not installed, or built for
+    another numpy), one `RuntimeWarning` per process says so and the chunked-GEMM torch path
+    runs instead (the same results, about twice the time at D = 768).
+    """
     global _available
     if _available is None:
         try:
             import numba  # noqa: F401
-        except Exception:  # not installed, or broken (a numpy it was not built for)
+        except Exception as exc:  # not installed, or broken (a numpy it was not built for)
             _available = False
+            warnings.warn(
+                f"rkekernels: numba could not be imported ({type(exc).__name__}: {exc}); "
+                "guidance_grad on CPU uses the chunked-GEMM torch path (the same results, "
+                "about 2x slower). `pip install numba` restores the fused CPU kernel.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         else:
             _available = True
     return _available
