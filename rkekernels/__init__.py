@@ -3,6 +3,7 @@
     RKE(X) = n^2 / sum_ij exp(-||x_i - x_j||^2 / sigma^2)      (the "mode count", 1 <= RKE <= n)
 
 Metrics: `rke_score`, `cond_rke_score`, `rke_entropies`, `median_bandwidth`.
+Order q (Vendi family): `vendi_score`, `cond_vendi_score`, `vendi_entropies`, `vendi_modes`.
 Guidance: `features`, `guidance_grad`, `FeatureBank`, `DiversityGuidance`.
 Adapters: `rkekernels.adapters.diffusers`, `rkekernels.adapters.kdiffusion`.
 Scale-out: `rkekernels.distributed`, `rkekernels.metrics.RKEMetric`.
@@ -13,6 +14,7 @@ from ._input import BackendUnavailableError
 from .guidance import FeatureBank, GuidanceResult, features, guidance_grad
 from .sampling import DiversityGuidance
 from .scores import RKEEntropies, cond_rke_score, median_bandwidth, rke_entropies, rke_score
+from .vendi import Mode, VendiEntropies, cond_vendi_score, vendi_entropies, vendi_modes, vendi_score
 
 __version__ = "0.1.0"
 
@@ -21,12 +23,18 @@ __all__ = [
     "DiversityGuidance",
     "FeatureBank",
     "GuidanceResult",
+    "Mode",
     "RKEEntropies",
+    "VendiEntropies",
     "__version__",
     "cond_rke_score",
+    "cond_vendi_score",
     "features",
     "guidance_grad",
     "median_bandwidth",
     "rke_entropies",
     "rke_score",
+    "vendi_entropies",
+    "vendi_modes",
+    "vendi_score",
 ]

@@ -15,6 +15,11 @@ Math (Gaussian kernel, sums over all ordered pairs, diagonal included)::
     H2(X, T)    = -log(sum_ij Kx^2 Kt^2 / n^2)
     CondRKE     = sum_ij Kt^2 / sum_ij Kx^2 Kt^2
     log S(z)    = logsumexp_j( log w_j - ||phi(z) - f_j||^2 / s^2 ),  w_j = k_sc(y, c_j)^2
+
+Order q (the Vendi family; p = eigenvalues of K / tr K from a dense float64 eigvalsh)::
+
+    H_q = log(sum p^q) / (1 - q),  H_1 = -sum p log p,  H_inf = -log max p,  Vendi_q = exp(H_q)
+    H_q(X, T) from Kx * Kt (Hadamard),  CondVendi_q = exp(H_q(X, T) - H_q(T))
 """
 
 from __future__ import annotations
@@ -27,16 +32,22 @@ import torch
 __all__ = [
     "Entropies",
     "cond_rke_score",
+    "cond_vendi_score",
     "features",
     "gaussian_kernel",
     "grad_term_scale",
     "guidance_grad",
     "guidance_log_s",
+    "kernel_matrix",
     "median_bandwidth",
     "pair_sums",
+    "renyi_entropy",
     "rke_entropies",
     "rke_score",
     "sq_dists",
+    "vendi_entropies",
+    "vendi_entropy",
+    "vendi_score",
 ]
 
 
@@ -113,6 +124,53 @@ def median_bandwidth(x) -> torch.Tensor:
     iu = torch.triu_indices(n, n, offset=1)
     d = sq_dists(x, x)[iu[0], iu[1]].sqrt()
     return torch.quantile(d, 0.5) if d.numel() else x.new_tensor(float("nan"))
+
+
+# --------------------------------------------------------------------------- order q (Vendi)
+
+
+def kernel_matrix(x, kernel: str = "gaussian", sigma: float | None = None) -> torch.Tensor:
+    """K_ij = k(x_i, x_j) in float64: gaussian (un-squared), cosine or linear."""
+    x = _f64(x)
+    if kernel == "gaussian":
+        return gaussian_kernel(x, x, sigma)
+    if kernel == "cosine":
+        x = x / x.norm(dim=1, keepdim=True)
+    return x @ x.T
+
+
+def renyi_entropy(p, q: float) -> torch.Tensor:
+    """Order-q Rényi entropy (nats) of the probability vector p; entries <= 0 count as 0."""
+    p = _f64(p)
+    p = p[p > 0]
+    if q == 1:
+        return -(p * torch.log(p)).sum()
+    if q == float("inf"):
+        return -torch.log(p.max())
+    return torch.log((p**q).sum()) / (1.0 - q)
+
+
+def vendi_entropy(k, q: float) -> torch.Tensor:
+    """H_q of the eigenvalues of K / tr(K) (dense float64 eigvalsh)."""
+    k = _f64(k)
+    return renyi_entropy(torch.linalg.eigvalsh(k / torch.trace(k)), q)
+
+
+def vendi_score(x, q: float, sigma: float | None = None, kernel: str = "gaussian"):
+    """Vendi_q(X) = exp(H_q(eig(K / tr K)))."""
+    return torch.exp(vendi_entropy(kernel_matrix(x, kernel, sigma), q))
+
+
+def vendi_entropies(x, t, q: float, sigma=None, sigma_t=None, kernel="gaussian") -> Entropies:
+    """Order-q H(X), H(T), H(X,T) (joint kernel Kx * Kt), H(X|T), I(X;T), as Conditional-Vendi."""
+    kx, kt = kernel_matrix(x, kernel, sigma), kernel_matrix(t, kernel, sigma_t)
+    h_x, h_t, h_xt = (vendi_entropy(k, q) for k in (kx, kt, kx * kt))
+    return Entropies(h_x, h_t, h_xt, h_xt - h_t, h_x + h_t - h_xt)
+
+
+def cond_vendi_score(x, t, q: float, sigma=None, sigma_t=None, kernel="gaussian"):
+    """exp(H_q(X, T) - H_q(T))."""
+    return torch.exp(vendi_entropies(x, t, q, sigma, sigma_t, kernel).h_x_given_t)
 
 
 # --------------------------------------------------------------------------- guidance objective

@@ -1,0 +1,603 @@
+"""Order-q kernel entropies: Vendi scores, conditional Vendi, their decomposition and modes.
+
+With K_ij = k(x_i, x_j) and p_1..p_n the eigenvalues of K / tr(K) (a probability vector)::
+
+    H_q(X) = log(sum_i p_i^q) / (1 - q)      q > 0, q != 1
+    H_1(X) = -sum_i p_i log p_i              (von Neumann; the Vendi score of vendi-score)
+    H_inf  = -log max_i p_i
+    Vendi_q(X) = exp(H_q(X))                 q = 2 with the Gaussian kernel is rke_score
+
+Kernels: "gaussian" exp(-||a - b||^2 / (2 sigma^2)) (not squared, k(a, a) = 1, so tr K = n),
+"cosine" a.b / (||a|| ||b||) and "linear" a.b. Conditional scores use the joint kernel
+Kx * Kt (Hadamard product, the Conditional-Vendi definition): H_q(X|T) = H_q(X,T) - H_q(T),
+I_q(X;T) = H_q(X) + H_q(T) - H_q(X,T).
+
+Public functions: `vendi_score`, `cond_vendi_score`, `vendi_entropies`, `vendi_modes`,
+`pick_method`. The spectra themselves come from `rkekernels.ops.spectra`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from ._input import to_output
+from .ops import spectra
+from .ops.pair_sums import pair_sums
+
+__all__ = [
+    "KERNELS",
+    "METHODS",
+    "Mode",
+    "VendiEntropies",
+    "check_order",
+    "cond_vendi_score",
+    "pick_method",
+    "vendi_entropies",
+    "vendi_modes",
+    "vendi_score",
+]
+
+logger = logging.getLogger(__name__)
+
+KERNELS = ("gaussian", "cosine", "linear")
+METHODS = ("auto", "exact", "covariance", "rff", "nystrom", "lanczos")
+_FOR_KERNEL = {
+    "gaussian": ("exact", "rff", "nystrom", "lanczos"),
+    "cosine": ("exact", "covariance"),
+    "linear": ("exact", "covariance"),
+}
+
+#: method="auto": the Gaussian kernel uses "exact" up to this n (8 n^2 bytes = 134 MB), else "rff"
+AUTO_EXACT_MAX_N = 4096
+#: default random-feature dimension D (rff) and number of landmarks (nystrom)
+DEFAULT_DIM = {"rff": 4096, "nystrom": 1024}
+#: default number of eigenvalues for method="lanczos"
+DEFAULT_TOP_K = 100
+#: widest covariance (d, or d * m for a joint dot-product kernel) the covariance path builds
+MAX_COV_WIDTH = 16384
+
+
+class VendiEntropies(NamedTuple):
+    """Order-q Rényi kernel entropies, in nats (the order-q `RKEEntropies`).
+
+    Attributes:
+        h_x: H_q(X), from the eigenvalues of Kx / tr(Kx)
+        h_t: H_q(T), from Kt / tr(Kt)
+        h_xt: H_q(X, T), from (Kx * Kt) / tr(Kx * Kt) (Hadamard product)
+        h_x_given_t: H_q(X | T) = H_q(X, T) - H_q(T)
+        mutual_info: I_q(X; T) = H_q(X) + H_q(T) - H_q(X, T)
+    """
+
+    h_x: Any
+    h_t: Any
+    h_xt: Any
+    h_x_given_t: Any
+    mutual_info: Any
+
+
+class Mode(NamedTuple):
+    """One mode of a sample set: an eigenvector of K / tr(K) mapped back to the samples.
+
+    Attributes:
+        weight: its eigenvalue p_k (the share of the kernel's trace; the weights of all modes
+            sum to 1, so a set of m equal, well separated clusters has m modes of weight 1/m).
+        members: (m,) int64 indices of the samples assigned to this mode (each sample goes to
+            the mode that explains the largest share p_k u_k[i]^2 of its k(x_i, x_i)), the
+            most representative first.
+        loadings: (m,) u_k[i]^2 of those members (the unit eigenvector's mass on each sample).
+    """
+
+    weight: float
+    members: np.ndarray
+    loadings: np.ndarray
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def check_order(q: Any) -> float:
+    """The order q of a Rényi entropy: a real number > 0 (1 included) or ``math.inf``."""
+    if isinstance(q, torch.Tensor) and q.numel() == 1:
+        q = q.item()
+    if isinstance(q, bool) or not isinstance(q, int | float | np.integer | np.floating):
+        raise TypeError(f"q must be a positive number or math.inf, got {type(q).__name__}")
+    qf = float(q)
+    if math.isnan(qf) or qf <= 0.0:
+        raise ValueError(f"q must be > 0 (1 for the von Neumann entropy, math.inf), got {q!r}")
+    return qf
+
+
+def _check_kernel(kernel: Any) -> str:
+    if not isinstance(kernel, str) or kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return kernel
+
+
+def pick_method(method: str, *, kernel: str, n: int, width: int, q: float) -> str:
+    """Resolve ``method`` for a kernel and problem size, checking that the pairing is valid.
+
+    "auto": Gaussian -> "exact" when q = 2 (the streamed Frobenius sum, any n) or
+    n <= AUTO_EXACT_MAX_N, else "rff"; cosine/linear -> "covariance" when the feature width
+    (d, or d * m for the joint kernel) is below n and at most MAX_COV_WIDTH, else "exact".
+    The choice is logged (logger ``rkekernels.vendi``, level INFO).
+
+    Args:
+        method: one of METHODS.
+        kernel: one of KERNELS.
+        n: number of samples. width: the feature width (d; d * m for a joint dot kernel).
+        q: the order (already checked).
+
+    Returns:
+        str: the method that will run.
+
+    Example:
+        >>> from rkekernels.vendi import pick_method
+        >>> pick_method("auto", kernel="cosine", n=1_000_000, width=768, q=1.0)
+        'covariance'
+        >>> pick_method("auto", kernel="gaussian", n=100_000, width=768, q=1.0)
+        'rff'
+    """
+    kernel = _check_kernel(kernel)
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        if kernel == "gaussian":
+            chosen = "exact" if q == 2.0 or n <= AUTO_EXACT_MAX_N else "rff"
+        else:
+            chosen = "covariance" if width < n and width <= MAX_COV_WIDTH else "exact"
+        logger.info(
+            "method='auto' chose %r (kernel=%r, n=%d, width=%d, q=%g)", chosen, kernel, n, width, q
+        )
+        return chosen
+    if method not in _FOR_KERNEL[kernel]:
+        raise ValueError(
+            f"method={method!r} does not apply to kernel={kernel!r}; "
+            f"use one of {_FOR_KERNEL[kernel]} (or 'auto')"
+        )
+    if method == "covariance" and width > MAX_COV_WIDTH:
+        raise ValueError(
+            f"method='covariance' would build a {width} x {width} covariance (feature width "
+            f"{width} > {MAX_COV_WIDTH}); use method='exact'"
+        )
+    return method
+
+
+def _check_options(method: str, n: int, dim: Any, top_k: Any, seed: Any) -> dict:
+    if dim is not None and method not in ("rff", "nystrom"):
+        raise ValueError(f"dim applies to method='rff' or 'nystrom' only (method is {method!r})")
+    if top_k is not None and method != "lanczos":
+        raise ValueError(f"top_k applies to method='lanczos' only (method is {method!r})")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    opts: dict[str, Any] = {"seed": int(seed)}
+    if method in ("rff", "nystrom"):
+        d = DEFAULT_DIM[method] if dim is None else dim
+        if isinstance(d, bool) or not isinstance(d, int | np.integer) or d < 2:
+            raise ValueError(f"dim must be an int >= 2, got {dim!r}")
+        if method == "rff" and d % 2:
+            raise ValueError(f"dim must be even for method='rff' (cos and sin pairs), got {d}")
+        opts["dim"] = min(int(d), n) if method == "nystrom" else int(d)
+    if method == "lanczos":
+        k = min(DEFAULT_TOP_K, n - 2) if top_k is None else top_k
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1 or k > n - 2:
+            raise ValueError(
+                f"top_k must be an int with 1 <= top_k <= n - 2 = {n - 2} for method='lanczos' "
+                f"(got {top_k!r}); use method='exact' for small sets"
+            )
+        opts["top_k"] = int(k)
+    return opts
+
+
+# --------------------------------------------------------------------------- inputs and views
+
+
+class _Inputs(NamedTuple):
+    x: torch.Tensor
+    t: torch.Tensor | None
+    sigmas: list[float | None]
+    many: bool
+    sigma_t: float | None
+    torch_out: bool
+    backend: str
+
+
+def _inputs(x: Any, t: Any, sigma: Any, sigma_t: Any, kernel: str, need_t: bool) -> _Inputs:
+    from .scores import _pair  # the one validation and bandwidth-resolution path
+
+    kernel = _check_kernel(kernel)
+    if need_t and t is None:
+        raise ValueError("t is None: conditional scores need prompt embeddings t of shape (n, m)")
+    if kernel != "gaussian":
+        for name, val in (("sigma", sigma), ("sigma_t", sigma_t)):
+            if val is not None:
+                raise ValueError(
+                    f"{name} applies to kernel='gaussian' only; the {kernel} kernel has no "
+                    f"bandwidth (got {name}={val!r})"
+                )
+        # bandwidths are unused here: pass placeholders so _pair only validates the data
+        xt, tt, _, _, _, backend, torch_out = _pair(x, t, 1.0, 1.0, "auto")
+        return _Inputs(xt, tt, [None], False, None, torch_out, backend)
+    xt, tt, sigmas, many, st, backend, torch_out = _pair(x, t, sigma, sigma_t, "auto")
+    return _Inputs(xt, tt, list(sigmas), many, st, torch_out, backend)
+
+
+def _dot_matrix(m: torch.Tensor, kernel: str, name: str) -> torch.Tensor:
+    if kernel == "cosine":
+        nrm = m.norm(dim=1, keepdim=True)
+        if not bool((nrm > 0).all()):
+            bad = int((nrm == 0).sum())
+            raise ValueError(
+                f"{name} has {bad} all-zero rows: the cosine kernel is undefined for them"
+            )
+        return m / nrm
+    if not bool((m != 0).any()):
+        raise ValueError(f"{name} is all zeros: the linear kernel matrix has trace 0")
+    return m
+
+
+class _View(NamedTuple):
+    """One kernel matrix to take the spectrum of: gaussian of (tensor, sigma) pairs, or dot."""
+
+    kernel: str
+    parts: tuple  # gaussian: ((x, sigma), ...); dot: (normalised matrices ...)
+
+
+def _gauss_u(parts: tuple) -> torch.Tensor:
+    """u = [(x - mean)/sigma, ...]: the joint Gaussian kernel is the unit kernel of u."""
+    return torch.cat([(m - m.mean(0, keepdim=True)) / s for m, s in parts], dim=1)
+
+
+def _width(view: _View) -> int:
+    if view.kernel == "gaussian":
+        return sum(m.shape[1] for m, _ in view.parts)
+    return math.prod(m.shape[1] for m in view.parts)
+
+
+def _dot_gram(parts: tuple) -> torch.Tensor:
+    k = None
+    for m in parts:
+        md = m.to(torch.float64)
+        g = md @ md.T
+        k = g if k is None else k * g
+    return k
+
+
+def _feature_cov(view: _View, method: str, opts: dict) -> torch.Tensor:
+    if view.kernel != "gaussian":
+        first = view.parts[0]
+        fmap = spectra.dot_features(view.parts)
+        return spectra.covariance(fmap, first.shape[0], _width(view), first.device, first.dtype)
+    u = _gauss_u(view.parts)
+    if method == "rff":
+        fmap, width = spectra.rff_map(u, opts["dim"], opts["seed"]), 2 * (opts["dim"] // 2)
+        return spectra.covariance(fmap, u.shape[0], width, u.device, u.dtype)
+    fmap, width = spectra.nystrom_map(u, opts["dim"], opts["seed"])
+    return spectra.covariance(fmap, u.shape[0], width, u.device, torch.float64)
+
+
+def _entropy(view: _View, q: float, method: str, opts: dict, backend: str) -> torch.Tensor:
+    """H_q of one view's kernel matrix, float64 0-dim tensor (autograd except for lanczos)."""
+    if method == "exact" and view.kernel == "gaussian" and q == 2.0:
+        # the streamed Frobenius sum of rke_score / cond_rke_score: any n, no n x n matrix
+        (x, s), *rest = view.parts
+        t, st = rest[0] if rest else (None, None)
+        fx, _, fxt = pair_sums(x, t, [s], st, want_fx=t is None, backend=backend)
+        n = x.shape[0]
+        return 2.0 * math.log(n) - torch.log((fx if t is None else fxt)[0])
+    if method == "exact":
+        if view.kernel == "gaussian":
+            k = spectra.gaussian_gram(_gauss_u(view.parts))
+        else:
+            k = _dot_gram(view.parts)
+        if q == 2.0:
+            return 2.0 * torch.log(torch.trace(k)) - torch.log((k * k).sum())
+        return spectra.renyi_entropy(torch.linalg.eigvalsh(k) / torch.trace(k), q)
+    if method == "lanczos":
+        u = _gauss_u(view.parts)
+        n = u.shape[0]
+        vals, _ = spectra.lanczos_top(u, opts["top_k"])
+        p = torch.as_tensor(vals.copy(), dtype=torch.float64, device=u.device) / n
+        return spectra.renyi_entropy(p, q, (1.0 - p.sum()).clamp(min=0.0), n - len(vals))
+    cov = _feature_cov(view, method, opts)
+    if q == 2.0:
+        return spectra.order2_entropy_from_cov(cov)
+    return spectra.renyi_entropy(spectra.spectrum_of_cov(cov), q)
+
+
+def _views(inp: _Inputs, kernel: str, sigma: float | None):
+    """(view of X, view of T, joint view) for one bandwidth of x (T views None without t)."""
+    if kernel == "gaussian":
+        vx = _View(kernel, ((inp.x, sigma),))
+        if inp.t is None:
+            return vx, None, None
+        vt = _View(kernel, ((inp.t, inp.sigma_t),))
+        return vx, vt, _View(kernel, ((inp.x, sigma), (inp.t, inp.sigma_t)))
+    mx = _dot_matrix(inp.x, kernel, "x")
+    vx = _View(kernel, (mx,))
+    if inp.t is None:
+        return vx, None, None
+    mt = _dot_matrix(inp.t, kernel, "t")
+    return vx, _View(kernel, (mt,)), _View(kernel, (mx, mt))
+
+
+def _prepare(x, t, q, sigma, sigma_t, kernel, method, dim, top_k, seed, need_t):
+    q = check_order(q)
+    inp = _inputs(x, t, sigma, sigma_t, kernel, need_t)
+    n = inp.x.shape[0]
+    width = inp.x.shape[1] * (inp.t.shape[1] if inp.t is not None else 1)
+    if kernel == "gaussian" and inp.t is not None:
+        width = inp.x.shape[1] + inp.t.shape[1]
+    method = pick_method(method, kernel=kernel, n=n, width=width, q=q)
+    return q, inp, method, _check_options(method, n, dim, top_k, seed)
+
+
+def _output(values: list[torch.Tensor], inp: _Inputs):
+    return to_output(torch.stack(values).to(inp.x.dtype), inp.torch_out, inp.many)
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def vendi_score(
+    x: Any,
+    q: float = 1.0,
+    sigma: Any = None,
+    *,
+    kernel: str = "gaussian",
+    method: str = "auto",
+    dim: int | None = None,
+    top_k: int | None = None,
+    seed: int = 0,
+):
+    """Vendi score of order q: exp of the Rényi entropy of the eigenvalues of K / tr(K).
+
+    Vendi_q(X) = exp(H_q),  H_q = log(sum_i p_i^q) / (1 - q),  H_1 = -sum_i p_i log p_i,
+    H_inf = -log max_i p_i, where p = eig(K / tr K), K_ij = k(x_i, x_j). 1 <= Vendi_q <= n
+    (at most d for the linear and cosine kernels); q = 2 with the Gaussian kernel is
+    `rke_score`; order 1 is the score of vendi-score's ``score_K(K)`` for the same K.
+
+    Methods (see the math page for when to use which):
+
+    - "exact": eigenvalues of the dense n x n matrix in float64 (8 n^2 bytes; O(n^3) time).
+      Gaussian q = 2 uses the streamed Frobenius sum of `rke_score` instead (no n x n matrix).
+    - "covariance" (cosine, linear): the d x d covariance X^T X, O(n d^2) time, O(d^2) memory,
+      exact at any n.
+    - "rff" (gaussian): ``dim`` random Fourier features (default 4,096) from ``seed``; the
+      D x D feature covariance, O(n d D + n D^2) time, O(D^2) memory.
+    - "nystrom" (gaussian): ``dim`` landmark rows (default 1,024) drawn with ``seed``.
+    - "lanczos" (gaussian): the ``top_k`` largest eigenvalues (default 100) by ARPACK on a
+      matrix-free, streamed kernel product; the remaining trace is spread evenly over the
+      other n - top_k eigenvalues (exact for q = inf, an upper bound on H_q for the rest).
+    - "auto": see `pick_method`; the choice is logged.
+
+    Args:
+        x: (n, d) samples (torch tensor on any device, numpy array, ``__dlpack__`` array).
+        q: order, > 0; 1 (von Neumann) and ``math.inf`` included.
+        sigma: Gaussian bandwidth (float, a sequence for a 1-D result, or None for the
+            library's default bandwidth); must be None for "cosine" and "linear".
+        kernel: "gaussian" exp(-||a - b||^2 / (2 sigma^2)), "cosine" or "linear".
+        method: "auto", "exact", "covariance", "rff", "nystrom" or "lanczos".
+        dim: feature dimension (rff, even) or number of landmarks (nystrom).
+        top_k: number of eigenvalues for "lanczos".
+        seed: random draws of rff and nystrom.
+
+    Returns:
+        torch input: a 0-dim tensor (1-D for several sigmas) with autograd (not for lanczos).
+        other input: a float (numpy array for several sigmas).
+
+    Raises:
+        ValueError: q <= 0 or NaN, unknown kernel or method, a method that does not fit the
+            kernel, sigma with cosine/linear, and the bad inputs of `rke_score`.
+
+    Example:
+        >>> import math, torch, rkekernels
+        >>> centres = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0]])
+        >>> x = centres.repeat_interleave(40, dim=0) + 0.01 * torch.randn(120, 2)
+        >>> round(float(rkekernels.vendi_score(x, sigma=1.0)), 3)  # three modes
+        3.0
+        >>> round(float(rkekernels.vendi_score(x, math.inf, sigma=1.0)), 3)
+        3.0
+        >>> round(rkekernels.vendi_score([[1.0, 0.0], [0.0, 2.0]], kernel="cosine"), 3)
+        2.0
+    """
+    q, inp, method, opts = _prepare(
+        x, None, q, sigma, None, kernel, method, dim, top_k, seed, False
+    )
+    vals = [
+        _entropy(_views(inp, kernel, s)[0], q, method, opts, inp.backend).exp() for s in inp.sigmas
+    ]
+    return _output(vals, inp)
+
+
+def vendi_entropies(
+    x: Any,
+    t: Any,
+    q: float = 1.0,
+    sigma: Any = None,
+    sigma_t: Any = None,
+    *,
+    kernel: str = "gaussian",
+    method: str = "auto",
+    dim: int | None = None,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> VendiEntropies:
+    """Order-q entropy decomposition of samples x and prompts t, in nats (Conditional-Vendi).
+
+    H_q(X), H_q(T) and H_q(X, T) are the order-q entropies (see `vendi_score`) of Kx / tr Kx,
+    Kt / tr Kt and (Kx * Kt) / tr(Kx * Kt) (Hadamard product); H_q(X|T) = H_q(X,T) - H_q(T),
+    I_q(X;T) = H_q(X) + H_q(T) - H_q(X,T). q = 2 with the Gaussian kernel is `rke_entropies`.
+    For the Gaussian kernel the joint kernel is the unit Gaussian of [x / sigma, t / sigma_t],
+    so every method applies to it unchanged; for cosine/linear it is the linear kernel of the
+    row-wise Kronecker product x_i kron t_i (covariance width d * m).
+
+    Args:
+        x: (n, d) samples. t: (n, m) prompt embeddings, one per sample.
+        q, sigma, kernel, method, dim, top_k, seed: as in `vendi_score` (the same method and
+            random draws for all three spectra). sigma_t: bandwidth of t (None: the default).
+
+    Returns:
+        VendiEntropies(h_x, h_t, h_xt, h_x_given_t, mutual_info): tensors (with autograd) for
+        torch input, 1-D over several sigmas (h_t repeated); floats otherwise.
+
+    Example:
+        >>> import torch, rkekernels
+        >>> x = torch.tensor([[0.0], [100.0], [200.0], [300.0]])
+        >>> t = torch.tensor([[0.0], [0.0], [50.0], [50.0]])
+        >>> e = rkekernels.vendi_entropies(x, t, 1.0, sigma=1.0, sigma_t=1.0)
+        >>> [round(float(v), 4) for v in e]  # log 4, log 2, log 4, log 2, log 2
+        [1.3863, 0.6931, 1.3863, 0.6931, 0.6931]
+    """
+    q, inp, method, opts = _prepare(x, t, q, sigma, sigma_t, kernel, method, dim, top_k, seed, True)
+    cols: list[list[torch.Tensor]] = [[] for _ in range(5)]
+    h_t = None
+    for s in inp.sigmas:
+        vx, vt, vxt = _views(inp, kernel, s)
+        if h_t is None:
+            h_t = _entropy(vt, q, method, opts, inp.backend)
+        h_x = _entropy(vx, q, method, opts, inp.backend)
+        h_xt = _entropy(vxt, q, method, opts, inp.backend)
+        for col, v in zip(cols, (h_x, h_t, h_xt, h_xt - h_t, h_x + h_t - h_xt)):
+            col.append(v)
+    return VendiEntropies(*(_output(c, inp) for c in cols))
+
+
+def cond_vendi_score(
+    x: Any,
+    t: Any,
+    q: float = 1.0,
+    sigma: Any = None,
+    sigma_t: Any = None,
+    *,
+    kernel: str = "gaussian",
+    method: str = "auto",
+    dim: int | None = None,
+    top_k: int | None = None,
+    seed: int = 0,
+):
+    """Conditional Vendi score of samples given prompts: exp(H_q(X, T) - H_q(T)).
+
+    The joint kernel is Kx * Kt (Hadamard product). Identical prompts give `vendi_score` (x);
+    prompts all far apart give 1; q = 2 with the Gaussian kernel is `cond_rke_score`.
+
+    Args:
+        x: (n, d) samples. t: (n, m) prompt embeddings.
+        q, sigma, sigma_t, kernel, method, dim, top_k, seed: as in `vendi_entropies`.
+
+    Returns:
+        As `vendi_score`.
+
+    Example:
+        >>> import torch, rkekernels
+        >>> x = torch.tensor([[0.0], [100.0], [200.0], [300.0]])
+        >>> t = torch.tensor([[0.0], [0.0], [50.0], [50.0]])
+        >>> round(float(rkekernels.cond_vendi_score(x, t, 1.0, sigma=1.0, sigma_t=1.0)), 6)
+        2.0
+    """
+    q, inp, method, opts = _prepare(x, t, q, sigma, sigma_t, kernel, method, dim, top_k, seed, True)
+    vals, h_t = [], None
+    for s in inp.sigmas:
+        _, vt, vxt = _views(inp, kernel, s)
+        if h_t is None:
+            h_t = _entropy(vt, q, method, opts, inp.backend)
+        vals.append((_entropy(vxt, q, method, opts, inp.backend) - h_t).exp())
+    return _output(vals, inp)
+
+
+def vendi_modes(
+    x: Any,
+    k: int = 5,
+    sigma: Any = None,
+    *,
+    kernel: str = "gaussian",
+    method: str = "auto",
+    dim: int | None = None,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> list[Mode]:
+    """The k largest modes of a sample set: top eigenvectors of K / tr(K) mapped to samples.
+
+    K / tr(K) = sum_j p_j u_j u_j^T with unit eigenvectors u_j (n,). Mode j has weight p_j; its
+    loading on sample i is u_j[i]^2 (summing to 1 over the samples). Sample i is assigned to
+    the mode among the top k with the largest share p_j u_j[i]^2 of k(x_i, x_i). Feature
+    methods (covariance, rff, nystrom) recover u_j = Phi v_j / sqrt(lambda_j) from the
+    covariance's eigenvectors v_j in a second streamed pass (the FKEA construction); lanczos
+    returns its eigenvectors. Memory as for `vendi_score` plus (n, k).
+
+    Args:
+        x: (n, d) samples. k: number of modes (at most n; at most top_k for lanczos).
+        sigma, kernel, method, dim, top_k, seed: as in `vendi_score` (one sigma).
+
+    Returns:
+        list of `Mode` (weight, members, loadings), largest weight first (numpy arrays).
+
+    Example:
+        >>> import torch, rkekernels
+        >>> x = torch.cat([torch.zeros(6, 2), torch.full((3, 2), 50.0)])  # 6 + 3 duplicates
+        >>> modes = rkekernels.vendi_modes(x, 2, sigma=1.0)
+        >>> [round(m.weight, 3) for m in modes], [m.members.tolist() for m in modes]
+        ([0.667, 0.333], [[0, 1, 2, 3, 4, 5], [6, 7, 8]])
+    """
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be a positive int (number of modes), got {k!r}")
+    if isinstance(sigma, list | tuple):
+        raise ValueError("sigma must be a single bandwidth for vendi_modes")
+    _, inp, method, opts = _prepare(
+        x, None, 1.0, sigma, None, kernel, method, dim, top_k, seed, False
+    )
+    view = _views(inp, kernel, inp.sigmas[0])[0]
+    with torch.no_grad():
+        p, u = _modes(view, int(k), method, opts)
+    p, u = p.cpu().numpy(), u.cpu().numpy()
+    share = p[None, :] * u**2
+    owner = share.argmax(1)
+    out = []
+    for j in range(len(p)):
+        idx = np.flatnonzero(owner == j)
+        load = u[idx, j] ** 2
+        order = np.argsort(-load, kind="stable")
+        out.append(Mode(float(p[j]), idx[order].astype(np.int64), load[order]))
+    return out
+
+
+def _modes(view: _View, k: int, method: str, opts: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k eigenvalues of K / tr K (k,), unit eigenvectors (n, k)), float64."""
+    n = (view.parts[0][0] if view.kernel == "gaussian" else view.parts[0]).shape[0]
+    k = min(k, n)
+    if method == "exact":
+        if view.kernel == "gaussian":
+            kmat = spectra.gaussian_gram(_gauss_u(view.parts))
+        else:
+            kmat = _dot_gram(view.parts)
+        w, v = torch.linalg.eigh(kmat)
+        tr = torch.trace(kmat)
+        return w.flip(0)[:k] / tr, v.flip(1)[:, :k]
+    if method == "lanczos":
+        u = _gauss_u(view.parts)
+        if k > opts["top_k"]:
+            raise ValueError(f"k = {k} modes need top_k >= k for method='lanczos'")
+        vals, vecs = spectra.lanczos_top(u, opts["top_k"], vectors=True)
+        p = torch.as_tensor(vals[:k].copy(), dtype=torch.float64) / n
+        return p, torch.as_tensor(vecs[:, :k].copy(), dtype=torch.float64)
+    cov = _feature_cov(view, method, opts)
+    w, v = torch.linalg.eigh(cov)
+    k = min(k, len(w))
+    w, v = w.flip(0)[:k], v.flip(1)[:, :k]
+    if view.kernel == "gaussian":
+        u = _gauss_u(view.parts)
+        fmap = (
+            spectra.rff_map(u, opts["dim"], opts["seed"])
+            if method == "rff"
+            else spectra.nystrom_map(u, opts["dim"], opts["seed"])[0]
+        )
+    else:
+        fmap = spectra.dot_features(view.parts)
+    scale = 1.0 / w.clamp(min=torch.finfo(torch.float64).tiny).sqrt()
+    blocks = spectra.row_blocks(n, cov.shape[0])
+    vecs = torch.cat([(fmap(i0, i1).to(torch.float64) @ v) * scale for i0, i1 in blocks])
+    return w / torch.trace(cov), vecs
