@@ -140,9 +140,13 @@ def kernel_matrix(x, kernel: str = "gaussian", sigma: float | None = None) -> to
 
 
 def renyi_entropy(p, q: float) -> torch.Tensor:
-    """Order-q Rényi entropy (nats) of the probability vector p; entries <= 0 count as 0."""
+    """Order-q Rényi entropy (nats) of the probability vector p.
+
+    Entries <= len(p) * eps * max(p) count as 0 (round-off of a PSD spectrum: the numerical
+    rank cut of ``torch.linalg.matrix_rank``).
+    """
     p = _f64(p)
-    p = p[p > 0]
+    p = p[p > len(p) * torch.finfo(torch.float64).eps * p.max()]
     if q == 1:
         return -(p * torch.log(p)).sum()
     if q == float("inf"):

@@ -137,7 +137,7 @@ def _pair(x: Any, t: Any, sigma: Any, sigma_t: Any, backend: Any):
     return xt, tt, sigmas, many, st, resolved, torch_out
 
 
-def rke_score(x: Any, sigma: Any = None, *, backend: str = "auto"):
+def rke_score(x: Any, sigma: Any = None, *, kernel: str = "gaussian", backend: str = "auto"):
     """RKE score (order-2 Rényi kernel entropy, exponentiated): the effective number of modes.
 
     RKE(X) = exp(H2(X)) = n^2 / sum_ij k_s(x_i, x_j)^2,  k_s(a, b) = exp(-||a - b||^2 / (2 s^2)).
@@ -150,6 +150,9 @@ def rke_score(x: Any, sigma: Any = None, *, backend: str = "auto"):
             Integers become float32; float16/bfloat16 are accumulated in float32.
         sigma: bandwidth s > 0, a sequence of bandwidths (one pass, 1-D result), or None for
             `median_bandwidth` (x).
+        kernel: "gaussian" (default), or "cosine" / "linear" (no sigma): then
+            RKE = tr(K)^2 / sum_ij K_ij^2 = tr(C)^2 / ||C||_F^2 through the d x d covariance
+            C = X^T X (rows normalised for cosine), O(n d^2) time, O(d^2) memory, at any n.
         backend: "auto" (Triton for CUDA tensors when it imports), "torch" or "triton".
 
     Returns:
@@ -157,7 +160,8 @@ def rke_score(x: Any, sigma: Any = None, *, backend: str = "auto"):
         other input: a float (numpy array for several sigmas).
 
     Raises:
-        ValueError: empty x, wrong rank, NaN/Inf, bad sigma, unknown backend.
+        ValueError: empty x, wrong rank, NaN/Inf, bad sigma, unknown backend or kernel, a
+            sigma with the cosine or linear kernel.
         TypeError: complex, string or object data.
 
     Example:
@@ -167,6 +171,10 @@ def rke_score(x: Any, sigma: Any = None, *, backend: str = "auto"):
         >>> round(float(rkekernels.rke_score(x, sigma=1.0)), 3)
         3.0
     """
+    if kernel != "gaussian":
+        from .vendi import vendi_score  # cosine / linear: order 2 through the covariance
+
+        return vendi_score(x, 2.0, sigma, kernel=kernel)
     xt, _, sigmas, many, _, backend, torch_out = _pair(x, None, sigma, None, backend)
     n = xt.shape[0]
     fx, _, _ = pair_sums(xt, None, sigmas, None, backend=backend)

@@ -28,10 +28,12 @@ def _rel(a, b):
     return abs(a - b) / abs(b)
 
 
-def _clusters(sizes, d=4, sep=100.0, seed=0):
+def _clusters(sizes, d=4, sep=100.0, seed=0, noise=0.01):
     gen = torch.Generator().manual_seed(seed)
-    parts = [sep * torch.eye(d, dtype=torch.float64)[i] + 0.01 * torch.randn(k, d, generator=gen)
-             for i, k in enumerate(sizes)]
+    parts = [
+        sep * torch.eye(d, dtype=torch.float64)[i] + noise * torch.randn(k, d, generator=gen)
+        for i, k in enumerate(sizes)
+    ]
     return torch.cat(parts)
 
 
@@ -69,11 +71,17 @@ def test_order2_gaussian_equals_rke():
     assert _rel(rkekernels.vendi_score(x, 2, 2.0), rkekernels.rke_score(x, 2.0)) <= 1e-12
     # default bandwidth on both sides
     assert _rel(rkekernels.vendi_score(x, 2.0), rkekernels.rke_score(x)) <= 1e-12
-    assert _rel(
-        rkekernels.cond_vendi_score(x, t, 2.0, 2.0, 1.5),
-        rkekernels.cond_rke_score(x, t, 2.0, 1.5),
-    ) <= 1e-12
-    e2, e = rkekernels.vendi_entropies(x, t, 2.0, sig, 1.5), rkekernels.rke_entropies(x, t, sig, 1.5)
+    assert (
+        _rel(
+            rkekernels.cond_vendi_score(x, t, 2.0, 2.0, 1.5),
+            rkekernels.cond_rke_score(x, t, 2.0, 1.5),
+        )
+        <= 1e-12
+    )
+    e2, e = (
+        rkekernels.vendi_entropies(x, t, 2.0, sig, 1.5),
+        rkekernels.rke_entropies(x, t, sig, 1.5),
+    )
     for a, b in zip(e2, e):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
@@ -88,7 +96,9 @@ def test_conditional_matches_reference(q, kernel):
     for name, a, b in zip(got._fields, got, want):
         assert abs(float(a) - float(b)) <= 1e-10 * max(1.0, abs(float(b))), name
     c = rkekernels.cond_vendi_score(x, t, q, kernel=kernel, method="exact", **kw)
-    assert _rel(c, ref.cond_vendi_score(x, t, q, kw.get("sigma"), kw.get("sigma_t"), kernel)) <= 1e-10
+    assert (
+        _rel(c, ref.cond_vendi_score(x, t, q, kw.get("sigma"), kw.get("sigma_t"), kernel)) <= 1e-10
+    )
 
 
 def test_conditional_limits():
@@ -146,21 +156,24 @@ def test_lanczos_top_spectrum():
     # a spread tail is the maximum-entropy completion: an upper bound that tightens with k
     want1 = float(ref.vendi_score(x, 1.0, 1.5))
     few = float(rkekernels.vendi_score(x, 1.0, 1.5, method="lanczos", top_k=10))
-    most = float(rkekernels.vendi_score(x, 1.0, 1.5, method="lanczos", top_k=140))
+    most = float(rkekernels.vendi_score(x, 1.0, 1.5, method="lanczos", top_k=148))
     assert want1 * (1 - 1e-9) <= most <= few
-    assert _rel(most, want1) <= 1e-6
+    assert _rel(most, want1) <= 1e-5
 
 
 def test_rff_is_close_and_seeded():
     x = _clusters([30, 20, 10], d=3, sep=6.0)
     want = float(ref.vendi_score(x, 1.0, 1.0))
-    a = rkekernels.vendi_score(x, 1.0, 1.0, method="rff", dim=4096, seed=3)
-    b = rkekernels.vendi_score(x, 1.0, 1.0, method="rff", dim=4096, seed=3)
-    c = rkekernels.vendi_score(x, 1.0, 1.0, method="rff", dim=4096, seed=4)
+    a = rkekernels.vendi_score(x, 1.0, 1.0, method="rff", dim=1024, seed=3)
+    b = rkekernels.vendi_score(x, 1.0, 1.0, method="rff", dim=1024, seed=3)
+    c = rkekernels.vendi_score(x, 1.0, 1.0, method="rff", dim=1024, seed=4)
     assert float(a) == float(b) and float(a) != float(c)
     assert _rel(a, want) <= 0.02
     # q = 2 through RFF: exp(H2) of the feature covariance is RKE with K replaced by Z Z^T
-    assert _rel(rkekernels.vendi_score(x, 2.0, 1.0, method="rff", dim=4096), ref.rke_score(x, 1.0)) <= 0.02
+    assert (
+        _rel(rkekernels.vendi_score(x, 2.0, 1.0, method="rff", dim=1024), ref.rke_score(x, 1.0))
+        <= 0.02
+    )
 
 
 def test_replication_and_bounds():
@@ -168,7 +181,9 @@ def test_replication_and_bounds():
     v = float(rkekernels.vendi_score(x, 1.0, 1.0))
     assert 1.0 <= v <= 30.0
     assert _rel(rkekernels.vendi_score(x.repeat(3, 1), 1.0, 1.0), v) <= 1e-9
-    assert _rel(rkekernels.vendi_score(_clusters([7, 7, 7]), 1.0, 1.0), 3.0) <= 1e-6
+    tight = _clusters([7, 7, 7], noise=1e-4)
+    for q in (1.0, 2.0, math.inf):
+        assert _rel(rkekernels.vendi_score(tight, q, 1.0), 3.0) <= 1e-5
 
 
 def test_outputs_and_autograd():
@@ -180,7 +195,9 @@ def test_outputs_and_autograd():
     (gr,) = torch.autograd.grad(ref.vendi_score(xr, 1.0, 1.2), xr)
     assert torch.allclose(g, gr, rtol=1e-8, atol=1e-12)
     xs = x.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(rkekernels.vendi_score(xs, 1.5, kernel="cosine", method="covariance"), xs)
+    (g,) = torch.autograd.grad(
+        rkekernels.vendi_score(xs, 1.5, kernel="cosine", method="covariance"), xs
+    )
     xr = x.clone().requires_grad_(True)
     (gr,) = torch.autograd.grad(ref.vendi_score(xr, 1.5, kernel="cosine"), xr)
     assert torch.allclose(g, gr, rtol=1e-8, atol=1e-12)
@@ -194,13 +211,16 @@ def test_outputs_and_autograd():
 @pytest.mark.parametrize("method", ["exact", "rff", "nystrom", "lanczos"])
 def test_modes_recover_clusters(method):
     x = _clusters([20, 12, 8])
-    kw = {"dim": 2048} if method == "rff" else {"dim": 40} if method == "nystrom" else {}
+    kw = {"dim": 512} if method == "rff" else {"dim": 40} if method == "nystrom" else {}
     modes = rkekernels.vendi_modes(x, 3, 1.0, method=method, **kw)
     assert [round(m.weight, 2) for m in modes] == [0.5, 0.3, 0.2]
     assert [sorted(m.members.tolist()) for m in modes] == [
-        list(range(20)), list(range(20, 32)), list(range(32, 40))
+        list(range(20)),
+        list(range(20, 32)),
+        list(range(32, 40)),
     ]
-    assert all(abs(m.loadings.sum() - 1.0) < 1e-6 for m in modes)
+    # each unit eigenvector sits on its cluster (RFF's kernel has O(1/sqrt(D)) cross terms)
+    assert all(m.loadings.sum() > (0.95 if method == "rff" else 0.999) for m in modes)
 
 
 def test_modes_linear_kernel():

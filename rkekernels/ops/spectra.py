@@ -61,13 +61,15 @@ def renyi_entropy(
 ) -> torch.Tensor:
     """Order-q Rényi entropy (nats) of a probability vector, differentiable.
 
-    Non-positive entries (round-off in eigenvalues of a PSD matrix) count as 0, as in
-    vendi-score. ``tail_mass`` spread evenly over ``tail_count`` further entries completes a
-    truncated spectrum (the Lanczos path): the maximum-entropy completion, and a valid one since
-    each share is at most the smallest computed eigenvalue.
+    Entries at or below len(p) * eps * max(p) count as 0: they are round-off in the eigenvalues
+    of a PSD matrix (the numerical-rank cut of ``torch.linalg.matrix_rank``); vendi-score drops
+    only entries <= 0, which differs by O(n eps) for q >= 1 but lets noise decide orders q < 1
+    of a rank-deficient K. ``tail_mass`` spread evenly over ``tail_count`` further entries
+    completes a truncated spectrum (the Lanczos path): the maximum-entropy completion, and a
+    valid one since each share is at most the smallest computed eigenvalue.
     """
     p = p.to(torch.float64)
-    pos = p > 0
+    pos = p > len(p) * torch.finfo(torch.float64).eps * p.detach().max()
     safe = torch.where(pos, p, torch.ones_like(p))
     tail = torch.as_tensor(tail_mass, dtype=torch.float64, device=p.device)
     has_tail = tail_count > 0 and float(tail) > 0.0
