@@ -31,6 +31,7 @@ import torch
 
 __all__ = [
     "Entropies",
+    "cond_rke_jackknife",
     "cond_rke_score",
     "cond_vendi_score",
     "features",
@@ -38,12 +39,16 @@ __all__ = [
     "grad_term_scale",
     "guidance_grad",
     "guidance_log_s",
+    "ken_novelty",
     "kernel_matrix",
     "median_bandwidth",
     "pair_sums",
+    "relative_rke",
     "renyi_entropy",
     "rke_entropies",
+    "rke_jackknife",
     "rke_score",
+    "sample_sums",
     "sq_dists",
     "vendi_entropies",
     "vendi_entropy",
@@ -175,6 +180,88 @@ def vendi_entropies(x, t, q: float, sigma=None, sigma_t=None, kernel="gaussian")
 def cond_vendi_score(x, t, q: float, sigma=None, sigma_t=None, kernel="gaussian"):
     """exp(H_q(X, T) - H_q(T))."""
     return torch.exp(vendi_entropies(x, t, q, sigma, sigma_t, kernel).h_x_given_t)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def sample_sums(x, t=None, sigma: float = 1.0, sigma_t: float | None = None):
+    """(sum_j Kx[i,j]^2, sum_j Kt^2, sum_j Kx^2 Kt^2) per row i, float64 (n,); None without t."""
+    kx2 = gaussian_kernel(x, x, sigma) ** 2
+    if t is None:
+        return kx2.sum(1), None, None
+    kt2 = gaussian_kernel(t, t, sigma_t) ** 2
+    return kx2.sum(1), kt2.sum(1), (kx2 * kt2).sum(1)
+
+
+def _off_diag_mean(k2: torch.Tensor) -> torch.Tensor:
+    n = k2.shape[0]
+    return (k2.sum() - k2.diagonal().sum()) / (n * (n - 1))
+
+
+def _jackknife(stat, n: int) -> tuple[float, float]:
+    """(stat(all rows), jackknife se of stat) by recomputing stat on every leave-one-out set."""
+    idx = torch.arange(n)
+    full = float(stat(idx))
+    loo = torch.tensor([float(stat(idx[idx != i])) for i in range(n)], dtype=torch.float64)
+    se = ((n - 1) / n * ((loo - loo.mean()) ** 2).sum()).sqrt()
+    return full, float(se)
+
+
+def rke_jackknife(x, sigma: float, unbiased: bool = False) -> tuple[float, float]:
+    """(log RKE, jackknife se of log RKE), each leave-one-out score recomputed from scratch.
+
+    Plug-in: RKE = n^2 / sum_ij Kx^2; unbiased: 1 / mean_{i != j} Kx^2.
+    """
+    k2 = gaussian_kernel(x, x, sigma) ** 2
+
+    def stat(idx):
+        sub = k2[idx][:, idx]
+        if unbiased:
+            return -torch.log(_off_diag_mean(sub))
+        return torch.log(len(idx) ** 2 / sub.sum())
+
+    return _jackknife(stat, k2.shape[0])
+
+
+def cond_rke_jackknife(x, t, sigma: float, sigma_t: float, unbiased: bool = False):
+    """(log CondRKE, jackknife se): sum Kt^2 / sum Kx^2 Kt^2 (off-diagonal only if unbiased)."""
+    kx2 = gaussian_kernel(x, x, sigma) ** 2
+    kt2 = gaussian_kernel(t, t, sigma_t) ** 2
+
+    def stat(idx):
+        a, b = kt2[idx][:, idx], (kx2 * kt2)[idx][:, idx]
+        if unbiased:
+            return torch.log(_off_diag_mean(a) / _off_diag_mean(b))
+        return torch.log(a.sum() / b.sum())
+
+    return _jackknife(stat, kx2.shape[0])
+
+
+def relative_rke(x, y, sigma: float) -> torch.Tensor:
+    """n m / sum_ij k_s(x_i, y_j)^2 over the cross pairs (float64)."""
+    k2 = gaussian_kernel(x, y, sigma) ** 2
+    return k2.shape[0] * k2.shape[1] / k2.sum()
+
+
+def ken_novelty(x, y, sigma: float, eta: float = 1.0) -> tuple[float, torch.Tensor]:
+    """(KEN score, eigenvalues descending) from the paper's fused, non-symmetric matrix.
+
+    [[Kxx / n, sqrt(eta) Kxy / sqrt(nm)], [-sqrt(eta) Kyx / sqrt(nm), -eta Kyy / m]] (general
+    eigenvalues, real parts); KEN = -sum_{l > 0} l log(l / sum_{l > 0} l).
+    """
+    n, m = len(x), len(y)
+    kxx, kyy, kxy = (
+        gaussian_kernel(x, x, sigma),
+        gaussian_kernel(y, y, sigma),
+        gaussian_kernel(x, y, sigma),
+    )
+    c = (eta / (n * m)) ** 0.5
+    top = torch.cat([kxx / n, c * kxy], 1)
+    bottom = torch.cat([-c * kxy.t(), -eta * kyy / m], 1)
+    vals = torch.linalg.eigvals(torch.cat([top, bottom])).real.sort(descending=True).values
+    pos = vals[vals > 1e-12]
+    return float(-(pos * torch.log(pos / pos.sum())).sum()), vals
 
 
 # --------------------------------------------------------------------------- guidance objective

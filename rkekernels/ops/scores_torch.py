@@ -36,6 +36,7 @@ __all__ = [
     "backward_grads",
     "forward_sums",
     "neg_sqdist",
+    "row_sums",
     "sq_norms",
     "tiles",
 ]
@@ -142,6 +143,55 @@ def forward_sums(
             if kt2 is not None:
                 fxt[k] += w * e.mul_(kt2).sum().double()
     return fx, ft, fxt
+
+
+def row_sums(
+    xc: torch.Tensor,
+    tc: torch.Tensor | None,
+    inv_sx2: Sequence[float],
+    inv_st2: float | None,
+    *,
+    block_rows: int | None = None,
+    block_cols: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-sample sums, float64: (s_x (K, n), s_t (n,), s_xt (K, n)), no gradient.
+
+    s_x[k, i] = sum_j Kx_k[i, j]^2,  s_t[i] = sum_j Kt[i, j]^2,  s_xt[k, i] = sum_j Kx_k^2 Kt^2
+    (diagonal included, so each is >= 1; summed over i they give `forward_sums`). The same tiles
+    as `forward_sums` (upper triangle, one GEMM each); an off-diagonal tile adds its row sums to
+    its rows and its column sums to its columns. O(n) extra memory; s_t, s_xt are None without
+    ``tc``.
+    """
+    n = xc.shape[0]
+    dev = xc.device
+    K = len(inv_sx2)
+    nx = sq_norms(xc)
+    nt = sq_norms(tc) if tc is not None else None
+    sx = torch.zeros(K, n, dtype=torch.float64, device=dev)
+    st = torch.zeros(n, dtype=torch.float64, device=dev) if tc is not None else None
+    sxt = torch.zeros(K, n, dtype=torch.float64, device=dev) if tc is not None else None
+    br, bc = block_rows or BLOCK_ROWS, block_cols or BLOCK_COLS
+    ws = _Workspace(xc, min(n, max(br, bc)), min(n, max(br, bc)))
+
+    def add(acc: torch.Tensor, tile: torch.Tensor, i0, i1, j0, j1, diag) -> None:
+        acc[i0:i1] += tile.sum(1, dtype=torch.float64)
+        if not diag:
+            acc[j0:j1] += tile.sum(0, dtype=torch.float64)
+
+    for i0, i1, j0, j1, diag in tiles(n, br, bc):
+        shape = (i1 - i0, j1 - j0)
+        negd = neg_sqdist(xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag, ws("d", *shape))
+        kt2 = None
+        if tc is not None:
+            kt2 = neg_sqdist(tc[i0:i1], nt[i0:i1], tc[j0:j1], nt[j0:j1], diag, ws("t", *shape))
+            kt2 = kt2.mul_(inv_st2).exp_()
+            add(st, kt2, i0, i1, j0, j1, diag)
+        for k, c in enumerate(inv_sx2):
+            e = torch.mul(negd, c, out=ws("e", *shape)).exp_()
+            add(sx[k], e, i0, i1, j0, j1, diag)
+            if kt2 is not None:
+                add(sxt[k], e.mul_(kt2), i0, i1, j0, j1, diag)
+    return sx, st, sxt
 
 
 def backward_grads(

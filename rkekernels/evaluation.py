@@ -1,0 +1,456 @@
+"""Evaluation beyond one number: per-sample sums, confidence intervals, novelty against a reference.
+
+Gaussian kernel k_s(a, b) = exp(-||a - b||^2 / (2 s^2)) as everywhere in the library (SPEC 2).
+
+- `sample_sums`: s_i = sum_j k(x_i, x_j)^2, the density of each sample's mode (large = crowded,
+  1 = alone), streamed in O(n) memory over the tiles of the fused score kernels; sum_i s_i is the
+  denominator F of RKE = n^2 / F.
+- `rke_interval`, `cond_rke_interval`: jackknife confidence intervals for RKE and conditional
+  RKE from these sums in O(n) extra work (leave-one-out: F_{-i} = F - 2 s_i + 1), optionally for
+  the unbiased (U-statistic, off-diagonal) estimator.
+- `relative_rke`: n m / sum_ij k(x_i, y_j)^2 over the cross pairs (exact, streamed): the inverse
+  mean cross similarity of two sets.
+- `ken_novelty`: KEN (Zhang, Jalali, Farnia, ICML 2024), the entropy of the novel modes of X
+  with respect to a reference Y, with the samples of each novel mode.
+
+The modes of one set and its Vendi scores are `rkekernels.vendi_modes` / `vendi_score`; KEN's
+novel modes use the same `rkekernels.vendi.Mode` type.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from ._input import as_tensor, check_matrix, check_same_device, check_sigma, is_torch, to_output
+from .ops import scores_torch
+from .scores import _pair, _resolve_sigma
+from .vendi import Mode
+
+__all__ = [
+    "Interval",
+    "Novelty",
+    "SampleSums",
+    "cond_rke_interval",
+    "ken_novelty",
+    "relative_rke",
+    "rke_interval",
+    "sample_sums",
+]
+
+
+class SampleSums(NamedTuple):
+    """Per-sample kernel sums (float64), see `sample_sums`.
+
+    Attributes:
+        x: s_i = sum_j Kx[i, j]^2, (n,) (or (K, n) over K bandwidths).
+        t: sum_j Kt[i, j]^2 (n,), or None without prompts.
+        xt: sum_j Kx^2 Kt^2 (n,) (or (K, n)), or None without prompts.
+    """
+
+    x: Any
+    t: Any
+    xt: Any
+
+
+class Interval(NamedTuple):
+    """A point estimate with a jackknife confidence interval (floats, or arrays over sigma).
+
+    Attributes:
+        estimate: the score on all n samples.
+        low, high: the interval exp(log(estimate) -/+ z se), z the normal quantile of ``level``.
+        se_log: the jackknife standard error of log(estimate).
+        level: the coverage asked for (0.95 by default).
+    """
+
+    estimate: Any
+    low: Any
+    high: Any
+    se_log: Any
+    level: float
+
+
+class Novelty(NamedTuple):
+    """`ken_novelty`: the KEN score and the novel modes of X with respect to Y.
+
+    Attributes:
+        score: KEN = -sum_{l > 0} l log(l / L) over the positive eigenvalues l of
+            Lambda_X - eta Lambda_Y, L their sum; 0 when X brings nothing new, higher = more novel.
+        novel_mass: L, the total weight of the novel modes.
+        eigenvalues: all eigenvalues, descending (numpy float64).
+        modes: the top novel modes (positive eigenvalues) as `rkekernels.vendi.Mode`
+            (weight = eigenvalue, members = the X samples most in the mode, loadings).
+    """
+
+    score: float
+    novel_mass: float
+    eigenvalues: np.ndarray
+    modes: list[Mode]
+
+
+# --------------------------------------------------------------------------- per-sample sums
+
+
+def _centred(*mats: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [m - m.mean(0, keepdim=True) if m is not None else None for m in mats]
+
+
+def _sums(x, t, sigma, sigma_t):
+    """Validated inputs -> (n, sigmas, many, torch_out, float64 s_x (K, n), s_t, s_xt)."""
+    xt, tt, sigmas, many, st, _, torch_out = _pair(x, t, sigma, sigma_t, "torch")
+    xc, tc = _centred(xt.detach(), tt.detach() if tt is not None else None)
+    inv_t = 1.0 / (st * st) if st is not None else None
+    sx, s_t, sxt = scores_torch.row_sums(xc, tc, [1.0 / (s * s) for s in sigmas], inv_t)
+    return xt.shape[0], sigmas, many, torch_out, sx, s_t, sxt
+
+
+def sample_sums(x: Any, t: Any = None, sigma: Any = None, sigma_t: Any = None) -> SampleSums:
+    """Per-sample contributions s_i = sum_j k_s(x_i, x_j)^2, streamed in O(n) memory.
+
+    s_i is the (unnormalised) density of the mode of sample i: 1 for a sample far from all
+    others, up to n for a set of copies. sum_i s_i = F, the denominator of RKE = n^2 / F, so
+    s_i / F is sample i's share of the "crowding". With prompt embeddings also the prompt sums
+    sum_j Kt[i,j]^2 and the joint sums sum_j Kx^2 Kt^2 (conditional RKE = sum Kt^2 / sum Kx^2 Kt^2).
+
+    The tiles are those of the fused score kernels (one GEMM per tile of the upper triangle);
+    no gradient.
+
+    Args:
+        x: (n, d) samples (torch, numpy or ``__dlpack__``).
+        t: (n, m) prompt embeddings or None.
+        sigma: bandwidth(s) for x, None for the default bandwidth.
+        sigma_t: one bandwidth for t (None: its default bandwidth).
+
+    Returns:
+        SampleSums(x, t, xt): float64 tensors for torch input, numpy arrays otherwise; x and xt
+        are (n,) for one sigma, (K, n) for several.
+
+    Example:
+        >>> import numpy as np
+        >>> from rkekernels.evaluation import sample_sums
+        >>> x = np.array([[0.0], [0.0], [50.0]])  # two copies and one far sample
+        >>> sample_sums(x, sigma=1.0).x.round(6).tolist()
+        [2.0, 2.0, 1.0]
+    """
+    _, _, many, torch_out, sx, s_t, sxt = _sums(x, t, sigma, sigma_t)
+
+    def out(v):
+        if v is None:
+            return None
+        if v.dim() == 2 and not many:
+            v = v[0]
+        return v if torch_out else v.cpu().numpy()
+
+    return SampleSums(out(sx), out(s_t), out(sxt))
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def _z(level: float) -> float:
+    if not isinstance(level, int | float) or not 0.0 < float(level) < 1.0:
+        raise ValueError(f"level must be in (0, 1), e.g. 0.95; got {level!r}")
+    return NormalDist().inv_cdf(0.5 + float(level) / 2.0)
+
+
+def _jackknife(theta: torch.Tensor, loo: torch.Tensor, z: float, level: float, many: bool):
+    """theta (K,) = log estimate, loo (K, n) leave-one-out logs -> Interval (floats/arrays)."""
+    n = loo.shape[1]
+    dev = loo - loo.mean(1, keepdim=True)
+    se = torch.sqrt((n - 1) / n * (dev * dev).sum(1))
+    vals = [theta.exp(), (theta - z * se).exp(), (theta + z * se).exp(), se]
+    arrs = [v.cpu().numpy() for v in vals]
+    if not many:
+        arrs = [float(a[0]) for a in arrs]
+    return Interval(*arrs, level=float(level))
+
+
+def _need_n(n: int, unbiased: bool) -> None:
+    need = 3 if unbiased else 2
+    if n < need:
+        raise ValueError(
+            f"a jackknife interval needs n >= {need} samples (leave-one-out sets of n - 1); got {n}"
+        )
+
+
+def _off_diagonal(f: torch.Tensor, n: int, what: str, sigmas) -> torch.Tensor:
+    off = f - n
+    if bool((off <= 0).any()):
+        raise ValueError(
+            f"the unbiased estimator is undefined: every off-diagonal {what} underflows to 0 at "
+            f"sigma={sigmas}; use a larger sigma or unbiased=False"
+        )
+    return off
+
+
+def rke_interval(
+    x: Any, sigma: Any = None, *, level: float = 0.95, unbiased: bool = False
+) -> Interval:
+    """RKE with a jackknife confidence interval, in O(n) work on top of the sums.
+
+    With s_i from `sample_sums` and F = sum_i s_i, removing sample i leaves
+    F_{-i} = F - 2 s_i + 1, so every leave-one-out score costs O(1)::
+
+        plug-in  (V-statistic, the library's RKE):  theta = log(n^2 / F)
+                 theta_{-i} = log((n - 1)^2 / F_{-i})
+        unbiased (U-statistic, off-diagonal pairs): theta = log(n (n - 1) / (F - n))
+                 theta_{-i} = log((n - 1)(n - 2) / (F_{-i} - n + 1))
+        se^2 = (n - 1)/n sum_i (theta_{-i} - mean theta_{-.})^2,   CI = exp(theta -/+ z se)
+
+    The interval is on the log scale (RKE is a ratio; its log is close to normal). The unbiased
+    estimator's target is 1 / E[k(x, x')^2] over independent pairs, the population RKE; the
+    plug-in one counts the diagonal (k = 1) and so is biased low by O(1/n).
+
+    Args:
+        x: (n, d) samples, n >= 2 (n >= 3 with ``unbiased``).
+        sigma: bandwidth(s) (None: the default bandwidth); several give arrays.
+        level: the coverage, in (0, 1).
+        unbiased: use the off-diagonal (U-statistic) estimator.
+
+    Returns:
+        Interval(estimate, low, high, se_log, level): floats (numpy arrays for several sigmas).
+
+    Example:
+        >>> import numpy as np
+        >>> from rkekernels.evaluation import rke_interval
+        >>> x = np.random.default_rng(0).normal(size=(200, 2))
+        >>> ci = rke_interval(x, sigma=1.0)
+        >>> ci.low < ci.estimate < ci.high
+        True
+    """
+    z = _z(level)
+    n, sigmas, many, _, sx, _, _ = _sums(x, None, sigma, None)
+    _need_n(n, unbiased)
+    f = sx.sum(1)
+    f_loo = f[:, None] - 2.0 * sx + 1.0
+    if unbiased:
+        theta = math.log(n * (n - 1)) - torch.log(_off_diagonal(f, n, "kernel value", sigmas))
+        loo = math.log((n - 1) * (n - 2)) - torch.log((f_loo - (n - 1)).clamp_min(1e-300))
+    else:
+        theta = 2.0 * math.log(n) - torch.log(f)
+        loo = 2.0 * math.log(n - 1) - torch.log(f_loo)
+    return _jackknife(theta, loo, z, level, many)
+
+
+def cond_rke_interval(
+    x: Any,
+    t: Any,
+    sigma: Any = None,
+    sigma_t: Any = None,
+    *,
+    level: float = 0.95,
+    unbiased: bool = False,
+) -> Interval:
+    """Conditional RKE with a jackknife confidence interval, O(n) work on top of the sums.
+
+    CondRKE = F_t / F_xt with F_t = sum_ij Kt^2, F_xt = sum_ij Kx^2 Kt^2; leaving sample i out
+    gives F_{t,-i} = F_t - 2 st_i + 1 and F_{xt,-i} = F_xt - 2 sxt_i + 1 (the row sums of
+    `sample_sums`). Unbiased: (F_t - n) / (F_xt - n) (off-diagonal pairs only), and leave-one-out
+    (F_{t,-i} - n + 1) / (F_{xt,-i} - n + 1). Jackknife on the log scale as in `rke_interval`.
+
+    Args:
+        x: (n, d) samples. t: (n, m) prompt embeddings.
+        sigma, sigma_t: bandwidths (None: defaults); several sigma give arrays.
+        level, unbiased: as in `rke_interval`.
+
+    Returns:
+        Interval(estimate, low, high, se_log, level).
+
+    Example:
+        >>> import numpy as np
+        >>> from rkekernels.evaluation import cond_rke_interval
+        >>> rng = np.random.default_rng(0)
+        >>> x, t = rng.normal(size=(100, 2)), rng.normal(size=(100, 3))
+        >>> ci = cond_rke_interval(x, t, sigma=1.0, sigma_t=1.0)
+        >>> ci.low < ci.estimate < ci.high
+        True
+    """
+    if t is None:
+        raise ValueError("t is None: cond_rke_interval needs prompt embeddings t of shape (n, m)")
+    z = _z(level)
+    n, sigmas, many, _, _, s_t, sxt = _sums(x, t, sigma, sigma_t)
+    _need_n(n, unbiased)
+    ft, fxt = s_t.sum(), sxt.sum(1)
+    ft_loo = ft - 2.0 * s_t[None, :] + 1.0
+    fxt_loo = fxt[:, None] - 2.0 * sxt + 1.0
+    if unbiased:
+        num = _off_diagonal(ft.reshape(1), n, "prompt kernel value", sigma_t)
+        den = _off_diagonal(fxt, n, "joint kernel value", sigmas)
+        theta = torch.log(num) - torch.log(den)
+        m1 = n - 1
+        loo = torch.log((ft_loo - m1).clamp_min(1e-300)) - torch.log(
+            (fxt_loo - m1).clamp_min(1e-300)
+        )
+    else:
+        theta = torch.log(ft) - torch.log(fxt)
+        loo = torch.log(ft_loo) - torch.log(fxt_loo)
+    return _jackknife(theta, loo, z, level, many)
+
+
+# --------------------------------------------------------------------------- two sets
+
+
+def _two_sets(x: Any, y: Any, sigma: Any):
+    torch_out = is_torch(x)
+    xt, yt = as_tensor(x, "x"), as_tensor(y, "y")
+    check_same_device(x=xt, y=yt)
+    xt, yt = check_matrix(xt, "x"), check_matrix(yt, "y")
+    if xt.shape[1] != yt.shape[1]:
+        raise ValueError(
+            f"x and y must have the same width d: x is (n, {xt.shape[1]}), y is (m, {yt.shape[1]})"
+            " (embed both sets with the same encoder)"
+        )
+    dt = torch.promote_types(xt.dtype, yt.dtype)
+    xt, yt = xt.to(dt), yt.to(dt)
+    sigmas, many = _resolve_sigma(sigma, xt, "sigma")
+    return xt, yt, sigmas, many, torch_out
+
+
+def relative_rke(x: Any, y: Any, sigma: Any = None):
+    """Relative RKE of two sets: n m / sum_ij k_s(x_i, y_j)^2 over the n x m cross pairs.
+
+    The inverse mean squared cross similarity: about RKE(X) when X and Y come from one
+    distribution, larger when X lies away from Y (1 when X and Y are copies of one point; up to
+    overflow when they share no mode). Exact, streamed over tiles (O((n + m) d) memory). This is
+    not rke-score's nuclear-norm RRKE.
+
+    Args:
+        x: (n, d) samples (e.g. generated). y: (m, d) samples (e.g. the reference).
+        sigma: bandwidth(s); None uses the default bandwidth of x (as ``rke_score(x)``).
+
+    Returns:
+        A 0-dim tensor (1-D for several sigmas) for torch x, else a float (numpy array).
+
+    Example:
+        >>> import numpy as np
+        >>> from rkekernels.evaluation import relative_rke
+        >>> x, y = np.zeros((2, 1)), np.array([[0.0], [1.0]])
+        >>> round(relative_rke(x, y, sigma=1.0), 6)  # 4 / (2 + 2 exp(-1))
+        1.462117
+    """
+    from .metrics import cross_pair_sums  # the streamed A x B block sums
+
+    xt, yt, sigmas, many, torch_out = _two_sets(x, y, sigma)
+    centre = torch.cat([xt, yt]).detach().mean(0, keepdim=True)
+    out, _ = cross_pair_sums(
+        (xt - centre).detach(), (yt - centre).detach(), [1.0 / (s * s) for s in sigmas]
+    )
+    k = len(sigmas)
+    val = xt.shape[0] * yt.shape[0] / out[:k]
+    return to_output(val.to(xt.dtype), torch_out, many)
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def _gauss(a: torch.Tensor, b: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Dense float64 k_s(a_i, b_j) (the eigen-problems below need the matrix anyway)."""
+    na, nb = scores_torch.sq_norms(a), scores_torch.sq_norms(b)
+    negd = scores_torch.neg_sqdist(a, na, b, nb, False)
+    return negd.mul_(0.5 / (sigma * sigma)).exp_()
+
+
+def _top_modes(vals: torch.Tensor, vecs: torch.Tensor, n: int, top: int, per_mode: int):
+    """Modes from eigenpairs (descending) over the first n entries (the X samples).
+
+    Only eigenvalues above round-off (1e-12 of the largest) count. A mode's members are the
+    samples with the largest positive entries (the sign of an eigenvector is arbitrary: it is
+    chosen so that the X part sums to > 0), loadings their share of the X part's squared norm.
+    """
+    modes = []
+    tol = 1e-12 * max(1.0, float(vals.abs().max())) if vals.numel() else 0.0
+    for k in range(min(top, vals.shape[0])):
+        if float(vals[k]) <= tol:
+            break
+        v = vecs[:n, k]
+        if float(v.sum()) < 0:
+            v = -v
+        load = v * v / (v * v).sum().clamp_min(1e-300)
+        order = torch.argsort(v, descending=True)[: min(per_mode, n)]
+        order = order[v[order] > 0]
+        modes.append(Mode(float(vals[k]), order.cpu().numpy(), load[order].cpu().numpy()))
+    return modes
+
+
+def _check_counts(top: Any, per_mode: Any) -> None:
+    for name, v in (("top", top), ("per_mode", per_mode)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
+
+
+def ken_novelty(
+    x: Any,
+    y: Any,
+    sigma: Any = None,
+    *,
+    eta: float = 1.0,
+    top: int = 8,
+    per_mode: int = 16,
+) -> Novelty:
+    """KEN: the entropy of the modes of X that Y (the reference) lacks, with those modes' samples.
+
+    Zhang, Jalali, Farnia, "An Interpretable Evaluation of Entropy-based Novelty of Generative
+    Models", ICML 2024. With kernel covariances Lambda_X = (1/n) sum phi(x_i) phi(x_i)^T and
+    Lambda_Y alike, the novel modes are the eigenvectors of Lambda_X - eta Lambda_Y with positive
+    eigenvalues l > 0, and, with L = sum l::
+
+        KEN = L * H(l / L) = -sum_{l > 0} l log(l / L)
+
+    Its non-zero eigenvalues are those of the (n + m) x (n + m) matrix D G, with
+    G = [[Kxx/n, sqrt(eta/(nm)) Kxy], [sqrt(eta/(nm)) Kyx, eta Kyy/m]], D = diag(1_n, -1_m)
+    (the paper's fused matrix; a general float64 eigensolver: the route through G^(1/2) would
+    lose ~1e-8 to the square roots of G's round-off eigenvalues). The X entries of an
+    eigenvector are the projections of the samples onto that mode; a mode's samples are the X
+    rows with the largest entries. X equal to Y in
+    distribution gives KEN near 0; higher means more novel. Dense: (n + m)^2 float64.
+
+    Args:
+        x: (n, d) generated samples. y: (m, d) reference samples (same encoder).
+        sigma: one bandwidth; None: the default bandwidth of x.
+        eta: the weight of the reference (1 in the paper).
+        top: how many novel modes to return. per_mode: samples of X listed per mode.
+
+    Returns:
+        Novelty(score, novel_mass, eigenvalues, modes).
+
+    Example:
+        >>> import numpy as np
+        >>> from rkekernels.evaluation import ken_novelty
+        >>> ref = np.array([[0.0], [0.0], [100.0], [100.0]])
+        >>> gen = np.array([[0.0], [100.0], [200.0], [200.0]])  # half of it is a new mode
+        >>> nov = ken_novelty(gen, ref, sigma=1.0, top=1, per_mode=2)
+        >>> round(nov.novel_mass, 3), sorted(nov.modes[0].members.tolist())
+        (0.5, [2, 3])
+        >>> round(ken_novelty(ref, ref, sigma=1.0).score, 6)
+        0.0
+    """
+    _check_counts(top, per_mode)
+    eta = check_sigma(eta, "eta")  # a finite positive number
+    xt, yt, sigmas, many, _ = _two_sets(x, y, sigma)
+    if many and len(sigmas) > 1:
+        raise ValueError("ken_novelty takes one bandwidth sigma, not a sequence")
+    s = sigmas[0]
+    n, m = xt.shape[0], yt.shape[0]
+    both = torch.cat([xt, yt]).detach().double()
+    (bc,) = _centred(both)
+    g = _gauss(bc, bc, s)
+    scale = torch.cat(
+        [torch.full((n,), 1.0 / math.sqrt(n)), torch.full((m,), math.sqrt(eta / m))]
+    ).to(g)
+    d = torch.cat([torch.ones(n), -torch.ones(m)]).to(g)
+    fused = (d * scale)[:, None] * g * scale[None, :]  # D G
+    cvals, cvecs = torch.linalg.eig(fused)
+    # real spectrum (similar to a symmetric matrix); an eigenvector's phase is arbitrary: rotate
+    # each so that its largest entry is real, then keep the real part
+    big = cvecs.gather(0, cvecs.abs().argmax(0, keepdim=True))
+    cvecs = cvecs * (big.conj() / big.abs())
+    order = torch.argsort(cvals.real, descending=True)
+    vals, vecs = cvals.real[order], cvecs.real[:, order]
+    pos = vals[vals > 1e-12 * max(1.0, float(vals.abs().max()))]
+    mass = float(pos.sum()) if pos.numel() else 0.0
+    score = float(-(pos * torch.log(pos / mass)).sum()) if pos.numel() else 0.0
+    return Novelty(score, mass, vals.cpu().numpy(), _top_modes(vals, vecs, n, top, per_mode))
