@@ -1,0 +1,447 @@
+"""Tiny random-weight diffusers pipelines, built locally (nothing is downloaded).
+
+For the tests and the documentation examples of `rkekernels.adapters.diffusers.sparke`: each
+pipeline has the real diffusers classes with the smallest configurations that run (a few
+thousand parameters, 8x8 latents, text encoders of width 32 with 8 tokens), and tokenizers built
+from a word-level vocabulary written here. Outputs are noise; the point is the data flow.
+
+    pipe = tiny_pipeline("sd15")
+    pipe(**tiny_call_kwargs("sd15", cfg=True, seed=0))
+
+Names: see `TINY_PIPELINES`. Needs diffusers and transformers (the ``diffusers`` extra).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import torch
+
+__all__ = ["TINY_PIPELINES", "tiny_call_kwargs", "tiny_pipeline", "tiny_tokenizer"]
+
+WIDTH = 32  # text embedding width
+TOKENS = 8  # tokenizer length of the CLIP-style encoders (and max_sequence_length of T5 ones)
+WORDS = (
+    "a photo of the dog cat car red blue green on in at beach snow city painting squirrel "
+    "eating burger bad quality dance monkey tree house small big"
+).split()
+
+#: name -> diffusers pipeline class name
+TINY_PIPELINES = {
+    "sd15": "StableDiffusionPipeline",
+    "sd2": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "controlnet": "StableDiffusionControlNetPipeline",
+    "controlnet_sdxl": "StableDiffusionXLControlNetPipeline",
+    "pixart_sigma": "PixArtSigmaPipeline",
+    "pixart_alpha": "PixArtAlphaPipeline",
+    "dit": "DiTPipeline",
+    "kandinsky3": "Kandinsky3Pipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+    "cogvideox": "CogVideoXPipeline",
+}
+
+
+def tiny_tokenizer(max_length: int = TOKENS, *, bos: bool = True) -> Any:
+    """A word-level fast tokenizer: ids 0 <pad>, 1 <unk>, 2 <s>, 3 </s>, then `WORDS`.
+
+    ``bos=True`` wraps a text as ``<s> words </s>`` (CLIP style), else ``words </s>`` (T5).
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(("<pad>", "<unk>", "<s>", "</s>", *WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    single = "<s> $A </s>" if bos else "$A </s>"
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[("<s>", 2), ("</s>", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+    )
+
+
+def _vocab_size() -> int:
+    return 4 + len(WORDS)
+
+
+def _clip(projection: bool = False, hidden: int = WIDTH) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        vocab_size=_vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TOKENS,
+        projection_dim=hidden,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(cfg).eval()
+
+
+def _t5() -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(
+        vocab_size=_vocab_size(),
+        d_model=WIDTH,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=3,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(cfg).eval()
+
+
+def _vae(latent_channels: int = 4, blocks: int = 2, **kw: Any) -> Any:
+    from diffusers import AutoencoderKL
+
+    ch = (8, 16)[:blocks] if blocks <= 2 else (8,) * blocks
+    return AutoencoderKL(
+        block_out_channels=ch,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * blocks,
+        up_block_types=["UpDecoderBlock2D"] * blocks,
+        latent_channels=latent_channels,
+        norm_num_groups=4 if blocks > 1 or ch[0] % 4 == 0 else 1,
+        layers_per_block=1,
+        **kw,
+    ).eval()
+
+
+def _unet(cross: int, sdxl: bool = False, v2: bool = False) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    kw: dict[str, Any] = {}
+    if sdxl:
+        kw = dict(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=8 * 6 + WIDTH,
+            transformer_layers_per_block=(1, 1),
+        )
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross,
+        norm_num_groups=4,
+        attention_head_dim=(2, 4) if v2 else 4,
+        use_linear_projection=v2 or sdxl,
+        **kw,
+    ).eval()
+
+
+def _ddim(**kw: Any) -> Any:
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        **kw,
+    )
+
+
+def _build(name: str) -> Any:
+    import diffusers as d
+
+    torch.manual_seed(0)
+    if name in ("sd15", "sd2", "controlnet"):
+        parts = dict(
+            vae=_vae(),
+            text_encoder=_clip(),
+            tokenizer=tiny_tokenizer(),
+            unet=_unet(WIDTH, v2=name == "sd2"),
+            scheduler=_ddim(prediction_type="v_prediction" if name == "sd2" else "epsilon"),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        if name == "controlnet":
+            parts["controlnet"] = _controlnet(WIDTH)
+            return d.StableDiffusionControlNetPipeline(**parts)
+        return d.StableDiffusionPipeline(**parts)
+    if name in ("sdxl", "controlnet_sdxl"):
+        parts = dict(
+            vae=_vae(),
+            text_encoder=_clip(hidden=WIDTH // 2),
+            text_encoder_2=_clip(projection=True, hidden=WIDTH),
+            tokenizer=tiny_tokenizer(),
+            tokenizer_2=tiny_tokenizer(),
+            unet=_unet(WIDTH + WIDTH // 2, sdxl=True),
+            scheduler=_ddim(),
+        )
+        if name == "controlnet_sdxl":
+            parts["controlnet"] = _controlnet(WIDTH + WIDTH // 2, sdxl=True)
+            return d.StableDiffusionXLControlNetPipeline(**parts)
+        return d.StableDiffusionXLPipeline(**parts)
+    if name in ("pixart_sigma", "pixart_alpha"):
+        transformer = d.PixArtTransformer2DModel(
+            sample_size=8,
+            num_layers=1,
+            patch_size=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            caption_channels=WIDTH,
+            in_channels=4,
+            cross_attention_dim=16,
+            out_channels=8,
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+        ).eval()
+        cls = d.PixArtSigmaPipeline if name == "pixart_sigma" else d.PixArtAlphaPipeline
+        return cls(
+            tokenizer=tiny_tokenizer(bos=False),
+            text_encoder=_t5(),
+            vae=_vae(),
+            transformer=transformer,
+            scheduler=_ddim(),
+        )
+    if name == "dit":
+        transformer = d.Transformer2DModel(
+            sample_size=8,
+            num_layers=1,
+            patch_size=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            in_channels=4,
+            out_channels=8,
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_zero",
+            norm_elementwise_affine=False,
+        ).eval()
+        return d.DiTPipeline(transformer=transformer, vae=_vae(), scheduler=_ddim())
+    if name == "kandinsky3":
+        unet = d.Kandinsky3UNet(
+            in_channels=4,
+            time_embedding_dim=4,
+            groups=2,
+            attention_head_dim=4,
+            layers_per_block=3,
+            block_out_channels=(32, 64),
+            cross_attention_dim=4,
+            encoder_hid_dim=WIDTH,
+        ).eval()
+        movq = d.VQModel(
+            block_out_channels=[32, 64],
+            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            in_channels=3,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            norm_type="spatial",
+            num_vq_embeddings=12,
+            out_channels=3,
+            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+            vq_embed_dim=4,
+        ).eval()
+        scheduler = d.DDPMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            steps_offset=1,
+            beta_schedule="squaredcos_cap_v2",
+            clip_sample=True,
+            thresholding=False,
+        )
+        return d.Kandinsky3Pipeline(
+            tokenizer=tiny_tokenizer(bos=False),
+            text_encoder=_t5(),
+            unet=unet,
+            scheduler=scheduler,
+            movq=movq,
+        )
+    if name == "sd3":
+        transformer = d.SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            caption_projection_dim=16,
+            joint_attention_dim=WIDTH,
+            pooled_projection_dim=2 * WIDTH,
+            out_channels=4,
+        ).eval()
+        return d.StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=d.FlowMatchEulerDiscreteScheduler(),
+            vae=_vae(blocks=1, use_quant_conv=False, use_post_quant_conv=False),
+            text_encoder=_clip(projection=True),
+            tokenizer=tiny_tokenizer(),
+            text_encoder_2=_clip(projection=True),
+            tokenizer_2=tiny_tokenizer(),
+            text_encoder_3=_t5(),
+            tokenizer_3=tiny_tokenizer(bos=False),
+        )
+    if name == "flux":
+        transformer = d.FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=WIDTH,
+            pooled_projection_dim=WIDTH,
+            axes_dims_rope=[4, 4, 8],
+        ).eval()
+        return d.FluxPipeline(
+            scheduler=d.FlowMatchEulerDiscreteScheduler(),
+            vae=_vae(latent_channels=1, blocks=1, use_quant_conv=False, use_post_quant_conv=False),
+            text_encoder=_clip(),
+            tokenizer=tiny_tokenizer(),
+            text_encoder_2=_t5(),
+            tokenizer_2=tiny_tokenizer(bos=False),
+            transformer=transformer,
+            image_encoder=None,
+            feature_extractor=None,
+        )
+    if name == "cogvideox":
+        transformer = d.CogVideoXTransformer3DModel(
+            num_attention_heads=4,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=4,
+            time_embed_dim=2,
+            text_embed_dim=WIDTH,
+            num_layers=1,
+            sample_width=2,
+            sample_height=2,
+            sample_frames=9,
+            patch_size=2,
+            temporal_compression_ratio=4,
+            max_text_seq_length=TOKENS,
+        ).eval()
+        vae = d.AutoencoderKLCogVideoX(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("CogVideoXDownBlock3D",) * 4,
+            up_block_types=("CogVideoXUpBlock3D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=2,
+            temporal_compression_ratio=4,
+        ).eval()
+        return d.CogVideoXPipeline(
+            tokenizer=tiny_tokenizer(bos=False),
+            text_encoder=_t5(),
+            vae=vae,
+            transformer=transformer,
+            scheduler=_ddim(),
+        )
+    raise ValueError(f"unknown tiny pipeline {name!r}; known: {sorted(TINY_PIPELINES)}")
+
+
+def _controlnet(cross: int, sdxl: bool = False) -> Any:
+    from diffusers import ControlNetModel
+
+    kw: dict[str, Any] = {}
+    if sdxl:
+        kw = dict(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=8 * 6 + WIDTH,
+            transformer_layers_per_block=(1, 1),
+            use_linear_projection=True,
+        )
+    return ControlNetModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        in_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        cross_attention_dim=cross,
+        conditioning_embedding_out_channels=(4, 8),
+        norm_num_groups=4,
+        attention_head_dim=4,
+        **kw,
+    ).eval()
+
+
+@cache
+def tiny_pipeline(name: str) -> Any:
+    """The tiny pipeline ``name`` (one of `TINY_PIPELINES`), built once per process.
+
+    Random weights from ``torch.manual_seed(0)``; progress bars off.
+
+    Example:
+        >>> from rkekernels.adapters._tiny import tiny_pipeline
+        >>> type(tiny_pipeline("dit")).__name__
+        'DiTPipeline'
+    """
+    pipe = _build(name)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_call_kwargs(
+    name: str, *, cfg: bool = False, seed: int = 0, prompts: Any = None, steps: int = 2
+) -> dict[str, Any]:
+    """Keyword arguments for one call of ``tiny_pipeline(name)``: 2 images, ``steps`` steps.
+
+    ``cfg`` turns classifier-free guidance on (Flux: true CFG with a negative prompt; DiT:
+    guidance_scale 4). Latents are returned (``output_type="latent"``); override it to decode.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if prompts is None:
+        prompts = ["a photo of a dog", "a red car in the snow"]
+    kw: dict[str, Any] = dict(num_inference_steps=steps, generator=g, output_type="latent")
+    if name == "dit":
+        kw.update(class_labels=[1, 2], guidance_scale=4.0 if cfg else 1.0, output_type="np")
+        return kw
+    kw["prompt"] = list(prompts)
+    scale = 5.0 if cfg else 1.0
+    if name == "flux":
+        kw.update(height=8, width=8, max_sequence_length=TOKENS, guidance_scale=3.5)
+        if cfg:
+            kw.update(negative_prompt=["bad quality"] * len(prompts), true_cfg_scale=2.0)
+        return kw
+    kw["guidance_scale"] = scale
+    if name in ("pixart_sigma", "pixart_alpha"):
+        kw.update(height=16, width=16, max_sequence_length=TOKENS)
+        kw.update(use_resolution_binning=False, clean_caption=False)
+    elif name == "sd3":
+        kw.update(height=8, width=8, max_sequence_length=TOKENS)
+    elif name == "kandinsky3":  # the pipeline downscales by 8 whatever the movq
+        kw.update(height=16, width=16)
+    elif name == "cogvideox":
+        kw.update(height=16, width=16, num_frames=5, max_sequence_length=TOKENS)
+    else:
+        kw.update(height=16, width=16)
+    if name.startswith("controlnet"):
+        kw["image"] = torch.zeros(len(prompts), 3, 16, 16)
+    return kw

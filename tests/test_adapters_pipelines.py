@@ -1,0 +1,277 @@
+"""`sparke(pipe, guidance)` in every supported diffusers pipeline, built tiny and locally
+(`rkekernels.adapters._tiny`: random weights, 2 steps, 8x8 latents or smaller; nothing is
+downloaded), in the three modes: (a) unconditional, (b) prompt-aware with cond pooled from the
+pipeline's prompt embeddings, (c) (b) plus classifier-free guidance."""
+
+import inspect
+
+import pytest
+import torch
+
+from rkekernels import DiversityGuidance, features
+from rkekernels.adapters._tiny import TINY_PIPELINES, TOKENS, tiny_call_kwargs, tiny_pipeline
+from rkekernels.adapters.diffusers import SparkeError, sparke, sparke_callback
+
+B = 2
+SLOW = {"kandinsky3", "controlnet", "controlnet_sdxl"}  # > ~1.5 s for the three modes
+ROUTE = {
+    "pixart_sigma": "scheduler.step",
+    "pixart_alpha": "scheduler.step",
+    "dit": "scheduler.step",
+}
+SOURCE = {
+    "sd15": "encoder_hidden_states (tokenizer mask)",
+    "sd2": "encoder_hidden_states (tokenizer mask)",
+    "controlnet": "encoder_hidden_states (tokenizer mask)",
+    "cogvideox": "encoder_hidden_states (tokenizer mask)",
+    "sdxl": "added_cond_kwargs['text_embeds']",
+    "controlnet_sdxl": "added_cond_kwargs['text_embeds']",
+    "sd3": "pooled_projections",
+    "flux": "pooled_projections",
+    "pixart_sigma": "encoder_hidden_states (encoder_attention_mask)",
+    "pixart_alpha": "encoder_hidden_states (encoder_attention_mask)",
+    "kandinsky3": "encoder_hidden_states (encoder_attention_mask)",
+    "dit": "class_labels",
+}
+PROMPTS = ["a photo of a dog", "a red car in the snow"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _unit(x):
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def _masked_mean(e, mask):
+    m = mask.to(e)[..., None]
+    return (e * m).sum(1) / m.sum(1)
+
+
+def expected_cond(name, pipe):
+    """The documented pooling, computed from the pipeline's own encode_prompt."""
+    if name == "dit":
+        return torch.nn.functional.one_hot(torch.tensor([1, 2]), 1000).float()
+    kw = {"do_classifier_free_guidance": False}
+    if name in ("sd15", "sd2", "controlnet", "cogvideox"):
+        if name == "cogvideox":
+            pe, _ = pipe.encode_prompt(PROMPTS, max_sequence_length=TOKENS, **kw)
+        else:
+            pe, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False)
+        mask = pipe.tokenizer(PROMPTS, padding="max_length", max_length=TOKENS).attention_mask
+        mask = torch.tensor(mask)
+        assert (mask == 0).any()  # some padding, so the mask matters
+        return _unit(_masked_mean(pe.float(), mask))
+    if name in ("sdxl", "controlnet_sdxl"):
+        return _unit(pipe.encode_prompt(PROMPTS, device="cpu", **kw)[2].float())
+    if name == "sd3":
+        return _unit(pipe.encode_prompt(PROMPTS, None, None, max_sequence_length=TOKENS, **kw)[2])
+    if name == "flux":
+        return _unit(pipe.encode_prompt(PROMPTS, None, max_sequence_length=TOKENS)[1].float())
+    if name.startswith("pixart"):
+        pe, mask, _, _ = pipe.encode_prompt(
+            PROMPTS, max_sequence_length=TOKENS, clean_caption=False, **kw
+        )
+        return _unit(_masked_mean(pe.float(), mask))
+    if name == "kandinsky3":
+        pe, _, mask, _ = pipe.encode_prompt(PROMPTS, **kw)
+        return _unit(_masked_mean(pe.float(), mask))
+    raise AssertionError(name)
+
+
+def _latents(out):
+    """The latents (or, for DiT, the decoded images) a call returned."""
+    x = out.frames if hasattr(out, "frames") else out.images
+    return torch.as_tensor(x).float()
+
+
+def _cases():
+    for name in TINY_PIPELINES:
+        for mode in ("a", "b", "c"):
+            marks = [pytest.mark.slow] if name in SLOW else []
+            yield pytest.param(name, mode, id=f"{name}-{mode}", marks=marks)
+
+
+@pytest.mark.parametrize(("name", "mode"), list(_cases()))
+def test_sparke_in_every_pipeline(name, mode):
+    pipe = tiny_pipeline(name)
+    cls = type(pipe)
+    cfg = mode == "c"
+    guide = DiversityGuidance(1.0, sigma_cond=None if mode == "a" else 0.5, scale=0.2)
+    outs = []
+    with sparke(pipe, guide) as session:
+        for seed in range(2):
+            outs.append(_latents(pipe(**tiny_call_kwargs(name, cfg=cfg, seed=seed))))
+            assert len(guide.bank) == B * (seed + 1)  # the bank grows by the batch every call
+            assert session.steps == 2
+    assert session.route == ROUTE.get(name, "callback_on_step_end")
+    plain = _latents(pipe(**tiny_call_kwargs(name, cfg=cfg, seed=1)))  # outside: unguided
+    assert torch.isfinite(outs[1]).all()
+    for a in range(B):  # every image of the second call moved
+        assert (outs[1][a] - plain[a]).abs().max() > 1e-3
+    if name != "dit":  # DiT returns decoded images; the others their final latents
+        assert torch.allclose(guide.bank.features[B:], features(outs[1]), atol=1e-5)
+    if mode == "a":
+        assert guide.bank.cond is None and session.cond_source is None
+    else:
+        assert session.cond_source == SOURCE[name]
+        want = expected_cond(name, pipe)
+        assert torch.allclose(guide.bank.cond, torch.cat([want, want]), atol=1e-5)
+    # nothing is left behind
+    assert type(pipe) is cls
+    assert "step" not in vars(pipe.scheduler)
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    assert not denoiser._forward_pre_hooks
+
+
+def test_dit_cfg_keeps_the_doubled_batch_consistent():
+    pipe = tiny_pipeline("dit")
+    seen = []
+    guide = DiversityGuidance(1.0, sigma_cond=0.5, scale=0.3)
+    guide.commit(torch.randn(B, 4, 8, 8), cond=torch.eye(1000)[:B])
+    orig = type(pipe.scheduler).step
+
+    def spy(self, model_output, t, sample, **kw):
+        seen.append(sample.clone())  # the doubled batch the scheduler gets at each step
+        return orig(self, model_output, t, sample, **kw)
+
+    pipe.scheduler.step = spy.__get__(pipe.scheduler)
+    try:
+        with sparke(pipe, guide):
+            pipe(**tiny_call_kwargs("dit", cfg=True))
+    finally:
+        del pipe.scheduler.step
+    assert len(seen) == 2 and all(s.shape[0] == 2 * B for s in seen)
+    for s in seen[1:]:  # after the first guided step both halves are the same guided latents
+        assert torch.equal(s[:B], s[B:])
+    assert len(guide.bank) == 2 * B
+
+
+def test_scale_zero_and_empty_schedule_are_not_errors():
+    pipe = tiny_pipeline("pixart_sigma")
+    plain = _latents(pipe(**tiny_call_kwargs("pixart_sigma")))
+    for guide in (
+        DiversityGuidance(1.0, scale=0.0),
+        DiversityGuidance(1.0, scale=0.2, start=0.9, stop=0.95),  # selects none of 2 steps
+    ):
+        guide.commit(torch.randn(B, 4, 8, 8))
+        with sparke(pipe, guide):
+            out = _latents(pipe(**tiny_call_kwargs("pixart_sigma")))
+        assert torch.equal(out, plain) and len(guide.bank) == 2 * B
+
+
+class _Loopless:
+    """A pipeline whose loop steps no scheduler SPARKE can see."""
+
+    def __init__(self):
+        from diffusers import DDIMScheduler
+
+        self.scheduler = DDIMScheduler()
+
+    def __call__(self, n=2):
+        return "done"
+
+
+class _Forgetful(_Loopless):
+    """Takes callback_on_step_end, steps its scheduler, never calls the callback."""
+
+    def __call__(self, n=2, callback_on_step_end=None):
+        self.scheduler.set_timesteps(n)
+        for t in self.scheduler.timesteps:
+            self.scheduler.step(torch.zeros(1, 2), t, torch.ones(1, 2))
+        return "done"
+
+
+def test_a_call_that_never_reaches_the_hook_raises():
+    with sparke(_Loopless(), DiversityGuidance(1.0)) as s:
+        assert s.route == "scheduler.step"
+        with pytest.raises(SparkeError, match=r"no callback_on_step_end and never called"):
+            type(s.pipe).__call__(s.pipe)
+        with pytest.raises(SparkeError, match="guide the loop yourself"):
+            s.pipe()
+    pipe = _Forgetful()
+    guide = DiversityGuidance(1.0)
+    with sparke(pipe, guide), pytest.raises(SparkeError, match=r"never called it .*2 times"):
+        pipe()
+    assert len(guide.bank) == 0 and guide.calls == 0
+    assert type(pipe) is _Forgetful and "step" not in vars(pipe.scheduler)
+
+
+def test_everything_is_restored_after_an_exception():
+    pipe = tiny_pipeline("sd15")
+    cls, call = type(pipe), type(pipe).__call__
+    guide = DiversityGuidance(1.0, sigma_cond=0.5, scale=0.2)
+    with pytest.raises(ValueError, match="height"), sparke(pipe, guide):
+        pipe(**{**tiny_call_kwargs("sd15"), "height": 13})  # diffusers rejects it
+    assert type(pipe) is cls and cls.__call__ is call
+    assert "step" not in vars(pipe.scheduler) and not pipe.unet._forward_pre_hooks
+    assert len(guide.bank) == 0
+    with pytest.raises(KeyError, match="inside"), sparke(pipe, guide):
+        raise KeyError("inside")
+    assert type(pipe) is cls
+
+
+def test_sparke_bad_input_and_nesting():
+    pipe = tiny_pipeline("dit")
+    with pytest.raises(TypeError, match="guidance must be"):
+        with sparke(pipe, "guide"):
+            pass
+    with pytest.raises(ValueError, match="sigma_cond is None"):
+        with sparke(pipe, DiversityGuidance(1.0), cond=torch.zeros(2, 3)):
+            pass
+    with pytest.raises(TypeError, match="with a scheduler"):
+        with sparke(object(), DiversityGuidance(1.0)):
+            pass
+    with sparke(pipe, DiversityGuidance(1.0)), pytest.raises(ValueError, match="already inside"):
+        with sparke(pipe, DiversityGuidance(1.0)):
+            pass
+    assert type(pipe).__name__ == "DiTPipeline"
+
+
+def test_explicit_cond_and_a_user_callback_inside_sparke():
+    pipe = tiny_pipeline("flux")
+    cond = torch.randn(B, 6, generator=torch.Generator().manual_seed(3))
+    guide = DiversityGuidance(1.0, sigma_cond=0.5, scale=0.2)
+    seen = []
+
+    def mine(p, i, t, kw):
+        seen.append(sorted(kw))
+        return kw
+
+    with sparke(pipe, guide, cond=cond) as s:
+        pipe(
+            **tiny_call_kwargs("flux"),
+            callback_on_step_end=mine,
+            callback_on_step_end_tensor_inputs=["prompt_embeds"],
+        )
+    assert s.cond_source == "cond" and torch.equal(guide.bank.cond, cond)
+    assert seen == [["latents", "prompt_embeds"]] * 2  # ran after the guidance, got its tensors
+
+
+def test_sparke_callback_names_the_missing_tensor_input():
+    pipe = tiny_pipeline("flux")  # reads callback_on_step_end_tensor_inputs, not tensor_inputs
+    assert "callback_on_step_end_tensor_inputs" in inspect.signature(type(pipe).__call__).parameters
+    guide = DiversityGuidance(1.0, sigma_cond=0.5, scale=0.2)
+    cb = sparke_callback(guide)
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs=\['latents', 'pro"):
+        pipe(**tiny_call_kwargs("flux"), callback_on_step_end=cb)
+    pipe(
+        **tiny_call_kwargs("flux"),
+        callback_on_step_end=cb,
+        callback_on_step_end_tensor_inputs=cb.tensor_inputs,
+    )
+    assert len(guide.bank) == B and guide.bank.cond.shape == (B, 32)
+
+
+def test_sparke_callback_prefers_the_pooled_embedding():
+    pipe = tiny_pipeline("sd3")
+    guide = DiversityGuidance(1.0, sigma_cond=0.5, scale=0.2)
+    cb = sparke_callback(guide, pooled="pooled_prompt_embeds")
+    assert cb.tensor_inputs == ["latents", "pooled_prompt_embeds"]
+    pipe(**tiny_call_kwargs("sd3", cfg=True), callback_on_step_end=cb)  # SD3 reads tensor_inputs
+    assert torch.allclose(guide.bank.cond, expected_cond("sd3", pipe), atol=1e-5)
