@@ -275,3 +275,21 @@ def test_sparke_callback_prefers_the_pooled_embedding():
     assert cb.tensor_inputs == ["latents", "pooled_prompt_embeds"]
     pipe(**tiny_call_kwargs("sd3", cfg=True), callback_on_step_end=cb)  # SD3 reads tensor_inputs
     assert torch.allclose(guide.bank.cond, expected_cond("sd3", pipe), atol=1e-5)
+
+
+def test_the_docs_example_prints_the_support_table(capsys):
+    """examples/diffusers_pipelines.py (the docs' table) runs on the shared tiny builders."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "diffusers_pipelines.py"
+    spec = importlib.util.spec_from_file_location("diffusers_pipelines", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main(["dit"])
+    assert [r["bank"] for r in rows] == [[2, 4]] * 3
+    assert all(r["change"] > 1e-3 for r in rows)
+    assert (
+        "| DiTPipeline (dit) | c | scheduler.step | class_labels | 2 -> 4 |"
+        in capsys.readouterr().out
+    )
