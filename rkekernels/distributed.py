@@ -58,7 +58,7 @@ from ._input import (
     to_output,
 )
 from .guidance import FeatureBank
-from .ops.pair_sums import backend_module
+from .ops.pair_sums import backend_module, inv_sq
 from .scores import RKEEntropies, _median_from_tensor, entropies_from_sums
 
 __all__ = [
@@ -331,8 +331,9 @@ def _global_pair_sums(x_local, t_local, sigma, sigma_t, group, with_t, want_fx, 
     xc.sub_(xc.mean(0, keepdim=True))  # the GLOBAL mean: the same centring on every rank
     if tc is not None:
         tc.sub_(tc.mean(0, keepdim=True))
-    inv_sx2 = tuple(1.0 / (s * s) for s in sigmas)
-    inv_st2 = 1.0 / (st * st) if st is not None else None
+    # 1/sigma^2 clamped to the dtype's range: no ZeroDivisionError or inf * 0 at tiny sigma
+    inv_sx2 = inv_sq(sigmas, 1.0, dtype)
+    inv_st2 = inv_sq([st], 1.0, dtype)[0] if st is not None else None
     with torch.no_grad():
         fx, ft, fxt = backend_module(backend).forward_sums(
             xc, tc, inv_sx2, inv_st2, want_fx, shard=(rank, world)

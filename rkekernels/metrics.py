@@ -34,6 +34,7 @@ import torch
 
 from ._input import as_tensor, check_finite, check_same_device, check_sigma, check_sigmas
 from .ops import scores_torch
+from .ops.pair_sums import inv_sq
 from .ops.scores_torch import neg_sqdist
 from .scores import RKEEntropies, entropies_from_sums
 
@@ -163,8 +164,10 @@ class _Stream:
         ):
             raise ValueError("sigma_t must be a single bandwidth; several bandwidths go in sigma")
         self.sigma_t = check_sigma(sigma_t, "sigma_t") if sigma_t is not None else None
-        self.inv_sx2 = tuple(1.0 / (s * s) for s in self.sigmas)
-        self.inv_st2 = 1.0 / (self.sigma_t**2) if self.sigma_t is not None else None
+        # 1/sigma^2 clamped to float32's range (safe for float32 and float64 batches): no
+        # ZeroDivisionError, and no inf * 0 = NaN on the diagonal at a tiny bandwidth
+        self.inv_sx2 = inv_sq(self.sigmas, 1.0, torch.float32)
+        self.inv_st2 = inv_sq([self.sigma_t], 1.0, torch.float32)[0] if self.sigma_t else None
         self.K = len(self.sigmas)
 
     def zeros(self, device: Any = None) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ._input import (
     is_torch,
     to_output,
 )
-from .ops.pair_sums import pair_sums
+from .ops.pair_sums import pair_sums, prepare
 
 __all__ = ["RKEEntropies", "cond_rke_score", "median_bandwidth", "rke_entropies", "rke_score"]
 
@@ -60,18 +60,18 @@ def _median_from_tensor(x: torch.Tensor) -> float:
         gen = torch.Generator().manual_seed(0)
         idx = torch.randperm(n, generator=gen)[:_MEDIAN_ROWS].to(x.device)
         xs = xs.index_select(0, idx)
-    xs = xs.double()
-    xs = xs - xs.mean(0, keepdim=True)
+    # power-of-two scaling and anchored centring (exact; no overflow near the float64 limit)
+    xs, scale = prepare(xs.double())
     m = xs.shape[0]
     iu = torch.triu_indices(m, m, offset=1, device=xs.device)
     nrm = (xs * xs).sum(1)
     d2 = (nrm[:, None] + nrm[None, :] - 2.0 * xs @ xs.t()).clamp_(min=0.0)[iu[0], iu[1]]
     med = float(torch.quantile(d2.sqrt(), 0.5))  # at most 499,500 pairs
     if med > 0.0:
-        return med
+        return med * scale
     pos = d2[d2 > 0]
     if pos.numel():  # more than half the pairs coincide: fall back to the mean positive distance
-        return float(pos.sqrt().mean())
+        return float(pos.sqrt().mean()) * scale
     return 1.0  # all points equal: every bandwidth gives the same score
 
 

@@ -6,15 +6,43 @@ Scores are then plain torch expressions of these float64 sums (RKE = n^2 / F_x, 
 composes log, division and the caller's graph for free; only the sums need a custom backward.
 Both backends (``ops.scores_torch`` and ``ops.scores_triton``) implement the same two functions,
 ``forward_sums`` and ``backward_grads``; this module dispatches between them.
+
+Scale folding (finite for every finite input and every bandwidth). The sums are invariant under
+x -> x / a, sigma -> sigma / a. Before the kernels the data is divided by a power of two
+a >= max |x_ij| (exact: no rounding), and the kernels get c_k = (a / sigma_k)^2 computed in
+float64 and clamped to `C_MAX` of the working dtype (so ``c * 0`` on the diagonal is 0, never
+inf * 0 = NaN, and ``1 / sigma^2`` never divides by zero). Far beyond the clamp every pair at a
+positive distance already has k^2 = 0 to working precision, so the clamp changes nothing that
+the dtype can represent. Huge coordinates (float32 near 3e38, float64 near 1e300) then give the
+scores of the same points scaled down with the bandwidth, and the gradient is scaled back by 1/a.
+
+Centring is anchored at the first row: ``(x - x_0) - mean(x - x_0)``, so a set of equal points
+becomes exactly zero (its score is 1 at any bandwidth), where ``x - mean(x)`` would leave the
+rounding of the mean, which a tiny bandwidth magnifies.
+
+Second derivatives are refused: the Function is differentiable once. Under ``create_graph=True``
+its gradients carry a node whose backward raises a RuntimeError ("differentiable once"), so a
+Hessian-vector product or a double backward fails loudly instead of returning a wrong number;
+the dense float64 `rkekernels.reference` has derivatives of all orders.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
 
-__all__ = ["backend_module", "pair_sums"]
+__all__ = ["C_MAX", "backend_module", "inv_sq", "pair_sums", "prepare", "scale_of"]
+
+#: Largest c = 1/sigma^2 (in units of the scaled data) handed to the kernels, per working dtype:
+#: finfo.max / 64 leaves room for the log2(e) factor of the Triton kernels and the 4 c factor of
+#: the gradient weights. exp(-c D) with D > 0 is 0 long before it (D >= the smallest normal).
+C_MAX = {
+    torch.float32: float(torch.finfo(torch.float32).max) / 64.0,
+    torch.float64: float(torch.finfo(torch.float64).max) / 64.0,
+}
 
 
 def backend_module(backend: str) -> ModuleType:
@@ -28,31 +56,78 @@ def backend_module(backend: str) -> ModuleType:
     return scores_torch
 
 
+def scale_of(x: torch.Tensor) -> float:
+    """The smallest power of two >= max |x_ij| (1.0 for all zeros): dividing by it is exact.
+
+    Kept within 2^-120 .. 2^127 (float32) or 2^-1000 .. 2^1023 (float64): 1/a is a normal
+    number of the dtype (subnormal data, below that, has few digits to lose anyway) and
+    max |x / a| <= 2.
+    """
+    top = float(torch.linalg.vector_norm(x.detach(), math.inf)) if x.numel() else 0.0
+    if top == 0.0 or not math.isfinite(top):
+        return 1.0
+    low, high = (-1000, 1023) if x.dtype == torch.float64 else (-120, 127)
+    return math.ldexp(1.0, min(max(math.frexp(top)[1], low), high))
+
+
+def prepare(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(centred rows of x / a, a): a = `scale_of` (x), centring anchored at the first row.
+
+    Every entry of the result is at most 2 in magnitude, so squared norms and distances cannot
+    overflow; equal rows of x give exactly equal rows (all rows equal: exactly zero).
+    """
+    a = scale_of(x)
+    xs = x.detach() * (1.0 / a)  # a copy (never the caller's tensor), exact
+    xs.sub_(xs[:1].clone())
+    xs.sub_(xs.mean(0, keepdim=True))
+    return xs, a
+
+
+def inv_sq(sigmas: Sequence[float], scale: float, dtype: torch.dtype) -> tuple[float, ...]:
+    """c_k = (scale / sigma_k)^2 in float64, clamped to [finfo.tiny, `C_MAX`] of ``dtype``."""
+    dt = torch.float64 if dtype == torch.float64 else torch.float32
+    cap, tiny = C_MAX[dt], float(torch.finfo(dt).tiny)
+    out = []
+    for s in sigmas:
+        r = scale / s  # a float division: inf past the float64 range, never ZeroDivisionError
+        # at least the smallest normal number: a c that rounds to 0 in the working dtype would
+        # give inf * 0 = NaN on the kernels' masked entries (D = inf)
+        out.append(min(max(r * r, tiny), cap))
+    return tuple(out)
+
+
 _EMPTY = torch.empty(0, dtype=torch.float64)
+
+
+def _work(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class _PairSums(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, t, backend, inv_sx2, inv_st2, want_fx):
+    def forward(ctx, x, t, backend, sigmas, sigma_t, want_fx):
         impl = backend_module(backend)
         # the Triton precision mode in force now is the one the backward must use too
         prec = impl.get_precision() if backend == "triton" else None
         kw = {"precision": prec} if prec is not None else {}
         # centring: the kernel is translation invariant, so the gradient w.r.t. the centred data
-        # equals the gradient w.r.t. the data (the centring Jacobian kills a zero-sum vector)
-        xc = x - x.mean(0, keepdim=True)
-        tc = t - t.mean(0, keepdim=True) if t is not None else None
+        # equals the gradient w.r.t. the data (the centring Jacobian kills a zero-sum vector);
+        # scaling by a with sigma / a leaves the sums unchanged, the gradient gets a factor 1/a
+        xc, ax = prepare(x)
+        tc, at = prepare(t) if t is not None else (None, 1.0)
+        inv_sx2 = inv_sq(sigmas, ax, _work(x))
+        inv_st2 = inv_sq([sigma_t], at, _work(t))[0] if t is not None else None
         fx, ft, fxt = impl.forward_sums(xc, tc, inv_sx2, inv_st2, want_fx, **kw)
-        ctx.save_for_backward(xc, tc if tc is not None else _EMPTY)
-        ctx.meta = (backend, inv_sx2, inv_st2, t is not None, kw)
+        ctx.save_for_backward(xc, tc if tc is not None else _EMPTY, x, t if t is not None else x)
+        ctx.meta = (backend, inv_sx2, inv_st2, t is not None, kw, ax, at)
         ctx.set_materialize_grads(False)
         out = [v if v is not None else _EMPTY.to(x.device) for v in (fx, ft, fxt)]
         return tuple(out)
 
     @staticmethod
     def backward(ctx, *grads):
-        backend, inv_sx2, inv_st2, has_t, kw = ctx.meta
-        xc, tc = ctx.saved_tensors
+        backend, inv_sx2, inv_st2, has_t, kw, ax, at = ctx.meta
+        xc, tc, x, t = ctx.saved_tensors
         tc = tc if has_t else None
         need_x = ctx.needs_input_grad[0]
         need_t = has_t and ctx.needs_input_grad[1]
@@ -61,10 +136,30 @@ class _PairSums(torch.autograd.Function):
         if (g_fx is None and g_ft is None and g_fxt is None) or not (need_x or need_t):
             return None, None, None, None, None, None
         impl = backend_module(backend)
-        gx, gt = impl.backward_grads(
-            xc, tc, inv_sx2, inv_st2, g_fx, g_ft, g_fxt, need_x=need_x, need_t=need_t, **kw
-        )
+        with torch.no_grad():
+            gx, gt = impl.backward_grads(
+                xc, tc, inv_sx2, inv_st2, g_fx, g_ft, g_fxt, need_x=need_x, need_t=need_t,
+                scale_x=1.0 / ax, scale_t=1.0 / at, **kw,
+            )  # fmt: skip
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative may follow
+            gx, gt = _Once.apply(gx, gt, x, t if has_t else None, *grads)
         return gx, gt, None, None, None, None
+
+
+class _Once(torch.autograd.Function):
+    """Passes the gradients through; differentiating them again raises a clear error."""
+
+    @staticmethod
+    def forward(ctx, gx, gt, *inputs):
+        return (gx.clone() if gx is not None else None, gt.clone() if gt is not None else None)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "rkekernels scores are differentiable once: second derivatives (a double backward, "
+            "a Hessian-vector product, gradgradcheck) are not supported; use the dense float64 "
+            "rkekernels.reference functions for them"
+        )
 
 
 def pair_sums(
@@ -77,9 +172,7 @@ def pair_sums(
     backend: str = "torch",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(F_x (K,), F_t (), F_xt (K,)) float64 with autograd; inputs are validated already."""
-    inv_sx2 = tuple(1.0 / (s * s) for s in sigmas)
-    inv_st2 = 1.0 / (sigma_t * sigma_t) if sigma_t is not None else None
-    fx, ft, fxt = _PairSums.apply(x, t, backend, inv_sx2, inv_st2, want_fx)
+    fx, ft, fxt = _PairSums.apply(x, t, backend, tuple(sigmas), sigma_t, want_fx)
     return (
         fx if want_fx else None,
         ft if t is not None else None,

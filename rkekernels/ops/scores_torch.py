@@ -26,6 +26,7 @@ Memory: O(n d) for the inputs plus one tile of block_rows x block_cols per live 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -88,12 +89,18 @@ def sq_norms(v: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,ij->i", v, v)
 
 
-def neg_sqdist(a, na, b, nb, diag: bool, out: torch.Tensor | None = None) -> torch.Tensor:
-    """-max(||a_i - b_j||^2, 0) as one GEMM with the norms folded in: 2 a.b - n_b, then - n_a."""
+def neg_sqdist(
+    a, na, b, nb, diag: bool, out: torch.Tensor | None = None, diag_value: float = 0.0
+) -> torch.Tensor:
+    """-max(||a_i - b_j||^2, 0) as one GEMM with the norms folded in: 2 a.b - n_b, then - n_a.
+
+    On a diagonal tile the diagonal is set to ``diag_value`` (0: the distance of a point to
+    itself; -inf in the backward pass, where W_ii = 0 exactly instead of cancelling).
+    """
     neg = torch.addmm(nb.unsqueeze(0), a, b.t(), beta=-1.0, alpha=2.0, out=out)
     neg.sub_(na.unsqueeze(1)).clamp_(max=0.0)
     if diag:
-        neg.diagonal().zero_()
+        neg.diagonal().fill_(diag_value)
     return neg
 
 
@@ -205,13 +212,19 @@ def backward_grads(
     need_x: bool = True,
     need_t: bool = True,
     *,
+    scale_x: float = 1.0,
+    scale_t: float = 1.0,
     block_rows: int | None = None,
     block_cols: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Vector-Jacobian products of `forward_sums`: (dL/dx (n, d), dL/dt (n, m) or None).
 
     ``g_fx`` (K,), ``g_ft`` (), ``g_fxt`` (K,) are the float64 cotangents (None means zero).
-    Gradients are accumulated in float64 and returned in the input dtype.
+    Gradients are accumulated in float64, multiplied by ``scale_x`` / ``scale_t`` (the chain
+    rule of a scaling done by the caller) and returned in the input dtype. The weights' scalar
+    coefficients 4 c g are divided by their largest magnitude before they meet the tiles (so a
+    huge c times a large cotangent cannot overflow the input dtype) and that factor goes back in
+    float64 at the end; W_ii = 0 exactly.
     """
     n = xc.shape[0]
     dt = xc.dtype
@@ -220,12 +233,18 @@ def backward_grads(
     nx = sq_norms(xc)
     nt = sq_norms(tc) if has_t else None
     # per-bandwidth scalar weights, kept on device (no host sync)
-    c = torch.tensor(list(inv_sx2), dtype=torch.float64, device=xc.device)
+    # coefficients 4 c g as (c / c_max) (g / g_max) 4: at most 4 in magnitude, so huge c or g
+    # cannot overflow the tiles; c_max and g_max multiply the result at the end, one at a time
+    # (a zero gradient stays 0 even where c_max g_max alone would overflow)
+    c_max = max(inv_sx2)
+    c = torch.tensor([v / c_max for v in inv_sx2], dtype=torch.float64, device=xc.device)
+    gx_max = _top(g_fx, g_fxt if has_t else None)
+    gt_max = _top(g_ft, g_fxt)
     # each is None when its term does not reach a gradient that is asked for
-    ax = 4.0 * c * g_fx if (g_fx is not None and need_x) else None  # weight of Kx_k^2 in W^x
-    axt = 4.0 * c * g_fxt if (g_fxt is not None and has_t and need_x) else None  # Kx^2 Kt^2, W^x
-    bt = 4.0 * inv_st2 * g_ft if (g_ft is not None and need_t) else None  # of Kt^2 in W^t
-    bxt = 4.0 * inv_st2 * g_fxt if (g_fxt is not None and need_t) else None  # Kx^2 Kt^2, W^t
+    ax = 4.0 * c * (g_fx / gx_max) if (g_fx is not None and need_x) else None  # Kx_k^2 in W^x
+    axt = 4.0 * c * (g_fxt / gx_max) if (g_fxt is not None and has_t and need_x) else None
+    bt = 4.0 * (g_ft / gt_max) if (g_ft is not None and need_t) else None  # of Kt^2 in W^t
+    bxt = 4.0 * (g_fxt / gt_max) if (g_fxt is not None and need_t) else None  # Kx^2 Kt^2, W^t
     ax, axt, bt, bxt = (None if v is None else v.to(dt) for v in (ax, axt, bt, bxt))
     use_kx = ax is not None or axt is not None or bxt is not None  # else skip the K exps
 
@@ -245,10 +264,13 @@ def backward_grads(
     ws = _Workspace(xc, min(n, max(br, bc)), min(n, max(br, bc)))
     for i0, i1, j0, j1, diag in tiles(n, br, bc):
         shape = (i1 - i0, j1 - j0)
-        negd = neg_sqdist(xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag, ws("d", *shape))
+        ninf = -math.inf
+        negd = neg_sqdist(xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag, ws("d", *shape), ninf)
         kt2 = None
         if has_t:
-            kt2 = neg_sqdist(tc[i0:i1], nt[i0:i1], tc[j0:j1], nt[j0:j1], diag, ws("t", *shape))
+            kt2 = neg_sqdist(
+                tc[i0:i1], nt[i0:i1], tc[j0:j1], nt[j0:j1], diag, ws("t", *shape), ninf
+            )
             kt2 = kt2.mul_(inv_st2).exp_()
         wx = ws("wx", *shape).zero_() if need_x else None
         wt = None
@@ -273,6 +295,18 @@ def backward_grads(
         if need_t:
             _accumulate(wt, rt, gt, tc, i0, i1, j0, j1, diag)
 
-    grad_x = (gx - rx.unsqueeze(1) * xc.double()).to(dt) if need_x else None
-    grad_t = (gt - rt.unsqueeze(1) * tc.double()).to(dt) if need_t else None
+    grad_x = grad_t = None
+    if need_x:
+        grad_x = ((gx - rx.unsqueeze(1) * xc.double()) * c_max * gx_max * scale_x).to(dt)
+    if need_t:
+        grad_t = ((gt - rt.unsqueeze(1) * tc.double()) * inv_st2 * gt_max * scale_t).to(dt)
     return grad_x, grad_t
+
+
+def _top(*coefs: torch.Tensor | None) -> torch.Tensor | float:
+    """The largest |coefficient| (1 where all are zero or absent), kept on the device."""
+    present = [v.abs().max() for v in coefs if v is not None]
+    if not present:
+        return 1.0
+    top = torch.stack(present).max()
+    return torch.where(top > 0, top, torch.ones_like(top))

@@ -399,10 +399,11 @@ def _zero_rows(G, stride_g, d, o_i, m_i, BLOCK_M: tl.constexpr, BLOCK_D: tl.cons
 
 @triton.jit
 def _epilogue(
-    OUT, G, X, b_r, stride_o, stride_g, stride_x, d, o_i, m_i, BLOCK_M: tl.constexpr,
+    OUT, G, X, b_r, stride_o, stride_g, stride_x, d, o_i, m_i, SCALE, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """OUT[i, :] = G[i, :] - r_i X[i, :] in float64, stored in OUT's dtype."""
+    """OUT[i, :] = (G[i, :] - r_i X[i, :]) * SCALE[0] * SCALE[1] * SCALE[2] in float64 (one
+    factor at a time: a zero row stays 0), stored in OUT's dtype."""
     o_d = tl.arange(0, BLOCK_D)
     o_i64 = o_i.to(tl.int64)[:, None]
     for d0 in range(0, d, BLOCK_D):
@@ -410,6 +411,7 @@ def _epilogue(
         b_g = tl.load(G + o_i64 * stride_g + d0 + o_d[None, :], mask=m_g, other=0.0)
         b_x = tl.load(X + o_i64 * stride_x + d0 + o_d[None, :], mask=m_g, other=0.0)
         b_o = b_g - b_r[:, None] * b_x.to(tl.float64)
+        b_o = b_o * tl.load(SCALE) * tl.load(SCALE + 1) * tl.load(SCALE + 2)
         tl.store(
             OUT + o_i64 * stride_o + d0 + o_d[None, :],
             b_o.to(OUT.dtype.element_ty),
@@ -426,6 +428,7 @@ def _bwd_kernel(
     C,
     CT,
     COEF,
+    OSCALE,
     GX,
     GT,
     OUTX,
@@ -501,9 +504,15 @@ def _bwd_kernel(
                 BLOCK_M, BLOCK_D, DOT_PREC, ACC, W_ROUND, BF16_STORE,
             )  # fmt: skip
     if NEED_X:
-        _epilogue(OUTX, GX, X, b_rx, stride_ox, stride_gx, stride_x, d, o_i, m_i, BLOCK_M, BLOCK_D)
+        _epilogue(
+            OUTX, GX, X, b_rx, stride_ox, stride_gx, stride_x, d, o_i, m_i, OSCALE,
+            BLOCK_M, BLOCK_D,
+        )  # fmt: skip
     if NEED_T:
-        _epilogue(OUTT, GT, T, b_rt, stride_ot, stride_gt, stride_t, m, o_i, m_i, BLOCK_M, BLOCK_D)
+        _epilogue(
+            OUTT, GT, T, b_rt, stride_ot, stride_gt, stride_t, m, o_i, m_i, OSCALE + 3,
+            BLOCK_M, BLOCK_D,
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- configurations
@@ -625,6 +634,12 @@ class _Plan:
         return (self.mode, str(self.work))
 
 
+def _top(v: torch.Tensor) -> torch.Tensor:
+    """max |v| as a float64 0-dim tensor, 1 where v is all zeros (no host sync)."""
+    top = v.abs().max()
+    return torch.where(top > 0, top, torch.ones_like(top))
+
+
 def _check_device(xc: torch.Tensor) -> None:
     if xc.device.type != "cuda" and not interpreted():
         raise ValueError(
@@ -725,12 +740,17 @@ def backward_grads(
     need_x: bool = True,
     need_t: bool = True,
     *,
+    scale_x: float = 1.0,
+    scale_t: float = 1.0,
     precision: str | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Vector-Jacobian products of `forward_sums`: (dL/dx (n, d), dL/dt (n, m) or None).
 
     ``g_fx`` (K,), ``g_ft`` (), ``g_fxt`` (K,) are the float64 cotangents (None means zero).
-    The gradients come back in the input dtype (float64 scratch accumulation across tiles).
+    The gradients come back in the input dtype (float64 scratch accumulation across tiles),
+    multiplied by ``scale_x`` / ``scale_t`` in float64 first. As in the torch path, the weight
+    coefficients are divided by their largest magnitude (for x and for t apart) before the
+    kernel, and that factor is part of the final float64 scale: no overflow of 4 c g.
 
     Example (CPU tensors need ``TRITON_INTERPRET=1``, see `forward_sums`):
         >>> import torch
@@ -755,14 +775,23 @@ def backward_grads(
     m = ts.shape[1] if has_t else 1
     K = len(inv_sx2)
     dev = xs.device
-    c = torch.tensor(list(inv_sx2), dtype=torch.float64, device=dev)
+    c_max = max(inv_sx2)
+    c = torch.tensor([v / c_max for v in inv_sx2], dtype=torch.float64, device=dev)
     zero_k = torch.zeros(K, dtype=torch.float64, device=dev)
-    ct = float(inv_st2) if has_t else 0.0
+    ct = float(inv_st2) if has_t else 1.0
     g_x = g_fx.reshape(K).double() if g_fx is not None else zero_k
     g_xt = g_fxt.reshape(K).double() if (g_fxt is not None and has_t) else zero_k
     g_t = g_ft.reshape(1).double() if (g_ft is not None and has_t) else zero_k[:1]
-    coef = torch.cat([4.0 * c * g_x, 4.0 * c * g_xt, 4.0 * ct * g_xt, 4.0 * ct * g_t])
-    coef = coef.to(plan.work).contiguous()
+    # 4 c g as (c / c_max)(g / g_max) 4 (at most 4: no overflow in the kernel); the epilogue
+    # multiplies by c_max, g_max and the caller's scale one at a time, in float64
+    gx_max, gt_max = _top(torch.cat([g_x, g_xt])), _top(torch.cat([g_xt, g_t]))
+    coef_x = torch.cat([4.0 * c * g_x, 4.0 * c * g_xt]) / gx_max
+    coef_t = torch.cat([4.0 * g_xt, 4.0 * g_t]) / gt_max
+    coef = torch.cat([coef_x, coef_t]).to(plan.work).contiguous()
+    one = torch.ones((), dtype=torch.float64, device=dev)
+    oscale = torch.stack(
+        [one * c_max, gx_max, one * scale_x, one * ct, gt_max, one * scale_t]
+    ).contiguous()
     cl = _scales(inv_sx2, plan.work, dev)
     clt = _scales([inv_st2 if has_t else 1.0], plan.work, dev)
     t_arg, nt_arg = (ts, nt) if has_t else (xs, nx)
@@ -775,7 +804,7 @@ def backward_grads(
         gx_a, ox_a = (gx, ox) if need_x else (coef, coef)
         gt_a, ot_a = (gt, ot) if need_t else (coef, coef)
         _bwd_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
-            xs, t_arg, nx, nt_arg, cl, clt, coef, gx_a, gt_a, ox_a, ot_a, rows, d, m,
+            xs, t_arg, nx, nt_arg, cl, clt, coef, oscale, gx_a, gt_a, ox_a, ot_a, rows, d, m,
             xs.stride(0), t_arg.stride(0),
             gx.stride(0) if need_x else 0, gt.stride(0) if need_t else 0,
             ox.stride(0) if need_x else 0, ot.stride(0) if need_t else 0,

@@ -1,0 +1,148 @@
+"""Scores at the edges (issue 12): finite and right for every finite input and positive bandwidth.
+
+The kernels see the data divided by a power of two a >= max |x| and c = (a / sigma)^2 computed in
+float64 and clamped (rkekernels.ops.pair_sums), so:
+
+- all-equal points score 1 and distinct points at a tiny bandwidth score n, in float32 and
+  float64, on the torch path and the Triton kernels (interpreter on CPU);
+- points scaled by k with the bandwidth scaled by k give the same score (also next to the
+  dtype's largest number), and the gradient scales by 1/k;
+- second derivatives are refused with a clear error (the Function is once differentiable).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rkekernels as rk
+from rkekernels import reference as ref
+from rkekernels._input import triton_available
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+BACKENDS = [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="needs triton")),
+]
+DTYPES = [torch.float32, torch.float64]
+TINY = {torch.float32: [1e-20, 1e-30, 1e-45], torch.float64: [1e-20, 1e-160, 1e-300, 5e-324]}
+
+
+def _pts(n, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_equal_points_score_one_at_any_bandwidth(backend, dtype):
+    for base in (torch.zeros(5, 3), torch.full((6, 4), 0.1), torch.full((4, 2), 3e37)):
+        x = base.to(dtype)
+        for s in [*TINY[dtype], 1.0, 1e30]:
+            v = float(rk.rke_score(x, s, backend=backend))
+            assert v == pytest.approx(1.0, rel=TOL[dtype]), (x[0, 0].item(), s, v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_distinct_points_score_n_at_a_tiny_bandwidth(backend, dtype):
+    two = torch.tensor([[0.0], [1.0]], dtype=dtype)
+    five = _pts(5, 3, dtype)
+    for s in TINY[dtype]:
+        assert float(rk.rke_score(two, s, backend=backend)) == pytest.approx(2.0, rel=TOL[dtype])
+        assert float(rk.rke_score(five, s, backend=backend)) == pytest.approx(5.0, rel=TOL[dtype])
+    # several bandwidths in one pass, tiny and ordinary together
+    v = rk.rke_score(five, [TINY[dtype][-1], 1e30], backend=backend)
+    assert v.tolist() == pytest.approx([5.0, 1.0], rel=TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_duplicates_at_a_tiny_bandwidth_count_once(backend, dtype):
+    x = torch.tensor([[0.0, 1.0], [2.0, 3.0], [2.0, 3.0], [0.0, 1.0], [0.0, 1.0]], dtype=dtype)
+    v = float(rk.rke_score(x, TINY[dtype][0], backend=backend))
+    assert v == pytest.approx(25.0 / 13.0, rel=TOL[dtype])  # n^2 / (3^2 + 2^2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cond_score_with_a_tiny_prompt_bandwidth(backend, dtype):
+    x = _pts(6, 3, dtype)
+    t_far = _pts(6, 2, dtype, seed=1)
+    t_same = torch.zeros(6, 2, dtype=dtype)
+    for st in TINY[dtype]:
+        v = float(rk.cond_rke_score(x, t_far, 1.0, st, backend=backend))
+        assert v == pytest.approx(1.0, rel=TOL[dtype])
+        v = float(rk.cond_rke_score(x, t_same, 1.0, st, backend=backend))
+        assert v == pytest.approx(float(ref.rke_score(x, 1.0)), rel=TOL[dtype])
+    e = rk.rke_entropies(x, t_far, TINY[dtype][0], TINY[dtype][0], backend=backend)
+    assert all(math.isfinite(float(v)) for v in e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_huge_coordinates_score_the_scaled_down_problem(backend, dtype):
+    x = _pts(7, 3, dtype)
+    k = 1e20 if dtype == torch.float32 else 1e200
+    t = _pts(7, 2, dtype, seed=2)
+    for s in (0.3, 1.0, 4.0):
+        want = float(ref.rke_score(x, s))
+        got = float(rk.rke_score(x * k, s * k, backend=backend))
+        assert got == pytest.approx(want, rel=TOL[dtype])
+        want = float(ref.cond_rke_score(x, t, s, 1.0))
+        got = float(rk.cond_rke_score(x * k, t * k, s * k, k, backend=backend))
+        assert got == pytest.approx(want, rel=TOL[dtype])
+    # at sigma = 1 the scaled-up points are all far apart: n
+    assert float(rk.rke_score(x * k, 1.0, backend=backend)) == pytest.approx(7.0)
+    # next to the largest float: inf - inf in the distance form before
+    big = torch.finfo(dtype).max / 1.2
+    y = torch.tensor([[big], [-big], [0.0]], dtype=dtype)
+    want = float(ref.rke_score(y.double() / big, 1.0))
+    assert float(rk.rke_score(y, big, backend=backend)) == pytest.approx(want, rel=TOL[dtype])
+    assert float(rk.rke_score(y, 1.0, backend=backend)) == pytest.approx(3.0)
+    assert rk.median_bandwidth(y) == pytest.approx(big, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradients_finite_at_the_edges_and_scale_back(backend, dtype):
+    x = _pts(6, 3, dtype)
+    k = 1e20 if dtype == torch.float32 else 1e200
+    # scaled problem: d RKE(k x; k s) / d(k x) = (1/k) d RKE(x; s) / dx
+    xk = (x * k).requires_grad_(True)
+    rk.rke_score(xk, 0.8 * k, backend=backend).backward()
+    x1 = x.clone().requires_grad_(True)
+    rk.rke_score(x1, 0.8, backend=backend).backward()
+    g_want = x1.grad.double() / k
+    err = (xk.grad.double() - g_want).abs().max() / g_want.abs().max()
+    assert float(err) <= 1e-4 if dtype == torch.float32 else 1e-9
+    # tiny bandwidth: distinct points, no pair interacts, gradient exactly zero and finite
+    for s in TINY[dtype]:
+        xs = x.clone().requires_grad_(True)
+        (1e6 * rk.rke_score(xs, s, backend=backend)).backward()
+        assert torch.isfinite(xs.grad).all() and float(xs.grad.abs().max()) == 0.0
+        xt = x.clone().requires_grad_(True)
+        tt = _pts(6, 2, dtype, seed=3).requires_grad_(True)
+        rk.cond_rke_score(xt, tt, s, s, backend=backend).backward()
+        assert torch.isfinite(xt.grad).all() and torch.isfinite(tt.grad).all()
+
+
+def test_float64_tiny_sigma_no_zero_division():
+    x = _pts(4, 2, torch.float64)
+    assert float(rk.rke_score(x, 1e-160)) == pytest.approx(4.0)
+    assert rk.rke_score(x.numpy(), 1e-300) == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_derivatives_are_refused(backend):
+    x = _pts(5, 2, torch.float64).requires_grad_(True)
+    t = _pts(5, 2, torch.float64, seed=4)
+    for score in (
+        lambda: rk.rke_score(x, 1.0, backend=backend),
+        lambda: rk.cond_rke_score(x, t, 1.0, 1.0, backend=backend),
+    ):
+        (g,) = torch.autograd.grad(score(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.autograd.grad(g.sum(), x)
