@@ -3,6 +3,8 @@
     rkekernels demo [--samples N] [--prompts P] [--scale G] ...   the ground-truth guidance demo
     rkekernels score PATH [--cond PATH] [--sigma S ...] [--sigma-cond S] [--json] [--key NAME]
     rkekernels bench [--only NAME ...] [--full]                   the benchmark tables, here
+    rkekernels evaluate GEN [--reference REF] [--prompts FILE] ...  images -> scores, report
+                                                                  (rkekernels.evaluate)
 
 ``score`` reads embeddings from .npy, .npz (the array named by --key, or the only one), .pt/.pth
 (a tensor, or a dict of tensors with --key) and .safetensors (with the ``safetensors`` package),
@@ -443,7 +445,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = _Parser(prog=PROG, description="Exact RKE diversity scores and SPARKE guidance.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{demo,score,bench}", parser_class=_Parser)
+    sub = p.add_subparsers(
+        dest="command", metavar="{demo,score,evaluate,bench}", parser_class=_Parser
+    )
 
     d = sub.add_parser(
         "demo",
@@ -490,6 +494,17 @@ def _parser() -> argparse.ArgumentParser:
         help=f"progress bar on stderr (default: when n >= {PROGRESS_MIN_N:,})",
     )
 
+    e = sub.add_parser(
+        "evaluate",
+        help="evaluate folders of generated images: RKE, Vendi, intervals, novelty, report",
+        description="Embed a folder of images (or read embeddings), print RKE with its interval, "
+        "Vendi, modes, conditional scores (--prompts) and novelty (--reference); --out DIR "
+        "writes a report.",
+    )
+    from . import evaluate
+
+    evaluate.add_arguments(e)
+
     b = sub.add_parser(
         "bench",
         help="run the benchmark scripts and print their tables",
@@ -523,6 +538,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_score(args)
         if args.command == "bench":
             return _cmd_bench(args)
+        if args.command == "evaluate":
+            from . import evaluate
+
+            return evaluate.main(args)
         from . import demo
 
         return demo.main(args)
