@@ -90,3 +90,45 @@ def test_gradient_is_finite_for_extreme_sigma():
     for s in (1e-4, 1e4):
         (gx,) = torch.autograd.grad(rk.rke_score(x, s), (x,))
         assert torch.isfinite(gx).all()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_fused_forward_backward_equals_the_two_pass_path(dtype, tol):
+    # rke_score with one bandwidth and x requiring grad: F_x and dF_x/dx in one pass
+    # (ops.score_and_grad); the same numbers as the forward then the streamed backward
+    from rkekernels.ops import score_and_grad
+
+    x, _ = _xt(45, 7, 1, dtype)
+    xc = (x - x.mean(0)).detach()
+    fx, grad = score_and_grad.sum_and_grad(xc, 0.3)
+    fx2, _, _ = scores_torch.forward_sums(xc, None, (0.3,), None)
+    one = torch.ones(1, dtype=torch.float64)
+    g2, _ = scores_torch.backward_grads(xc, None, (0.3,), None, one, None, None)
+    assert grad.dtype == dtype
+    assert abs(float(fx / fx2[0]) - 1) <= tol
+    assert (grad.double() - g2.double()).norm() <= tol * g2.double().norm()
+    # and against the reference, through the public score with an incoming gradient != 1
+    y = rk.rke_score(x, 1 / 0.3**0.5).double().log() * -2.5
+    (gx,) = torch.autograd.grad(y, x)
+    xr = x.detach().double().requires_grad_()
+    (rx,) = torch.autograd.grad(ref.rke_score(xr, 1 / 0.3**0.5).log() * -2.5, xr)
+    assert (gx.double() - rx).norm() <= tol * rx.norm()
+
+
+def test_fused_pass_taken_only_where_it_saves_work(monkeypatch):
+    from rkekernels.ops import score_and_grad
+
+    calls = []
+    real = score_and_grad.sum_and_grad
+    monkeypatch.setattr(
+        score_and_grad, "sum_and_grad", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    x, t = _xt(20, 3, 2)
+    torch.autograd.grad(rk.rke_score(x, 1.0), x)
+    assert calls == [1]  # one bandwidth, a gradient to come: fused, once
+    rk.rke_score(x.detach(), 1.0)  # nothing to differentiate
+    with torch.no_grad():
+        rk.rke_score(x, 1.0)
+    torch.autograd.grad(rk.rke_score(x, [1.0, 2.0]).sum(), x)  # 2 bandwidths: 2 passes cheaper
+    torch.autograd.grad(rk.cond_rke_score(x, t, 1.0, 1.0), x)
+    assert calls == [1]
