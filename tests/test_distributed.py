@@ -22,7 +22,7 @@ import rkekernels
 from rkekernels import distributed as D
 from rkekernels import reference
 from rkekernels._input import triton_available
-from rkekernels.metrics import RKEMetric
+from rkekernels.metrics import RKEMetric, VendiMetric
 from rkekernels.ops import scores_torch
 
 if triton_available():
@@ -122,6 +122,18 @@ def _checks(rank: int, world: int) -> dict:
         res["torchmetrics"] = tm.compute()
         res["torchmetrics_local_n"] = int(tm.n)  # unsynced again after compute
     res["metric_empty"] = _catch(lambda: RKEMetric(SIG).compute())
+    # Vendi by random features: covariance states added across ranks (one all-reduce)
+    vm = VendiMetric(SIG, SIG_T, dim=64, seed=1)
+    for i in range(0, xl.shape[0], 4):
+        vm.update(xl[i : i + 4], tl[i : i + 4])
+    res["vendi_metric"] = vm.compute()
+    if world == 2:
+        from rkekernels.metrics import TorchMetricsVendi
+
+        tv = TorchMetricsVendi(SIG, SIG_T, dim=64, seed=1)
+        for i in range(0, xl.shape[0], 5):
+            tv.update(xl[i : i + 5], tl[i : i + 5])
+        res["torchmetrics_vendi"] = tv.compute()
 
     # a shared bank: each rank commits its own rows (the empty shard commits nothing)
     bank = D.SharedFeatureBank(100, dtype=torch.float64)
@@ -288,6 +300,19 @@ def test_metric_syncs_across_ranks(ranks):
         local = _shard(x, sizes, rank)
         if sizes[rank]:
             _close(res["metric_local"], reference.rke_score(local, SIG))
+
+
+def test_vendi_metric_syncs_across_ranks(ranks):
+    world, results = ranks
+    x, t = _data()
+    want = rkekernels.vendi_score(x, 1.0, SIG, method="rff", dim=64, seed=1)
+    want_c = rkekernels.cond_vendi_score(x, t, 1.0, SIG, SIG_T, method="rff", dim=64, seed=1)
+    for res in results:
+        _close(res["vendi_metric"].vendi, want)
+        _close(res["vendi_metric"].cond_vendi, want_c)
+        if world == 2:
+            _close(res["torchmetrics_vendi"].vendi, want)
+            _close(res["torchmetrics_vendi"].cond_vendi, want_c)
 
 
 def test_bank_shared(ranks):
