@@ -57,6 +57,7 @@ class DemoConfig:
         start, stop: the guidance window on the sampler's progress (step / steps).
         objective: "log1p" (default) guides along -grad log(1 + 2 S), "log" along the
             library's default -grad log S (see `rkekernels.sampling.OBJECTIVES`).
+        step_rule: "prompt_fade" (default) or "paper" (see `rkekernels.DiversityGuidance`).
         batch: batch size of the batched guided run.
         dim: latent dimension (2, or more: the plane embedded by a fixed orthonormal basis).
         out: path of the PNG ("" for none). progress: tqdm bars on stderr.
@@ -74,6 +75,7 @@ class DemoConfig:
     start: float = 0.35
     stop: float = 0.55
     objective: str = "log1p"
+    step_rule: str = "prompt_fade"
     batch: int = 4
     dim: int = 2
     std: float = 0.1
@@ -166,6 +168,8 @@ def _validate(cfg: DemoConfig) -> None:
         raise ValueError(f"dominant must be in (0, 1), got {cfg.dominant}")
     if cfg.objective not in ("log1p", "log"):
         raise ValueError(f"objective must be 'log1p' or 'log', got {cfg.objective!r}")
+    if cfg.step_rule not in ("prompt_fade", "paper"):
+        raise ValueError(f"step_rule must be 'prompt_fade' or 'paper', got {cfg.step_rule!r}")
 
 
 def run(cfg: DemoConfig | None = None, **overrides: Any) -> DemoResult:
@@ -217,6 +221,7 @@ def run(cfg: DemoConfig | None = None, **overrides: Any) -> DemoResult:
         return rkekernels.DiversityGuidance(
             cfg.sigma,
             objective=cfg.objective,
+            step_rule=cfg.step_rule,
             sigma_cond=cfg.sigma_cond,
             scale=cfg.scale,
             start=cfg.start,
@@ -490,6 +495,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("log1p", "log"),
         default=d.objective,
         help="guide along -grad log(1 + 2S) (default) or the plain -grad log S",
+    )
+    a(
+        "--step-rule",
+        choices=("prompt_fade", "paper"),
+        default=d.step_rule,
+        help="fade the step for prompts unrelated to the bank (default) or the paper's step",
     )
     a("--batch", type=int, default=d.batch, help="batch size of the batched guided run")
     a("--dim", type=int, default=d.dim, help="latent dimension (2, or more: an embedded plane)")

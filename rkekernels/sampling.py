@@ -5,7 +5,11 @@ prompt embeddings c_j, and the current prompt embeddings y_a (SPEC section 2)::
 
     S(z_a)  = sum_j w_j k_s(phi(z_a), f_j)^2,       w_j = k_sc(y_a, c_j)^2  (1 when unconditional)
     g_a     = -grad_{z_a} log S(z_a)                (`rkekernels.guidance_grad`)
-    z_a    <- z_a + scale * ||z_a|| / ||g_a|| * g_a  (the paper's rescaled step; g_a = 0: no move)
+    z_a    <- z_a + f_a * scale * ||z_a|| / ||g_a|| * g_a   (the rescaled step; g_a = 0: no move)
+
+with f_a = 1 for ``step_rule="paper"`` (the published step) and, by default
+(``step_rule="prompt_fade"``), ``f_a = min(1, max_j w_j / 0.05)``: a sample whose prompt is
+unrelated to every entry of S barely moves, one with a matching prompt takes the paper's step.
 
 Minimising S maximises the conditional RKE diversity of the bank plus the new sample. A
 ``feature_fn`` (for example an image encoder applied to the decoded prediction) replaces phi's
@@ -35,13 +39,26 @@ import torch
 from ._input import as_tensor, check_sigma
 from .guidance import FeatureBank, GuidanceResult, features, guidance_grad
 
-__all__ = ["OBJECTIVES", "DiversityGuidance"]
+__all__ = ["OBJECTIVES", "PROMPT_FADE_TAU", "STEP_RULES", "DiversityGuidance"]
 
 #: "log": -grad log S (SPEC, the paper's direction). "log1p": -grad log(1 + 2 S), the log of the
-#: actual rise 2 S + 1 of CondRKE's denominator: the same direction times 2S / (1 + 2S) in [0, 1],
-#: which fades when nothing similar (or only unrelated prompts) is in the bank. The two differ
-#: only where the step is not rescaled (`guided_denoiser`'s raw score-space scale).
+#: actual rise 2 S + 1 of CondRKE's denominator: the same direction times 2S / (1 + 2S) in [0, 1].
+#: Only the gradient's length differs, so under `DiversityGuidance.apply`'s rescaled step (which
+#: divides by ||g||) the two are the same; they differ only where the step is not rescaled
+#: (`guided_denoiser`'s raw score-space scale). The factor is small wherever S is small, which
+#: is the case for an unrelated prompt but also for a matching prompt whose sample is merely far
+#: from the bank: it is not a prompt fade (that is ``step_rule="prompt_fade"``).
 OBJECTIVES = ("log", "log1p")
+
+#: "prompt_fade" (default): the step is multiplied by f = min(1, max_j w_j / PROMPT_FADE_TAU),
+#: w_j = k_sc(y, c_j)^2 the prompt-side weights of the entries of S; "paper": the published
+#: step (f = 1).
+STEP_RULES = ("prompt_fade", "paper")
+
+#: tau of the prompt fade: some prompt weight w_j >= 0.05 gives the paper's step exactly; all
+#: w_j <= 1e-3 give f <= 0.02 (at most 2% of a matching prompt's step). On unit-normalised text
+#: embeddings with sigma_cond = 0.45, w_j = 0.05 is a cosine similarity of 0.70.
+PROMPT_FADE_TAU = 0.05
 
 
 def check_adapter_guidance(guidance: Any, cond: Any) -> None:
@@ -75,7 +92,10 @@ class DiversityGuidance:
     Each guided step moves every sample a of the batch along the diversity gradient
     g_a = -grad log S(z_a) (see `rkekernels.guidance_grad`), rescaled to the latent's norm::
 
-        z_a <- z_a + scale * ||z_a|| / ||g_a|| * g_a        (g_a = 0: z_a unchanged)
+        z_a <- z_a + f_a * scale * ||z_a|| / ||g_a|| * g_a        (g_a = 0: z_a unchanged)
+
+    with the prompt fade f_a of `step_fade` (``step_rule="prompt_fade"``, the default; 1 for
+    unconditional guidance and for ``step_rule="paper"``).
 
     Call `apply` once per sampler step, `commit` once per finished batch.
 
@@ -100,8 +120,16 @@ class DiversityGuidance:
             then stores ``features(feature_fn(latents))``.
         device, bank_dtype: where and in which dtype the bank lives (see `FeatureBank`).
         backend: "auto", "torch" or "triton", passed to `guidance_grad`.
-        objective: "log" (default, -grad log S) or "log1p" (-grad log(1 + 2 S), see
-            `OBJECTIVES`); only `grad`'s magnitude changes, per sample.
+        objective: "log" (default, -grad log S) or "log1p" (-grad log(1 + 2 S)): only
+            `grad`'s length changes, per sample, so the two are the same under `apply`'s
+            rescaled step and differ in `guided_denoiser`'s raw step only (see `OBJECTIVES`).
+        step_rule: "prompt_fade" (default) or "paper". With conditional guidance,
+            "prompt_fade" multiplies each sample's step by
+            ``f_a = min(1, max_j w_aj / PROMPT_FADE_TAU)`` (tau = 0.05), ``w_aj = k_sc(y_a,
+            c_j)^2`` over the entries of S (the bank and, with include_batch, the other samples
+            of the batch), so a sample whose prompt is unrelated to everything in S barely moves
+            (all w <= 1e-3: at most 2% of a matching prompt's step) and any w >= tau gives the
+            paper's step exactly. "paper": the published step. Unconditional: the same (w = 1).
 
     Attributes:
         bank: the `FeatureBank` of committed samples (``len(guidance.bank)`` entries).
@@ -144,10 +172,14 @@ class DiversityGuidance:
         bank_dtype: torch.dtype = torch.float32,
         backend: str = "auto",
         objective: str = "log",
+        step_rule: str = "prompt_fade",
     ) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         self.objective = objective
+        if step_rule not in STEP_RULES:
+            raise ValueError(f"step_rule must be one of {STEP_RULES}, got {step_rule!r}")
+        self.step_rule = step_rule
         self.sigma = check_sigma(sigma, "sigma")
         self.sigma_cond = None if sigma_cond is None else check_sigma(sigma_cond, "sigma_cond")
         if isinstance(scale, bool) or not isinstance(scale, int | float | np.integer | np.floating):
@@ -334,11 +366,61 @@ class DiversityGuidance:
         fade = torch.sigmoid(log_s.to(grad.dtype) + math.log(2.0))
         return GuidanceResult(grad * fade.reshape(-1, *([1] * (grad.dim() - 1))), res.log_s)
 
-    def update(self, latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """The rescaled step ``z_a + scale * ||z_a|| / ||g_a|| * g_a`` (no move where g_a = 0).
+    def step_fade(self, cond: Any, b: int | None = None) -> torch.Tensor | None:
+        """The prompt fade f_a of each sample's step, or None where the step is not faded.
 
-        Norms are taken over all entries of each sample, in float32 (float64 for float64
-        latents); the result has the latents' shape and dtype.
+        ``f_a = min(1, max_j w_aj / tau)``, ``w_aj = exp(-||y_a - c_j||^2 / sigma_cond^2)``
+        over the entries j of S: the bank's prompt embeddings and, with ``include_batch``, the
+        other samples of the batch (tau = `PROMPT_FADE_TAU`). One pass over the (n, m) prompt
+        embeddings of the bank only, not over its features. S without entries gives f = 1 (the
+        gradient is zero there anyway). None for ``step_rule="paper"`` or unconditional
+        guidance.
+
+        Args:
+            cond: (b, m) or (m,) prompt embeddings of the batch.
+            b: the batch size (to expand a single (m,) embedding); default: cond's rows.
+
+        Returns:
+            (b,) tensor in (0, 1] on cond's device (float64 for float64 cond, else float32),
+            or None.
+
+        Example:
+            >>> import torch
+            >>> from rkekernels import DiversityGuidance
+            >>> g = DiversityGuidance(1.0, sigma_cond=0.5, include_batch=False)
+            >>> g.commit(torch.randn(1, 4), cond=torch.tensor([[1.0, 0.0]]))
+            >>> g.step_fade(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # same prompt, unrelated
+            tensor([1.0000, 0.0067])
+        """
+        if self.step_rule == "paper" or not self.conditional:
+            return None
+        c = as_tensor(cond, "cond")
+        c = c[None] if c.dim() == 1 else c
+        rows = c.shape[0] if b is None else b
+        cdt = torch.float64 if c.dtype == torch.float64 else torch.float32
+        c = (c.expand(rows, -1) if c.shape[0] == 1 else c).to(cdt)
+        exact = "donot_use_mm_for_euclid_dist"  # no cancellation for nearly equal prompts
+        d2 = torch.full((rows,), math.inf, device=c.device, dtype=cdt)
+        bank_cond = self.bank.cond
+        if bank_cond is not None and len(self.bank):
+            bc = bank_cond.to(device=c.device, dtype=cdt)
+            d2 = torch.cdist(c, bc, compute_mode=exact).amin(dim=1) ** 2
+        if self.include_batch and rows > 1:
+            inner = torch.cdist(c, c, compute_mode=exact) ** 2
+            inner.fill_diagonal_(math.inf)
+            d2 = torch.minimum(d2, inner.amin(dim=1))
+        log_w = -d2 / self.sigma_cond**2
+        fade = torch.exp(log_w - math.log(PROMPT_FADE_TAU)).clamp(max=1.0)
+        return torch.where(torch.isinf(d2), torch.ones_like(fade), fade)
+
+    def update(
+        self, latents: torch.Tensor, grad: torch.Tensor, fade: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The rescaled step ``z_a + f_a * scale * ||z_a|| / ||g_a|| * g_a`` (g_a = 0: no move).
+
+        ``fade`` holds the f_a (`step_fade`; None: f = 1, the paper's step). Norms are taken
+        over all entries of each sample, in float32 (float64 for float64 latents); the result
+        has the latents' shape and dtype.
 
         Example:
             >>> import torch
@@ -356,6 +438,8 @@ class DiversityGuidance:
             g = grad.detach().reshape(b, -1).to(device=z.device, dtype=cdt)
             gn = g.norm(dim=1, keepdim=True)
             direction = torch.where(gn > 0, g / gn, torch.zeros_like(g))
+            if fade is not None:
+                direction = direction * fade.to(device=z.device, dtype=cdt).reshape(b, 1)
             out = z + (self.scale * z.norm(dim=1, keepdim=True)) * direction
         return out.to(latents.dtype).reshape(latents.shape)
 
@@ -401,7 +485,7 @@ class DiversityGuidance:
         if not selected or self.scale == 0.0:
             return latents
         self.last = self.grad(latents, cond)
-        return self.update(latents, self.last.grad)
+        return self.update(latents, self.last.grad, self.step_fade(cond, latents.shape[0]))
 
     def commit(self, latents: torch.Tensor, cond: Any = None) -> None:
         """Add finished samples to the bank and restart the call count.

@@ -165,6 +165,24 @@ def test_conditional_guidance_with_cond_from_model_kwargs():
     assert torch.allclose(fixed(x, 0.5, prompt=prompt), out)
 
 
+def test_prompt_fade_in_the_denoiser():
+    """guided_denoiser fades its raw step exactly as apply does: D' - D = f (D'_paper - D)."""
+    bank, bank_c = torch.randn(4, 2, generator=_gen(10)), torch.zeros(4, 3)
+    cond = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.2, 0.0]])  # matching, far (w = e^-5.8)
+    x = torch.randn(2, 2, generator=_gen(11))
+    steps = {}
+    for rule in ("paper", "prompt_fade"):
+        guide = DiversityGuidance(
+            1.0, sigma_cond=0.5, scale=0.2, normalize=False, include_batch=False, step_rule=rule
+        )
+        guide.commit(bank, bank_c)
+        steps[rule] = guided_denoiser(lambda x, s: x, guide, cond=cond)(x, 0.5) - x
+    f = min(1.0, math.exp(-(1.2**2) / 0.25) / 0.05)
+    assert f < 0.1
+    assert torch.allclose(steps["prompt_fade"][0], steps["paper"][0])
+    assert torch.allclose(steps["prompt_fade"][1], f * steps["paper"][1], rtol=1e-5)
+
+
 def test_bad_input():
     guide = DiversityGuidance(1.0)
     with pytest.raises(TypeError, match="model must be callable"):

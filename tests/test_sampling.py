@@ -8,6 +8,7 @@ import torch
 
 from rkekernels import DiversityGuidance, features
 from rkekernels import reference as ref
+from rkekernels.sampling import STEP_RULES
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -16,14 +17,31 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def _ref_update(z, bank, scale, **kw):
-    """z_a + scale ||z_a|| / ||g_a|| g_a with g from the float64 reference (autograd)."""
+def _ref_update(z, bank, scale, fade=None, **kw):
+    """z_a + f_a scale ||z_a|| / ||g_a|| g_a with g from the float64 reference (autograd)."""
     g, _ = ref.guidance_grad(z, bank, **kw)
     z64 = z.double().reshape(len(z), -1)
     g = g.reshape(len(z), -1)
     gn = g.norm(dim=1, keepdim=True)
     step = torch.where(gn > 0, g / gn, torch.zeros_like(g)) * z64.norm(dim=1, keepdim=True)
+    if fade is not None:
+        step = step * fade.reshape(-1, 1)
     return (z64 + scale * step).reshape(z.shape)
+
+
+def _ref_fade(c, bank_c, sigma_cond, include_batch=True):
+    """f_a = min(1, max_j w_aj / 0.05), w_aj = exp(-||c_a - c_j||^2 / s^2), float64, by loops."""
+    out = []
+    for a in range(len(c)):
+        others = [bank_c[j] for j in range(len(bank_c))]
+        if include_batch:
+            others += [c[j] for j in range(len(c)) if j != a]
+        w = max(
+            math.exp(-float(((c[a].double() - o.double()) ** 2).sum()) / sigma_cond**2)
+            for o in others
+        )
+        out.append(min(1.0, w / 0.05))
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def _rel(a, b):
@@ -68,20 +86,27 @@ def test_apply_matches_reference(dtype, normalize, include_batch):
     assert guide.last is not None and guide.last.log_s.shape == (3,)
 
 
+@pytest.mark.parametrize("step_rule", ["paper", "prompt_fade"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_conditional_apply_matches_reference(dtype):
+def test_conditional_apply_matches_reference(dtype, step_rule):
     bank_z = torch.randn(6, 10, generator=_gen(3), dtype=dtype)
     bank_c = torch.randn(6, 4, generator=_gen(4), dtype=dtype)
     z = torch.randn(2, 10, generator=_gen(5), dtype=dtype)
-    c = torch.randn(2, 4, generator=_gen(6), dtype=dtype)
-    guide = DiversityGuidance(1.3, sigma_cond=0.9, scale=0.07, bank_dtype=dtype)
+    c = 1.5 * torch.randn(2, 4, generator=_gen(6), dtype=dtype)
+    guide = DiversityGuidance(
+        1.3, sigma_cond=0.9, scale=0.07, bank_dtype=dtype, step_rule=step_rule
+    )
     guide.commit(bank_z, bank_c)
     assert torch.allclose(guide.bank.cond.double(), bank_c.double())
     out = guide.apply(z, c)
+    fade = _ref_fade(c, bank_c, 0.9) if step_rule == "prompt_fade" else None
+    if fade is not None:
+        assert ((fade < 1) & (fade > 1e-3)).any()  # a partial fade
     expect = _ref_update(
         z,
         ref.features(bank_z),
         0.07,
+        fade=fade,
         cond=c,
         bank_cond=bank_c,
         sigma=1.3,
@@ -89,11 +114,47 @@ def test_conditional_apply_matches_reference(dtype):
     )
     assert _rel(out, expect) <= TOL[dtype]
     # a single prompt embedding (m,) stands for every sample
-    one = DiversityGuidance(1.3, sigma_cond=0.9, scale=0.07, bank_dtype=dtype)
+    one = DiversityGuidance(1.3, sigma_cond=0.9, scale=0.07, bank_dtype=dtype, step_rule=step_rule)
     one.commit(bank_z, bank_c)
     out1 = one.apply(z, c[0])
     out2 = guide.apply(z, c[0].expand(2, -1))
     assert torch.equal(out1, out2)
+
+
+def test_prompt_fade_bounds():
+    """All prompt weights <= 1e-3: at most 5% of a matching prompt's step; a weight >= tau:
+    exactly the paper's step; unconditional guidance is never faded."""
+    d = 768
+    bank_z = torch.randn(5, d, generator=_gen(7))
+    z = torch.randn(2, d, generator=_gen(8))
+    bank_c = torch.zeros(5, 3)
+    bank_c[:, 0] = 1.0
+    s_c = 0.45
+    far = math.sqrt(-math.log(1e-3)) * s_c  # ||y - c|| giving w = 1e-3 exactly
+    c = torch.tensor([[1.0, 0.0, 0.0], [1.0, far, 0.0]])  # matching, unrelated (w = 1e-3)
+    moves = {}
+    for rule in ("paper", "prompt_fade"):
+        g = DiversityGuidance(1.0, sigma_cond=s_c, scale=0.1, include_batch=False, step_rule=rule)
+        g.commit(bank_z, bank_c)
+        moves[rule] = (g.apply(z, c) - z).norm(dim=1) / z.norm(dim=1)
+    assert torch.allclose(moves["paper"], torch.tensor([0.1, 0.1]), rtol=1e-5)
+    assert torch.allclose(moves["prompt_fade"][0], torch.tensor(0.1), rtol=1e-5)  # w = 1
+    ratio = float(moves["prompt_fade"][1] / moves["prompt_fade"][0])
+    assert ratio <= 0.05 and ratio == pytest.approx(1e-3 / 0.05, rel=1e-3)
+    # w just above tau: the paper's step exactly
+    g = DiversityGuidance(1.0, sigma_cond=s_c, include_batch=False)
+    g.commit(bank_z, bank_c)
+    near = math.sqrt(-math.log(0.051)) * s_c
+    assert torch.equal(g.step_fade(torch.tensor([[1.0, near, 0.0]])), torch.ones(1))
+    # with include_batch a batch mate with the same prompt counts: no fade
+    g = DiversityGuidance(1.0, sigma_cond=s_c)
+    g.commit(bank_z, bank_c)
+    same = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    assert torch.equal(g.step_fade(same), torch.ones(2))
+    assert DiversityGuidance(1.0).step_fade(None) is None
+    assert DiversityGuidance(1.0, sigma_cond=s_c, step_rule="paper").step_fade(c) is None
+    with pytest.raises(ValueError, match="step_rule must be one of"):
+        DiversityGuidance(1.0, step_rule="fade")
 
 
 def test_zero_gradient_does_not_move_and_stays_finite():
@@ -331,3 +392,22 @@ def test_repr_and_flags():
     assert g.conditional and g.windowed
     assert "every=10" in repr(g) and "sigma_cond=0.5" in repr(g)
     assert not DiversityGuidance(1.0).windowed
+
+
+def test_step_rules_example_mixed_prompts():
+    """examples/step_rules.py (the docs' table): the fade leaves a sample of an unrelated prompt
+    (nearly) where it was and a related prompt exactly as under the paper's rule."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "step_rules.py"
+    spec = importlib.util.spec_from_file_location("step_rules", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.run(routes=mod.ROUTES[1:])  # the two routes with the plain log objective
+    rows = {(r["route"], r["objective"], r["rule"], r["prompt"]): r for r in rows}
+    for route, objective in (("apply", "log"), ("guided_denoiser", "log")):
+        paper, fade = (rows[(route, objective, rule, 2)]["moved"] for rule in STEP_RULES[::-1])
+        assert paper > 0.1 and fade <= 0.05 * paper  # unrelated prompt: faded
+        related = [rows[(route, objective, rule, 1)]["moved"] for rule in STEP_RULES]
+        assert related[0] == pytest.approx(related[1], rel=1e-6) and related[0] > 0.1

@@ -7,7 +7,10 @@ classifier guidance toward low S (high diversity), and in denoiser form it reads
 
     g  = -grad log S(D)                     (`DiversityGuidance.grad` on the denoised prediction,
                                              against the bank, with the prompts when conditional)
-    D' = D + scale * sigma^2 * g            (sigma: a float or per-sample (b,), broadcast)
+    D' = D + scale * sigma^2 * f * g        (sigma: a float or per-sample (b,), broadcast)
+
+with f the prompt fade of `DiversityGuidance.step_fade` (1 unless the guidance is conditional
+with ``step_rule="prompt_fade"``, the default),
 
 so the sampler follows ``score + scale * g``. **The scale is raw** (a weight on -log S in score
 space), *not* the norm rescaling ``scale * ||z|| / ||g||`` of `DiversityGuidance.apply`: the
@@ -129,6 +132,9 @@ class GuidedDenoiser:
         cond = self.cond(**kwargs) if callable(self.cond) else self.cond
         g = self.guidance.grad(denoised, cond).grad
         b = denoised.shape[0]
+        fade = self.guidance.step_fade(cond, b)
+        if fade is not None:  # the prompt fade, as in DiversityGuidance.apply
+            g = g * fade.to(g).reshape((b,) + (1,) * (g.dim() - 1))
         s = s.to(torch.float64 if denoised.dtype == torch.float64 else torch.float32)
         if s.numel() == 1:
             s = s.reshape(())
