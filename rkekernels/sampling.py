@@ -130,6 +130,9 @@ class DiversityGuidance:
             of the batch), so a sample whose prompt is unrelated to everything in S barely moves
             (all w <= 1e-3: at most 2% of a matching prompt's step) and any w >= tau gives the
             paper's step exactly. "paper": the published step. Unconditional: the same (w = 1).
+        novelty: an optional novelty term (`rkekernels.novelty.novelty_guidance`): on every
+            selected step, after the diversity step, the samples also move away from its
+            reference bank, with its own scale.
 
     Attributes:
         bank: the `FeatureBank` of committed samples (``len(guidance.bank)`` entries).
@@ -173,7 +176,14 @@ class DiversityGuidance:
         backend: str = "auto",
         objective: str = "log",
         step_rule: str = "prompt_fade",
+        novelty: DiversityGuidance | None = None,
     ) -> None:
+        if novelty is not None and not isinstance(novelty, DiversityGuidance):
+            raise TypeError(
+                "novelty must be None or a term from rkekernels.novelty.novelty_guidance, got "
+                f"{type(novelty).__name__}"
+            )
+        self.novelty = novelty
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         self.objective = objective
@@ -482,10 +492,15 @@ class DiversityGuidance:
         self.calls = k + 1
         if self.conditional == (cond is None):  # missing or unexpected cond
             self._cond(cond, latents.shape[0], latents.device)  # raises the named error
-        if not selected or self.scale == 0.0:
+        if not selected or (self.scale == 0.0 and self.novelty is None):
             return latents
-        self.last = self.grad(latents, cond)
-        return self.update(latents, self.last.grad, self.step_fade(cond, latents.shape[0]))
+        out = latents
+        if self.scale != 0.0:
+            self.last = self.grad(latents, cond)
+            out = self.update(latents, self.last.grad, self.step_fade(cond, latents.shape[0]))
+        if self.novelty is not None and self.novelty.scale != 0.0:
+            out = self.novelty.update(out, self.novelty.grad(out).grad)
+        return out
 
     def commit(self, latents: torch.Tensor, cond: Any = None) -> None:
         """Add finished samples to the bank and restart the call count.
