@@ -45,3 +45,35 @@ def rke_mc(x: torch.Tensor, sigma: float, n_samples: int = 100_000) -> float:
     np.random.seed(0)  # noqa: NPY002 - rke-score draws its pairs from the legacy global RNG
     out = RKE(kernel_bandwidth=sigma).compute_rke_mc(x.double().numpy(), n_samples=n_samples)
     return float(out[sigma])
+
+
+# --------------------------------------------------------------------------- order q (Vendi)
+
+
+def vendi_score_K(K) -> float:
+    """vendi-score's order-1 score of a precomputed (n, n) kernel matrix (scipy eigvalsh)."""
+    from vendi_score import vendi
+
+    return float(vendi.score_K(K, q=1))
+
+
+def vendi_loop(x: torch.Tensor, sigma: float) -> float:
+    """vendi-score end to end: ``vendi.score(samples, k)`` with the Gaussian k of its README's
+    form (a Python function of two samples, called for every pair by its double loop)."""
+    from vendi_score import vendi
+
+    def k(a, b):
+        return np.exp(-np.sum((a - b) ** 2) / (2.0 * sigma**2))
+
+    return float(vendi.score(list(x.double().numpy()), k, q=1))
+
+
+def cov_gemm(x: torch.Tensor) -> torch.Tensor:
+    """One ``x.T @ x`` (d x d): the floor of any exact dot-kernel covariance."""
+    return x.T @ x
+
+
+def rff_floor(x: torch.Tensor, w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The work random Fourier features cannot avoid: the projection x @ W and one Z.T @ Z."""
+    x @ w
+    return z.T @ z

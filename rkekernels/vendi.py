@@ -226,25 +226,26 @@ def _inputs(x: Any, t: Any, sigma: Any, sigma_t: Any, kernel: str, need_t: bool)
     return _Inputs(xt, tt, list(sigmas), many, st, torch_out, backend)
 
 
-def _dot_matrix(m: torch.Tensor, kernel: str, name: str) -> torch.Tensor:
+def _dot_part(m: torch.Tensor, kernel: str, name: str) -> tuple:
+    """(matrix, row scale): 1 / ||x_i|| for cosine (applied per block), None for linear."""
+    nrm = m.norm(dim=1, keepdim=True)
     if kernel == "cosine":
-        nrm = m.norm(dim=1, keepdim=True)
         if not bool((nrm > 0).all()):
             bad = int((nrm == 0).sum())
             raise ValueError(
                 f"{name} has {bad} all-zero rows: the cosine kernel is undefined for them"
             )
-        return m / nrm
-    if not bool((m != 0).any()):
+        return m, 1.0 / nrm
+    if not bool((nrm > 0).any()):
         raise ValueError(f"{name} is all zeros: the linear kernel matrix has trace 0")
-    return m
+    return m, None
 
 
 class _View(NamedTuple):
     """One kernel matrix to take the spectrum of: gaussian of (tensor, sigma) pairs, or dot."""
 
     kernel: str
-    parts: tuple  # gaussian: ((x, sigma), ...); dot: (normalised matrices ...)
+    parts: tuple  # gaussian: ((x, sigma), ...); dot: ((x, row scale or None), ...)
 
 
 def _gauss_u(parts: tuple) -> torch.Tensor:
@@ -255,29 +256,36 @@ def _gauss_u(parts: tuple) -> torch.Tensor:
 def _width(view: _View) -> int:
     if view.kernel == "gaussian":
         return sum(m.shape[1] for m, _ in view.parts)
-    return math.prod(m.shape[1] for m in view.parts)
+    return math.prod(m.shape[1] for m, _ in view.parts)
 
 
 def _dot_gram(parts: tuple) -> torch.Tensor:
     k = None
-    for m in parts:
-        md = m.to(torch.float64)
+    for m, scale in parts:
+        md = m.to(torch.float64) if scale is None else m.to(torch.float64) * scale
         g = md @ md.T
         k = g if k is None else k * g
     return k
 
 
-def _feature_cov(view: _View, method: str, opts: dict) -> torch.Tensor:
+def _feature_cov(view: _View, method: str, opts: dict, gram_ok: bool = True) -> torch.Tensor:
+    """Phi^T Phi, or (``gram_ok`` and n < width) Phi Phi^T: the same nonzero spectrum."""
     if view.kernel != "gaussian":
-        first = view.parts[0]
-        fmap = spectra.dot_features(view.parts)
-        return spectra.covariance(fmap, first.shape[0], _width(view), first.device, first.dtype)
-    u = _gauss_u(view.parts)
-    if method == "rff":
-        fmap, width = spectra.rff_map(u, opts["dim"], opts["seed"]), 2 * (opts["dim"] // 2)
-        return spectra.covariance(fmap, u.shape[0], width, u.device, u.dtype)
-    fmap, width = spectra.nystrom_map(u, opts["dim"], opts["seed"])
-    return spectra.covariance(fmap, u.shape[0], width, u.device, torch.float64)
+        src = view.parts[0][0]
+        fmap, width, dtype = spectra.dot_features(view.parts), _width(view), src.dtype
+    else:
+        src = _gauss_u(view.parts)
+        if method == "rff":
+            fmap, width = spectra.rff_map(src, opts["dim"], opts["seed"]), opts["dim"]
+            dtype = src.dtype
+        else:
+            fmap, width = spectra.nystrom_map(src, opts["dim"], opts["seed"])
+            dtype = torch.float64
+    n = src.shape[0]
+    if gram_ok and n < width:
+        phi = fmap(0, n).to(torch.float64)
+        return phi @ phi.T
+    return spectra.covariance(fmap, n, width, src.device, dtype)
 
 
 def _entropy(view: _View, q: float, method: str, opts: dict, backend: str) -> torch.Tensor:
@@ -317,11 +325,11 @@ def _views(inp: _Inputs, kernel: str, sigma: float | None):
             return vx, None, None
         vt = _View(kernel, ((inp.t, inp.sigma_t),))
         return vx, vt, _View(kernel, ((inp.x, sigma), (inp.t, inp.sigma_t)))
-    mx = _dot_matrix(inp.x, kernel, "x")
+    mx = _dot_part(inp.x, kernel, "x")
     vx = _View(kernel, (mx,))
     if inp.t is None:
         return vx, None, None
-    mt = _dot_matrix(inp.t, kernel, "t")
+    mt = _dot_part(inp.t, kernel, "t")
     return vx, _View(kernel, (mt,)), _View(kernel, (mx, mt))
 
 
@@ -567,7 +575,7 @@ def vendi_modes(
 
 def _modes(view: _View, k: int, method: str, opts: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(top-k eigenvalues of K / tr K (k,), unit eigenvectors (n, k)), float64."""
-    n = (view.parts[0][0] if view.kernel == "gaussian" else view.parts[0]).shape[0]
+    n = view.parts[0][0].shape[0]
     k = min(k, n)
     if method == "exact":
         if view.kernel == "gaussian":
@@ -584,7 +592,7 @@ def _modes(view: _View, k: int, method: str, opts: dict) -> tuple[torch.Tensor, 
         vals, vecs = spectra.lanczos_top(u, opts["top_k"], vectors=True)
         p = torch.as_tensor(vals[:k].copy(), dtype=torch.float64) / n
         return p, torch.as_tensor(vecs[:, :k].copy(), dtype=torch.float64)
-    cov = _feature_cov(view, method, opts)
+    cov = _feature_cov(view, method, opts, gram_ok=False)
     w, v = torch.linalg.eigh(cov)
     k = min(k, len(w))
     w, v = w.flip(0)[:k], v.flip(1)[:, :k]

@@ -106,16 +106,21 @@ def gaussian_gram(u: torch.Tensor) -> torch.Tensor:
     return g.mul_(-0.5).exp_()
 
 
-def dot_features(mats: Sequence[torch.Tensor]) -> FeatureMap:
+def dot_features(parts: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> FeatureMap:
     """Feature map of the Hadamard product of linear kernels: the row-wise Kronecker product.
 
     (x_i . x_j)(t_i . t_j) = (x_i kron t_i) . (x_j kron t_j); one matrix gives its rows.
+    ``parts`` holds (matrix, row scale (n, 1) or None) pairs: the cosine kernel's 1 / ||x_i||
+    is applied block by block, so no normalised copy of the data is ever made.
     """
 
+    def rows(m: torch.Tensor, scale: torch.Tensor | None, i0: int, i1: int) -> torch.Tensor:
+        return m[i0:i1] if scale is None else m[i0:i1] * scale[i0:i1]
+
     def fmap(i0: int, i1: int) -> torch.Tensor:
-        f = mats[0][i0:i1]
-        for m in mats[1:]:
-            g = m[i0:i1]
+        f = rows(*parts[0], i0, i1)
+        for m, scale in parts[1:]:
+            g = rows(m, scale, i0, i1)
             f = (f[:, :, None] * g[:, None, :]).reshape(i1 - i0, -1)
         return f
 

@@ -1,0 +1,270 @@
+"""Benchmark: order-q scores (`rkekernels.vendi_score`) against vendi-score and the GEMM floor.
+
+Run:  python -m benchmarks.bench_vendi [--quick]
+
+1. Exact order 1, n = 4,000, d = 64: vs ``vendi.score_K`` on a precomputed K (the eigensolver is
+   the floor; target <= 1.2x) and vs ``vendi.score(X, k)`` end to end with a Gaussian k written
+   as a Python function of two samples, as in its README (target >= 10x faster).
+2. Exact order 1 at n = 10,000 (time and extra peak memory in a fresh process).
+3. Cosine kernel through the covariance, n = 1,000,000, d = 768, float32: vs one ``x.T @ x``
+   (target <= 2x); extra peak memory in a fresh process at n = 200,000.
+4. RFF Gaussian, d = 768, D = 4,096: the streamed covariance vs the work it cannot avoid (the
+   projection GEMM and one Z.T @ Z; target <= 1.5x), and the whole score with its eigensolver.
+5. RFF against exact: relative error vs D for q = 1 and 2 at the default bandwidth, on
+   scikit-learn's digits (1,797 x 64) and a synthetic 10-cluster mixture (2,000 x 16), median
+   over 3 seeds; plot ``bench_vendi_rff.png``.
+
+Timings: paired rounds (ours, then the baseline, in the same round), the ratio is the median of
+the per-round ratios (a load that changes between rounds cancels). Results in
+benchmarks/results/bench_vendi.{csv,md} and bench_vendi_rff.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import baselines
+from bench_scores import _child
+from common import RESULTS, write_results
+
+import rkekernels as rk
+from rkekernels import reference
+from rkekernels.ops import spectra
+
+COLUMNS = [
+    "case", "method", "n", "d", "seconds", "baseline", "baseline_seconds", "ratio", "value",
+    "rel_error", "extra_peak_mib", "note",
+]  # fmt: skip
+
+_bandwidth = getattr(rk, "default_bandwidth", rk.median_bandwidth)
+
+
+def _mixture(n: int, d: int, k: int = 10, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = 3.0 * torch.randn(k, d, generator=g)
+    return centres[torch.randint(0, k, (n,), generator=g)] + torch.randn(n, d, generator=g)
+
+
+def _secs(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def paired(ours, base, rounds: int) -> tuple[float, float, float, object, object]:
+    """(median ours s, median baseline s, median per-round ratio, last values)."""
+    to, tb, ratios = [], [], []
+    vo = vb = None
+    for _ in range(rounds):
+        a, vo = _secs(ours)
+        b, vb = _secs(base)
+        to.append(a)
+        tb.append(b)
+        ratios.append(a / b)
+    return statistics.median(to), statistics.median(tb), statistics.median(ratios), vo, vb
+
+
+def exact_order1(n: int, d: int, rows: list, rounds: int, loop: bool) -> None:
+    x = _mixture(n, d).double()
+    s = _bandwidth(x)
+    K = reference.kernel_matrix(x, "gaussian", s).numpy()
+    t_o, t_b, ratio, v_o, v_b = paired(
+        lambda: float(rk.vendi_score(x, 1.0, s, method="exact")),
+        lambda: baselines.vendi_score_K(K),
+        rounds,
+    )
+    err = abs(v_o - v_b) / v_b
+    rows.append(dict(case=f"exact order 1, n={n:,}", method="vendi_score(x) end to end", n=n,
+                     d=d, seconds=t_o, baseline="vendi.score_K(K), K precomputed",
+                     baseline_seconds=t_b, ratio=ratio, value=v_o, rel_error=err,
+                     note="target <= 1.2x"))  # fmt: skip
+    print(f"exact n={n}: ours {t_o:.2f}s, score_K {t_b:.2f}s, ratio {ratio:.3f}, err {err:.2e}")
+    if loop:
+        t_l, v_l = _secs(lambda: baselines.vendi_loop(x, s))
+        rows.append(dict(case=f"exact order 1, n={n:,}", method="vendi_score(x) end to end",
+                         n=n, d=d, seconds=t_o, baseline="vendi.score(X, k), Python Gaussian k",
+                         baseline_seconds=t_l, ratio=t_o / t_l, value=v_o,
+                         rel_error=abs(v_o - v_l) / v_l,
+                         note=f"{t_l / t_o:.1f}x faster (target >= 10x), one run"),
+                    )  # fmt: skip
+        print(f"  vendi.score loop {t_l:.1f}s: {t_l / t_o:.1f}x slower")
+
+
+def exact_large(n: int, d: int, rows: list) -> None:
+    res = _child(
+        f"""
+        import json, time, sys, torch, rkekernels as rk
+        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+        from bench_vendi import _mixture, _bandwidth
+        def status(key):
+            with open("/proc/self/status") as fh:
+                return next(int(l.split()[1]) for l in fh if l.startswith(key)) / 1024.0
+        x = _mixture({n}, {d})
+        s = _bandwidth(x)
+        rk.vendi_score(x[:64], 1.0, s, method="exact")
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        base = status("VmRSS")
+        t0 = time.perf_counter()
+        v = float(rk.vendi_score(x, 1.0, s, method="exact"))
+        secs = time.perf_counter() - t0
+        print(json.dumps(dict(secs=secs, value=v, extra_mib=status("VmHWM") - base)))
+        """
+    )
+    rows.append(dict(case=f"exact order 1, n={n:,}", method="vendi_score(x, method='exact')",
+                     n=n, d=d, seconds=res.get("secs", ""), value=res.get("value", ""),
+                     extra_peak_mib=res.get("extra_mib", ""),
+                     note=f"K alone is {8 * n * n / 2**20:,.0f} MiB (float64) "
+                          f"{res.get('error', '')}"))  # fmt: skip
+    print(f"exact n={n}: {res}")
+
+
+def cosine_large(n: int, d: int, rows: list, rounds: int, mem_n: int) -> None:
+    x = torch.randn(n, d)
+    x[: n // 2] += 0.5
+    t_o, t_b, ratio, v_o, _ = paired(
+        lambda: float(rk.vendi_score(x, 1.0, kernel="cosine", method="covariance")),
+        lambda: baselines.cov_gemm(x),
+        rounds,
+    )
+    sub = x[:4000].double()
+    err = abs(float(rk.vendi_score(sub, 1.0, kernel="cosine", method="covariance"))
+              - float(reference.vendi_score(sub, 1.0, None, "cosine")))  # fmt: skip
+    x = sub = None  # free 3 GB before the memory child starts
+    res = _child(
+        f"""
+        import json, torch, rkekernels as rk
+        def status(key):
+            with open("/proc/self/status") as fh:
+                return next(int(l.split()[1]) for l in fh if l.startswith(key)) / 1024.0
+        rk.vendi_score(torch.randn(64, {d}), 1.0, kernel="cosine", method="covariance")
+        x = torch.randn({mem_n}, {d})
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        base = status("VmRSS")
+        rk.vendi_score(x, 1.0, kernel="cosine", method="covariance")
+        print(json.dumps(dict(extra_mib=status("VmHWM") - base)))
+        """
+    )
+    rows.append(dict(case=f"cosine via covariance, n={n:,}", method="vendi_score(kernel='cosine')",
+                     n=n, d=d, seconds=t_o, baseline="one x.T @ x (float32)", baseline_seconds=t_b,
+                     ratio=ratio, value=v_o, rel_error=err / 1.0,
+                     extra_peak_mib=res.get("extra_mib", ""),
+                     note=f"target <= 2x; abs error vs reference at n=4,000: {err:.1e}; "
+                          f"memory at n={mem_n:,}"))  # fmt: skip
+    print(f"cosine n={n}: ours {t_o:.2f}s, x.T@x {t_b:.2f}s, ratio {ratio:.3f}; mem {res}")
+
+
+def rff_large(n: int, d: int, dim: int, rows: list, rounds: int) -> None:
+    x = _mixture(n, d)
+    s = _bandwidth(x)
+    u = (x - x.mean(0)) / s
+    w = torch.randn(d, dim // 2)
+    z = torch.randn(n, dim)
+
+    def ours_cov():
+        return spectra.covariance(spectra.rff_map(u, dim, 0), n, dim, u.device, u.dtype)
+
+    t_o, t_b, ratio, _, _ = paired(ours_cov, lambda: baselines.rff_floor(x, w, z), rounds)
+    z = None  # free the baseline's features
+    t_all, v = _secs(lambda: float(rk.vendi_score(x, 1.0, s, method="rff", dim=dim)))
+    rows.append(dict(case=f"RFF covariance, n={n:,}, D={dim}", method="streamed Z^T Z (cos, sin)",
+                     n=n, d=d, seconds=t_o, baseline="x @ W + one Z.T @ Z", baseline_seconds=t_b,
+                     ratio=ratio, note="target <= 1.5x"))  # fmt: skip
+    rows.append(dict(case=f"RFF score, n={n:,}, D={dim}", method="vendi_score(method='rff')",
+                     n=n, d=d, seconds=t_all, value=v,
+                     note=f"includes the {dim} x {dim} float64 eigvalsh"))  # fmt: skip
+    print(
+        f"rff n={n} D={dim}: cov {t_o:.2f}s, floor {t_b:.2f}s, ratio {ratio:.3f}; all {t_all:.1f}s"
+    )
+
+
+def rff_curve(dims: list[int], seeds: int, rows: list) -> list[tuple]:
+    from sklearn.datasets import load_digits
+
+    sets = {
+        "digits (1,797 x 64)": torch.as_tensor(load_digits().data, dtype=torch.float64),
+        "mixture (2,000 x 16)": _mixture(2000, 16).double(),
+    }
+    curve = []
+    for name, x in sets.items():
+        s = _bandwidth(x)
+        for q in (1.0, 2.0):
+            exact = float(reference.vendi_score(x, q, s))
+            for dim in dims:
+                errs = [
+                    abs(float(rk.vendi_score(x, q, s, method="rff", dim=dim, seed=k)) - exact)
+                    / exact
+                    for k in range(seeds)
+                ]
+                med = statistics.median(errs)
+                curve.append((name, q, dim, med))
+                rows.append(dict(case=f"RFF vs exact, {name}", method=f"rff q={q:g}", n=len(x),
+                                 d=x.shape[1], value=exact, rel_error=med,
+                                 note=f"D={dim}, median of {seeds} seeds, sigma={s:.4g}"),
+                            )  # fmt: skip
+                print(f"  {name} q={q:g} D={dim}: exact {exact:.4f}, median rel error {med:.2e}")
+    return curve
+
+
+def plot_curve(curve: list[tuple]) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(c[0] for c in curve):
+        for q, style in ((1.0, "o-"), (2.0, "s--")):
+            pts = [(c[2], c[3]) for c in curve if c[0] == name and c[1] == q]
+            ax.loglog(*zip(*pts), style, label=f"{name}, q = {q:g}")
+    ax.axhline(0.01, color="grey", lw=0.8, ls=":", label="1%")
+    ax.set(xlabel="RFF dimension D", ylabel="relative error of Vendi_q",
+           title="RFF vs exact (default bandwidth, median of 3 seeds)")  # fmt: skip
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    path = RESULTS / "bench_vendi_rff.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    ap.add_argument("--cosine-n", type=int, default=1_000_000)
+    ap.add_argument("--rff-n", type=int, default=50_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    rows: list[dict] = []
+    if args.quick:
+        exact_order1(500, 16, rows, 2, loop=True)
+        cosine_large(20_000, 64, rows, 2, mem_n=20_000)
+        rff_large(2000, 32, 512, rows, 2)
+        curve = rff_curve([256, 1024], 2, rows)
+    else:
+        exact_order1(4000, 64, rows, args.rounds, loop=True)
+        exact_large(10_000, 64, rows)
+        cosine_large(args.cosine_n, 768, rows, args.rounds, mem_n=200_000)
+        rff_large(args.rff_n, 768, 4096, rows, args.rounds)
+        curve = rff_curve([256, 512, 1024, 2048, 4096, 8192], 3, rows)
+    name = "bench_vendi_quick" if args.quick else "bench_vendi"
+    md = write_results(name, rows, COLUMNS, "Order-q scores (median of paired rounds)")
+    if not args.quick:
+        plot_curve(curve)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
