@@ -210,11 +210,17 @@ def score_files(
     flatten: bool = False,
     backend: str = "auto",
     progress: bool | None = None,
+    order: float = 2.0,
+    kernel: str = "gaussian",
+    method: str = "auto",
 ) -> dict[str, Any]:
     """Compute the scores of an embedding file (and its prompt embeddings) with the public API.
 
     RKE = exp(H2(X)) = n^2 / sum_ij Kx^2; with prompts, CondRKE = exp(H2(X|T)) and the entropy
     decomposition H2(X), H2(T), H2(X,T), H2(X|T), I2(X;T) from one `rke_entropies` pass.
+    Another ``order`` q, ``kernel`` or ``method`` goes through `vendi_score` /
+    `vendi_entropies`: then "vendi" (and "cond_vendi") hold exp(H_q(X)) (exp(H_q(X|T))), the
+    entropies are of order q, and "rke" / "cond_rke" are present when q = 2.
 
     Args:
         path: samples file (n, d). cond: prompt embeddings file (n, m) or None.
@@ -225,12 +231,14 @@ def score_files(
         flatten: reshape (n, ...) to (n, d) instead of refusing non-2-D arrays.
         backend: "auto", "torch" or "triton".
         progress: progress bar on stderr (None: when n >= 20,000).
+        order: the order q > 0 (``math.inf`` included); kernel: "gaussian", "cosine" or
+            "linear" (no sigma); method: see `rkekernels.vendi_score`.
 
     Returns:
         dict with rke, sigma and, with ``cond``, cond_rke, h_x, h_t, h_xt, h_x_given_t,
         mutual_info, sigma_cond (floats, or lists over several sigmas); plus "shape"
-        ({"n", "d", "m"}) and "median_sigma" / "median_sigma_cond" (whether the default
-        bandwidth was used).
+        ({"n", "d", "m"}), "median_sigma" / "median_sigma_cond" (whether the default
+        bandwidth was used), "order", "kernel" and "method" (the method that ran).
 
     Raises:
         CLIError: bad files or arrays (see `load_array`), or an error from the API.
@@ -259,7 +267,25 @@ def score_files(
     n = x.shape[0]
     show = n >= PROGRESS_MIN_N if progress is None else progress
     many = sigma is not None and len(sigma) > 1
+    order_q = 2.0 if order is None else order
     try:
+        if kernel != "gaussian" and (sigma is not None or sigma_cond is not None):
+            raise ValueError(
+                f"--sigma / --sigma-cond apply to the gaussian kernel only, not {kernel!r}"
+            )
+        width = x.shape[1] + (t.shape[1] if t is not None else 0)
+        if kernel != "gaussian" and t is not None:
+            width = x.shape[1] * t.shape[1]
+        used = rkekernels.vendi.pick_method(
+            method, kernel=kernel, n=n, width=width, q=rkekernels.vendi.check_order(order_q)
+        )
+        if (kernel, order_q, used) != ("gaussian", 2.0, "exact"):
+            out = _score_order_q(x, t, sigma, sigma_cond, order_q, kernel, used)
+            out.update(order=_order_out(order_q), kernel=kernel, method=used)
+            out["shape"] = {"n": n, "d": x.shape[1], **({"m": t.shape[1]} if t is not None else {})}
+            out["median_sigma"] = kernel == "gaussian" and sigma is None
+            out["median_sigma_cond"] = kernel == "gaussian" and t is not None and sigma_cond is None
+            return out
         with _stages(2, show, f"scoring n={n}") as step:
             sig = [float(rkekernels.median_bandwidth(x))] if sigma is None else list(sigma)
             sig_c = None
@@ -287,6 +313,44 @@ def score_files(
     out["shape"] = {"n": n, "d": x.shape[1], **({"m": t.shape[1]} if t is not None else {})}
     out["median_sigma"] = sigma is None
     out["median_sigma_cond"] = t is not None and sigma_cond is None
+    out.update(order=_order_out(order_q), kernel=kernel, method="exact")
+    return out
+
+
+def _order_out(q: float) -> float | str:
+    return "inf" if math.isinf(q) else q
+
+
+def _score_order_q(x, t, sigma, sigma_cond, q, kernel, method) -> dict[str, Any]:
+    """The order-q scores of `score_files` (another order, kernel or method than RKE's)."""
+    import torch
+
+    import rkekernels
+
+    many = sigma is not None and len(sigma) > 1
+    kw: dict[str, Any] = {"kernel": kernel, "method": method}
+    sig = None
+    if kernel == "gaussian":
+        sig = [float(rkekernels.median_bandwidth(x))] if sigma is None else list(sigma)
+        kw["sigma"] = sig if many else sig[0]
+    with torch.no_grad():
+        if t is None:
+            out: dict[str, Any] = {"vendi": _to_py(rkekernels.vendi_score(x, q, **kw))}
+        else:
+            if kernel == "gaussian":
+                kw["sigma_t"] = (
+                    float(sigma_cond) if sigma_cond is not None else rkekernels.median_bandwidth(t)
+                )
+            e = rkekernels.vendi_entropies(x, t, q, **kw)
+            vals = {k: _to_py(getattr(e, k)) for k in e._fields}
+            exp = (lambda v: [math.exp(a) for a in v]) if many else math.exp
+            out = {"vendi": exp(vals["h_x"]), "cond_vendi": exp(vals["h_x_given_t"]), **vals}
+            out["sigma_cond"] = kw.get("sigma_t")
+    if q == 2.0:
+        out["rke"] = out["vendi"]
+        if t is not None:
+            out["cond_rke"] = out["cond_vendi"]
+    out["sigma"] = (sig if many else sig[0]) if sig is not None else None
     return out
 
 
@@ -301,20 +365,24 @@ def _print_scores(res: dict[str, Any], args) -> None:
     if args.cond is not None:
         print(f"prompts: {args.cond}  (m = {shape['m']})")
     sigmas = res["sigma"] if isinstance(res["sigma"], list) else [res["sigma"]]
-    how = "median pairwise distance" if sig_median else "given"
-    print(f"bandwidth sigma      = {', '.join(_fmt(s) for s in sigmas)}  ({how})")
-    if args.cond is not None:
+    q = f"{float(res['order']):g}"
+    print(f"kernel {res['kernel']}, order q = {q}, method {res['method']}")
+    if res["kernel"] == "gaussian":
+        how = "median pairwise distance" if sig_median else "given"
+        print(f"bandwidth sigma      = {', '.join(_fmt(s) for s in sigmas)}  ({how})")
+    if args.cond is not None and res["kernel"] == "gaussian":
         how = "median pairwise distance" if cond_median else "given"
         print(f"bandwidth sigma_cond = {_fmt(res['sigma_cond'])}  ({how})")
-    cols = [("sigma", "sigma"), ("rke", "RKE")]
+    cols = [("sigma", "sigma")] if res["kernel"] == "gaussian" else []
+    cols += [("rke", "RKE")] if "rke" in res else [("vendi", f"Vendi_{q}")]
     if args.cond is not None:
+        cols += [("cond_rke", "cond RKE")] if "rke" in res else [("cond_vendi", f"cond Vendi_{q}")]
         cols += [
-            ("cond_rke", "cond RKE"),
-            ("h_x", "H2(X)"),
-            ("h_t", "H2(T)"),
-            ("h_xt", "H2(X,T)"),
-            ("h_x_given_t", "H2(X|T)"),
-            ("mutual_info", "I2(X;T)"),
+            ("h_x", f"H{q}(X)"),
+            ("h_t", f"H{q}(T)"),
+            ("h_xt", f"H{q}(X,T)"),
+            ("h_x_given_t", f"H{q}(X|T)"),
+            ("mutual_info", f"I{q}(X;T)"),
         ]
     rows = []
     for i in range(len(sigmas)):
@@ -328,7 +396,7 @@ def _print_scores(res: dict[str, Any], args) -> None:
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
     if args.cond is not None:
-        print("(entropies in nats; RKE = exp H2(X), cond RKE = exp H2(X|T))")
+        print(f"(entropies in nats; exp H{q}(X) and exp H{q}(X|T) are the scores)")
 
 
 def _cmd_score(args) -> int:
@@ -344,16 +412,24 @@ def _cmd_score(args) -> int:
         flatten=args.flatten,
         backend=args.backend,
         progress=args.progress,
+        order=args.order,
+        kernel=args.kernel,
+        method=args.method,
     )
     if args.json:
-        keys = ["rke", "sigma"]
+        keys = ["rke", "vendi", "sigma"]
         if args.cond is not None:
-            keys = ["rke", "cond_rke", "h_x", "h_t", "h_xt", "h_x_given_t", "mutual_info"]
-            keys += ["sigma", "sigma_cond"]
-        print(json.dumps({k: res[k] for k in keys}))
+            keys = ["rke", "cond_rke", "vendi", "cond_vendi", "h_x", "h_t", "h_xt"]
+            keys += ["h_x_given_t", "mutual_info", "sigma", "sigma_cond"]
+        keys += ["order", "kernel", "method"]
+        print(json.dumps({k: res[k] for k in keys if k in res}))
     else:
         _print_scores(res, args)
     return 0
+
+
+def _order(text: str) -> float:
+    return math.inf if text.strip().lower() in ("inf", "infinity") else _positive(text)
 
 
 def _positive(text: str) -> float:
@@ -481,6 +557,20 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive,
         metavar="S",
         help="bandwidth for the prompt embeddings (default: their median distance)",
+    )
+    s.add_argument(
+        "--order",
+        type=_order,
+        default=2.0,
+        metavar="Q",
+        help="entropy order q > 0 ('inf' allowed; default 2: RKE; 1: the Vendi score)",
+    )
+    s.add_argument("--kernel", choices=("gaussian", "cosine", "linear"), default="gaussian")
+    s.add_argument(
+        "--method",
+        choices=("auto", "exact", "covariance", "rff", "nystrom", "lanczos"),
+        default="auto",
+        help="how the spectrum is computed (see rkekernels.vendi_score; the JSON names it)",
     )
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--key", metavar="NAME", help="array name in .npz / .pt dict / .safetensors")

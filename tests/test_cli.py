@@ -62,8 +62,9 @@ def test_each_format_json_equals_api(tmp_path, capsys, data, fmt):
     res = _json(capsys, "score", px, "--cond", pt)
     assert set(res) == {
         *("rke", "cond_rke", "h_x", "h_t", "h_xt", "h_x_given_t", "mutual_info"),
-        *("sigma", "sigma_cond"),
+        *("sigma", "sigma_cond", "order", "kernel", "method"),
     }
+    assert (res["order"], res["kernel"], res["method"]) == (2.0, "gaussian", "exact")
     xt, tt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(t.astype(np.float32))
     s, sc = rkekernels.median_bandwidth(xt), rkekernels.median_bandwidth(tt)
     assert res["sigma"] == pytest.approx(s, rel=1e-12)
@@ -81,7 +82,7 @@ def test_float64_exact_and_unconditional_keys(tmp_path, capsys, data):
     x, t = data
     px = _save(tmp_path / "x.npy", "npy", x)
     res = _json(capsys, "score", px, "--sigma", 0.7)
-    assert set(res) == {"rke", "sigma"} and res["sigma"] == 0.7
+    assert set(res) == {"rke", "sigma", "order", "kernel", "method"} and res["sigma"] == 0.7
     assert res["rke"] == pytest.approx(rkekernels.rke_score(x, 0.7), rel=1e-12)
     pt = _save(tmp_path / "t.npy", "npy", t)
     res = _json(capsys, "score", px, "--cond", pt, "--sigma", 0.7, "--sigma-cond", 0.3)
@@ -244,3 +245,40 @@ def test_console_entry_point_subprocess(tmp_path, data):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no such file" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_order_kernel_method_flags(tmp_path, capsys, data):
+    x, t = data
+    px, pt = _save(tmp_path / "x.npy", "npy", x), _save(tmp_path / "t.npy", "npy", t)
+    res = _json(capsys, "score", px, "--order", 1, "--sigma", 0.9)
+    assert (res["order"], res["method"]) == (1.0, "exact") and "rke" not in res
+    assert res["vendi"] == pytest.approx(rkekernels.vendi_score(x, 1.0, 0.9), rel=1e-12)
+    res = _json(capsys, "score", px, "--order", "inf", "--kernel", "cosine")
+    assert (res["order"], res["kernel"], res["method"]) == ("inf", "cosine", "covariance")
+    assert res["vendi"] == pytest.approx(
+        rkekernels.vendi_score(x, math.inf, kernel="cosine"), rel=1e-12
+    )
+    res = _json(capsys, "score", px, "--kernel", "linear", "--method", "exact")
+    assert res["rke"] == pytest.approx(rkekernels.rke_score(x, kernel="linear"), rel=1e-10)
+    res = _json(capsys, "score", px, "--cond", pt, "--order", 1.5, "--sigma", 0.9,
+                "--sigma-cond", 0.5, "--method", "nystrom")  # fmt: skip
+    want = rkekernels.vendi_entropies(x, t, 1.5, 0.9, 0.5, method="nystrom")
+    assert res["method"] == "nystrom"
+    assert res["h_x_given_t"] == pytest.approx(want.h_x_given_t, rel=1e-12)
+    assert res["cond_vendi"] == pytest.approx(math.exp(want.h_x_given_t), rel=1e-12)
+    code, out, _ = _run(capsys, "score", px, "--order", 3, "--sigma", 0.9)
+    assert code == 0 and "Vendi_3" in out and "method exact" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--kernel", "linear", "--method", "rff"], "method='rff' does not apply"),
+        (["--kernel", "cosine", "--sigma", "1"], "gaussian kernel only"),
+        (["--order", "0"], "must be finite and > 0"),
+    ],
+)
+def test_order_flag_errors(tmp_path, capsys, data, argv, message):
+    px = _save(tmp_path / "x.npy", "npy", data[0])
+    code, _, err = _run(capsys, "score", px, *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
