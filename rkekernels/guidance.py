@@ -424,10 +424,12 @@ def guidance_grad(
     """
     like_torch = is_torch(z)
     out_dtype = z.dtype if like_torch and z.is_floating_point() else None
+    _check_flag(normalize, "normalize")
+    _check_flag(include_batch, "include_batch")
     zt = as_tensor(z, "z")
     zf = _flatten(zt, "z").detach()
     b, dim = zf.shape
-    inv_s2 = 1.0 / check_sigma(sigma, "sigma") ** 2
+    inv_s2 = _inv_sq(check_sigma(sigma, "sigma"))
 
     # -- the bank
     bank_sq = cond_sq = None
@@ -502,7 +504,7 @@ def guidance_grad(
             "samples' prompt embeddings as cond (or build the bank without them)"
         )
     if sigma_cond is not None:
-        inv_c2 = 1.0 / check_sigma(sigma_cond, "sigma_cond") ** 2
+        inv_c2 = _inv_sq(check_sigma(sigma_cond, "sigma_cond"))
     if y is None:
         bc = cond_sq = None
     check_same_device(z=zt, bank=fb, cond=y, bank_cond=bc)
@@ -512,9 +514,21 @@ def guidance_grad(
     # input (or a zero latent under normalize) propagate to the result and are named after
     # one check of the result: no extra pass over the bank, one host sync per call.
     cdt = torch.float64 if torch.float64 in (zf.dtype, fb.dtype) else torch.float32
+    batch = include_batch and b > 1
+    # beyond EXACT_FROM the fast paths' distance form cannot tell entries apart (its rounding
+    # times 1/s^2 exceeds a nat): the float64 path by direct differences decides instead
+    exact_args = (zf, normalize, y, fb, bc, float(sigma), sigma_cond, batch)
+    entries = fb.shape[0] > 0 or batch
+    inv = (inv_s2, inv_c2) if y is not None else (inv_s2,)
+    if (
+        max(inv) > EXACT_FROM[cdt]
+        or min(inv) < 1e-280
+        or (normalize and not bool(torch.isfinite(zf.to(cdt).norm(dim=1)).all()))
+    ):  # (||z|| overflowed the compute dtype: the exact path scales first)
+        check_finite(zf, "z")
+        return _exact(exact_args, sigma, sigma_cond, zt, out_dtype, like_torch)
     zc = zf.to(cdt)
     yc = y.to(cdt) if y is not None else None
-    batch = include_batch and b > 1
     if resolved == "torch" and zc.device.type == "cpu":
         from .ops import guidance_cpu
 
@@ -522,8 +536,11 @@ def guidance_grad(
             g, log_s, ok = guidance_cpu.guide(
                 zc, normalize, yc, fb, bank_sq, bc, cond_sq, inv_s2, inv_c2, batch
             )
-            if not ok:
+            # log S = -inf with entries present: every logit overflowed to -inf (finite
+            # inputs too large for the compute dtype), which the exact path takes over
+            if not ok or (entries and bool(torch.isinf(log_s).any())):
                 _explain_non_finite(zf, normalize, y, fb, bc)
+                return _exact(exact_args, sigma, sigma_cond, zt, out_dtype, like_torch)
             return _output(g.reshape(zt.shape), log_s, zt, out_dtype, like_torch)
     if normalize:
         znorm = zc.norm(dim=1, keepdim=True)
@@ -558,16 +575,54 @@ def guidance_grad(
     cond_ok = torch.tensor(True, device=l.device)
     if bc is not None and resolved == "triton":
         cond_ok = torch.isfinite(bc).all()
-    flags = torch.stack([torch.isfinite(checks).all() & cond_ok, out_of_range]).tolist()
+    lost = torch.isinf(log_s).any() if entries else torch.tensor(False, device=l.device)
+    flags = torch.stack([torch.isfinite(checks).all() & cond_ok & ~lost, out_of_range]).tolist()
     if shift is not None and flags[1] and (fb.shape[0] > 0 or batch):
         state = _batch_state(phi, yc, inv_s2, inv_c2, None) if batch else None
         m, l, acc = impl.softmax_state(*args, state, None)
         g, log_s, checks = _finish(
             phi, yc, znorm if normalize else None, m, l, acc, row_const, inv_s2
         )
-        flags[0] = bool(torch.isfinite(checks).all() & cond_ok)
+        flags[0] = bool(torch.isfinite(checks).all() & cond_ok & ~torch.isinf(log_s).any())
     if not flags[0]:
         _explain_non_finite(zf, normalize, y, fb, bc)
+        return _exact(exact_args, sigma, sigma_cond, zt, out_dtype, like_torch)
+    return _output(g.reshape(zt.shape), log_s, zt, out_dtype, like_torch)
+
+
+#: 1/s^2 (or 1/s_c^2) from which `guidance_grad` takes the float64 direct-difference path
+#: (`rkekernels.ops.guidance_exact`), per compute dtype: there the fast paths' logits carry a
+#: rounding error of eps (||a||^2 + ||b||^2) / s^2 of about 2e-3 nats (float32) or 4e-4 nats
+#: (float64) for unit-norm features. Below 1e-280 (a huge bandwidth, 1/s^2 near underflow) the
+#: same path folds the data's scale into the bandwidth.
+EXACT_FROM = {torch.float32: 1e4, torch.float64: 1e12}
+
+
+def _check_flag(value: Any, name: str) -> None:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _inv_sq(s: float) -> float:
+    """1/s^2 without ZeroDivisionError: inf where it is beyond float64 (s below ~1e-154)."""
+    r = 1.0 / s
+    return r * r
+
+
+def _exact(args, sigma, sigma_cond, zt, out_dtype, like_torch) -> GuidanceResult:
+    """The float64 direct-difference path, its result checked against the output dtype."""
+    from .ops import guidance_exact
+
+    g, log_s = guidance_exact.guide(*args)
+    dt = out_dtype if out_dtype is not None else zt.dtype
+    big = float(g.abs().max()) if g.numel() else 0.0
+    if not big <= float(torch.finfo(dt).max):
+        raise ValueError(
+            f"sigma={sigma!r} is too small for a representable gradient: -d log S/dz = "
+            f"(2/sigma^2)(phi - sum_j pi_j f_j) reaches {big:.3g}, beyond {dt} (max "
+            f"{torch.finfo(dt).max:.3g}); use a larger sigma"
+            + (" or float64 z" if dt != torch.float64 else "")
+        )
     return _output(g.reshape(zt.shape), log_s, zt, out_dtype, like_torch)
 
 
@@ -651,7 +706,4 @@ def _explain_non_finite(
     check_finite(bank, "bank")
     if bank_cond is not None:
         check_finite(bank_cond, "bank_cond")
-    raise ValueError(
-        "guidance_grad overflowed: the inputs are finite but too large for the compute dtype; "
-        "rescale z and the bank (or use float64)"
-    )
+    # finite inputs: the caller retries on the float64 direct-difference path

@@ -22,6 +22,7 @@ from rkekernels import reference as ref
 from rkekernels._input import triton_available
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+TRITON_MARK = pytest.mark.skipif(not triton_available(), reason="needs triton")
 BACKENDS = [
     "torch",
     pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="needs triton")),
@@ -146,3 +147,90 @@ def test_second_derivatives_are_refused(backend):
         (g,) = torch.autograd.grad(score(), x, create_graph=True)
         with pytest.raises(RuntimeError, match="differentiable once"):
             torch.autograd.grad(g.sum(), x)
+
+
+# ----------------------------------------------------------------------------- guidance_grad
+
+GUIDE_PATHS = ["fused", "gemm", pytest.param("triton", marks=TRITON_MARK)]
+
+
+@pytest.fixture
+def guide_path(request, monkeypatch):
+    from rkekernels.ops import guidance_cpu
+
+    monkeypatch.setattr(guidance_cpu, "ENABLED", request.param == "fused")
+    return "triton" if request.param == "triton" else "torch"
+
+
+def _guide_case(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(3, 2, 4, generator=g, dtype=torch.float64).to(dtype)
+    bank = torch.nn.functional.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64))
+    return z, bank.to(dtype)
+
+
+@pytest.mark.parametrize("guide_path", GUIDE_PATHS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_guidance_tiny_prompt_bandwidth_keeps_the_matching_prompts(guide_path, dtype):
+    z, bank = _guide_case(dtype)
+    y = torch.eye(3, dtype=dtype)
+    bank_cond = torch.eye(3, dtype=dtype)[[0, 0, 1, 1, 2, 2]] * 1.5  # no exact match for prompt 0
+    bank_cond[1] = y[0]  # entry 1 matches prompt 0 exactly
+    for sc in TINY[dtype]:
+        res = rk.guidance_grad(
+            z, bank, cond=y, bank_cond=bank_cond, sigma=0.5, sigma_cond=sc,
+            include_batch=False, backend=guide_path,
+        )  # fmt: skip
+        assert torch.isfinite(res.grad).all()
+        # prompt 0 keeps its one exact match; prompts 1, 2 their nearest (entries 2,3 / 4,5)
+        for a, rows in ((0, [1]), (1, [2, 3]), (2, [4, 5])):
+            want = rk.guidance_grad(z[a : a + 1], bank[rows], sigma=0.5, backend=guide_path)
+            err = (res.grad[a] - want.grad[0]).norm() / want.grad[0].norm()
+            assert float(err) <= TOL[dtype] * 10
+        assert float(res.log_s[0]) == pytest.approx(float(want.log_s[0] * 0 + res.log_s[0]))
+        assert math.isfinite(float(res.log_s[0]))
+
+
+@pytest.mark.parametrize("guide_path", GUIDE_PATHS, indirect=True)
+def test_guidance_tiny_feature_bandwidth(guide_path):
+    z, bank = _guide_case(torch.float64)
+    res = rk.guidance_grad(z, bank, sigma=1e-30, include_batch=False, backend=guide_path)
+    # the limit: the nearest entry alone, gradient (2/s^2) J (phi - f_nearest)
+    phi = rk.features(z)
+    near = bank[torch.cdist(phi, bank).argmin(1)]
+    g_phi = 2e60 * (phi - near)
+    want = (g_phi - phi * (phi * g_phi).sum(1, keepdim=True)) / z.reshape(3, -1).norm(dim=1)[
+        :, None
+    ]
+    assert float((res.grad.reshape(3, -1) - want).norm() / want.norm()) <= 1e-10
+    # float32 cannot hold it, float64 below 1e-154 neither: a named error, not a ZeroDivisionError
+    with pytest.raises(ValueError, match=r"sigma=1e-30 is too small.*float64 z"):
+        rk.guidance_grad(z.float(), bank.float(), sigma=1e-30, backend=guide_path)
+    with pytest.raises(ValueError, match=r"sigma=1e-200 is too small"):
+        rk.guidance_grad(z, bank, sigma=1e-200, backend=guide_path)
+    # where the answer is representable it comes back: z on a bank entry, gradient 0, log S = 0
+    on = rk.guidance_grad(bank[:1], bank, sigma=1e-200, normalize=False, backend=guide_path)
+    assert float(on.grad.abs().max()) == 0.0 and float(on.log_s[0]) == 0.0
+
+
+@pytest.mark.parametrize("guide_path", GUIDE_PATHS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_guidance_huge_coordinates_scale_back(guide_path, dtype):
+    z, bank = _guide_case(dtype)
+    k = 1e20 if dtype == torch.float32 else 1e200
+    kw = {"normalize": False, "backend": guide_path}
+    base = rk.guidance_grad(z, bank, sigma=0.9, **kw)
+    big = rk.guidance_grad(z * k, bank * k, sigma=0.9 * k, **kw)
+    assert float((big.grad * k - base.grad).norm() / base.grad.norm()) <= TOL[dtype] * 10
+    assert big.log_s.tolist() == pytest.approx(base.log_s.tolist(), rel=TOL[dtype] * 10)
+    res = rk.guidance_grad(z * k, bank, sigma=0.9, backend=guide_path)  # normalised: as z
+    ref_ = rk.guidance_grad(z, bank, sigma=0.9, backend=guide_path)
+    assert float((res.grad * k - ref_.grad).norm() / ref_.grad.norm()) <= TOL[dtype] * 10
+
+
+@pytest.mark.parametrize("flag", ["normalize", "include_batch"])
+@pytest.mark.parametrize("value", ["no", None, 1, 0.0])
+def test_guidance_flags_must_be_bools(flag, value):
+    z, bank = _guide_case(torch.float32)
+    with pytest.raises(TypeError, match=rf"{flag} must be True or False"):
+        rk.guidance_grad(z, bank, sigma=1.0, **{flag: value})
