@@ -1,0 +1,55 @@
+"""docs/tutorials/evaluate.md runs: its set-up block, and the commands print what it shows."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from rkekernels.cli import main
+
+pytest.importorskip("transformers")
+DOC = Path(__file__).resolve().parent.parent / "docs" / "tutorials" / "evaluate.md"
+
+
+def _console(text, command):
+    """The output lines shown under ``$ command`` in the tutorial."""
+    block = re.search(r"```console\n\$ " + re.escape(command) + r"\n(.*?)```", text, re.S)
+    return [ln.rstrip() for ln in block.group(1).strip().splitlines()]
+
+
+@pytest.mark.slow
+def test_tutorial_setup_and_first_commands(tmp_path, monkeypatch, capsys):
+    text = DOC.read_text()
+    setup = re.search(r"## Set up.*?```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(setup, str(DOC), "exec"), {})
+    assert len(list(Path("gen").glob("*.png"))) == 24 and Path("tiny-dinov2").is_dir()
+
+    cmd = "rkekernels evaluate gen --encoder pixels --sigma 5"
+    assert main([*cmd.split()[1:], "--no-progress", "--no-cache"]) == 0
+    got = [ln.rstrip() for ln in capsys.readouterr().out.strip().splitlines()]
+    assert got == _console(text, cmd)
+
+    args = "evaluate gen --encoder pixels --sigma 5 --reference ref --prompts prompts.npy"
+    assert main([*args.split(), "--sigma-t", "0.5", "--no-progress", "--no-cache"]) == 0
+    out = capsys.readouterr().out
+    for line in (
+        "cond RKE = 3.488  cond Vendi = 4.228",
+        "novelty (KEN) = 0.7731  relative RKE = 5.471",
+    ):
+        assert line in out and line in text
+    assert (
+        main(
+            [
+                "evaluate",
+                "gen",
+                "--encoder",
+                "dinov2",
+                "--encoder-model",
+                "tiny-dinov2",
+                "--no-progress",
+                "--no-cache",
+            ]
+        )
+        == 0
+    )
