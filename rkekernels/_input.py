@@ -67,6 +67,18 @@ def _numpy_kind_error(arr: np.ndarray, name: str) -> None:
         raise TypeError(f"{name} has unsupported dtype {arr.dtype}; pass real-valued numbers")
 
 
+def _odd_tensor_error(t: torch.Tensor, name: str) -> None:
+    """Sparse, quantized and nested tensors: a clear TypeError instead of a raw torch error."""
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"{name} is a {t.layout} tensor; pass a dense (strided) tensor, e.g. {name}.to_dense()"
+        )
+    if t.is_quantized:
+        raise TypeError(f"{name} is a quantized tensor; pass {name}.dequantize()")
+    if getattr(t, "is_nested", False):
+        raise TypeError(f"{name} is a nested tensor; pass a dense (n, d) tensor")
+
+
 def as_tensor(x: Any, name: str, *, device: torch.device | None = None) -> torch.Tensor:
     """Convert ``x`` to a floating torch tensor (float32 or float64), without copying if possible.
 
@@ -82,10 +94,17 @@ def as_tensor(x: Any, name: str, *, device: torch.device | None = None) -> torch
         raise TypeError(f"{name} must be an array or tensor, got None")
     if isinstance(x, torch.Tensor):
         t = x
+        _odd_tensor_error(t, name)
     elif isinstance(x, np.ndarray | np.generic):
-        arr = np.asarray(x)
+        if isinstance(x, np.ma.MaskedArray) and np.ma.getmaskarray(x).any():
+            raise TypeError(
+                f"{name} is a numpy masked array with masked entries, and the mask would be "
+                f"ignored: drop the masked rows (e.g. {name}[~{name}.mask.any(1)].data) or fill "
+                f"them ({name}.filled(value))"
+            )
+        arr = np.asarray(x)  # a 0-d array stays 0-d (ascontiguousarray would make it 1-d)
         _numpy_kind_error(arr, name)
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        t = torch.from_numpy(arr if arr.flags.c_contiguous else np.ascontiguousarray(arr))
     elif hasattr(x, "__dlpack__") and not isinstance(x, str | bytes):
         try:
             t = torch.from_dlpack(x)
@@ -150,9 +169,18 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
             )
 
 
+def _no_grad_sigma(sigma: torch.Tensor, name: str) -> None:
+    if sigma.requires_grad:
+        raise ValueError(
+            f"{name} is a tensor that requires grad, but the scores are not differentiable in "
+            f"the bandwidth (it would be silently detached): pass {name}.detach() or a float"
+        )
+
+
 def check_sigma(sigma: Any, name: str) -> float:
     """One bandwidth: a finite float > 0."""
     if isinstance(sigma, torch.Tensor):
+        _no_grad_sigma(sigma, name)
         if sigma.numel() != 1:
             raise ValueError(f"{name} must be a single number here; got shape {tuple(sigma.shape)}")
         sigma = sigma.detach().cpu().item()
@@ -171,6 +199,8 @@ def check_sigmas(sigma: Any, name: str) -> tuple[list[float], bool]:
         (sigmas, many): the list of floats and whether the caller passed a sequence (then the
         result is 1-D over the bandwidths).
     """
+    if isinstance(sigma, torch.Tensor):
+        _no_grad_sigma(sigma, name)
     if isinstance(sigma, torch.Tensor | np.ndarray) and np.ndim(sigma) == 1:
         sigma = [float(v) for v in (sigma.tolist())]
     if isinstance(sigma, Sequence) and not isinstance(sigma, str | bytes):

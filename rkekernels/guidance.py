@@ -281,6 +281,12 @@ class FeatureBank:
             ct = ct[b - self.capacity :] if ct is not None else None
             b = self.capacity
         fs = ft.to(device=self.device, dtype=self.dtype)
+        if self.dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(fs).all()):
+            raise ValueError(
+                f"f has values beyond the range of this FeatureBank's dtype {self.dtype} (max "
+                f"{torch.finfo(self.dtype).max:.4g}): they would be stored as inf; use "
+                "features(z) (unit rows) or a FeatureBank with dtype=torch.float32"
+            )
         sq = fs.to(self._sq.dtype).pow(2).sum(1)
         if ct is not None:
             cs = ct.to(device=self.device, dtype=self._cond.dtype)
@@ -346,7 +352,7 @@ class FeatureBank:
 
 
 def _is_float_tensor(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and x.dtype in _FLOATS
+    return isinstance(x, torch.Tensor) and x.dtype in _FLOATS and x.layout == torch.strided
 
 
 # ---------------------------------------------------------------------------- guidance_grad

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._input import as_tensor, check_sigma
+from ._input import BACKENDS, as_tensor, check_backend, check_sigma
 from .guidance import FeatureBank, GuidanceResult, features, guidance_grad
 
 __all__ = ["OBJECTIVES", "PROMPT_FADE_TAU", "STEP_RULES", "DiversityGuidance"]
@@ -194,8 +194,10 @@ class DiversityGuidance:
         self.sigma_cond = None if sigma_cond is None else check_sigma(sigma_cond, "sigma_cond")
         if isinstance(scale, bool) or not isinstance(scale, int | float | np.integer | np.floating):
             raise TypeError(f"scale must be a finite float, got {type(scale).__name__}")
-        if not math.isfinite(float(scale)):
-            raise ValueError(f"scale must be finite, got {scale!r}")
+        if not math.isfinite(float(scale)) or float(scale) < 0.0:
+            raise ValueError(
+                f"scale must be finite and >= 0 (a negative step reduces diversity), got {scale!r}"
+            )
         self.scale = float(scale)
         if isinstance(every, bool) or not isinstance(every, int | np.integer):
             raise TypeError(f"every must be an int >= 1, got {type(every).__name__}")
@@ -218,6 +220,10 @@ class DiversityGuidance:
         if feature_fn is not None and not callable(feature_fn):
             raise TypeError(f"feature_fn must be callable or None, got {type(feature_fn).__name__}")
         self.feature_fn = feature_fn
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton":
+            check_backend(backend, torch.device("cpu"))  # Triton missing: say what to install
         self.backend = backend
         self.bank = FeatureBank(int(capacity), device=device, dtype=bank_dtype)
         self.calls = 0
@@ -489,17 +495,19 @@ class DiversityGuidance:
         latents = self._latents(latents)
         k = self.calls if step is None else step
         selected = self.active(k, progress)
-        self.calls = k + 1
         if self.conditional == (cond is None):  # missing or unexpected cond
             self._cond(cond, latents.shape[0], latents.device)  # raises the named error
         if not selected or (self.scale == 0.0 and self.novelty is None):
+            self.calls = k + 1
             return latents
         out = latents
         if self.scale != 0.0:
-            self.last = self.grad(latents, cond)
-            out = self.update(latents, self.last.grad, self.step_fade(cond, latents.shape[0]))
+            last = self.grad(latents, cond)
+            out = self.update(latents, last.grad, self.step_fade(cond, latents.shape[0]))
+            self.last = last
         if self.novelty is not None and self.novelty.scale != 0.0:
             out = self.novelty.update(out, self.novelty.grad(out).grad)
+        self.calls = k + 1  # only a call that succeeded advances the schedule
         return out
 
     def commit(self, latents: torch.Tensor, cond: Any = None) -> None:

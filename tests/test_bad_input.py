@@ -123,3 +123,75 @@ def test_huge_coordinates_and_extreme_sigma_are_finite():
         assert math.isfinite(v) and 1.0 - 1e-6 <= v <= 50 * (1 + 1e-6)
     assert float(rk.rke_score(x, 1e-6)) == pytest.approx(50.0, rel=1e-6)
     assert float(rk.rke_score(x, 1e12)) == pytest.approx(1.0, rel=1e-6)
+
+
+# --------------------------------------------------------------- issue 12: odd inputs, named
+
+
+def test_sparse_and_other_odd_tensors_get_a_clear_error():
+    sp = X.to_sparse()
+    with pytest.raises(TypeError, match=r"x is a torch.sparse_coo tensor.*to_dense"):
+        rk.rke_score(sp, 1.0)
+    with pytest.raises(TypeError, match=r"t is a torch.sparse_csr tensor"):
+        rk.cond_rke_score(X, T.to_sparse_csr(), 1.0, 1.0)
+    with pytest.raises(TypeError, match=r"bank is a torch.sparse_coo tensor"):
+        rk.guidance_grad(torch.randn(2, 3), torch.randn(4, 3).to_sparse(), sigma=1.0)
+    with pytest.raises(TypeError, match=r"f is a torch.sparse_coo tensor"):
+        rk.FeatureBank(4).add(torch.randn(2, 3).to_sparse())
+    q = torch.quantize_per_tensor(X, 0.1, 0, torch.qint8)
+    with pytest.raises(TypeError, match=r"x is a quantized tensor"):
+        rk.rke_score(q, 1.0)
+
+
+def test_zero_dim_numpy_reports_its_real_shape():
+    with pytest.raises(ValueError, match=r"got shape \(\)"):
+        rk.rke_score(np.array(3.0), 1.0)
+    with pytest.raises(ValueError, match=r"got shape \(\)"):
+        rk.rke_score(np.float64(3.0), 1.0)
+
+
+def test_masked_arrays_are_refused_unless_nothing_is_masked():
+    a = np.ma.masked_array(X.numpy(), mask=np.zeros(X.shape, bool))
+    assert rk.rke_score(a, 1.0) == pytest.approx(float(rk.rke_score(X, 1.0)), rel=1e-6)
+    a.mask[2, 1] = True
+    with pytest.raises(TypeError, match=r"x is a numpy masked array.*filled"):
+        rk.rke_score(a, 1.0)
+
+
+def test_sigma_requiring_grad_is_refused_not_detached():
+    s = torch.tensor(1.0, requires_grad=True)
+    with pytest.raises(ValueError, match=r"sigma is a tensor that requires grad"):
+        rk.rke_score(X, s)
+    with pytest.raises(ValueError, match=r"sigma is a tensor that requires grad"):
+        rk.rke_score(X, torch.tensor([1.0, 2.0], requires_grad=True))
+    with pytest.raises(ValueError, match=r"sigma_t is a tensor that requires grad"):
+        rk.cond_rke_score(X, T, 1.0, s)
+    with pytest.raises(ValueError, match=r"sigma is a tensor that requires grad"):
+        rk.guidance_grad(torch.randn(2, 3), torch.randn(4, 3), sigma=s)
+    assert float(rk.rke_score(X, s.detach())) == pytest.approx(float(rk.rke_score(X, 1.0)))
+
+
+def test_half_feature_bank_refuses_values_that_overflow():
+    bank = rk.FeatureBank(4, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"beyond the range.*float16"):
+        bank.add(torch.tensor([[1e5, 0.0]]))
+    assert len(bank) == 0
+    bank.add(torch.tensor([[1e4, 0.0]]))
+    assert len(bank) == 1
+
+
+def test_diversity_guidance_checks_at_construction():
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        rk.DiversityGuidance(1.0, backend="bogus")
+    with pytest.raises(ValueError, match=r"scale must be finite and >= 0"):
+        rk.DiversityGuidance(1.0, scale=-0.1)
+
+
+def test_failed_apply_does_not_advance_the_schedule():
+    g = rk.DiversityGuidance(1.0, sigma_cond=0.5, every=2)
+    z = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="cond"):
+        g.apply(z)
+    assert g.calls == 0
+    g.apply(z, cond=torch.randn(2, 3))
+    assert g.calls == 1
