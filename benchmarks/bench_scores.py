@@ -1,6 +1,6 @@
 """Benchmark: `rkekernels.rke_score` side by side with what users would use instead.
 
-Run:  python benchmarks/bench_scores.py [--quick]
+Run:  python benchmarks/bench_scores.py [--quick] [--backward]
 
 1. vs one torch GEMM ``x @ x.T`` of the same x (the physical-limit proxy), n = 10,000, d = 512,
    float32 (target <= 0.7x), and vs the naive dense torch version (cdist, exp, sum), pykeops'
@@ -10,6 +10,12 @@ Run:  python benchmarks/bench_scores.py [--quick]
    memory (a child process with a 16 GiB address-space cap, so the machine itself is safe).
 3. Peak memory of `rke_score` at n = 100,000, d = 64 in a fresh process (target: input + 64 MiB),
    and extra peak memory vs n for `rke_score` and the dense version (log-log plot).
+
+4. ``--backward`` alone: forward + backward of `rke_score` (x requires grad: the fused pass of
+   ``ops.score_and_grad``) and the same through the two-pass path (forward sums, then the
+   streamed backward), each vs one GEMM ``x @ x.T`` timed in the same round (n = 10,000,
+   d = 512, float32, target <= 1.35x): medians of paired rounds, with the range over the rounds.
+   Results: benchmarks/results/bench_scores_backward.{csv,md}.
 
 Results: benchmarks/results/bench_scores.{csv,md} and bench_scores.png.
 """
@@ -120,6 +126,50 @@ def head_to_head(n: int, d: int, rows: list, repeat: int) -> None:
         add(f"rke-score RKE-MC ({ns:,} pairs)", t, baselines.rke_mc(x, s, ns))
     except Exception as exc:  # pragma: no cover
         print(f"rke-score skipped: {exc}")
+
+
+def backward_pairs(n: int, d: int, rounds: int, rows: list) -> None:
+    """Paired rounds: GEMM, fused forward+backward, two-pass forward+backward, forward alone."""
+    import statistics
+
+    from rkekernels.ops import pair_sums
+
+    x = _data(n, d)
+    s = rk.median_bandwidth(x)
+
+    def fused():
+        xg = x.clone().requires_grad_()
+        rk.rke_score(xg, s, backend="torch").backward()
+
+    def two_pass():  # the autograd Function of every other case: forward sums, streamed VJP
+        xg = x.clone().requires_grad_()
+        fx = pair_sums._PairSums.apply(xg, None, "torch", (s,), None, True)[0]
+        (n * n / fx).backward()
+
+    fns = {
+        "torch x @ x.T (GEMM only)": lambda: baselines.gemm(x),
+        "rkekernels.rke_score forward+backward (fused pass)": fused,
+        "rke_score forward+backward, two passes (before)": two_pass,
+        "rkekernels.rke_score forward only": lambda: rk.rke_score(x, s),
+    }
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    base = times["torch x @ x.T (GEMM only)"]
+    for name, ts in times.items():
+        ratios = [t / b for t, b in zip(ts, base)]
+        rows.append(
+            dict(case=f"n={n}, d={d}, float32, {torch.get_num_threads()} threads", method=name,
+                 n=n, d=d, seconds=statistics.median(ts),
+                 ratio_vs_baseline=statistics.median(ratios), baseline="x @ x.T",
+                 rel_error="", extra_peak_mib="",
+                 ratio_range=f"{min(ratios):.3g}-{max(ratios):.3g} over {rounds} rounds")
+        )  # fmt: skip
 
 
 def scaling(ns: list[int], d: int, rows: list) -> list[tuple[int, float, float | None]]:
@@ -260,9 +310,25 @@ def plot(points: list, mem: list, d: int) -> Path | None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    ap.add_argument("--backward", action="store_true", help="only the forward+backward rounds")
+    ap.add_argument("--rounds", type=int, default=7, help="paired rounds for --backward")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for --backward")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     rows: list[dict] = []
+    if args.backward:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        n, d = (2000, 128) if args.quick else (10_000, 512)
+        backward_pairs(n, d, 2 if args.quick else args.rounds, rows)
+        md = write_results(
+            "bench_scores_backward" + ("_quick" if args.quick else ""),
+            rows,
+            [*COLUMNS, "ratio_range"],
+            "rke_score forward + backward vs one GEMM (medians of paired rounds)",
+        )
+        print(md)
+        return
     if args.quick:
         head_to_head(2000, 128, rows, repeat=2)
         pts = scaling([500, 2000], 64, rows)

@@ -1,19 +1,32 @@
-"""GPU check of the fused Triton kernels (issue 3): correctness on CUDA, then the benchmarks.
+"""GPU check of the fused Triton kernels: correctness on CUDA, then the benchmarks, in two commands.
 
-Self-contained: needs only what the repository already imports (torch, triton, numpy); run from
-anywhere, it puts the repository root on sys.path. Written for an H100/H200 with torch 2.11 and
-Triton 3.6; works with Triton >= 3.2.
+Needs only torch, Triton and numpy (and the repository: run from its root, or anywhere: it puts
+the root on sys.path). Written for an H100/H200 with torch 2.11 and Triton 3.6; Triton >= 3.2.
 
-    python benchmarks/gpu_check.py                 # full run, results under $OUT (or --out)
-    python benchmarks/gpu_check.py --small         # tiny sizes: a smoke test of every section
-    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --small   # the same on a CPU-only machine
+    python -m benchmarks.gpu_check                # 1st command, "quick": at most 3 minutes
+    python -m benchmarks.gpu_check extended       # 2nd command: the large and optional sections
+    python -m benchmarks.gpu_check --small        # tiny sizes: a smoke test (also `extended`)
+    TRITON_INTERPRET=1 python -m benchmarks.gpu_check --small   # the same on a CPU-only machine
 
-Sections (``--sections``, comma separated, in this order):
+The first command (sections check, guidance, matmul, backward) covers the correctness of every
+kernel, precision mode and dtype, the guidance kernel, the main benchmark (n = 65,536, d = 768
+vs ``x @ x.T``) and backward vs forward; on an H200 it is sized to finish in 3 minutes including
+compilation. It counts the compiled variants its launches need (distinct Triton specialisation
+keys, `benchmarks.compile_count`) and prints the count: integer counts (n, b, shard) are not
+specialised, and the check sizes are the few that cover every specialisation (feature widths
+that are and are not multiples of 16, one and several tiles), so the check compiles what the
+benchmarks use and little more. The second command runs stream, large (n = 1,000,000), modes
+(precision modes' speed) and, with ``--pykeops``, KeOps. Each command writes its rows as they
+come to ``<out>/gpu_check_<command>.csv`` and ``.md`` (``--out``, default $OUT), so a timeout
+keeps what was done.
+
+Sections (``--sections``, comma separated, in this order, overrides the command's list):
 
 - ``check``: `forward_sums` and `backward_grads` against ``rkekernels.reference`` (dense float64, on
-  the same device) for odd sizes up to n = 1000 and d = 768, float32 in every precision mode and
-  float64 in "ieee"; pair sums within 1e-5 (float32) / 1e-10 (float64) or the mode's
-  `error_bound`, gradient rows within the same factor times sum_j |W|_ij (||x_i|| + ||x_j||).
+  the same device) for n = 1, 37, 130, 257, 1000 and d = 3, 20 (not multiples of 16), 64, 768
+  (multiples), float32 in every precision mode and float64 in "ieee"; pair sums within 1e-5
+  (float32) / 1e-10 (float64) or the mode's `error_bound`, gradient rows within the same
+  factor times sum_j |W|_ij (||x_i|| + ||x_j||).
   Also: backend="auto" picks Triton for CUDA tensors and agrees with the reference.
 - ``guidance`` (issue 4): `guidance_grad` with backend="triton" against
   ``rkekernels.reference.guidance_grad`` on CUDA (float32 within 1e-5: b = 4 and 17, prompts,
@@ -66,12 +79,19 @@ SECTIONS = (
     "check",
     "guidance",
     "matmul",
+    "backward",
     "stream",
     "large",
-    "backward",
     "modes",
     "pykeops",
 )
+#: the two commands: the first is the one to run in the first GPU minutes
+COMMANDS = {
+    "quick": ("check", "guidance", "matmul", "backward"),
+    "extended": ("stream", "large", "modes"),
+}
+#: seconds after which no further section starts, per command
+BUDGET_S = {"quick": 150.0, "extended": 480.0}
 COLUMNS = [
     "section",
     "case",
@@ -128,8 +148,9 @@ def _fmt(v) -> str:
 class Report:
     """Rows written to CSV and markdown after every addition."""
 
-    def __init__(self, out: Path, facts: dict[str, str], notes: list[str]):
+    def __init__(self, out: Path, facts: dict[str, str], notes: list[str], name: str = "gpu_check"):
         self.out = out
+        self.name = name
         self.facts = facts
         self.notes = notes
         self.rows: list[dict] = []
@@ -144,7 +165,7 @@ class Report:
         return row
 
     def flush(self) -> None:
-        with open(self.out / "gpu_check.csv", "w", newline="") as fh:
+        with open(self.out / f"{self.name}.csv", "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=COLUMNS + list(self.facts))
             w.writeheader()
             for r in self.rows:
@@ -165,7 +186,7 @@ class Report:
             cells = [_fmt(r.get(c, "")).replace("|", "\\|") for c in COLUMNS]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", *self.extra]
-        (self.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+        (self.out / f"{self.name}.md").write_text("\n".join(lines) + "\n")
 
 
 def bench(fn: Callable[[], object], cuda: bool, rep_ms: int = 100) -> tuple[float, float, float]:
@@ -215,9 +236,11 @@ def section_check(rep: Report, dev: torch.device, small: bool) -> None:
     from rkekernels._input import check_backend
     from rkekernels.ops import scores_triton as st
 
-    sizes = [(1, 3, 2), (37, 1, 3), (130, 20, 5)]
+    # widths not multiples of 16 (masks) and multiples (the benchmarks' specialisation); one tile
+    # and several; n = 1. Every size of a width class reuses that class's compiled kernels.
+    sizes = [(1, 3, 2), (37, 20, 5), (130, 64, 16)]
     if not small:
-        sizes += [(257, 20, 5), (1000, 64, 8), (200, 768, 16)]
+        sizes += [(257, 64, 16), (1000, 768, 16)]
     gen = torch.Generator().manual_seed(0)
     for n, d, m in sizes:
         for dtype, modes in ((torch.float32, st.PRECISIONS), (torch.float64, ("ieee",))):
@@ -649,11 +672,13 @@ def section_compile(rep: Report) -> None:
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "command", nargs="?", default="quick", choices=sorted(COMMANDS),
+        help="quick (1st command, <= 3 minutes) or extended (large and optional sections)",
+    )  # fmt: skip
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
     p.add_argument("--small", action="store_true", help="tiny sizes (smoke test, CPU or GPU)")
-    p.add_argument(
-        "--sections", default=",".join(s for s in SECTIONS if s not in ("pykeops", "compile"))
-    )
+    p.add_argument("--sections", default=None, help="comma separated; default: the command's")
     p.add_argument("--pykeops", action="store_true", help="also try the KeOps comparison")
     p.add_argument(
         "--compile-only",
@@ -664,7 +689,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--d", type=int, default=None, help="feature dimension (768)")
     p.add_argument("--n-large", type=int, default=None, help="n for the large run (1,000,000)")
     p.add_argument("--n-backward", type=int, default=None, help="n for backward (32768)")
-    p.add_argument("--budget-s", type=float, default=480.0, help="start no section after this")
+    p.add_argument("--budget-s", type=float, default=None, help="start no section after this")
     return p.parse_args(argv)
 
 
@@ -675,7 +700,9 @@ def main(argv=None) -> int:
     d = args.d or (24 if small else 768)
     n_large = args.n_large or (600 if small else 1_000_000)
     n_bwd = args.n_backward or (256 if small else 32768)
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    chosen = args.sections or ",".join(COMMANDS[args.command])
+    sections = [s.strip() for s in chosen.split(",") if s.strip()]
+    budget = args.budget_s if args.budget_s is not None else BUDGET_S[args.command]
     if args.pykeops and "pykeops" not in sections:
         sections.append("pykeops")
     if args.compile_only:
@@ -706,7 +733,8 @@ def main(argv=None) -> int:
         f"sizes: n_bench={n_bench}, d={d}, n_large={n_large}, n_backward={n_bwd}"
         + (" (--small)" if small else ""),
     ]
-    rep = Report(Path(args.out), machine(), notes)
+    name = "gpu_check_compile" if sections == ["compile"] else f"gpu_check_{args.command}"
+    rep = Report(Path(args.out), machine(), notes, name=name)
     start = time.perf_counter()
     state: dict = {}
     runners = {
@@ -721,21 +749,35 @@ def main(argv=None) -> int:
         "pykeops": lambda: section_pykeops(rep, state, n_bench, d, dev, cuda),
     }
     failed = False
-    for name in [s for s in SECTIONS if s in sections]:
-        elapsed = time.perf_counter() - start
-        if elapsed > args.budget_s:
-            rep.add(section=name, status="skipped", detail=f"budget: {elapsed:.0f} s elapsed")
-            continue
-        print(f"[{elapsed:7.1f} s] {name}", flush=True)
-        try:
-            runners[name]()
-        except Exception as exc:
-            failed = True
-            rep.add(section=name, status="ERROR", detail=f"{type(exc).__name__}: {exc}")
-            traceback.print_exc()
-        finally:
-            if cuda:
-                torch.cuda.empty_cache()
+    from benchmarks.compile_count import VariantCounter, triton_cache_size
+
+    with VariantCounter() as variants:
+        for sec in [s for s in SECTIONS if s in sections]:
+            elapsed = time.perf_counter() - start
+            if elapsed > budget:
+                rep.add(section=sec, status="skipped", detail=f"budget: {elapsed:.0f} s elapsed")
+                continue
+            print(f"[{elapsed:7.1f} s] {sec}", flush=True)
+            n_before = variants.total
+            try:
+                runners[sec]()
+            except Exception as exc:
+                failed = True
+                rep.add(section=sec, status="ERROR", detail=f"{type(exc).__name__}: {exc}")
+                traceback.print_exc()
+            finally:
+                if cuda:
+                    torch.cuda.empty_cache()
+            print(f"  compiled variants so far: {variants.total} (+{variants.total - n_before})")
+    cached = triton_cache_size() if cuda else None
+    rep.add(
+        section="variants", case="compiled kernel variants launched", status="ok",
+        ms_p50=(time.perf_counter() - start) * 1e3, n=variants.total,
+        detail=f"by kernel {variants.by_kernel()}, {variants.launches} launches"
+        + (f"; Triton's caches hold {cached}" if cached is not None else "")
+        + "; ms_p50 = wall time of the command so far",
+    )  # fmt: skip
+    print(f"compiled variants: {variants.total} {variants.by_kernel()}", flush=True)
     tuned = st.tuned_configs()
     rep.extra = ["Tile configurations chosen by the tuner (problem key -> config):", ""]
     rep.extra += [f"- `{k}` -> `{v}`" for k, v in tuned.items()] or ["- none (small problems)"]
