@@ -527,6 +527,18 @@ class _VendiCore:
         self.dim, self.seed = dim, int(seed)
         self.stream = _Stream(self.sigma, self.sigma_t)  # the batch checks of RKEMetric
 
+    def check(self, x: Any, t: Any, width: tuple[int, int | None] | None, device: Any):
+        """The batch checks of `RKEMetric.update` against the widths seen so far."""
+        return self.stream.check_batch(
+            x,
+            t,
+            width=width[0] if width else None,
+            t_width=width[1] if width else None,
+            has_t=(width[1] is not None) if width else None,
+            device=device,
+            dtype=None,
+        )
+
     def covariances(self, x: torch.Tensor, t: torch.Tensor | None) -> list[torch.Tensor]:
         """[Phi_x^T Phi_x] (+ [Phi_t^T Phi_t, Phi_xt^T Phi_xt] with t), float64 (dim, dim)."""
         from .ops import spectra
@@ -622,16 +634,7 @@ class VendiMetric:
         Raises:
             ValueError / TypeError: as `RKEMetric.update`.
         """
-        w = self._width
-        x, t = self._core.stream.check_batch(
-            x,
-            t,
-            width=w[0] if w else None,
-            t_width=w[1] if w else None,
-            has_t=(w[1] is not None) if w else None,
-            device=None,
-            dtype=None,
-        )
+        x, t = self._core.check(x, t, self._width, None)
         if x.shape[0] == 0:
             return
         covs = self._core.covariances(x, t)
@@ -815,16 +818,7 @@ def _make_torchmetrics_vendi() -> type:
 
         def update(self, x: Any, t: Any = None) -> None:
             """Add a batch (see `VendiMetric.update`)."""
-            w = self._width
-            x, t = self._core.stream.check_batch(
-                x,
-                t,
-                width=w[0] if w else None,
-                t_width=w[1] if w else None,
-                has_t=(w[1] is not None) if w else None,
-                device=self.device,
-                dtype=None,
-            )
+            x, t = self._core.check(x, t, self._width, self.device)
             if x.shape[0] == 0:
                 return
             self._width = (x.shape[1], t.shape[1] if t is not None else None)
