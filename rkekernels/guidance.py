@@ -369,6 +369,8 @@ def guidance_grad(
     normalize: bool = True,
     include_batch: bool = True,
     backend: str = "auto",
+    algorithm: str = "rke",
+    kernel: str = "gaussian",
 ) -> GuidanceResult:
     """The SPARKE guidance direction -d log S / dz for b samples against a bank, in one pass.
 
@@ -397,6 +399,12 @@ def guidance_grad(
             and its values; numba, a dependency: where it cannot load, a one-time warning says
             so), else two GEMMs per cached chunk of the bank; both give the same result to
             rounding.
+        algorithm: "rke" (the order-2 objective above) or "vendi": the first-order gain in the
+            order-1 (Vendi) entropy of bank + sample, log S = psi^T (log rho + H I) psi over the
+            bank's feature covariance, decomposed once per bank change
+            (`rkekernels.ops.guidance_kernels`). Conditioning is decided by sigma_cond alike.
+        kernel: "gaussian" (default), "cosine" or "linear" (the kernel on features; the prompt
+            kernel stays Gaussian). "vendi" with "gaussian" uses 1,024 random Fourier features.
 
     Returns:
         GuidanceResult(grad, log_s): grad with z's shape and dtype; log_s (b,). Torch tensors
@@ -515,6 +523,15 @@ def guidance_grad(
         bc = cond_sq = None
     check_same_device(z=zt, bank=fb, cond=y, bank_cond=bc)
     resolved = check_backend(backend, zt.device)
+    if algorithm != "rke" or kernel != "gaussian":  # vendi, cosine, linear
+        from .ops import guidance_kernels
+
+        g, log_s = guidance_kernels.guide(
+            zf, normalize, y, fb, bc, sigma, sigma_cond, include_batch, algorithm, kernel
+        )
+        if not bool(torch.isfinite(g).all()):
+            _explain_non_finite(zf, normalize, y, fb, bc)
+        return _output(g.reshape(zt.shape), log_s, zt, out_dtype, like_torch)
 
     # -- compute dtype: float64 when z or the bank is float64, else float32. NaN/Inf in any
     # input (or a zero latent under normalize) propagate to the result and are named after

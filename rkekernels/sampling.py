@@ -133,6 +133,10 @@ class DiversityGuidance:
         novelty: an optional novelty term (`rkekernels.novelty.novelty_guidance`): on every
             selected step, after the diversity step, the samples also move away from its
             reference bank, with its own scale.
+        algorithm: "rke" (default) or "vendi" (the first-order gain in the order-1 Vendi
+            entropy of bank + sample; see `rkekernels.guidance_grad`); ``objective``,
+            ``sigma_cond`` and the step rules keep their meaning with either.
+        kernel: "gaussian" (default), "cosine" or "linear": the kernel on features.
 
     Attributes:
         bank: the `FeatureBank` of committed samples (``len(guidance.bank)`` entries).
@@ -177,7 +181,13 @@ class DiversityGuidance:
         objective: str = "log",
         step_rule: str = "prompt_fade",
         novelty: DiversityGuidance | None = None,
+        algorithm: str = "rke",
+        kernel: str = "gaussian",
     ) -> None:
+        from .ops.guidance_kernels import check
+
+        check(algorithm, kernel)
+        self.algorithm, self.kernel = algorithm, kernel
         if novelty is not None and not isinstance(novelty, DiversityGuidance):
             raise TypeError(
                 "novelty must be None or a term from rkekernels.novelty.novelty_guidance, got "
@@ -349,6 +359,8 @@ class DiversityGuidance:
             normalize=self.normalize,
             include_batch=self.include_batch,
             backend=self.backend,
+            algorithm=self.algorithm,
+            kernel=self.kernel,
         )
         if self.feature_fn is None:
             return self._fade(guidance_grad(latents.detach(), self.bank, **kwargs))
