@@ -23,9 +23,11 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -102,7 +104,17 @@ def load_array(path: str | os.PathLike, key: str | None = None):
             with np.load(p, allow_pickle=False) as data:
                 value = _pick({k: data[k] for k in data.files}, key, p)
         elif ext in (".pt", ".pth"):
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's warnings about the pickle: not for users
+                warnings.simplefilter("ignore")
+                try:
+                    obj = torch.load(p, map_location="cpu", weights_only=True)
+                except pickle.UnpicklingError:
+                    raise CLIError(
+                        f"{p}: cannot read it as .pt: not tensors saved by torch.save (a plain "
+                        "pickle, or another format?); "
+                        "rkekernels reads .pt files with weights_only=True, save the array with "
+                        "torch.save(tensor, path) or np.save"
+                    ) from None
             if isinstance(obj, dict):
                 arrays = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
                 value = _pick(arrays, key, p)
@@ -135,8 +147,16 @@ def load_array(path: str | os.PathLike, key: str | None = None):
         if value.dtype.kind not in "biuf":
             raise CLIError(f"{p}: has non-numeric dtype {value.dtype}; need real numbers")
         value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        raise CLIError(f"{p}: holds a {type(value).__name__}, not a tensor")
+    if value.layout != torch.strided:
+        raise CLIError(f"{p}: holds a {value.layout} (sparse) tensor; save it dense (to_dense())")
+    if value.is_quantized:
+        raise CLIError(f"{p}: holds a quantized tensor; save it dequantized (dequantize())")
     if value.is_complex() or value.dtype == torch.bool:
         raise CLIError(f"{p}: has dtype {value.dtype}; need real numbers")
+    if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
+        value = value.to(torch.float32)  # float16 / bfloat16 / float8: scored in float32
     return value
 
 
@@ -422,7 +442,10 @@ def _cmd_score(args) -> int:
             keys = ["rke", "cond_rke", "vendi", "cond_vendi", "h_x", "h_t", "h_xt"]
             keys += ["h_x_given_t", "mutual_info", "sigma", "sigma_cond"]
         keys += ["order", "kernel", "method"]
-        print(json.dumps({k: res[k] for k in keys if k in res}))
+        try:  # strict JSON: never NaN or Infinity
+            print(json.dumps({k: res[k] for k in keys if k in res}, allow_nan=False))
+        except ValueError:
+            raise CLIError("a score is not finite; this is a bug, please report it") from None
     else:
         _print_scores(res, args)
     return 0

@@ -282,3 +282,61 @@ def test_order_flag_errors(tmp_path, capsys, data, argv, message):
     px = _save(tmp_path / "x.npy", "npy", data[0])
     code, _, err = _run(capsys, "score", px, *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ issue 12: strict JSON, odd .pt
+
+
+@pytest.mark.parametrize(
+    "values, sigma",
+    [
+        (np.random.default_rng(1).normal(size=(6, 3)), "1e-30"),  # tiny bandwidth
+        (np.array([[3e38], [-3e38], [0.0]]), "1.0"),  # near float32's largest number
+    ],
+)
+def test_json_is_strict_at_the_edges(tmp_path, capsys, values, sigma):
+    px = tmp_path / "x.npy"
+    np.save(px, values.astype(np.float32))
+    code, out, err = _run(capsys, "score", px, "--sigma", sigma, "--json")
+    assert code == 0, err
+    res = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert all(math.isfinite(v) for v in res.values() if isinstance(v, float))
+    assert res["rke"] == pytest.approx(float(len(values)), rel=1e-5)
+
+
+def test_odd_tensors_in_pt_files(tmp_path, capsys):
+    x = torch.randn(8, 3)
+    # float8: converted like float16 (a correct answer), no traceback
+    p8 = tmp_path / "x8.pt"
+    torch.save(x.to(torch.float8_e4m3fn), p8)
+    res = _json(capsys, "score", p8, "--sigma", "1.0")
+    assert res["rke"] == pytest.approx(
+        float(rkekernels.rke_score(x.to(torch.float8_e4m3fn).float(), 1.0))
+    )
+    for name, value, msg in [
+        ("sparse", x.to_sparse(), "sparse"),
+        ("quant", torch.quantize_per_tensor(x, 0.1, 0, torch.qint8), "quantized"),
+        ("bool", x > 0, "bool"),
+    ]:
+        p = tmp_path / f"{name}.pt"
+        torch.save(value, p)
+        code, out, err = _run(capsys, "score", p, "--sigma", "1.0")
+        assert code == 2 and out == ""
+        assert len(err.strip().splitlines()) == 1 and msg in err, err
+
+
+def test_plain_pickle_pt_is_one_line_without_warnings(tmp_path):
+    import pickle
+
+    p = tmp_path / "x.pt"
+    with open(p, "wb") as fh:
+        pickle.dump({"emb": [[1.0, 2.0]]}, fh)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rkekernels", "score", str(p), "--sigma", "1.0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Warning" not in proc.stderr
