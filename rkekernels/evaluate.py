@@ -379,7 +379,8 @@ def evaluate(
             in the most / least crowded lists.
         level, unbiased: the interval's coverage and estimator (`rke_interval`).
         cache_dir: embeddings cache ("default": `default_cache_dir`, None: no cache).
-        batch_size, device, half, pixels_size: encoder options.
+        batch_size, device, half, pixels_size: encoder options; the scores run on ``device``
+            too (the Triton kernels for CUDA).
         key: array name inside multi-array embedding files.
         progress: tqdm progress bars on stderr.
 
@@ -422,7 +423,10 @@ def evaluate(
         raise CLIError(str(exc)) from None
     except ValueError as exc:  # unreadable images and API checks
         raise CLIError(str(exc).splitlines()[0]) from None
-    x = x.float()
+    dev = torch.device(device)  # the scores run where the encoder ran (Triton on CUDA)
+    x = x.float().to(dev)
+    y = y.to(dev) if y is not None else None
+    t = t.to(dev) if t is not None else None
     if y is not None and y.shape[1] != x.shape[1]:
         raise CLIError(
             f"{reference}: features of width {y.shape[1]}, {gen}: width {x.shape[1]}; "

@@ -31,7 +31,11 @@ from .ops import scores_torch
 from .scores import _pair, _resolve_sigma
 from .vendi import Mode
 
+#: ken_novelty(method="auto") solves the dense eigenproblem up to n + m rows, else uses RFF
+AUTO_EXACT_MAX = 4096
+
 __all__ = [
+    "AUTO_EXACT_MAX",
     "Interval",
     "Novelty",
     "SampleSums",
@@ -390,6 +394,9 @@ def ken_novelty(
     eta: float = 1.0,
     top: int = 8,
     per_mode: int = 16,
+    method: str = "auto",
+    dim: int = 4096,
+    seed: int = 0,
 ) -> Novelty:
     """KEN: the entropy of the modes of X that Y (the reference) lacks, with those modes' samples.
 
@@ -405,14 +412,22 @@ def ken_novelty(
     (the paper's fused matrix; a general float64 eigensolver: the route through G^(1/2) would
     lose ~1e-8 to the square roots of G's round-off eigenvalues). The X entries of an
     eigenvector are the projections of the samples onto that mode; a mode's samples are the X
-    rows with the largest entries. X equal to Y in
-    distribution gives KEN near 0; higher means more novel. Dense: (n + m)^2 float64.
+    rows with the largest entries. X equal to Y in distribution gives KEN near 0; higher means
+    more novel.
+
+    Methods: "exact" is the dense (n + m)^2 float64 eigenproblem above (O((n + m)^3)); "rff"
+    works in ``dim`` random Fourier features phi of the kernel (`rkekernels.ops.spectra`, the
+    FKEA route): Lambda_X - eta Lambda_Y = Phi_x^T Phi_x / n - eta Phi_y^T Phi_y / m is a
+    symmetric dim x dim matrix (O((n + m) dim^2 + dim^3)), its eigenvalues approximate KEN's
+    (error about 1/sqrt(dim)) and Phi_x w gives the samples' projections on each mode; "auto":
+    exact up to n + m = 4,096, else rff.
 
     Args:
         x: (n, d) generated samples. y: (m, d) reference samples (same encoder).
         sigma: one bandwidth; None: the default bandwidth of x.
         eta: the weight of the reference (1 in the paper).
         top: how many novel modes to return. per_mode: samples of X listed per mode.
+        method: "auto", "exact" or "rff". dim, seed: the random features (rff).
 
     Returns:
         Novelty(score, novel_mass, eigenvalues, modes).
@@ -435,8 +450,14 @@ def ken_novelty(
         raise ValueError("ken_novelty takes one bandwidth sigma, not a sequence")
     s = sigmas[0]
     n, m = xt.shape[0], yt.shape[0]
+    if method not in ("auto", "exact", "rff"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'rff'; got {method!r}")
+    if method == "auto":
+        method = "exact" if n + m <= AUTO_EXACT_MAX else "rff"
     both = torch.cat([xt, yt]).detach().double()
     (bc,) = _centred(both)
+    if method == "rff":
+        return _ken_rff(bc, n, s, eta, top, per_mode, dim, seed)
     g = _gauss(bc, bc, s)
     scale = torch.cat(
         [torch.full((n,), 1.0 / math.sqrt(n)), torch.full((m,), math.sqrt(eta / m))]
@@ -450,7 +471,27 @@ def ken_novelty(
     cvecs = cvecs * (big.conj() / big.abs())
     order = torch.argsort(cvals.real, descending=True)
     vals, vecs = cvals.real[order], cvecs.real[:, order]
+    return _novelty(vals, vecs, n, top, per_mode)
+
+
+def _novelty(vals: torch.Tensor, vecs: torch.Tensor, n: int, top: int, per_mode: int) -> Novelty:
+    """KEN from the eigenpairs (descending), the X rows of ``vecs`` first."""
     pos = vals[vals > 1e-12 * max(1.0, float(vals.abs().max()))]
     mass = float(pos.sum()) if pos.numel() else 0.0
     score = float(-(pos * torch.log(pos / mass)).sum()) if pos.numel() else 0.0
     return Novelty(score, mass, vals.cpu().numpy(), _top_modes(vals, vecs, n, top, per_mode))
+
+
+def _ken_rff(bc, n, sigma, eta, top, per_mode, dim, seed) -> Novelty:
+    """KEN in random Fourier features: eigh of Phi_x^T Phi_x / n - eta Phi_y^T Phi_y / m."""
+    from .ops import spectra
+
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
+        raise ValueError(f"dim must be an integer >= 2 (random features); got {dim!r}")
+    m = bc.shape[0] - n
+    phi = spectra.rff_map(bc / sigma, dim, int(seed))(0, bc.shape[0])
+    px, py = phi[:n], phi[n:]
+    diff = px.T @ px / n - eta * (py.T @ py) / m
+    vals, w = torch.linalg.eigh(diff)
+    vals, w = vals.flip(0), w.flip(1)
+    return _novelty(vals, px @ w, n, top, per_mode)

@@ -134,6 +134,12 @@ def test_ken_matches_the_papers_fused_matrix_and_finds_the_new_mode():
     print("KEN new mode / same modes:", nov.score, nov.novel_mass, same.score, same.novel_mass)
     assert same.score < nov.score
     assert nov.novel_mass > 1.8 * same.novel_mass  # 0.36 vs 0.17
+    # random Fourier features (the route for large sets): close, and the same novel mode
+    rff = ev.ken_novelty(gen, refset, sigma=1.0, top=1, per_mode=8, method="rff", dim=512)
+    print("KEN exact / rff:", nov.score, rff.score, nov.novel_mass, rff.novel_mass)
+    assert abs(rff.novel_mass - nov.novel_mass) < 0.1 * nov.novel_mass
+    assert abs(rff.score - nov.score) < 0.25 * nov.score
+    assert set(rff.modes[0].members.tolist()) == new
 
 
 def test_bad_input_names_the_argument():
