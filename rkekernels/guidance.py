@@ -35,6 +35,7 @@ from ._input import (
     check_sigma,
     is_torch,
 )
+from ._input import check_finite as _check_finite  # guidance_grad has an argument of that name
 
 __all__ = ["FeatureBank", "GuidanceResult", "features", "guidance_grad"]
 
@@ -371,6 +372,7 @@ def guidance_grad(
     backend: str = "auto",
     algorithm: str = "rke",
     kernel: str = "gaussian",
+    check_finite: bool | None = None,
 ) -> GuidanceResult:
     """The SPARKE guidance direction -d log S / dz for b samples against a bank, in one pass.
 
@@ -405,6 +407,13 @@ def guidance_grad(
             (`rkekernels.ops.guidance_kernels`). Conditioning is decided by sigma_cond alike.
         kernel: "gaussian" (default), "cosine" or "linear" (the kernel on features; the prompt
             kernel stays Gaussian). "vendi" with "gaussian" uses 1,024 random Fourier features.
+        check_finite: True: NaN/Inf in any input raises a ValueError naming it, at the cost of
+            one host sync per call (the only one on CUDA; no host-to-device copies). False: no
+            sync at all, so the call can be captured in a CUDA graph; a non-finite input (or a
+            result the fast paths cannot represent) then gives NaN in ``grad`` and ``log_s``
+            instead of an error, and the torch path keeps a running max (no retry). None (the
+            default): False while a CUDA graph is being captured on the current stream, else
+            True.
 
     Returns:
         GuidanceResult(grad, log_s): grad with z's shape and dtype; log_s (b,). Torch tensors
@@ -523,13 +532,19 @@ def guidance_grad(
         bc = cond_sq = None
     check_same_device(z=zt, bank=fb, cond=y, bank_cond=bc)
     resolved = check_backend(backend, zt.device)
+    if check_finite is None:
+        check_finite = not (zt.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    sync = bool(check_finite)
     if algorithm != "rke" or kernel != "gaussian":  # vendi, cosine, linear
         from .ops import guidance_kernels
 
         g, log_s = guidance_kernels.guide(
             zf, normalize, y, fb, bc, sigma, sigma_cond, include_batch, algorithm, kernel
         )
-        if not bool(torch.isfinite(g).all()):
+        if not sync:
+            bad = ~torch.isfinite(g).all()
+            g, log_s = torch.where(bad, math.nan, g), torch.where(bad, math.nan, log_s)
+        elif not bool(torch.isfinite(g).all()):
             _explain_non_finite(zf, normalize, y, fb, bc)
         return _output(g.reshape(zt.shape), log_s, zt, out_dtype, like_torch)
 
@@ -543,28 +558,38 @@ def guidance_grad(
     exact_args = (zf, normalize, y, fb, bc, float(sigma), sigma_cond, batch)
     entries = fb.shape[0] > 0 or batch
     inv = (inv_s2, inv_c2) if y is not None else (inv_s2,)
-    if (
-        max(inv) > EXACT_FROM[cdt]
-        or min(inv) < 1e-280
-        or (normalize and not bool(torch.isfinite(zf.to(cdt).norm(dim=1)).all()))
-    ):  # (||z|| overflowed the compute dtype: the exact path scales first)
-        check_finite(zf, "z")
-        return _exact(exact_args, sigma, sigma_cond, zt, out_dtype, like_torch)
-    zc = zf.to(cdt)
-    yc = y.to(cdt) if y is not None else None
-    if resolved == "torch" and zc.device.type == "cpu":
+    numba = resolved == "torch" and zf.device.type == "cpu"
+    if numba:
         from .ops import guidance_cpu
 
-        if guidance_cpu.enabled():  # numba: the whole computation in compiled code
-            g, log_s, ok = guidance_cpu.guide(
-                zc, normalize, yc, fb, bank_sq, bc, cond_sq, inv_s2, inv_c2, batch
-            )
-            # log S = -inf with entries present: every logit overflowed to -inf (finite
-            # inputs too large for the compute dtype), which the exact path takes over
-            if not ok or (entries and bool(torch.isinf(log_s).any())):
-                _explain_non_finite(zf, normalize, y, fb, bc)
-                return _exact(exact_args, sigma, sigma_cond, zt, out_dtype, like_torch)
-            return _output(g.reshape(zt.shape), log_s, zt, out_dtype, like_torch)
+        numba = guidance_cpu.enabled()
+    exact = max(inv) > EXACT_FROM[cdt] or min(inv) < 1e-280
+    if not exact and normalize and numba:
+        # ||z|| overflowed the compute dtype: the exact path scales first (the other paths
+        # check ||z|| among the results, in their one sync)
+        exact = not bool(torch.isfinite(zf.to(cdt).norm(dim=1)).all())
+    if exact:  # (not capturable: it checks on the host)
+        try:
+            _check_finite(zf, "z")
+            return _exact(exact_args, sigma, sigma_cond, zt, out_dtype, like_torch)
+        except ValueError:
+            if sync:
+                raise
+            return _nan_output(zf, zt, out_dtype, like_torch)
+    zc = zf.to(cdt)
+    yc = y.to(cdt) if y is not None else None
+    if numba:  # numba: the whole computation in compiled code
+        g, log_s, ok = guidance_cpu.guide(
+            zc, normalize, yc, fb, bank_sq, bc, cond_sq, inv_s2, inv_c2, batch
+        )
+        # log S = -inf with entries present: every logit overflowed to -inf (finite
+        # inputs too large for the compute dtype), which the exact path takes over
+        if not ok or (entries and bool(torch.isinf(log_s).any())):
+            if not sync:  # no error, no retry: NaN marks the result (as on CUDA)
+                return _nan_output(zf, zt, out_dtype, like_torch)
+            _explain_non_finite(zf, normalize, y, fb, bc)
+            return _exact(exact_args, sigma, sigma_cond, zt, out_dtype, like_torch)
+        return _output(g.reshape(zt.shape), log_s, zt, out_dtype, like_torch)
     if normalize:
         znorm = zc.norm(dim=1, keepdim=True)
         phi = zc / znorm
@@ -582,31 +607,43 @@ def guidance_grad(
         row_const = row_const + (yc * yc).sum(1) * inv_c2
     # torch path: shift the logits by that bound (no running max; see ops.guidance_torch) and
     # fall back to the running max if every term underflows. Triton: running max in registers.
-    shift = row_const if resolved == "torch" else None
+    # Without the sync there is no retry: the running max from the start.
+    shift = row_const if resolved == "torch" and sync else None
     args = (phi, fb, bank_sq, yc, bc, cond_sq, inv_s2, inv_c2)
     # the other current samples first (a tiny b x b state), then the bank streams into it
     state = _batch_state(phi, yc, inv_s2, inv_c2, shift) if batch else None
     m, l, acc = impl.softmax_state(*args, state, shift)
     g, log_s, checks = _finish(phi, yc, znorm if normalize else None, m, l, acc, row_const, inv_s2)
-    # one host sync: are the results finite; did the shifted sums leave [tiny, 1/tiny] (every
-    # term underflowed, or rounding pushed a huge-scale exponent up; NaN counts too)
+    # every value the result rests on is finite (||z|| too: an overflowed norm gives phi = 0 and
+    # a finite, wrong gradient); an infinite prompt embedding can turn a logit into -inf (that
+    # entry silently dropped) instead of NaN: the torch paths make such logits NaN (from the
+    # prompt norms, O(n)); for the Triton kernel bank_cond is checked directly (n x m); log S =
+    # -inf with entries present: every logit overflowed. All device-side: no host copies.
+    ok = torch.isfinite(checks).all()
+    if normalize:
+        ok = ok & torch.isfinite(znorm).all()
+    if bc is not None and resolved == "triton":
+        ok = ok & torch.isfinite(bc).all()
+    if entries:
+        ok = ok & ~torch.isinf(log_s).any()
+    if not sync:  # capturable: no error, no retry; NaN marks a result that would have raised
+        bad = ~ok
+        g = torch.where(bad, math.nan, g)
+        log_s = torch.where(bad, math.nan, log_s)
+        return _output(g.reshape(zt.shape), log_s, zt, out_dtype, like_torch)
+    # one host sync: is it finite; did the shifted sums leave [tiny, 1/tiny] (every term
+    # underflowed, or rounding pushed a huge-scale exponent up; NaN counts too)
     tiny = 1e-280 if cdt == torch.float64 else 1e-20
     out_of_range = ~((l >= tiny) & (l <= 1.0 / tiny)).all()
-    # an infinite prompt embedding can turn a logit into -inf (that entry silently dropped)
-    # instead of NaN: the torch paths make such logits NaN (from the prompt norms, O(n)); for
-    # the Triton kernel bank_cond is checked directly (n x m, in the same sync)
-    cond_ok = torch.tensor(True, device=l.device)
-    if bc is not None and resolved == "triton":
-        cond_ok = torch.isfinite(bc).all()
-    lost = torch.isinf(log_s).any() if entries else torch.tensor(False, device=l.device)
-    flags = torch.stack([torch.isfinite(checks).all() & cond_ok & ~lost, out_of_range]).tolist()
+    flags = torch.stack([ok, out_of_range]).tolist()
     if shift is not None and flags[1] and (fb.shape[0] > 0 or batch):
         state = _batch_state(phi, yc, inv_s2, inv_c2, None) if batch else None
         m, l, acc = impl.softmax_state(*args, state, None)
         g, log_s, checks = _finish(
             phi, yc, znorm if normalize else None, m, l, acc, row_const, inv_s2
         )
-        flags[0] = bool(torch.isfinite(checks).all() & cond_ok & ~torch.isinf(log_s).any())
+        ok = torch.isfinite(checks).all() & ~torch.isinf(log_s).any()
+        flags[0] = bool(ok & torch.isfinite(znorm).all()) if normalize else bool(ok)
     if not flags[0]:
         _explain_non_finite(zf, normalize, y, fb, bc)
         return _exact(exact_args, sigma, sigma_cond, zt, out_dtype, like_torch)
@@ -647,6 +684,15 @@ def _exact(args, sigma, sigma_cond, zt, out_dtype, like_torch) -> GuidanceResult
             + (" or float64 z" if dt != torch.float64 else "")
         )
     return _output(g.reshape(zt.shape), log_s, zt, out_dtype, like_torch)
+
+
+def _nan_output(
+    zf: torch.Tensor, zt: torch.Tensor, out_dtype: torch.dtype | None, like_torch: bool
+) -> GuidanceResult:
+    """The check_finite=False result for input that would have raised: NaN everywhere."""
+    g = torch.full(zt.shape, math.nan, dtype=zf.dtype, device=zf.device)
+    log_s = torch.full((zf.shape[0],), math.nan, dtype=zf.dtype, device=zf.device)
+    return _output(g, log_s, zt, out_dtype, like_torch)
 
 
 def _output(
