@@ -28,6 +28,9 @@ from rkekernels.ops import scores_torch
 if triton_available():
     from rkekernels.ops import scores_triton
 
+#: the fused kernel on gloo's CPU tensors: the interpreter (TRITON_INTERPRET=1, no GPU) only
+TRITON_CPU = triton_available() and scores_triton.interpreted()
+
 F64 = 1e-10
 F32 = 1e-5
 SHARDS = {2: [7, 30], 3: [11, 0, 26]}  # unequal, and one empty shard for P = 3
@@ -77,7 +80,7 @@ def _checks(rank: int, world: int) -> dict:
     res["cond_many"] = D.cond_rke_score(xl, tl, SIGS, SIG_T)
     res["ent"] = D.rke_entropies(xl, tl, SIGS, SIG_T)
     res["grad"] = D.rke_score(xl.clone().requires_grad_(True), SIG).requires_grad
-    if triton_available():  # the fused kernel's shards (interpreter on CPU): the same sums
+    if TRITON_CPU:  # the fused kernel's shards (interpreter on CPU): the same sums
         res["rke_triton"] = D.rke_score(xl.float(), SIGS, backend="triton")
         res["ent_triton"] = D.rke_entropies(xl.float(), tl.float(), SIGS, SIG_T, backend="triton")
         xc = (x - x.mean(0)).float()
@@ -172,7 +175,7 @@ def _entry(rank: int, world: int, init_file: str, out_dir: str) -> None:
     # tiny tiles: N = 37 rows make 5 x 5 blocks, so every rank reduces tiles of its own (with
     # the default 1024-row tiles rank 0 would hold the only tile and the others add zeros)
     scores_torch.BLOCK_ROWS = scores_torch.BLOCK_COLS = 8
-    if triton_available():  # 16-row tiles: 3 x 3 blocks, 6 programs over the ranks
+    if TRITON_CPU:  # 16-row tiles: 3 x 3 blocks, 6 programs over the ranks
         scores_triton._FWD_INTERP = dict(scores_triton._FWD_INTERP, BLOCK=16)
     try:
         res = _checks(rank, world)
@@ -232,7 +235,7 @@ def test_scores_equal_one_process(ranks):
         assert torch.equal(res["rke"], results[0]["rke"])
 
 
-@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+@pytest.mark.skipif(not TRITON_CPU, reason="gloo's CPU tensors need the Triton interpreter")
 def test_triton_shards_equal_one_process(ranks):
     # the fused kernel on each rank's programs (CUDA uses it by default; the interpreter here)
     _, results = ranks

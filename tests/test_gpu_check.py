@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rkekernels._input import triton_available
 
@@ -19,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.skipif(not triton_available(), reason="Triton is not installed"),
+    # on a GPU machine run the real commands (python -m benchmarks.gpu_check) instead
+    pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter smoke test (no GPU)"),
     pytest.mark.slow,
 ]
 
@@ -68,8 +71,6 @@ def test_second_command_runs_the_large_and_optional_sections(tmp_path):
 
 def test_variant_counter_keys():
     # integers not in do_not_specialize split on == 1 and multiples of 16; counts do not
-    import torch
-
     sys.path.insert(0, str(ROOT))
     import rkekernels as rk
     from benchmarks.compile_count import VariantCounter

@@ -95,6 +95,15 @@ def launch_recorder(monkeypatch):
     return launches
 
 
+def _interpreted() -> bool:
+    from rkekernels.ops import scores_triton
+
+    return scores_triton.interpreted()
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() and not _interpreted(), reason="CPU tensors: the interpreter only"
+)
 def test_every_launch_is_inside_the_device_context(launch_recorder):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(30, 5, generator=g, requires_grad=True)
