@@ -293,3 +293,84 @@ def test_the_docs_example_prints_the_support_table(capsys):
         "| DiTPipeline (dit) | c | scheduler.step | class_labels | 2 -> 4 |"
         in capsys.readouterr().out
     )
+
+
+# ------------------------------------------------------------------ encoder features
+
+VAE_PIPELINES = [n for n in TINY_PIPELINES if n not in ("sd2", "pixart_alpha", "controlnet_sdxl")]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in VAE_PIPELINES],
+)
+def test_encoder_features_of_the_decoded_prediction(name):
+    from rkekernels.adapters._tiny import tiny_clip_encoder
+    from rkekernels.adapters.diffusers import decode_latents, decoded_features
+
+    pipe, enc = tiny_pipeline(name), tiny_clip_encoder()
+    fn = decoded_features(pipe, enc)
+    guide = DiversityGuidance(1.0, sigma_cond=0.5, scale=0.2, feature_fn=fn)
+    seen = []
+    enc_call = type(enc).__call__
+
+    class Spy(type(enc)):
+        def __call__(self, images, **kw):
+            seen.append(images.detach().clone())
+            return enc_call(self, images, **kw)
+
+    enc.__class__ = Spy
+    try:
+        with sparke(pipe, guide):
+            outs = [_latents(pipe(**tiny_call_kwargs(name, seed=s))) for s in range(2)]
+    finally:
+        enc.__class__ = Spy.__mro__[1]
+    plain = _latents(pipe(**tiny_call_kwargs(name, seed=1)))
+    assert (outs[1] - plain).abs().amax() > 1e-3  # guided in encoder space
+    if name == "dit":
+        assert guide.bank.features.shape == (2 * B, enc.dim)
+    else:  # the bank holds the encoder features of the decoded final latents (video: frames)
+        size = (8, 8) if name == "flux" else None
+        with torch.no_grad():
+            want = enc(decode_latents(pipe, outs[1], size).float(), value_range=(-1, 1))
+        want = features(want.reshape(B, -1))
+        assert want.shape[1] % enc.dim == 0 and guide.bank.features.shape == (2 * B, want.shape[1])
+        assert torch.allclose(guide.bank.features[B:].float(), want, atol=1e-4)
+    assert fn.x0 is None and len(seen) == 2 * (2 + 1)  # 2 guided steps + 1 commit per call
+    assert not torch.equal(seen[0], seen[1])  # step 0 decodes the prediction, not the latents
+
+
+def test_decoded_features_use_the_x0_prediction():
+    """Step 0 decodes DDIM's pred_original_sample of step 0 (computed here unguided)."""
+    from rkekernels.adapters._tiny import tiny_clip_encoder
+    from rkekernels.adapters.diffusers import decode_latents, decoded_features
+
+    pipe, enc = tiny_pipeline("sd15"), tiny_clip_encoder()
+    x0s = []
+    orig = type(pipe.scheduler).step
+
+    def spy(self, *a, **k):
+        out = orig(self, *a, **k)
+        x0s.append(out[1] if isinstance(out, tuple) else out.pred_original_sample)
+        return out
+
+    pipe.scheduler.step = spy.__get__(pipe.scheduler)
+    try:
+        pipe(**tiny_call_kwargs("sd15"))
+    finally:
+        del pipe.scheduler.step
+    fn = decoded_features(pipe, enc)
+    images = []
+    decode = fn.__call__
+
+    class Recorder(type(fn)):
+        def __call__(self, z):
+            images.append(decode_latents(self.pipe, self.x0 if self.x0 is not None else z))
+            return decode(z)
+
+    fn.__class__ = Recorder
+    guide = DiversityGuidance(1.0, scale=0.2, feature_fn=fn)
+    with sparke(pipe, guide):
+        pipe(**tiny_call_kwargs("sd15"))
+    with torch.no_grad():
+        assert torch.allclose(images[0], decode_latents(pipe, x0s[0]), atol=1e-5)

@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["TINY_PIPELINES", "tiny_call_kwargs", "tiny_pipeline", "tiny_tokenizer"]
+__all__ = [
+    "TINY_PIPELINES",
+    "tiny_call_kwargs",
+    "tiny_clip_encoder",
+    "tiny_pipeline",
+    "tiny_tokenizer",
+]
 
 WIDTH = 32  # text embedding width
 TOKENS = 8  # tokenizer length of the CLIP-style encoders (and max_sequence_length of T5 ones)
@@ -406,6 +412,27 @@ def tiny_pipeline(name: str) -> Any:
     pipe = _build(name)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@cache
+def tiny_clip_encoder() -> Any:
+    """A CLIP image encoder (`rkekernels.adapters.encoders.load_encoder`) on a random-weight
+    ``CLIPVisionModelWithProjection`` (16 x 16 input, 2 layers, width 32, D = 32)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from .encoders import load_encoder
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=WIDTH,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=WIDTH,
+    )
+    return load_encoder("clip", model=CLIPVisionModelWithProjection(cfg))
 
 
 def tiny_call_kwargs(
