@@ -226,3 +226,20 @@ def test_plain_loop_example_agrees_with_the_adapter():
     guide = DiversityGuidance(1.0, scale=1.0, normalize=False, start=0.4, stop=0.7)
     y = _generate(gm, get_sigmas_karras(25, 0.01, 20.0), guide, seed=0, batches=3)
     assert torch.allclose(x, y, atol=1e-4)
+
+
+def test_kdiffusion_extra_brings_a_setuptools_with_pkg_resources():
+    """pip install "rkekernels[kdiffusion]": k-diffusion imports clip, which imports
+    pkg_resources; setuptools removed it in 82.0.0, so the extra must cap setuptools."""
+    import ast
+    import re
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    extra = ast.literal_eval(re.search(r"^kdiffusion = (\[.*\])$", text, re.M).group(1))
+    reqs = {Requirement(r).name: Requirement(r) for r in extra}
+    assert "k-diffusion" in reqs
+    spec = reqs["setuptools"].specifier
+    assert not spec.contains("82.0.0") and spec.contains("80.9.0")
