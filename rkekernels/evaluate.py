@@ -289,7 +289,7 @@ def _embed_prompts(prompts, enc: _Encoders, cache_root, progress: bool, stats: d
         return prompts
     o = enc.opts
     model = o["text_model"] or (o["encoder_model"] if o["encoder"] == "clip" else None)
-    key = "text|" + _encoder_key("clip", model, 0)
+    key = "text|" + _encoder_key("clip", model, 0) + ("|half" if o["half"] else "")
     cache = _Cache(cache_root, key, Path("prompts"))
     hashes = [hashlib.sha256(t.encode()).hexdigest() for t in prompts]
     vecs = [cache.data.get(h) for h in hashes]
@@ -415,7 +415,8 @@ def evaluate(
         r = _Set(reference, key=key) if reference is not None else None
         plist = _read_prompts(prompts, g) if prompts is not None else None
         enc = _Encoders(opts)
-        ekey = _encoder_key(encoder, encoder_model, pixels_size)
+        # float16 features differ from float32 ones in the last bits: cached apart
+        ekey = _encoder_key(encoder, encoder_model, pixels_size) + ("|half" if half else "")
         x = _embed_set(g, enc, root, ekey, progress, stats)
         y = _embed_set(r, enc, root, ekey, progress, stats) if r is not None else None
         t = _embed_prompts(plist, enc, root, progress, stats) if plist is not None else None
