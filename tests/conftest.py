@@ -138,3 +138,13 @@ def write_images(folder, n: int, *, size=16, seed: int = 0, clusters: int = 3, f
         img.save(p)
         paths.append(p)
     return paths
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one torch thread avoids oversubscription on a loaded machine (10x slower
+    otherwise); the count is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -11,14 +11,7 @@ from rkekernels import reference as ref
 from rkekernels.adapters.kdiffusion import GuidedDenoiser, guided_denoiser
 from rkekernels.toy import GaussianMixture, get_sigmas_karras, sample_euler
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription (10x slower on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed):

@@ -36,12 +36,7 @@ SOURCE = {
 PROMPTS = ["a photo of a dog", "a red car in the snow"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _unit(x):

@@ -175,6 +175,22 @@ def _ddim(**kw: Any) -> Any:
     )
 
 
+#: the transformer blocks PixArt and DiT share (8x8 latents, patches of 2, 1000 classes)
+_DIT_BLOCKS = dict(
+    sample_size=8,
+    num_layers=1,
+    patch_size=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    in_channels=4,
+    out_channels=8,
+    attention_bias=True,
+    activation_fn="gelu-approximate",
+    num_embeds_ada_norm=1000,
+    norm_elementwise_affine=False,
+)
+
+
 def _build(name: str) -> Any:
     import diffusers as d
 
@@ -210,21 +226,11 @@ def _build(name: str) -> Any:
         return d.StableDiffusionXLPipeline(**parts)
     if name in ("pixart_sigma", "pixart_alpha"):
         transformer = d.PixArtTransformer2DModel(
-            sample_size=8,
-            num_layers=1,
-            patch_size=2,
-            attention_head_dim=8,
-            num_attention_heads=2,
             caption_channels=WIDTH,
-            in_channels=4,
             cross_attention_dim=16,
-            out_channels=8,
-            attention_bias=True,
-            activation_fn="gelu-approximate",
-            num_embeds_ada_norm=1000,
             norm_type="ada_norm_single",
-            norm_elementwise_affine=False,
             norm_eps=1e-6,
+            **_DIT_BLOCKS,
         ).eval()
         cls = d.PixArtSigmaPipeline if name == "pixart_sigma" else d.PixArtAlphaPipeline
         return cls(
@@ -235,20 +241,7 @@ def _build(name: str) -> Any:
             scheduler=_ddim(),
         )
     if name == "dit":
-        transformer = d.Transformer2DModel(
-            sample_size=8,
-            num_layers=1,
-            patch_size=2,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            in_channels=4,
-            out_channels=8,
-            attention_bias=True,
-            activation_fn="gelu-approximate",
-            num_embeds_ada_norm=1000,
-            norm_type="ada_norm_zero",
-            norm_elementwise_affine=False,
-        ).eval()
+        transformer = d.Transformer2DModel(norm_type="ada_norm_zero", **_DIT_BLOCKS).eval()
         return d.DiTPipeline(transformer=transformer, vae=_vae(), scheduler=_ddim())
     if name == "kandinsky3":
         unet = d.Kandinsky3UNet(
