@@ -1,11 +1,18 @@
-"""Shared test set-up.
+"""Shared test set-up and helpers (tests import them with ``from conftest import ...``).
 
 - Without a GPU, Triton kernels run in the interpreter: the root conftest.py sets
   TRITON_INTERPRET=1 before any kernel is defined (doctests under rkekernels/ need it too).
+  Triton tests take the ``triton_device`` fixture (or `TRITON_DEVICES`): CUDA where a GPU is
+  present, CPU tensors under the interpreter otherwise, so the same test means the same on both
+  and nothing passes CPU tensors to backend="triton" on a GPU machine.
 - TF32 is off so that float32 references stay exact.
 - Fresh torch.empty buffers are poisoned with NaN so an unwritten output fails loudly.
 - HF_HUB_OFFLINE=1: nothing is downloaded; encoders are tiny random-weight models (below).
+- numba's first compile (a few seconds in a fresh environment) is paid once, by a session fixture,
+  not by whichever test happens to call the fused CPU kernel first.
 """
+
+from __future__ import annotations
 
 import os
 
@@ -22,6 +29,9 @@ settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True
 settings.load_profile("ci")
 
 _empty = torch.empty
+
+#: Relative tolerances fixed per dtype (SPEC section 5).
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
 def _nan_empty(*args, **kwargs):
@@ -46,10 +56,39 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# ----------------------------------------------------------------------------- devices
+
+
 def triton_ok() -> bool:
     from rkekernels._input import triton_available
 
     return triton_available()
+
+
+def _triton_devices() -> list:
+    """Where Triton kernels run here: CUDA tensors on a GPU, else CPU tensors in the interpreter."""
+    if not triton_ok():
+        return []
+    if torch.cuda.is_available():
+        return ["cuda"]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return ["cpu"]
+    return []
+
+
+#: Parameters for ``@pytest.mark.parametrize("device", TRITON_DEVICES)``.
+TRITON_DEVICES = _triton_devices() or [
+    pytest.param("none", marks=pytest.mark.skip(reason="Triton is not installed"))
+]
+
+#: True when the Triton kernels run in the interpreter (CPU tensors; tiny sizes only).
+INTERPRETED = TRITON_DEVICES == ["cpu"]
+
+
+@pytest.fixture(params=TRITON_DEVICES)
+def triton_device(request) -> str:
+    """The device a Triton test runs on (see the module docstring)."""
+    return request.param
 
 
 # --------------------------------------------------------------------------- tiny encoders
@@ -140,11 +179,48 @@ def write_images(folder, n: int, *, size=16, seed: int = 0, clusters: int = 3, f
     return paths
 
 
+# ----------------------------------------------------------------------------- helpers
+
+
+def rel(a, b) -> float:
+    """||a - b|| / ||b|| in float64 (a scalar: |a - b| / |b|)."""
+    a = torch.as_tensor(a).detach().cpu().double()
+    b = torch.as_tensor(b).detach().cpu().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def close(got, want, rtol: float) -> None:
+    """Same shape, and equal within ``rtol`` element by element (no absolute slack)."""
+    got = torch.as_tensor(got, dtype=torch.float64)
+    want = torch.as_tensor(want, dtype=torch.float64)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=rtol, atol=0.0), (got, want)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    """A CPU generator with a fixed seed."""
+    return torch.Generator().manual_seed(seed)
+
+
 @pytest.fixture
 def one_thread():
-    """Tiny tensors: one torch thread avoids oversubscription on a loaded machine (10x slower
-    otherwise); the count is restored afterwards."""
+    """Tiny tensors: one torch thread avoids oversubscription on a loaded machine (10x slower)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _numba_compiled():
+    """Compile (or load from numba's cache) the fused CPU guidance kernels once per session, for
+    float32 and float64, with and without prompts, so that no test is charged for it."""
+    from rkekernels import guidance_grad
+    from rkekernels.ops import guidance_cpu
+
+    if guidance_cpu.enabled():
+        for dt in (torch.float32, torch.float64):
+            z, f = torch.ones(2, 3, dtype=dt), torch.ones(3, 3, dtype=dt)
+            guidance_grad(z, f, sigma=1.0)
+            guidance_grad(z, f, cond=z, bank_cond=f, sigma=1.0, sigma_cond=1.0)
+    yield

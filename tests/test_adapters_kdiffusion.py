@@ -6,16 +6,13 @@ import math
 import pytest
 import torch
 
+from conftest import gen
 from rkekernels import DiversityGuidance
 from rkekernels import reference as ref
 from rkekernels.adapters.kdiffusion import GuidedDenoiser, guided_denoiser
 from rkekernels.toy import GaussianMixture, get_sigmas_karras, sample_euler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def _mixture():
@@ -29,10 +26,10 @@ def _mixture():
 
 def _generate(gm, sigmas, guide, seed, batches=8, b=4):
     """Batches sampled one after another; with guidance each finished batch joins the bank."""
-    gen = _gen(seed)
+    g = gen(seed)
     out = []
     for _ in range(batches):
-        x = sigmas[0] * torch.randn(b, 2, generator=gen)
+        x = sigmas[0] * torch.randn(b, 2, generator=g)
         if guide is None:
             out.append(sample_euler(gm.denoise, x, sigmas))
         else:
@@ -84,9 +81,9 @@ def test_schedule_from_sigmas_selects_the_intended_steps(every, start, stop):
     steps = 10
     sigmas = get_sigmas_karras(steps, 0.01, 20.0)
     guide = DiversityGuidance(1.0, scale=0.01, normalize=False, every=every, start=start, stop=stop)
-    guide.commit(gm.sample(4, generator=_gen(0)))
+    guide.commit(gm.sample(4, generator=gen(0)))
     den = guided_denoiser(gm.denoise, guide, sigmas=sigmas)
-    sample_euler(den, sigmas[0] * torch.randn(3, 2, generator=_gen(1)), sigmas)
+    sample_euler(den, sigmas[0] * torch.randn(3, 2, generator=gen(1)), sigmas)
     expect = [i for i in range(steps) if i % every == 0 and start <= i / steps <= stop]
     assert den.guided_steps == expect
     # an evaluation between grid points (a second-order sampler) belongs to the step it is in
@@ -96,13 +93,13 @@ def test_schedule_from_sigmas_selects_the_intended_steps(every, start, stop):
 
 def test_schedule_without_sigmas_counts_calls_and_uses_progress():
     guide = DiversityGuidance(1.0, scale=0.1, normalize=False, every=2)
-    guide.commit(torch.randn(3, 2, generator=_gen(2)))
+    guide.commit(torch.randn(3, 2, generator=gen(2)))
     den = guided_denoiser(lambda x, s: x, guide)
-    x = torch.randn(2, 2, generator=_gen(3))
+    x = torch.randn(2, 2, generator=gen(3))
     moved = [not torch.equal(den(x, 1.0), x) for _ in range(5)]
     assert moved == [True, False, True, False, True]
     windowed = DiversityGuidance(1.0, scale=0.1, normalize=False, start=0.5)
-    windowed.commit(torch.randn(3, 2, generator=_gen(4)))
+    windowed.commit(torch.randn(3, 2, generator=gen(4)))
     den = guided_denoiser(lambda x, s: x, windowed, progress=lambda s: 1.0 - s / 10.0)
     assert torch.equal(den(x, 8.0), x)  # progress 0.2 < start
     assert not torch.equal(den(x, 2.0), x)  # progress 0.8
@@ -111,8 +108,8 @@ def test_schedule_without_sigmas_counts_calls_and_uses_progress():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_guided_denoiser_is_score_space_classifier_guidance(dtype):
     """D' = D + scale sigma^2 g, sigma a float or per sample, g from the float64 reference."""
-    bank = torch.randn(5, 6, generator=_gen(5), dtype=dtype)
-    x = torch.randn(3, 6, generator=_gen(6), dtype=dtype)
+    bank = torch.randn(5, 6, generator=gen(5), dtype=dtype)
+    x = torch.randn(3, 6, generator=gen(6), dtype=dtype)
     guide = DiversityGuidance(1.5, scale=0.3, bank_dtype=dtype)
     guide.commit(bank)
 
@@ -131,16 +128,16 @@ def test_guided_denoiser_is_score_space_classifier_guidance(dtype):
 
 
 def test_conditional_guidance_with_cond_from_model_kwargs():
-    emb = torch.randn(3, 4, generator=_gen(7))  # prompt index -> embedding
+    emb = torch.randn(3, 4, generator=gen(7))  # prompt index -> embedding
     guide = DiversityGuidance(1.0, sigma_cond=0.8, scale=0.2, normalize=False)
-    bank = torch.randn(4, 2, generator=_gen(8))
+    bank = torch.randn(4, 2, generator=gen(8))
     guide.commit(bank, emb[torch.tensor([0, 0, 1, 2])])
 
     def model(x, sigma, prompt):
         return x
 
     den = guided_denoiser(model, guide, cond=lambda prompt: emb[prompt])
-    x = torch.randn(2, 2, generator=_gen(9))
+    x = torch.randn(2, 2, generator=gen(9))
     prompt = torch.tensor([0, 2])
     out = den(x, 0.5, prompt=prompt)
     g, _ = ref.guidance_grad(

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TOL as RTOL
+from conftest import rel
 from rkekernels import FeatureBank, GuidanceResult, features, guidance_grad
 from rkekernels import reference as ref
 from rkekernels.ops import guidance_cpu, guidance_torch
 
-RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 CHUNK = 8  # rows per chunk (GEMM path) or block (fused kernel): guidance_torch.CHUNK_ROWS
 
 
@@ -45,11 +46,6 @@ def layout(request, monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def rel(a, b):
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def make_case(b, n, *, normalize, prompts, dtype=torch.float32, seed=0, m=5):

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import rkekernels
+from conftest import TOL, close
 from rkekernels import metrics, reference
 from rkekernels.metrics import RKEMetric, RKEMetricResult, cross_pair_sums
 
 N, D, M = 53, 7, 4
 SIGS = [0.6, 2.5, 40.0]
 SIG, SIG_T = 2.5, 1.1
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 def _data(dtype=torch.float64, offset=30.0):
@@ -28,13 +28,6 @@ def _data(dtype=torch.float64, offset=30.0):
     x = centres[lab] + 0.7 * torch.randn(N, D, generator=g, dtype=torch.float64) + offset
     t = torch.randn(N, M, generator=g, dtype=torch.float64) + lab[:, None].double()
     return x.to(dtype), t.to(dtype)
-
-
-def _close(got, want, rel):
-    got = torch.as_tensor(got).double()
-    want = torch.as_tensor(want).double()
-    assert got.shape == want.shape
-    assert torch.allclose(got, want, rtol=rel, atol=0.0), (got, want)
 
 
 def _feed(metric, x, t, batch):
@@ -54,14 +47,14 @@ def test_streaming_equals_one_shot(dtype, batch):
     tol = TOL[dtype]
     ref_rke = torch.stack([reference.rke_score(x, s) for s in SIGS])
     ref_cond = torch.stack([reference.cond_rke_score(x, t, s, SIG_T) for s in SIGS])
-    _close(res.rke, ref_rke, tol)
-    _close(res.cond_rke, ref_cond, tol)
+    close(res.rke, ref_rke, tol)
+    close(res.cond_rke, ref_cond, tol)
     assert res.rke.dtype == dtype and res.rke.shape == (3,)
     ref_ent = [reference.rke_entropies(x, t, s, SIG_T) for s in SIGS]
     for k, got in enumerate(res.entropies):
-        _close(got, torch.stack([e[k] for e in ref_ent]), tol)
+        close(got, torch.stack([e[k] for e in ref_ent]), tol)
     if dtype == torch.float64:  # and the one-process API, to the last bits
-        _close(res.rke, rkekernels.rke_score(x, SIGS), 1e-12)
+        close(res.rke, rkekernels.rke_score(x, SIGS), 1e-12)
 
 
 def test_streaming_without_t_single_sigma():
@@ -71,11 +64,11 @@ def test_streaming_without_t_single_sigma():
     res = metric.compute()
     assert res.cond_rke is None and res.entropies is None
     assert res.rke.shape == ()
-    _close(res.rke, reference.rke_score(x, SIG), 1e-10)
+    close(res.rke, reference.rke_score(x, SIG), 1e-10)
     # compute does not consume: more updates continue the same stream
     x2 = x[:13] + 5.0
     metric.update(x2)
-    _close(metric.compute().rke, reference.rke_score(torch.cat([x, x2]), SIG), 1e-10)
+    close(metric.compute().rke, reference.rke_score(torch.cat([x, x2]), SIG), 1e-10)
 
 
 def test_huge_coordinates_and_extreme_sigma():
@@ -83,10 +76,10 @@ def test_huge_coordinates_and_extreme_sigma():
     for s, want in ((1e-6, float(N)), (1e9, 1.0)):
         metric = RKEMetric(s)
         _feed(metric, x, None, 8)
-        _close(metric.compute().rke, want, 1e-9)
+        close(metric.compute().rke, want, 1e-9)
     metric = RKEMetric(SIG)
     _feed(metric, x, None, 8)
-    _close(metric.compute().rke, reference.rke_score(x, SIG), 1e-10)
+    close(metric.compute().rke, reference.rke_score(x, SIG), 1e-10)
 
 
 def test_inputs_reset_device_and_dtype():
@@ -96,26 +89,26 @@ def test_inputs_reset_device_and_dtype():
     metric.update(x[20:20], t[20:20])  # empty batch: a no-op
     metric.update(x[20:].float(), t[20:].float())  # later batches take the first dtype
     assert metric._x[1].dtype == torch.float64
-    _close(metric.compute().cond_rke, reference.cond_rke_score(x, t, SIG, SIG_T), 1e-6)
+    close(metric.compute().cond_rke, reference.cond_rke_score(x, t, SIG, SIG_T), 1e-6)
     metric.to("cpu")
     metric.reset()
     assert len(metric) == 0
     with pytest.raises(ValueError, match="before any update"):
         metric.compute()
     metric.update(x)  # after reset the t setting is free again
-    _close(metric.compute().rke, reference.rke_score(x, SIG), 1e-10)
+    close(metric.compute().rke, reference.rke_score(x, SIG), 1e-10)
     ints = RKEMetric(1.0)
     ints.update(np.array([[0], [10], [20]]))  # integers -> float32
     assert ints.compute().rke.dtype == torch.float32
-    _close(ints.compute().rke, 3.0, 1e-6)
+    close(ints.compute().rke, 3.0, 1e-6)
 
 
 def test_n_equals_one():
     metric = RKEMetric(1.0, 1.0)
     metric.update(torch.ones(1, 2), torch.ones(1, 3))
     res = metric.compute()
-    _close(res.rke, 1.0, 0.0)
-    _close(res.cond_rke, 1.0, 0.0)
+    close(res.rke, 1.0, 0.0)
+    close(res.cond_rke, 1.0, 0.0)
 
 
 def test_cross_pair_sums_matches_reference_and_shards():
@@ -129,15 +122,15 @@ def test_cross_pair_sums_matches_reference_and_shards():
     want = torch.stack([k.sum() for k in kx2] + [kt2.sum()] + [(k * kt2).sum() for k in kx2])
     c = [1 / 0.8**2, 1 / 3.0**2]
     out, n_tiles = cross_pair_sums(a, b, c, ta, tb, 1 / 1.5**2, weight=2.0)
-    _close(out, 2.0 * want, 1e-12)
+    close(out, 2.0 * want, 1e-12)
     # shards (rank, world) partition the tiles: their sums add up to the whole
     parts = [cross_pair_sums(a, b, c, ta, tb, 1 / 1.5**2, shard=(r, 3))[0] for r in range(3)]
     assert [int(p.abs().sum() > 0) for p in parts] == [1, 1, 0]  # 2 tiles over 3 shards
-    _close(sum(parts), want, 1e-12)
+    close(sum(parts), want, 1e-12)
     # a shifted b (translation invariance)
     shift = torch.full((1, 5), 4.0, dtype=torch.float64)
     out2, _ = cross_pair_sums(a - 4.0, b, c, ta, tb, 1 / 1.5**2, shift=(shift, None))
-    _close(out2, want, 1e-12)
+    close(out2, want, 1e-12)
     assert n_tiles == 2  # 300 x 1100 rows in 1024 x 1024 tiles
 
 
@@ -222,15 +215,15 @@ def test_torchmetrics_metric():
     batch_vals = []
     for i in range(0, N, 17):  # forward: the batch value, and the stream grows
         batch_vals.append(m(x[i : i + 17], t[i : i + 17]))
-    _close(batch_vals[-1].rke, rkekernels.rke_score(x[51:], SIGS), 1e-10)
+    close(batch_vals[-1].rke, rkekernels.rke_score(x[51:], SIGS), 1e-10)
     res = m.compute()
-    _close(res.rke, torch.stack([reference.rke_score(x, s) for s in SIGS]), 1e-10)
-    _close(res.cond_rke, rkekernels.cond_rke_score(x, t, SIGS, SIG_T), 1e-10)
+    close(res.rke, torch.stack([reference.rke_score(x, s) for s in SIGS]), 1e-10)
+    close(res.cond_rke, rkekernels.cond_rke_score(x, t, SIGS, SIG_T), 1e-10)
     assert int(m.n) == N
     m.reset()
     assert int(m.n) == 0 and len(m.feats) == 0
     _feed(m, x, None, 2)  # after reset: without t, many small batches (coalescing)
-    _close(m.compute().rke, torch.stack([reference.rke_score(x, s) for s in SIGS]), 1e-10)
+    close(m.compute().rke, torch.stack([reference.rke_score(x, s) for s in SIGS]), 1e-10)
     with pytest.raises(ValueError, match="not given in earlier updates"):
         m.update(x[:2], t[:2])
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="before any update"):

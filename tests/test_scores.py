@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import rkekernels as rk
+from conftest import rel
 from rkekernels import reference as ref
 from rkekernels.ops import scores_torch
 
@@ -40,15 +41,11 @@ def _ref(n, d):
     )
 
 
-def _rel(a, b):
-    return abs(float(a) - b) / max(abs(b), 1e-300)
-
-
 @pytest.mark.parametrize("dtype,tol", DTYPE_TOL)
 @pytest.mark.parametrize("n,d", SHAPES)
 def test_rke_score_matches_reference(n, d, dtype, tol):
     x = _data(n, d).to(dtype)
-    assert _rel(rk.rke_score(x, _sigma(d)), _ref(n, d)[0]) <= tol
+    assert rel(rk.rke_score(x, _sigma(d)), _ref(n, d)[0]) <= tol
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPE_TOL)
@@ -56,7 +53,7 @@ def test_rke_score_matches_reference(n, d, dtype, tol):
 def test_cond_and_entropies_match_reference(n, d, dtype, tol):
     x, t = _data(n, d).to(dtype), _data(n, 2, seed=7).to(dtype)
     _, want_cond, want_ent = _ref(n, d)
-    assert _rel(rk.cond_rke_score(x, t, _sigma(d), 1.1), want_cond) <= tol
+    assert rel(rk.cond_rke_score(x, t, _sigma(d), 1.1), want_cond) <= tol
     got = rk.rke_entropies(x, t, _sigma(d), 1.1)
     for g, w in zip(got, want_ent):
         # entropies can be ~0 (n = 1): compare with an absolute floor of tol
@@ -72,7 +69,7 @@ def test_tile_boundaries(monkeypatch, rows, cols, dtype, tol):
     n, d = 101, 5
     x, t = _data(n, d).to(dtype), _data(n, 2, seed=7).to(dtype)
     s, st = _sigma(d), 1.1
-    assert _rel(rk.rke_score(x, s), float(ref.rke_score(x.double(), s))) <= tol
+    assert rel(rk.rke_score(x, s), float(ref.rke_score(x.double(), s))) <= tol
     want = [float(v) for v in ref.rke_entropies(x.double(), t.double(), s, st)]
     got = rk.rke_entropies(x, t, [s, 2 * s], st)
     for g, w in zip(got, want):
@@ -99,13 +96,13 @@ def test_several_sigmas_in_one_pass(dtype, tol):
     got = rk.rke_score(x, sig)
     assert got.shape == (4,)
     for g, s in zip(got, sig):
-        assert _rel(g, float(ref.rke_score(x.double(), s))) <= tol
+        assert rel(g, float(ref.rke_score(x.double(), s))) <= tol
     npy = rk.rke_score(x.numpy(), sig)
     assert isinstance(npy, np.ndarray) and npy.shape == (4,)
     t = _data(300, 2, seed=3).to(dtype)
     got_c = rk.cond_rke_score(x, t, sig, 1.3)
     for g, s in zip(got_c, sig):
-        assert _rel(g, float(ref.cond_rke_score(x.double(), t.double(), s, 1.3))) <= tol
+        assert rel(g, float(ref.cond_rke_score(x.double(), t.double(), s, 1.3))) <= tol
 
 
 def test_float16_and_bfloat16_accumulate_in_float32():
@@ -115,14 +112,14 @@ def test_float16_and_bfloat16_accumulate_in_float32():
         got = rk.rke_score(xh, 4.0)
         assert got.dtype == torch.float32
         # exact w.r.t. the rounded input
-        assert _rel(got, float(ref.rke_score(xh.double(), 4.0))) <= 1e-5
+        assert rel(got, float(ref.rke_score(xh.double(), 4.0))) <= 1e-5
 
 
 def test_integer_input_is_float32():
     x = torch.arange(12).reshape(6, 2)
     got = rk.rke_score(x, 1.0)
     assert got.dtype == torch.float32
-    assert _rel(got, float(ref.rke_score(x.double(), 1.0))) <= 1e-6
+    assert rel(got, float(ref.rke_score(x.double(), 1.0))) <= 1e-6
 
 
 def test_input_kinds_and_output_types():
@@ -131,9 +128,9 @@ def test_input_kinds_and_output_types():
     out_t = rk.rke_score(x, 3.0)
     assert isinstance(out_t, torch.Tensor) and out_t.dim() == 0
     out_np = rk.rke_score(x.numpy(), 3.0)
-    assert isinstance(out_np, float) and _rel(out_np, want) <= 1e-10
+    assert isinstance(out_np, float) and rel(out_np, want) <= 1e-10
     out_list = rk.rke_score(x.tolist(), 3.0)
-    assert isinstance(out_list, float) and _rel(out_list, want) <= 1e-10
+    assert isinstance(out_list, float) and rel(out_list, want) <= 1e-10
 
     class DLPackOnly:  # an array from another framework, seen only through __dlpack__
         def __init__(self, a):
@@ -146,7 +143,7 @@ def test_input_kinds_and_output_types():
             return self._a.__dlpack_device__()
 
     out_dl = rk.rke_score(DLPackOnly(x), 3.0)
-    assert isinstance(out_dl, float) and _rel(out_dl, want) <= 1e-10
+    assert isinstance(out_dl, float) and rel(out_dl, want) <= 1e-10
     ent = rk.rke_entropies(x.numpy(), x[:, :2].numpy(), 3.0, 1.0)
     assert all(isinstance(v, float) for v in ent)
 

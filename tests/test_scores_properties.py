@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import rkekernels as rk
+from rkekernels import reference as ref
 
 sizes = st.tuples(st.integers(1, 40), st.integers(1, 6))
 sigmas = st.floats(0.05, 50.0)
@@ -74,16 +75,28 @@ def test_conditional_limits(nd, s, seed):
 
 
 @given(sizes, sigmas, seeds)
-def test_entropy_identities(nd, s, seed):
+def test_entropies_match_reference_and_the_scores(nd, s, seed):
+    """The five entropies against the dense reference, and consistent with the two scores."""
     n, d = nd
     x, t = _x(n, d, seed), _x(n, 2, seed + 7)
     e = rk.rke_entropies(x, t, s, 0.7)
-    assert math.isclose(float(e.h_x_given_t), float(e.h_xt - e.h_t), abs_tol=1e-12)
-    assert math.isclose(float(e.mutual_info), float(e.h_x + e.h_t - e.h_xt), abs_tol=1e-12)
+    for got, want in zip(e, ref.rke_entropies(x, t, s, 0.7)):
+        assert math.isclose(float(got), float(want), rel_tol=1e-10, abs_tol=1e-10)
     assert math.isclose(float(e.h_x), math.log(float(rk.rke_score(x, s))), abs_tol=1e-10)
     assert math.isclose(
         float(e.h_x_given_t), math.log(float(rk.cond_rke_score(x, t, s, 0.7))), abs_tol=1e-10
     )
+
+
+@given(sizes, sigmas, seeds)
+def test_mutual_information_is_symmetric(nd, s, seed):
+    """I2(X;T) = I2(T;X): the joint sum must not depend on which input is x."""
+    n, d = nd
+    x, t = _x(n, d, seed), _x(n, 2, seed + 7)
+    a = rk.rke_entropies(x, t, s, 0.7)
+    b = rk.rke_entropies(t, x, 0.7, s)
+    assert math.isclose(float(a.mutual_info), float(b.mutual_info), abs_tol=1e-10)
+    assert math.isclose(float(a.h_xt), float(b.h_xt), rel_tol=1e-10, abs_tol=1e-12)
 
 
 @given(st.integers(2, 30), st.integers(1, 4), seeds)
@@ -94,3 +107,7 @@ def test_sigma_limits(n, d, seed):
     assert math.isclose(float(rk.rke_score(x.float(), 1e-8)), n, rel_tol=1e-6)
     assert math.isclose(float(rk.rke_score(x, 1e14)), 1.0, rel_tol=1e-6)
     assert math.isfinite(float(rk.rke_score(x.float(), 1e14)))
+    assert math.isclose(float(rk.rke_score(x.float(), 1e12)), 1.0, rel_tol=1e-6)
+    for s in (1.0, 1e6):  # in between: finite and within [1, n]
+        v = float(rk.rke_score(x.float(), s))
+        assert 1.0 - 1e-6 <= v <= n * (1 + 1e-6)

@@ -29,21 +29,13 @@ from rkekernels._input import check_backend
 
 pytest.importorskip("triton")
 
+from conftest import TOL, TRITON_DEVICES, rel
 from rkekernels.ops import scores_torch
 from rkekernels.ops import scores_triton as st
 
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 API_GRAD_TOL = TOL  # relative to the largest gradient entry (measured: <= 3e-6 in float32)
 
-DEVICES = [
-    pytest.param(
-        "cpu",
-        marks=pytest.mark.skipif(
-            not st.interpreted(), reason="CPU tensors need TRITON_INTERPRET=1 (GPU: see cuda)"
-        ),
-    ),
-    pytest.param("cuda", marks=pytest.mark.cuda),
-]
+DEVICES = TRITON_DEVICES  # CUDA where present, else CPU tensors in the interpreter
 DTYPES = [torch.float32, torch.float64]
 SIZES = [(1, 3, 2), (37, 1, 3), (130, 20, 5), (257, 3, 1)]
 
@@ -60,10 +52,6 @@ def _bandwidths(x, t):
     sx = float(ref.median_bandwidth(x.cpu())) if x.shape[0] > 1 else 1.0
     stt = float(ref.median_bandwidth(t.cpu())) if t.shape[0] > 1 else 1.0
     return [0.7 * sx, 1.9 * sx], stt
-
-
-def _rel(a, b) -> float:
-    return abs(float(a) / float(b) - 1.0)
 
 
 def _ref_sums(x, t, sigmas, sigma_t):
@@ -114,12 +102,12 @@ def test_scores_match_reference(device, dtype, n, d, m):
 
     rke = rkekernels.rke_score(x, sigmas[0], backend="triton")
     assert rke.dtype == dtype and rke.shape == ()
-    assert _rel(rke, ref.rke_score(x.cpu(), sigmas[0])) <= tol
+    assert rel(rke, ref.rke_score(x.cpu(), sigmas[0])) <= tol
 
     cond = rkekernels.cond_rke_score(x, t, sigmas, sigma_t, backend="triton")
     assert cond.shape == (2,)
     for k, s in enumerate(sigmas):
-        assert _rel(cond[k], ref.cond_rke_score(x.cpu(), t.cpu(), s, sigma_t)) <= tol
+        assert rel(cond[k], ref.cond_rke_score(x.cpu(), t.cpu(), s, sigma_t)) <= tol
 
     ent = rkekernels.rke_entropies(x, t, sigmas, sigma_t, backend="triton")
     for k, s in enumerate(sigmas):
@@ -135,10 +123,10 @@ def test_many_bandwidths_share_one_pass(device):
     sigmas = [0.05, 0.5, 1.5, 5.0, 500.0]
     fx, ft, fxt = st.forward_sums(x - x.mean(0), t - t.mean(0), [1 / s**2 for s in sigmas], 1.0)
     rfx, rft, rfxt = _ref_sums(x, t, sigmas, 1.0)
-    assert _rel(ft, rft) <= 1e-5
+    assert rel(ft, rft) <= 1e-5
     for k in range(len(sigmas)):
-        assert _rel(fx[k], rfx[k]) <= 1e-5
-        assert _rel(fxt[k], rfxt[k]) <= 1e-5
+        assert rel(fx[k], rfx[k]) <= 1e-5
+        assert rel(fxt[k], rfxt[k]) <= 1e-5
     # sigma -> 0: only the diagonal survives (F = n); sigma -> inf: every pair (F = n^2)
     assert float(fx[0]) == pytest.approx(57.0, rel=1e-6)
     assert float(fx[-1]) == pytest.approx(57.0**2, rel=1e-4)
@@ -159,9 +147,9 @@ def test_other_tilings_give_the_same_sums(device, monkeypatch):
     inv = [1 / s**2 for s in sigmas]
     fx, ft, fxt = st.forward_sums(x - x.mean(0), t - t.mean(0), inv, 1 / sigma_t**2)
     rfx, rft, rfxt = _ref_sums(x, t, sigmas, sigma_t)
-    assert _rel(ft, rft) <= 1e-10
+    assert rel(ft, rft) <= 1e-10
     for k in range(2):
-        assert _rel(fx[k], rfx[k]) <= 1e-10 and _rel(fxt[k], rfxt[k]) <= 1e-10
+        assert rel(fx[k], rfx[k]) <= 1e-10 and rel(fxt[k], rfxt[k]) <= 1e-10
     g_fx, g_ft, g_fxt = _cotangents(2)
     dev_g = [v.to(device) for v in (g_fx, g_ft, g_fxt)]
     gx, gt = st.backward_grads(x - x.mean(0), t - t.mean(0), inv, 1 / sigma_t**2, *dev_g)
@@ -282,15 +270,15 @@ def test_precision_modes_within_stated_bounds(device, mode):
         fx, ft, fxt = st.forward_sums(xc, tc, inv, 1 / sigma_t**2)
     exact = st.forward_sums(xc, tc, inv, 1 / sigma_t**2)
     rfx, rft, rfxt = _ref_sums(x, t, sigmas, sigma_t)
-    errs = [_rel(ft, rft)]
+    errs = [rel(ft, rft)]
     assert errs[-1] <= st.error_bound(mode, s_t)
     for k, s in enumerate(sigmas):
         s_x = _max_r2(x) / s**2
-        errs += [_rel(fx[k], rfx[k]), _rel(fxt[k], rfxt[k])]
+        errs += [rel(fx[k], rfx[k]), rel(fxt[k], rfxt[k])]
         assert errs[-2] <= st.error_bound(mode, s_x)
         assert errs[-1] <= st.error_bound(mode, s_x + s_t)
     if mode != "tf32x3":  # the rounding is real (tf32x3 is exact float32 in the interpreter)
-        assert max(errs) > 10 * max(_rel(exact[0][0], rfx[0]), 1e-7)
+        assert max(errs) > 10 * max(rel(exact[0][0], rfx[0]), 1e-7)
 
     g_fx, g_ft, g_fxt = _cotangents(2, seed=7)
     dev_g = [v.to(device) for v in (g_fx, g_ft, g_fxt)]
@@ -348,8 +336,8 @@ def test_auto_on_cpu_is_torch_and_triton_agrees(dtype, monkeypatch):
             rkekernels.rke_score(x, 3.0, backend="triton")
     if st.interpreted():
         got = rkekernels.rke_score(x, 3.0, backend="triton")
-        assert _rel(got, want) <= TOL[dtype]
-        assert _rel(got, ref.rke_score(x, 3.0)) <= TOL[dtype]
+        assert rel(got, want) <= TOL[dtype]
+        assert rel(got, ref.rke_score(x, 3.0)) <= TOL[dtype]
 
 
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
@@ -371,10 +359,11 @@ def test_torch_and_triton_backends_share_the_contract():
         assert b[: len(positional)] == positional
 
 
-def test_backward_uses_the_precision_of_its_forward():
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_uses_the_precision_of_its_forward(device):
     """A graph built under precision("bf16") differentiates in bf16 even after the block ends."""
     g = torch.Generator().manual_seed(3)
-    x0 = torch.randn(40, 5, generator=g)
+    x0 = torch.randn(40, 5, generator=g).to(device)
     x1 = x0.clone().requires_grad_()
     with st.precision("bf16"):
         y1 = rkekernels.rke_score(x1, 2.0, backend="triton")
