@@ -36,6 +36,7 @@ from ._input import (
     is_torch,
 )
 from ._input import check_finite as _check_finite  # guidance_grad has an argument of that name
+from .ops import guidance as guidance_ops
 
 __all__ = ["FeatureBank", "GuidanceResult", "features", "guidance_grad"]
 
@@ -556,14 +557,9 @@ def guidance_grad(
     # beyond EXACT_FROM the fast paths' distance form cannot tell entries apart (its rounding
     # times 1/s^2 exceeds a nat): the float64 path by direct differences decides instead
     exact_args = (zf, normalize, y, fb, bc, float(sigma), sigma_cond, batch)
-    entries = fb.shape[0] > 0 or batch
     inv = (inv_s2, inv_c2) if y is not None else (inv_s2,)
-    numba = resolved == "torch" and zf.device.type == "cpu"
-    if numba:
-        from .ops import guidance_cpu
-
-        numba = guidance_cpu.enabled()
     exact = max(inv) > EXACT_FROM[cdt] or min(inv) < 1e-280
+    numba = guidance_ops.uses_numba(resolved, zf.device)
     if not exact and normalize and numba:
         # ||z|| overflowed the compute dtype: the exact path scales first (the other paths
         # check ||z|| among the results, in their one sync)
@@ -576,75 +572,12 @@ def guidance_grad(
             if sync:
                 raise
             return _nan_output(zf, zt, out_dtype, like_torch)
-    zc = zf.to(cdt)
     yc = y.to(cdt) if y is not None else None
-    if numba:  # numba: the whole computation in compiled code
-        g, log_s, ok = guidance_cpu.guide(
-            zc, normalize, yc, fb, bank_sq, bc, cond_sq, inv_s2, inv_c2, batch
-        )
-        # log S = -inf with entries present: every logit overflowed to -inf (finite
-        # inputs too large for the compute dtype), which the exact path takes over
-        if not ok or (entries and bool(torch.isinf(log_s).any())):
-            if not sync:  # no error, no retry: NaN marks the result (as on CUDA)
-                return _nan_output(zf, zt, out_dtype, like_torch)
-            _explain_non_finite(zf, normalize, y, fb, bc)
-            return _exact(exact_args, sigma, sigma_cond, zt, out_dtype, like_torch)
-        return _output(g.reshape(zt.shape), log_s, zt, out_dtype, like_torch)
-    if normalize:
-        znorm = zc.norm(dim=1, keepdim=True)
-        phi = zc / znorm
-    else:
-        phi = zc
-
-    if resolved == "triton" and backend == "auto" and cdt == torch.float64:
-        resolved = "torch"  # "auto" keeps float64 on the torch path (float64 GEMMs, 1e-10)
-    if resolved == "triton":
-        from .ops import guidance_triton as impl
-    else:
-        from .ops import guidance_torch as impl
-    row_const = (phi * phi).sum(1) * inv_s2  # ||phi||^2/s^2 (+ ||y||^2/s_c^2): bounds every logit
-    if yc is not None:
-        row_const = row_const + (yc * yc).sum(1) * inv_c2
-    # torch path: shift the logits by that bound (no running max; see ops.guidance_torch) and
-    # fall back to the running max if every term underflows. Triton: running max in registers.
-    # Without the sync there is no retry: the running max from the start.
-    shift = row_const if resolved == "torch" and sync else None
-    args = (phi, fb, bank_sq, yc, bc, cond_sq, inv_s2, inv_c2)
-    # the other current samples first (a tiny b x b state), then the bank streams into it
-    state = _batch_state(phi, yc, inv_s2, inv_c2, shift) if batch else None
-    m, l, acc = impl.softmax_state(*args, state, shift)
-    g, log_s, checks = _finish(phi, yc, znorm if normalize else None, m, l, acc, row_const, inv_s2)
-    # every value the result rests on is finite (||z|| too: an overflowed norm gives phi = 0 and
-    # a finite, wrong gradient); an infinite prompt embedding can turn a logit into -inf (that
-    # entry silently dropped) instead of NaN: the torch paths make such logits NaN (from the
-    # prompt norms, O(n)); for the Triton kernel bank_cond is checked directly (n x m); log S =
-    # -inf with entries present: every logit overflowed. All device-side: no host copies.
-    ok = torch.isfinite(checks).all()
-    if normalize:
-        ok = ok & torch.isfinite(znorm).all()
-    if bc is not None and resolved == "triton":
-        ok = ok & torch.isfinite(bc).all()
-    if entries:
-        ok = ok & ~torch.isinf(log_s).any()
-    if not sync:  # capturable: no error, no retry; NaN marks a result that would have raised
-        bad = ~ok
-        g = torch.where(bad, math.nan, g)
-        log_s = torch.where(bad, math.nan, log_s)
-        return _output(g.reshape(zt.shape), log_s, zt, out_dtype, like_torch)
-    # one host sync: is it finite; did the shifted sums leave [tiny, 1/tiny] (every term
-    # underflowed, or rounding pushed a huge-scale exponent up; NaN counts too)
-    tiny = 1e-280 if cdt == torch.float64 else 1e-20
-    out_of_range = ~((l >= tiny) & (l <= 1.0 / tiny)).all()
-    flags = torch.stack([ok, out_of_range]).tolist()
-    if shift is not None and flags[1] and (fb.shape[0] > 0 or batch):
-        state = _batch_state(phi, yc, inv_s2, inv_c2, None) if batch else None
-        m, l, acc = impl.softmax_state(*args, state, None)
-        g, log_s, checks = _finish(
-            phi, yc, znorm if normalize else None, m, l, acc, row_const, inv_s2
-        )
-        ok = torch.isfinite(checks).all() & ~torch.isinf(log_s).any()
-        flags[0] = bool(ok & torch.isfinite(znorm).all()) if normalize else bool(ok)
-    if not flags[0]:
+    g, log_s, ok = guidance_ops.guide(
+        zf.to(cdt), normalize, yc, fb, bank_sq, bc, cond_sq, inv_s2, inv_c2, include_batch,
+        resolved, auto=backend == "auto", sync=sync,
+    )  # fmt: skip
+    if not ok:  # (only with sync: without it NaN marks the result instead)
         _explain_non_finite(zf, normalize, y, fb, bc)
         return _exact(exact_args, sigma, sigma_cond, zt, out_dtype, like_torch)
     return _output(g.reshape(zt.shape), log_s, zt, out_dtype, like_torch)
@@ -709,51 +642,6 @@ def _output(
     if like_torch:
         return GuidanceResult(grad, log_s)
     return GuidanceResult(grad.cpu().numpy(), log_s.cpu().numpy())
-
-
-def _batch_state(
-    phi: torch.Tensor,
-    y: torch.Tensor | None,
-    inv_s2: float,
-    inv_c2: float,
-    shift: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax state of each sample against the other b - 1 (constants, self excluded).
-
-    With ``shift`` the state is taken relative to it (as the bank pass will be), else to the max.
-    """
-    logits = (phi @ phi.T) * (2.0 * inv_s2) - (phi * phi).sum(1) * inv_s2  # (b, b): [a, c]
-    if y is not None:
-        logits = logits + (y @ y.T) * (2.0 * inv_c2) - (y * y).sum(1) * inv_c2
-    eye = torch.eye(phi.shape[0], dtype=torch.bool, device=phi.device)
-    logits = logits.masked_fill(eye, -math.inf)
-    m = shift if shift is not None else logits.amax(1)
-    p = torch.exp(logits - m.unsqueeze(1))
-    return m, p.sum(1), p @ phi
-
-
-def _finish(
-    phi: torch.Tensor,
-    y: torch.Tensor | None,
-    znorm: torch.Tensor | None,
-    m: torch.Tensor,
-    l: torch.Tensor,
-    acc: torch.Tensor,
-    row_const: torch.Tensor,
-    inv_s2: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad (b, D), log S (b,), values to check for NaN/Inf) from a softmax state."""
-    has = l > 0
-    l_safe = torch.where(has, l, torch.ones_like(l))
-    log_s = torch.where(has, (m - row_const) + torch.log(l_safe), torch.full_like(l, -math.inf))
-    g = (phi - acc / l_safe.unsqueeze(1)) * (2.0 * inv_s2)
-    g = torch.where(has.unsqueeze(1), g, torch.zeros_like(g))
-    if znorm is not None:  # chain rule through phi = z / ||z||: (I - u u^T) g / ||z||
-        g = (g - phi * (phi * g).sum(1, keepdim=True)) / znorm
-    checks = [phi.reshape(-1), g.reshape(-1), l, torch.where(has, log_s, 0.0)]
-    if y is not None:
-        checks.append(y.reshape(-1))
-    return g, log_s, torch.cat(checks)
 
 
 def _explain_non_finite(

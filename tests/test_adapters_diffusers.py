@@ -170,6 +170,7 @@ def test_schedule_in_the_pipeline(pipe, embeds):
     assert len(spy.bank) == 2 * B
 
 
+@pytest.mark.slow
 def test_any_latent_layout_with_a_minimal_pipeline():
     """Packed sequence latents (b, tokens, c), prompt_embeds without CFG doubling."""
     guide = DiversityGuidance(1.0, sigma_cond=0.5, scale=0.2)

@@ -40,6 +40,7 @@ def _generate(gm, sigmas, guide, seed, batches=8, b=4):
     return torch.cat(out)
 
 
+@pytest.mark.slow
 def test_guidance_covers_more_modes_at_equal_precision():
     gm = _mixture()
     sigmas = get_sigmas_karras(25, 0.01, 20.0)
@@ -105,6 +106,7 @@ def test_schedule_without_sigmas_counts_calls_and_uses_progress():
     assert not torch.equal(den(x, 2.0), x)  # progress 0.8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_guided_denoiser_is_score_space_classifier_guidance(dtype):
     """D' = D + scale sigma^2 g, sigma a float or per sample, g from the float64 reference."""

@@ -231,6 +231,7 @@ def test_bench_runs_scripts_and_prints_tables(tmp_path, capsys):
     assert code == 0 and "| 10 | full |" in out
 
 
+@pytest.mark.slow
 def test_console_entry_point_subprocess(tmp_path, data):
     x, t = data
     px, pt = _save(tmp_path / "x.npy", "npy", x), _save(tmp_path / "t.npy", "npy", t)

@@ -14,6 +14,7 @@ def small(tmp_path_factory):
     return run(samples=8, prompts=4, steps=24, seed=1, out=str(out), progress=False), out
 
 
+@pytest.mark.slow
 def test_guided_covers_more_modes_at_kept_precision(small):
     res, _ = small
     base = res.overall["unguided"]

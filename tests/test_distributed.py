@@ -32,6 +32,8 @@ if triton_available():
 #: the fused kernel on gloo's CPU tensors: the interpreter (TRITON_INTERPRET=1, no GPU) only
 TRITON_CPU = triton_available() and scores_triton.interpreted()
 
+pytestmark = pytest.mark.slow  # spawned process groups: seconds per world size
+
 F64 = 1e-10
 F32 = 1e-5
 SHARDS = {2: [7, 30], 3: [11, 0, 26]}  # unequal, and one empty shard for P = 3
@@ -237,9 +239,9 @@ def test_triton_shards_equal_one_process(ranks):
     x32, t32 = x.float(), t.float()
     want = rkekernels.rke_entropies(x32, t32, SIGS, SIG_T)
     for res in results:
-        _close(res["rke_triton"], torch.stack([reference.rke_score(x32, s) for s in SIGS]), F32)
+        close(res["rke_triton"], torch.stack([reference.rke_score(x32, s) for s in SIGS]), F32)
         for got_v, want_v in zip(res["ent_triton"], want):
-            _close(got_v, want_v.detach(), rel=F32)
+            close(got_v, want_v.detach(), F32)
     # the shards partition the tiles: every rank adds a part, the parts add up to the whole
     parts = [res["triton_part"] for res in results]
     whole = float(reference.pair_sums(x32, sigma=SIG)[0])

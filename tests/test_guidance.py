@@ -20,12 +20,13 @@ from rkekernels import FeatureBank, GuidanceResult, features, guidance_grad
 from rkekernels import reference as ref
 from rkekernels.ops import guidance_cpu, guidance_torch
 
-CHUNK = 8  # rows per chunk (GEMM path) or block (fused kernel): guidance_torch.CHUNK_ROWS
+CHUNK = 8  # rows per chunk (GEMM path: CHUNK_ROWS) or block (fused kernel: BLOCK_ROWS)
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
     monkeypatch.setattr(guidance_torch, "CHUNK_ROWS", CHUNK)
+    monkeypatch.setattr(guidance_cpu, "BLOCK_ROWS", CHUNK)
 
 
 @pytest.fixture(params=["fused", "rows_first", "samples_first"])

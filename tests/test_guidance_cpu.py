@@ -6,7 +6,7 @@ with the same state computed in float64 by the chunked-GEMM path (itself tested 
 reference in test_guidance.py). Float64 inputs: 1e-12; float32: 1e-5 (as test_guidance.py).
 
 The sizes put b around the kernel's blocks of 4 samples (1, 3, 4, 5, 9) and n around its blocks of
-rows (pairs for the logits, quads for the values, CHUNK_ROWS per block), with both logits
+rows (pairs for the logits, quads for the values, BLOCK_ROWS per block), with both logits
 variants (one row or two rows per pass) and the split over threads.
 """
 
@@ -15,13 +15,13 @@ import signal
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 import rkekernels as rk
 from rkekernels import reference as ref
 from rkekernels.ops import guidance_cpu, guidance_torch
+from rkekernels.ops.guidance import merge_states
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +75,7 @@ def assert_same(got, want, rtol):
 @pytest.mark.parametrize("shift", [True, False])
 @pytest.mark.parametrize("pair", [True, False])
 def test_blocks_match_float64(monkeypatch, n, b, shift, pair):
-    monkeypatch.setattr(guidance_torch, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(guidance_cpu, "BLOCK_ROWS", 8)
     monkeypatch.setattr(guidance_cpu, "PAIR_MIN_DIM", 1 if pair else 10**9)
     phi, bank, y, c = case(b, n, 37, prompts=n % 2 == 1, dtype=torch.float32, seed=n + 100 * b)
     kw = {"sigma": 0.8, "shift": shift, "cached_norms": n % 3 != 0}
@@ -103,7 +103,7 @@ def test_default_blocks_and_wide_rows(dim):
 def test_running_max_rescales_as_the_max_grows(monkeypatch, shift):
     # rows sorted by increasing similarity: the running max grows in every block, and the
     # states before the growth must be rescaled (a missed rescale is off by exp(gap))
-    monkeypatch.setattr(guidance_torch, "CHUNK_ROWS", 4)
+    monkeypatch.setattr(guidance_cpu, "BLOCK_ROWS", 4)
     phi, bank, _, _ = case(3, 40, 16, prompts=False, dtype=torch.float64, seed=1)
     order = (bank @ phi[0]).argsort()
     bank = bank[order].contiguous()
@@ -120,8 +120,10 @@ def test_split_over_threads_matches_one_thread(monkeypatch, shift, prompts):
     phi, bank, y, c = case(5, 203, 24, prompts=prompts, dtype=torch.float64, seed=3)
     kw = {"sigma": 0.3, "shift": shift, "cached_norms": True}
     calls = []
-    real = guidance_cpu._merge
-    monkeypatch.setattr(guidance_cpu, "_merge", lambda s, r: calls.append(len(s)) or real(s, r))
+    real = guidance_cpu.merge_states
+    monkeypatch.setattr(
+        guidance_cpu, "merge_states", lambda m, *a: calls.append(len(m)) or real(m, *a)
+    )
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -137,9 +139,10 @@ def test_split_over_threads_matches_one_thread(monkeypatch, shift, prompts):
 def test_merge_ignores_parts_that_saw_nothing():
     # a part whose every logit was -inf (m = -inf, l = 0) must not turn the merge into NaN
     inf = math.inf
-    a = (np.array([1.0, -inf]), np.array([2.0, 0.0]), np.array([[2.0], [0.0]]))
-    b = (np.array([-inf, -inf]), np.array([0.0, 0.0]), np.array([[0.0], [0.0]]))
-    m, l, acc = guidance_cpu._merge([a, b], running=True)
+    m = torch.tensor([[1.0, -inf], [-inf, -inf]])
+    l = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    acc = torch.tensor([[[2.0], [0.0]], [[0.0], [0.0]]], dtype=torch.float64)
+    m, l, acc = merge_states(m, l, acc, running=True)
     assert m.tolist() == [1.0, -inf] and l.tolist() == [2.0, 0.0] and acc.tolist() == [[2.0], [0.0]]
 
 
@@ -150,7 +153,7 @@ def test_guidance_grad_through_the_kernels(monkeypatch, b, prompts, split):
     # guidance_grad's compiled path end to end (prep, the batch pass with each sample excluded
     # from its own sum, the bank pass, the gradient) against the float64 reference, with b
     # around the blocks of 4 samples, and with the bank split over 2 threads
-    monkeypatch.setattr(guidance_torch, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(guidance_cpu, "BLOCK_ROWS", 8)
     if split:
         monkeypatch.setattr(guidance_cpu, "MIN_ROWS_PER_THREAD_BYTES", 1)
     g = torch.Generator().manual_seed(b)
@@ -180,7 +183,7 @@ def test_half_and_converted_banks(monkeypatch, kind):
     # contiguous bfloat16 rows are decoded in the kernel, a block at a time; other banks the
     # kernel cannot read in place are converted a chunk at a time (2 rows here)
     monkeypatch.setattr(guidance_cpu, "CONVERT_ELEMENTS", 2 * 40)
-    monkeypatch.setattr(guidance_torch, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(guidance_cpu, "BLOCK_ROWS", 3)
     phi, bank, y, c = case(4, 13, 33, prompts=True, dtype=torch.float64, seed=5)
     if kind.startswith("bfloat16") or kind == "float16":
         half = torch.float16 if kind == "float16" else torch.bfloat16
@@ -228,10 +231,15 @@ def test_without_numba_the_gemm_path_runs(monkeypatch):
     assert torch.allclose(res.log_s, ls_ref, rtol=1e-10, atol=0)
 
 
+@pytest.mark.slow
 def test_kernels_compile_without_a_disk_cache(monkeypatch):
     # where numba finds no writable cache location it raises at decoration: the kernels are
     # then compiled without a cache, and give the same result
+    import importlib
+
     import numba
+
+    from rkekernels.ops import guidance_numba
 
     real = numba.njit
 
@@ -243,14 +251,19 @@ def test_kernels_compile_without_a_disk_cache(monkeypatch):
     phi, bank, y, c = case(3, 9, 8, prompts=True, dtype=torch.float64, seed=2)
     kw = {"sigma": 0.9, "shift": False, "cached_norms": True}
     want = state(phi, bank, y, c, fused=True, **kw)
-    monkeypatch.setattr(numba, "njit", njit)
-    monkeypatch.setattr(guidance_cpu, "_kernel", None)  # compile again (restored afterwards)
-    got = state(phi, bank, y, c, fused=True, **kw)
-    assert guidance_cpu._kernel is not None and guidance_cpu._kernel.stream is not None
-    assert not guidance_cpu._kernel.stream._cache.__class__.__name__.endswith("FunctionCache")
+    try:
+        with monkeypatch.context() as mp:
+            mp.setattr(numba, "njit", njit)
+            importlib.reload(guidance_numba)  # define the kernels again, without the cache
+            got = state(phi, bank, y, c, fused=True, **kw)
+            assert not guidance_numba.stream._cache.__class__.__name__.endswith("FunctionCache")
+    finally:
+        importlib.reload(guidance_numba)  # the cached kernels again
+    assert guidance_numba.stream._cache.__class__.__name__.endswith("FunctionCache")
     assert_same(got, want, 1e-12)
 
 
+@pytest.mark.slow
 def test_environment_variable_turns_the_kernel_off():
     # RKEKERNELS_FUSED_CPU=0 selects the chunked-GEMM path for the whole process
     import os
@@ -333,7 +346,7 @@ def test_kernels_never_read_the_row_padding(monkeypatch):
         return out
 
     monkeypatch.setattr(guidance_cpu, "_padded", nan_padded)
-    monkeypatch.setattr(guidance_torch, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(guidance_cpu, "BLOCK_ROWS", 3)
     g = torch.Generator().manual_seed(6)
     z, f = torch.randn(5, 20, generator=g), torch.randn(17, 20, generator=g)
     kw = {"sigma": 2.0, "cond": torch.randn(5, 3, generator=g), "sigma_cond": 1.5}

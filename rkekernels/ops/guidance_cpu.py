@@ -27,25 +27,28 @@ rows (one rescale of the b x D accumulator per block where the max grew).
 
 Threads: the kernel releases the GIL; with ``torch.get_num_threads() > 1`` and a large bank, the
 bank is split into contiguous parts, one per thread, and their states merged (as the Triton path
-merges its splits). `guidance_grad` (backend "torch" or "auto", CPU tensors) runs `guide` when
-numba loads (a dependency: see `available`) and `ENABLED` is true; otherwise the
-chunked-GEMM path of `guidance_torch` runs. `softmax_state` exposes the kernel's bank pass alone,
-with the same contract as the GEMM path's (the tests compare the two).
+merges its splits, with `rkekernels.ops.guidance.merge_states`). The dispatch
+(`rkekernels.ops.guidance.guide`: backend "torch" or "auto", CPU tensors) runs `guide` when numba
+loads (a dependency: see `available`) and `ENABLED` is true; otherwise the chunked-GEMM
+path of `guidance_torch` runs. `softmax_state` exposes the kernel's bank pass alone, with the
+same contract as the GEMM path's (the tests compare the two). The numba kernels themselves are
+in `rkekernels.ops.guidance_numba`, imported at the first call.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from .guidance import merge_states
+
 __all__ = [
     "BLOCK_BYTES",
+    "BLOCK_ROWS",
     "CONVERT_ELEMENTS",
     "ENABLED",
     "MAX_BLOCK_ROWS",
@@ -87,10 +90,10 @@ PAIR_MIN_DIM = 4096
 #: for float64 math, bfloat16 for float64 math. 2**18 elements: 1 MiB of float32.
 CONVERT_ELEMENTS = 1 << 18
 
-_FASTMATH = {"reassoc", "contract", "nsz"}  # no "nnan"/"ninf": NaN/Inf propagate; no "arcp":
-# x / y stays a correctly rounded division (a sample on a bank entry gets a gradient of exactly 0)
+#: Fixed number of bank rows per block; overrides BLOCK_BYTES when set (tests use it to place
+#: bank sizes around block boundaries).
+BLOCK_ROWS: int | None = None
 
-_kernel = None
 _pool: ThreadPoolExecutor | None = None
 _available: bool | None = None  # the import of numba tried once
 
@@ -125,328 +128,17 @@ def enabled() -> bool:
     return ENABLED and available()
 
 
-def _compile():
-    """Build the numba kernels once (lazily: importing rkekernels does not import numba)."""
-    global _kernel
-    if _kernel is not None:
-        return _kernel
-    from numba import njit
+def _kernels():
+    """The numba kernels (`rkekernels.ops.guidance_numba`), imported at the first call."""
+    from . import guidance_numba
 
-    # error_model="numpy": IEEE division (x / 0 = inf or NaN, reaching the finite check), not
-    # Python's ZeroDivisionError
-    opts = {"fastmath": _FASTMATH, "nogil": True, "error_model": "numpy"}
-
-    def jit(fn):
-        """njit with an on-disk cache (next to this file, else numba's per-user cache folder:
-        the first call in a fresh environment compiles for a few seconds, later processes load
-        the machine code); without a writable cache location numba raises, and the kernels are
-        compiled in each process instead."""
-        try:
-            return njit(cache=True, **opts)(fn)
-        except RuntimeError:  # "cannot cache function ...: no locator available"
-            return njit(cache=False, **opts)(fn)
-
-    @jit
-    def dots(w, x, start, rows, out, add, pair):
-        """out[r, a] (+)= w[a] . x[start + r] for r < rows: 4 samples per pass over a row, and
-        with ``pair`` 2 rows per pass (faster from cache, slower streaming narrow rows)."""
-        b = w.shape[0]
-        dim = x.shape[1]  # w's rows may be longer (padded, see _padded)
-        zero = np.zeros(1, out.dtype)[0]
-        r = 0
-        while r < rows:
-            if pair and r + 2 <= rows:
-                x0 = x[start + r]
-                x1 = x[start + r + 1]
-                a = 0
-                while a < b:
-                    if a + 4 <= b:
-                        w0 = w[a]
-                        w1 = w[a + 1]
-                        w2 = w[a + 2]
-                        w3 = w[a + 3]
-                        s00 = s01 = s02 = s03 = zero
-                        s10 = s11 = s12 = s13 = zero
-                        for d in range(dim):
-                            u = x0[d]
-                            v = x1[d]
-                            s00 += w0[d] * u
-                            s01 += w1[d] * u
-                            s02 += w2[d] * u
-                            s03 += w3[d] * u
-                            s10 += w0[d] * v
-                            s11 += w1[d] * v
-                            s12 += w2[d] * v
-                            s13 += w3[d] * v
-                        if not add:
-                            out[r, a] = out[r, a + 1] = out[r, a + 2] = out[r, a + 3] = zero
-                            out[r + 1, a] = out[r + 1, a + 1] = zero
-                            out[r + 1, a + 2] = out[r + 1, a + 3] = zero
-                        out[r, a] += s00
-                        out[r, a + 1] += s01
-                        out[r, a + 2] += s02
-                        out[r, a + 3] += s03
-                        out[r + 1, a] += s10
-                        out[r + 1, a + 1] += s11
-                        out[r + 1, a + 2] += s12
-                        out[r + 1, a + 3] += s13
-                        a += 4
-                    else:
-                        wa = w[a]
-                        s0 = s1 = zero
-                        for d in range(dim):
-                            s0 += wa[d] * x0[d]
-                            s1 += wa[d] * x1[d]
-                        if not add:
-                            out[r, a] = out[r + 1, a] = zero
-                        out[r, a] += s0
-                        out[r + 1, a] += s1
-                        a += 1
-                r += 2
-            else:
-                x0 = x[start + r]
-                a = 0
-                while a < b:
-                    if a + 4 <= b:
-                        w0 = w[a]
-                        w1 = w[a + 1]
-                        w2 = w[a + 2]
-                        w3 = w[a + 3]
-                        s00 = s01 = s02 = s03 = zero
-                        for d in range(dim):
-                            u = x0[d]
-                            s00 += w0[d] * u
-                            s01 += w1[d] * u
-                            s02 += w2[d] * u
-                            s03 += w3[d] * u
-                        if not add:
-                            out[r, a] = out[r, a + 1] = out[r, a + 2] = out[r, a + 3] = zero
-                        out[r, a] += s00
-                        out[r, a + 1] += s01
-                        out[r, a + 2] += s02
-                        out[r, a + 3] += s03
-                        a += 4
-                    else:
-                        wa = w[a]
-                        s0 = zero
-                        for d in range(dim):
-                            s0 += wa[d] * x0[d]
-                        if not add:
-                            out[r, a] = zero
-                        out[r, a] += s0
-                        a += 1
-                r += 1
-
-    @jit
-    def values(x, start, rows, p, acc):
-        """acc[a] += sum_r p[r, a] x[start + r], 4 rows x 4 samples per pass."""
-        b = acc.shape[0]
-        dim = x.shape[1]  # acc's rows may be longer (padded, see _padded)
-        r = 0
-        while r < rows:
-            if r + 4 <= rows:
-                x0 = x[start + r]
-                x1 = x[start + r + 1]
-                x2 = x[start + r + 2]
-                x3 = x[start + r + 3]
-                p0 = p[r]
-                p1 = p[r + 1]
-                p2 = p[r + 2]
-                p3 = p[r + 3]
-                a = 0
-                while a < b:
-                    if a + 4 <= b:
-                        o0 = acc[a]
-                        o1 = acc[a + 1]
-                        o2 = acc[a + 2]
-                        o3 = acc[a + 3]
-                        p00, p01, p02, p03 = p0[a], p0[a + 1], p0[a + 2], p0[a + 3]
-                        p10, p11, p12, p13 = p1[a], p1[a + 1], p1[a + 2], p1[a + 3]
-                        p20, p21, p22, p23 = p2[a], p2[a + 1], p2[a + 2], p2[a + 3]
-                        p30, p31, p32, p33 = p3[a], p3[a + 1], p3[a + 2], p3[a + 3]
-                        for d in range(dim):
-                            u0 = x0[d]
-                            u1 = x1[d]
-                            u2 = x2[d]
-                            u3 = x3[d]
-                            o0[d] += p00 * u0 + p10 * u1 + p20 * u2 + p30 * u3
-                            o1[d] += p01 * u0 + p11 * u1 + p21 * u2 + p31 * u3
-                            o2[d] += p02 * u0 + p12 * u1 + p22 * u2 + p32 * u3
-                            o3[d] += p03 * u0 + p13 * u1 + p23 * u2 + p33 * u3
-                        a += 4
-                    else:
-                        o = acc[a]
-                        q0, q1, q2, q3 = p0[a], p1[a], p2[a], p3[a]
-                        for d in range(dim):
-                            o[d] += q0 * x0[d] + q1 * x1[d] + q2 * x2[d] + q3 * x3[d]
-                        a += 1
-                r += 4
-            else:
-                x0 = x[start + r]
-                for a in range(b):
-                    o = acc[a]
-                    q0 = p[r, a]
-                    for d in range(dim):
-                        o[d] += q0 * x0[d]
-                r += 1
-
-    @jit
-    def sq_norm(x):
-        s = np.zeros(1, x.dtype)[0]
-        for d in range(x.shape[0]):
-            s += x[d] * x[d]
-        return s
-
-    @jit
-    def decode_bf16(src, start, rows, dst):
-        """dst[r] = float32(src[start + r]) for bfloat16 rows given as int16 bit patterns (the
-        upper half of a float32: a shift, exact, NaN/Inf kept)."""
-        bits = dst.view(np.uint32)
-        for r in range(rows):
-            s = src[start + r]
-            o = bits[r]
-            for d in range(s.shape[0]):
-                o[d] = np.uint32(np.uint16(s[d])) << np.uint32(16)
-
-    @jit
-    def stream(n, phi2, bank, bank16, qb, y2, cond, cond16, rc, inv_s2, inv_c2, has_q,
-               has_cond, has_r, m, l, acc, block, running, pair, pair_cond, self_at,
-               part_rows, pad):  # fmt: skip
-        """Fold n bank rows into the state (m, l, acc), block by block.
-
-        ``qb``/``rc`` are the rows' squared norms (any float dtype; computed here when has_q /
-        has_r is false). ``bank16``/``cond16`` (int16 bits of bfloat16 rows), when not empty,
-        replace ``bank``/``cond``: each block is decoded into a float32 scratch block in cache,
-        so the bank streams at half the bytes. With self_at >= 0, row j is excluded for sample
-        j - self_at (the batch pass: the current samples as entries, each without itself).
-        """
-        b = phi2.shape[0]
-        block = max(1, min(block, n))
-        is16 = bank16.shape[0] > 0
-        cis16 = cond16.shape[0] > 0
-        lg = np.empty((block, b), dtype=phi2.dtype)
-        fbuf = np.empty((block if is16 else 0, bank16.shape[1]), dtype=phi2.dtype)
-        cbuf = np.empty((block if cis16 else 0, cond16.shape[1]), dtype=phi2.dtype)
-        # values are summed in the compute dtype over at most part_rows rows, then added into
-        # acc (float64); the partial sum is flushed before any rescale of acc
-        part = np.zeros((b, acc.shape[1] + pad), dtype=phi2.dtype)
-        in_part = 0
-        for start in range(0, n, block):
-            rows = min(block, n - start)
-            f = bank
-            fo = start
-            if is16:
-                decode_bf16(bank16, start, rows, fbuf)
-                f = fbuf
-                fo = 0
-            dots(phi2, f, fo, rows, lg, False, pair)
-            if has_cond:
-                c = cond
-                co = start
-                if cis16:
-                    decode_bf16(cond16, start, rows, cbuf)
-                    c = cbuf
-                    co = 0
-                dots(y2, c, co, rows, lg, True, pair_cond)
-            for r in range(rows):
-                j = start + r
-                bias = -inv_s2 * (qb[j] if has_q else sq_norm(f[fo + r]))
-                if has_cond:
-                    rb = -inv_c2 * (rc[j] if has_r else sq_norm(c[co + r]))
-                    # an infinite prompt embedding: NaN, not a silently dropped -inf logit
-                    bias += rb if math.isfinite(rb) else math.nan
-                for a in range(b):
-                    lg[r, a] += bias
-                if self_at >= 0 and 0 <= j - self_at < b:
-                    lg[r, j - self_at] = -math.inf
-            if running:
-                for a in range(b):
-                    top = lg[0, a]
-                    for r in range(1, rows):
-                        top = max(top, lg[r, a])
-                    if top > m[a]:  # the max grew: rescale this sample's state once
-                        scale = math.exp(m[a] - top)  # m = -inf before the first entry: 0
-                        l[a] *= scale
-                        for d in range(acc.shape[1]):
-                            acc[a, d] = (acc[a, d] + part[a, d]) * scale
-                            part[a, d] = 0.0
-                        m[a] = top
-            for r in range(rows):
-                for a in range(b):
-                    # an entry at -inf weighs 0, also while m is still -inf (exp(NaN) not)
-                    pr = 0.0 if lg[r, a] == -math.inf else math.exp(lg[r, a] - m[a])
-                    lg[r, a] = pr
-                    l[a] += pr
-            values(f, fo, rows, lg, part)
-            in_part += rows
-            if in_part + block > part_rows or start + block >= n:
-                for a in range(b):
-                    for d in range(acc.shape[1]):
-                        acc[a, d] += part[a, d]
-                        part[a, d] = 0.0
-                in_part = 0
-
-    @jit
-    def prep(z, normalize, y, inv_s2, inv_c2, phi, znorm, phi2, y2, row_const):
-        """phi = z / znorm (or z), 2 phi / s^2, 2 y / s_c^2 and the logits' bound
-        ||phi||^2 / s^2 + ||y||^2 / s_c^2, per sample (as `guidance_grad`'s torch code)."""
-        b, dim = z.shape
-        for a in range(b):
-            nrm = znorm[a]
-            for d in range(dim):
-                v = z[a, d] / nrm if normalize else z[a, d]
-                phi[a, d] = v
-                phi2[a, d] = v * (2.0 * inv_s2)
-            row_const[a] = sq_norm(phi[a]) * inv_s2
-            if y.shape[1] > 0:
-                for d in range(y.shape[1]):
-                    y2[a, d] = y[a, d] * (2.0 * inv_c2)
-                row_const[a] += sq_norm(y[a]) * inv_c2
-
-    @jit
-    def finish(phi, znorm, normalize, m, l, acc, row_const, inv_s2, y, g, log_s):
-        """The gradient and log S from the softmax state (as `guidance._finish`): returns
-        whether every input and result is finite (one flag for the caller's error path)."""
-        b, dim = phi.shape
-        ok = True
-        for a in range(b):
-            has = l[a] > 0
-            ok = ok and math.isfinite(l[a])
-            if has:
-                log_s[a] = (m[a] - row_const[a]) + math.log(l[a])
-                ok = ok and math.isfinite(log_s[a])
-            else:
-                log_s[a] = -math.inf
-            proj = np.zeros(1, g.dtype)[0]
-            for d in range(dim):
-                gv = (phi[a, d] - acc[a, d] / l[a]) * (2.0 * inv_s2) if has else 0.0
-                g[a, d] = gv
-                proj += phi[a, d] * gv
-                ok = ok and math.isfinite(phi[a, d])
-            for d in range(dim):
-                if normalize:  # chain rule through phi = z / ||z||: (I - u u^T) g / ||z||
-                    g[a, d] = (g[a, d] - phi[a, d] * proj) / znorm[a]
-                ok = ok and math.isfinite(g[a, d])
-            for d in range(y.shape[1]):
-                ok = ok and math.isfinite(y[a, d])
-        return ok
-
-    _kernel = _Kernels(stream, prep, finish)
-    return _kernel
-
-
-class _Kernels(NamedTuple):
-    stream: Any
-    prep: Any
-    finish: Any
+    return guidance_numba
 
 
 def block_rows(dim: int, itemsize: int) -> int:
-    """Bank rows per block for rows of ``dim`` elements (``guidance_torch.CHUNK_ROWS`` wins)."""
-    from . import guidance_torch
-
-    if guidance_torch.CHUNK_ROWS is not None:
-        return max(1, int(guidance_torch.CHUNK_ROWS))
+    """Bank rows per block for rows of ``dim`` elements (`BLOCK_ROWS` wins when set)."""
+    if BLOCK_ROWS is not None:
+        return max(1, int(BLOCK_ROWS))
     return min(MAX_BLOCK_ROWS, max(8, BLOCK_BYTES // max(1, dim * itemsize)))
 
 
@@ -516,7 +208,7 @@ def guide(
         the batch pass, the bank pass (running max: exact and finite for any bandwidth, no
         second pass) and the gradient; a torch op costs ~40 us with cold caches, a kernel ~20.
     """
-    k = _compile()
+    k = _kernels()
     b, dim = z.shape
     normalize = bool(normalize)  # one compiled kernel whatever type the flag came in
     zn = _arr(z.contiguous())
@@ -593,7 +285,7 @@ def _fold(
     running: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fold the bank's rows into ``state`` (updated in place, or merged from thread parts)."""
-    stream = _compile().stream
+    stream = _kernels().stream
     b = phi2.shape[0]
     n, dim = bank.shape  # phi2's rows are padded (see _padded)
     dt = phi2.dtype
@@ -662,7 +354,8 @@ def _fold(
     run(bounds[0], bounds[1], states[0])
     for fut in futures:
         fut.result()
-    return _merge(states, running)
+    m, l, acc = merge_states(*(torch.from_numpy(np.stack(v)) for v in zip(*states)), running)
+    return m.numpy(), l.numpy(), acc.numpy()
 
 
 def _parts(n: int, nbytes: int) -> int:
@@ -688,20 +381,3 @@ def _executor() -> ThreadPoolExecutor:
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="rkek")
     return _pool
-
-
-def _merge(
-    states: list[tuple[np.ndarray, np.ndarray, np.ndarray]], running: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One state from the states of disjoint parts of the bank (all relative to one shift, or
-    each to its own running max)."""
-    ms = np.stack([s[0] for s in states])  # (P, b)
-    ls = np.stack([s[1] for s in states])
-    accs = np.stack([s[2] for s in states])  # (P, b, D)
-    if not running:
-        return states[0][0], ls.sum(0), accs.sum(0)
-    top = ms.max(0)
-    # a part that saw nothing (m = -inf) weighs 0; exp(-inf - -inf) would be NaN
-    with np.errstate(invalid="ignore"):
-        w = np.where(ms == -np.inf, 0.0, np.exp(ms - top)).astype(ms.dtype)
-    return top, (w * ls).sum(0), (w[:, :, None] * accs).sum(0)

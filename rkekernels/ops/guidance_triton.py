@@ -35,7 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .guidance import merge_states
 from .launch import launches_on_input
+from .scores_triton import check_device
 
 __all__ = ["MAX_SPLIT_ROWS", "NO_SPECIALIZE", "SPLITS", "plan_splits", "softmax_state"]
 
@@ -252,6 +254,7 @@ def softmax_state(
     are not needed (the kernel computes them from the rows it loads anyway).
     """
     del bank_sq, bank_cond_sq
+    check_device(phi)
     if shift is not None:
         raise ValueError("the Triton kernel keeps its running max in registers: shift must be None")
     cdt = phi.dtype
@@ -316,6 +319,4 @@ def softmax_state(
         m = torch.cat([m, state[0].unsqueeze(0)])
         l = torch.cat([l, state[1].double().unsqueeze(0)])
         acc = torch.cat([acc, state[2].double().unsqueeze(0)])
-    m_all = m.amax(0)  # finite: every split holds >= 1 bank row
-    w = torch.exp(m - m_all).double()  # (splits, b)
-    return m_all, (w * l).sum(0), torch.einsum("sb,sbd->bd", w, acc)
+    return merge_states(m, l, acc)

@@ -94,6 +94,7 @@ __all__ = [
     "NO_SPECIALIZE",
     "PRECISIONS",
     "backward_grads",
+    "check_device",
     "error_bound",
     "forward_sums",
     "get_precision",
@@ -640,7 +641,8 @@ def _top(v: torch.Tensor) -> torch.Tensor:
     return torch.where(top > 0, top, torch.ones_like(top))
 
 
-def _check_device(xc: torch.Tensor) -> None:
+def check_device(xc: torch.Tensor) -> None:
+    """Raise unless the kernels can run on ``xc``'s device (CUDA, or any under the interpreter)."""
     if xc.device.type != "cuda" and not interpreted():
         raise ValueError(
             f"backend='triton' got tensors on {xc.device}: the kernels need CUDA tensors, or "
@@ -681,7 +683,7 @@ def forward_sums(
         ([3.0], None, None)
     """
     plan = _Plan(_check_precision(precision or get_precision()), xc.dtype)
-    _check_device(xc)
+    check_device(xc)
     xs = plan.operand(xc)
     ts = plan.operand(tc)
     nx, nt = plan.norms(xs), plan.norms(ts)
@@ -763,7 +765,7 @@ def backward_grads(
         [1.4715, -1.4715]
     """
     plan = _Plan(_check_precision(precision or get_precision()), xc.dtype)
-    _check_device(xc)
+    check_device(xc)
     has_t = tc is not None
     need_t = need_t and has_t
     if not (need_x or need_t):
