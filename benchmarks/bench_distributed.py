@@ -89,6 +89,7 @@ def _rss_mib() -> float:
 def _rank_main(rank, world, threads, mode, n, d, reps, init_file, out_dir):
     torch.set_num_threads(threads)
     import rkekernels
+    from rkekernels import _collectives as C
     from rkekernels import distributed as D
 
     if mode == "dist":
@@ -121,7 +122,7 @@ def _rank_main(rank, world, threads, mode, n, d, reps, init_file, out_dir):
         "rss_before": before,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "input_mib": x.numel() * 4 / 2**20,
-        "comm": dict(D._last_comm) if mode == "dist" else {"gathered_bytes": 0, "reduced_bytes": 0},
+        "comm": dict(C.last_comm) if mode == "dist" else {"gathered_bytes": 0, "reduced_bytes": 0},
     }
     if mode == "dist":
         dist.destroy_process_group()

@@ -32,15 +32,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._errors import CLIError
+
 __all__ = ["load_array", "main", "score_files"]
 
 PROG = "rkekernels"
 PROGRESS_MIN_N = 20_000  # a progress bar from this many rows on
 EXIT_BAD_INPUT = 2
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line on stderr, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from ._errors import CLIError
+
 __all__ = ["DemoConfig", "DemoResult", "add_arguments", "main", "run"]
 
 METHODS = ("unguided", "guided", "guided_batch")
@@ -523,8 +525,6 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     try:
         res = run(cfg)
     except ValueError as exc:
-        from .cli import CLIError
-
         raise CLIError(str(exc)) from None
     print(format_report(res))
     return 0

@@ -34,19 +34,22 @@ keeps autograd like the one-process API.
 `all_gather_commit` and `SharedFeatureBank` share a guidance `FeatureBank` between ranks: what one
 rank commits is all-gathered and added, in rank order, to every rank's bank.
 
+The collectives themselves (the size exchange that raises on every rank, the gathers, the
+all-reduce) are `rkekernels._collectives`, shared with the shared bank and the metric's sync.
 Communication goes through the group's backend: NCCL on GPUs (tensors travel on the current CUDA
-device), gloo on CPUs. The sizes of the last collective exchange are kept in ``_last_comm`` (bytes
-each rank received through ``all_gather`` and the bytes of its ``all_reduce``), for benchmarks.
+device), gloo on CPUs. The sizes of the last collective exchange are kept in
+``rkekernels._collectives.last_comm`` (bytes each rank received through ``all_gather`` and the
+bytes of its ``all_reduce``), for benchmarks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from . import _collectives as C
+from ._collectives import is_distributed
 from ._input import (
     as_tensor,
     check_backend,
@@ -70,142 +73,6 @@ __all__ = [
     "rke_score",
     "share_bank",
 ]
-
-# bytes this rank received through all_gather and sent to all_reduce (last call), for benchmarks
-_last_comm: dict[str, int] = {"gathered_bytes": 0, "reduced_bytes": 0}
-
-_DTYPES = (torch.float32, torch.float64)
-
-
-# --------------------------------------------------------------------------- collective helpers
-
-
-def is_distributed(group: Any = None) -> bool:
-    """True when ``torch.distributed`` is available and a process group is initialised.
-
-    The functions of this module take their distributed path exactly when this is True.
-
-    Example:
-        >>> from rkekernels import distributed
-        >>> distributed.is_distributed()  # a plain Python process
-        False
-    """
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank_world(group: Any) -> tuple[int, int]:
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError("group: this process is not a member of the given process group")
-    return rank, dist.get_world_size(group)
-
-
-def _comm_device(group: Any, data_device: torch.device) -> torch.device:
-    """Where tensors travel: the current CUDA device for NCCL, the CPU for gloo."""
-    backend = str(dist.get_backend(group)).lower()
-    if backend == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    if backend == "gloo":
-        return torch.device("cpu")
-    return data_device
-
-
-def _reset_comm() -> None:
-    _last_comm["gathered_bytes"] = 0
-    _last_comm["reduced_bytes"] = 0
-
-
-def _exchange(vec: list[float], group: Any, comm_dev: torch.device) -> torch.Tensor:
-    """all_gather of one short float64 vector per rank -> (P, L) on the CPU."""
-    _, world = _rank_world(group)
-    local = torch.tensor(vec, dtype=torch.float64, device=comm_dev)
-    out = [torch.zeros_like(local) for _ in range(world)]
-    dist.all_gather(out, local, group=group)
-    _last_comm["gathered_bytes"] += world * local.numel() * 8
-    return torch.stack(out).cpu()
-
-
-def _check_same_bandwidths(
-    k_column: torch.Tensor,
-    values: list[float],
-    sigma_t: float | None,
-    group: Any,
-    comm_dev: torch.device,
-) -> None:
-    """Collective: every rank must pass the same bandwidths, in the same order.
-
-    ``k_column`` holds each rank's ``len(values)`` from an earlier exchange: equal lengths are
-    checked first (every rank reaches the same verdict), then the values themselves are
-    all-gathered and compared exactly (a checksum would let [1, 2] and [2, 1] through).
-    """
-    if not bool((k_column == k_column[0]).all()):
-        raise ValueError("sigma must be the same on every rank (different numbers of bandwidths)")
-    table = _exchange([*values, sigma_t if sigma_t is not None else -1.0], group, comm_dev)
-    if not bool((table == table[0]).all()):
-        raise ValueError("sigma and sigma_t must be the same on every rank, in the same order")
-
-
-_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def _gather_rows(
-    x: torch.Tensor,
-    counts: Sequence[int],
-    width: int,
-    dtype: torch.dtype,
-    group: Any,
-    comm_dev: torch.device,
-    out_dev: torch.device,
-) -> torch.Tensor:
-    """All ranks' (n_r, width) blocks stacked in rank order: (sum n_r, width), a fresh buffer.
-
-    Each block is padded to max n_r (no copy when this rank's block already has that size),
-    gathered into ONE (P * max n_r, width) buffer, and compacted in place: peak memory is the
-    gathered buffer plus at most one padded block. ``x`` may be an empty block of any width.
-    Nothing is sent when every block is empty. The result is never ``x`` itself.
-    """
-    world = len(counts)
-    top = max(counts)
-    n = sum(counts)
-    if top == 0:
-        return torch.zeros(0, width, dtype=dtype, device=out_dev)
-    x = x.detach()
-    if x.shape == (top, width) and x.dtype == dtype and x.device == comm_dev and x.is_contiguous():
-        send = x
-    else:
-        send = torch.zeros(top, width, dtype=dtype, device=comm_dev)
-        if x.shape[0]:
-            send[: x.shape[0]] = x.to(device=comm_dev, dtype=dtype)
-    buf = torch.empty(world * top, width, dtype=dtype, device=comm_dev)
-    _gather_single(buf, send, group=group)
-    del send
-    _last_comm["gathered_bytes"] += buf.numel() * buf.element_size()
-    off = 0
-    for r, c in enumerate(counts):  # close the padding gaps, moving blocks towards the front
-        src = r * top
-        if c and src != off:
-            block = buf[src : src + c]
-            buf[off : off + c] = block.clone() if off + c > src else block
-        off += c
-    return buf[:n].to(out_dev)
-
-
-def _all_reduce_sum(v: torch.Tensor, group: Any, comm_dev: torch.device) -> torch.Tensor:
-    buf = v.to(comm_dev, torch.float64).contiguous()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
-    _last_comm["reduced_bytes"] += buf.numel() * 8
-    return buf.to(v.device)
-
-
-def _raise_collective(err: BaseException | None, flags: torch.Tensor, what: str) -> None:
-    """Raise on every rank when any rank flagged bad input (after the exchange: no deadlock)."""
-    bad = [r for r, f in enumerate(flags.tolist()) if f]
-    if not bad:
-        return
-    if err is not None:
-        raise err
-    raise ValueError(f"{what} is invalid on rank(s) {bad} (see the error raised there)")
-
 
 # --------------------------------------------------------------------------- local validation
 
@@ -266,8 +133,8 @@ def _global_pair_sums(x_local, t_local, sigma, sigma_t, group, with_t, want_fx, 
 
     Returns (n, fx, ft, fxt, dtype, out_device, many) with float64 sums on ``out_device``.
     """
-    _reset_comm()
-    rank, world = _rank_world(group)
+    C.reset_comm()
+    rank, world = C.rank_world(group)
     err: BaseException | None = None
     xt = tt = None
     sigmas, many, st = None, False, None
@@ -277,52 +144,20 @@ def _global_pair_sums(x_local, t_local, sigma, sigma_t, group, with_t, want_fx, 
     except Exception as exc:  # raised after the exchange, so no other rank waits for this one
         err = exc
     data_dev = xt.device if xt is not None else torch.device("cpu")
-    comm_dev = _comm_device(group, data_dev)
-    n_r = xt.shape[0] if xt is not None else 0
-    d_r = xt.shape[1] if xt is not None else 0
-    m_r = tt.shape[1] if tt is not None else 0
-    f64 = 1.0 if xt is not None and xt.dtype == torch.float64 else 0.0
-    if tt is not None and tt.dtype == torch.float64:
-        f64 = 1.0
-    s_list = sigmas or []
-    meta = [
-        1.0 if err is not None else 0.0,
-        float(n_r),
-        float(d_r),
-        float(m_r),
-        f64,
-        float(len(s_list)),
-    ]
-    table = _exchange(meta, group, comm_dev)
-    _raise_collective(err, table[:, 0], "x_local/t_local/sigma")
-
-    counts = [int(v) for v in table[:, 1].tolist()]
-    n = sum(counts)
+    comm_dev = C.comm_device(group, data_dev)
+    lay = C.agree_layout(
+        xt, tt, err=err, group=group, comm_dev=comm_dev, names=("x_local", "t_local"),
+        bandwidths=[float(many), *(sigmas or [])], sigma_t=st,
+    )  # fmt: skip
+    counts, n, width, m, dtype = lay.counts, lay.n, lay.width, lay.m, lay.dtype
     if n == 0:
         raise ValueError(
             "x_local is empty on every rank (global n = 0): need at least one sample in total"
         )
-    live = [r for r in range(world) if counts[r] > 0]
-    widths = {int(table[r, 2]) for r in live}
-    if len(widths) > 1:
-        raise ValueError(
-            f"x_local has a different number of features on different ranks: {sorted(widths)}"
-        )
-    width = widths.pop()
-    m = 0
-    if with_t:
-        ms = {int(table[r, 3]) for r in live}
-        if len(ms) > 1:
-            raise ValueError(
-                f"t_local has a different number of features on different ranks: {sorted(ms)}"
-            )
-        m = ms.pop()
-    _check_same_bandwidths(table[:, 5], [float(many), *s_list], st, group, comm_dev)
-    dtype = torch.float64 if any(table[r, 4] > 0 for r in live) else torch.float32
 
     # gathered buffers are this function's own (never the caller's tensors): centred in place
-    xc = _gather_rows(xt, counts, width, dtype, group, comm_dev, data_dev)
-    tc = _gather_rows(tt, counts, m, dtype, group, comm_dev, data_dev) if with_t else None
+    xc = C.gather_rows(xt, counts, width, dtype, group, comm_dev, data_dev)
+    tc = C.gather_rows(tt, counts, m, dtype, group, comm_dev, data_dev) if with_t else None
     if sigmas is None:  # the same median on every rank: it only sees the gathered global set
         sigmas = [_median_from_tensor(xc)]
     if with_t and st is None:
@@ -347,7 +182,7 @@ def _global_pair_sums(x_local, t_local, sigma, sigma_t, group, with_t, want_fx, 
             fxt if fxt is not None else zeros[:0],
         ]
     )
-    packed = _all_reduce_sum(packed, group, comm_dev)
+    packed = C.all_reduce_sum(packed, group, comm_dev)
     fx = packed[:K]
     ft = packed[K] if with_t else None
     fxt = packed[K + 1 : 2 * K + 1] if with_t else None
@@ -395,7 +230,7 @@ def rke_score(x_local: Any, sigma: Any, *, group: Any = None, backend: str = "au
         >>> float(distributed.rke_score(x, 1.0))  # no process group: the one-process score
         3.0
     """
-    if not is_distributed(group):
+    if not C.is_distributed(group):
         from . import scores
 
         return scores.rke_score(x_local, sigma, backend=backend)
@@ -442,7 +277,7 @@ def cond_rke_score(
         >>> round(float(distributed.cond_rke_score(x, t, 1.0, 1.0)), 6)
         2.0
     """
-    if not is_distributed(group):
+    if not C.is_distributed(group):
         from . import scores
 
         if t_local is None:
@@ -484,7 +319,7 @@ def rke_entropies(
         >>> [round(float(v), 4) for v in distributed.rke_entropies(x, t, 1.0, 1.0)]
         [1.3863, 0.6931, 1.3863, 0.6931, 0.6931]
     """
-    if not is_distributed(group):
+    if not C.is_distributed(group):
         from . import scores
 
         if t_local is None:
@@ -501,11 +336,10 @@ def rke_entropies(
 
 
 def _local_add(bank: Any, f: torch.Tensor, cond: torch.Tensor | None) -> None:
-    """``bank.add`` without the collective of a `SharedFeatureBank` (no recursion)."""
-    if isinstance(bank, FeatureBank):
-        FeatureBank.add(bank, f, cond)
-    else:
-        bank.add(f, cond)
+    """``bank.append``: without the collective of a `SharedFeatureBank` (no recursion); a bank
+    without ``append`` (anything with ``add(f, cond)``) gets ``add``."""
+    append = getattr(bank, "append", None)
+    (append if append is not None else bank.add)(f, cond)
 
 
 def _commit_input(bank: Any, f: Any, cond: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -569,13 +403,12 @@ def all_gather_commit(bank: Any, f: Any, cond: Any = None, *, group: Any = None)
         >>> len(bank)
         3
     """
-    if not is_distributed(group):
+    if not C.is_distributed(group):
         ft, ct = _commit_input(bank, f, cond)
         if ft.shape[0]:
             _local_add(bank, ft, ct)
         return int(ft.shape[0])
-    _reset_comm()
-    _, world = _rank_world(group)
+    C.reset_comm()
     err: BaseException | None = None
     ft = ct = None
     try:
@@ -583,40 +416,18 @@ def all_gather_commit(bank: Any, f: Any, cond: Any = None, *, group: Any = None)
     except Exception as exc:  # raised after the exchange, so no other rank waits for this one
         err = exc
     data_dev = ft.device if ft is not None else torch.device("cpu")
-    comm_dev = _comm_device(group, data_dev)
-    meta = [
-        1.0 if err is not None else 0.0,
-        float(ft.shape[0]) if ft is not None else 0.0,
-        float(ft.shape[1]) if ft is not None else 0.0,
-        1.0 if ct is not None else 0.0,
-        float(ct.shape[1]) if ct is not None else 0.0,
-        1.0 if ft is not None and ft.dtype == torch.float64 else 0.0,
-    ]
-    table = _exchange(meta, group, comm_dev)
-    _raise_collective(err, table[:, 0], "f/cond")
-    counts = [int(v) for v in table[:, 1].tolist()]
-    total = sum(counts)
-    if total == 0:
+    comm_dev = C.comm_device(group, data_dev)
+    lay = C.agree_layout(ft, ct, err=err, group=group, comm_dev=comm_dev, names=("f", "cond"))
+    if lay.n == 0:
         return 0
-    live = [r for r in range(world) if counts[r] > 0]
-    widths = {int(table[r, 2]) for r in live}
-    if len(widths) > 1:
-        raise ValueError(f"f has a different width on different ranks: {sorted(widths)}")
-    if len({int(table[r, 3]) for r in live}) > 1:
-        raise ValueError("cond was given on some ranks and not on others: pass it on every rank")
-    with_cond = bool(table[live[0], 3])
-    ms = {int(table[r, 4]) for r in live}
-    if with_cond and len(ms) > 1:
-        raise ValueError(f"cond has a different width on different ranks: {sorted(ms)}")
-    dtype = torch.float64 if any(table[r, 5] > 0 for r in live) else torch.float32
     out_dev = getattr(bank, "device", None) or data_dev
-    fs = _gather_rows(ft, counts, widths.pop(), dtype, group, comm_dev, out_dev)
+    fs = C.gather_rows(ft, lay.counts, lay.width, lay.dtype, group, comm_dev, out_dev)
     cs = None
-    if with_cond:
+    if lay.with_t:
         local_c = ct if ct is not None else torch.zeros(0, 0)
-        cs = _gather_rows(local_c, counts, ms.pop(), dtype, group, comm_dev, out_dev)
+        cs = C.gather_rows(local_c, lay.counts, lay.m, lay.dtype, group, comm_dev, out_dev)
     _local_add(bank, fs, cs)
-    return total
+    return lay.n
 
 
 class SharedFeatureBank(FeatureBank):
@@ -625,7 +436,7 @@ class SharedFeatureBank(FeatureBank):
     ``add(f, cond)`` is `all_gather_commit`: every rank passes its new samples (0 rows
     allowed) and every rank's bank receives all of them, in rank order. Everything else
     (``len``, ``features``, ``cond``, ``state_dict``, use in `rkekernels.guidance_grad`) is
-    the plain FeatureBank; ``load_state_dict`` is local. To share the bank of a
+    the plain FeatureBank; ``append`` and ``load_state_dict`` are local. To share the bank of a
     `rkekernels.DiversityGuidance`, use `share_bank` (its ``commit`` then syncs).
 
     Args:
@@ -651,22 +462,10 @@ class SharedFeatureBank(FeatureBank):
     ) -> None:
         super().__init__(capacity, device=device, dtype=dtype)
         self.group = group
-        self._local = False
 
     def add(self, f: Any, cond: Any = None) -> None:
-        """Collective add: see `all_gather_commit`."""
-        if self._local:
-            FeatureBank.add(self, f, cond)
-            return
+        """Collective add: see `all_gather_commit` (``append`` stays local)."""
         all_gather_commit(self, f, cond, group=self.group)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Local (not collective): replace the contents by ``state``."""
-        self._local = True
-        try:
-            super().load_state_dict(state)
-        finally:
-            self._local = False
 
 
 def share_bank(guidance: Any, *, group: Any = None) -> Any:

@@ -226,6 +226,21 @@ class FeatureBank:
     def add(self, f: Any, cond: Any = None) -> None:
         """Append b rows of features (and their prompt embeddings); past capacity the oldest go.
 
+        The same as `append` here; a bank shared across processes
+        (`rkekernels.distributed.SharedFeatureBank`) overrides ``add`` with a collective one.
+
+        Args:
+            f: (b, D) features, already mapped by `features`.
+            cond: (b, m) prompt embeddings. Either every `add` passes them or none does.
+
+        Raises:
+            ValueError: as `append`.
+        """
+        self.append(f, cond)
+
+    def append(self, f: Any, cond: Any = None) -> None:
+        """Append b rows to this bank only (never collective); past capacity the oldest go.
+
         Args:
             f: (b, D) features, already mapped by `features`; b may exceed the capacity (then
                 only the newest ``capacity`` rows are kept). Copied to the bank's device/dtype.
@@ -350,7 +365,7 @@ class FeatureBank:
                 )
                 self._has_cond = cond is not None
             return
-        self.add(feats, state["cond"])
+        self.append(feats, state["cond"])
 
 
 def _is_float_tensor(x: Any) -> bool:

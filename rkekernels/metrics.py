@@ -265,47 +265,30 @@ class _Stream:
 
     def global_sums(self, blocks_x, blocks_t, sums, group):
         """Collective: (global sums, global n, dtype) over every rank's stored blocks."""
-        from . import distributed as D
+        from . import _collectives as C
 
-        D._reset_comm()
-        rank, world = D._rank_world(group)
+        C.reset_comm()
+        rank, world = C.rank_world(group)
         x = torch.cat(list(blocks_x)) if len(blocks_x) else None
-        has_t = len(blocks_t) > 0
-        t = torch.cat(list(blocks_t)) if has_t else None
+        t = torch.cat(list(blocks_t)) if len(blocks_t) else None
         dev = sums.device
-        comm_dev = D._comm_device(group, dev)
-        meta = [
-            float(x.shape[0]) if x is not None else 0.0,
-            float(x.shape[1]) if x is not None else 0.0,
-            float(t.shape[1]) if t is not None else 0.0,
-            1.0 if has_t else 0.0,
-            1.0 if x is not None and x.dtype == torch.float64 else 0.0,
-            float(self.K),
-        ]
-        table = D._exchange(meta, group, comm_dev)
-        D._check_same_bandwidths(table[:, 5], list(self.sigmas), self.sigma_t, group, comm_dev)
-        counts = [int(v) for v in table[:, 0].tolist()]
-        n = sum(counts)
-        if n == 0:
+        comm_dev = C.comm_device(group, dev)
+        lay = C.agree_layout(
+            x, t, err=None, group=group, comm_dev=comm_dev,
+            bandwidths=list(self.sigmas), sigma_t=self.sigma_t,
+        )  # fmt: skip
+        if lay.n == 0:
             raise ValueError("compute() before any update: no samples on any rank")
+        counts, n, width, m, with_t, dtype = lay
         live = [r for r in range(world) if counts[r] > 0]
-        widths = {int(table[r, 1]) for r in live}
-        if len(widths) > 1:
-            raise ValueError(f"x has different widths on different ranks: {sorted(widths)}")
-        if len({int(table[r, 3]) for r in live}) > 1:
-            raise ValueError("t was given on some ranks and not on others: use it everywhere")
-        with_t = bool(table[live[0], 3])
-        m = int(table[live[0], 2])
-        width = widths.pop()
-        dtype = torch.float64 if any(table[r, 4] > 0 for r in live) else torch.float32
         empty_x = torch.zeros(0, width, dtype=dtype, device=dev)
-        x_all = D._gather_rows(
+        x_all = C.gather_rows(
             x if x is not None else empty_x, counts, width, dtype, group, comm_dev, dev
         )
         t_all = None
         if with_t:
             empty_t = torch.zeros(0, m, dtype=dtype, device=dev)
-            t_all = D._gather_rows(
+            t_all = C.gather_rows(
                 t if t is not None else empty_t, counts, m, dtype, group, comm_dev, dev
             )
         # one global shift for every cross-rank block (translation invariance), in place
@@ -334,7 +317,7 @@ class _Stream:
                         shard=(rank, world),
                         start=idx,
                     )
-        total = D._all_reduce_sum(part, group, comm_dev)
+        total = C.all_reduce_sum(part, group, comm_dev)
         return total, n, dtype, with_t
 
     def result(self, sums: torch.Tensor, n: int, dtype: torch.dtype, with_t: bool):
@@ -355,7 +338,7 @@ class _Stream:
 def _sync_wanted(sync: bool, group: Any) -> bool:
     if not sync:
         return False
-    from .distributed import is_distributed
+    from ._collectives import is_distributed
 
     return is_distributed(group)
 

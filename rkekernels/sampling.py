@@ -61,20 +61,6 @@ STEP_RULES = ("prompt_fade", "paper")
 PROMPT_FADE_TAU = 0.05
 
 
-def check_adapter_guidance(guidance: Any, cond: Any) -> None:
-    """The sampler adapters' shared checks: a `DiversityGuidance`, and prompt embeddings only
-    for a conditional one (raises TypeError / ValueError naming the argument)."""
-    if not isinstance(guidance, DiversityGuidance):
-        raise TypeError(
-            f"guidance must be a rkekernels.DiversityGuidance, got {type(guidance).__name__}"
-        )
-    if cond is not None and not guidance.conditional:
-        raise ValueError(
-            "cond was given but guidance.sigma_cond is None: build the DiversityGuidance "
-            "with sigma_cond for prompt-aware guidance, or leave cond out"
-        )
-
-
 def _check_unit(value: Any, name: str) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.detach().cpu().item()

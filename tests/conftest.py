@@ -1,4 +1,4 @@
-"""Shared test set-up and helpers (tests import them with ``from conftest import ...``).
+"""Shared test set-up and helpers (tests import them with ``from tests.conftest import ...``).
 
 - Without a GPU, Triton kernels run in the interpreter: the root conftest.py sets
   TRITON_INTERPRET=1 before any kernel is defined (doctests under rkekernels/ need it too).
@@ -189,7 +189,7 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def close(got, want, rtol: float) -> None:
+def close(got, want, rtol: float = 1e-10) -> None:
     """Same shape, and equal within ``rtol`` element by element (no absolute slack)."""
     got = torch.as_tensor(got, dtype=torch.float64)
     want = torch.as_tensor(want, dtype=torch.float64)

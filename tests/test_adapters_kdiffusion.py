@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from conftest import gen
 from rkekernels import DiversityGuidance
 from rkekernels import reference as ref
 from rkekernels.adapters.kdiffusion import GuidedDenoiser, guided_denoiser
 from rkekernels.toy import GaussianMixture, get_sigmas_karras, sample_euler
+from tests.conftest import gen
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_clip, tiny_dinov2, write_images
 from rkekernels.adapters.encoders import (
     CLIP_MEAN,
     CLIP_STD,
@@ -18,6 +17,7 @@ from rkekernels.adapters.encoders import (
     load_image,
     load_text_encoder,
 )
+from tests.conftest import tiny_clip, tiny_dinov2, write_images
 
 pytest.importorskip("transformers")
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TOL as RTOL
-from conftest import rel
 from rkekernels import FeatureBank, GuidanceResult, features, guidance_grad
 from rkekernels import reference as ref
 from rkekernels.ops import guidance_cpu, guidance_torch
+from tests.conftest import TOL as RTOL
+from tests.conftest import rel
 
 CHUNK = 8  # rows per chunk (GEMM path: CHUNK_ROWS) or block (fused kernel: BLOCK_ROWS)
 

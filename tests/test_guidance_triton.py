@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-from conftest import TOL as RTOL
-from conftest import rel
 from rkekernels import FeatureBank, guidance_grad
 from rkekernels import reference as ref
+from tests.conftest import TOL as RTOL
+from tests.conftest import rel
 
 
 @pytest.fixture(autouse=True)

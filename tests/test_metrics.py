@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import rkekernels
-from conftest import TOL, close
 from rkekernels import metrics, reference
 from rkekernels.metrics import RKEMetric, RKEMetricResult, cross_pair_sums
+from tests.conftest import TOL, close
 
 N, D, M = 53, 7, 4
 SIGS = [0.6, 2.5, 40.0]

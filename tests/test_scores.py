@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import rkekernels as rk
-from conftest import rel
 from rkekernels import reference as ref
 from rkekernels.ops import scores_torch
+from tests.conftest import rel
 
 # (dtype, relative tolerance), fixed per dtype as SPEC section 5 says
 DTYPE_TOL = [(torch.float64, 1e-10), (torch.float32, 1e-5)]

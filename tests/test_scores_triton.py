@@ -30,9 +30,9 @@ from rkekernels._input import check_backend
 
 pytest.importorskip("triton")
 
-from conftest import INTERPRETED, TOL, TRITON_DEVICES, rel
 from rkekernels.ops import scores_torch
 from rkekernels.ops import scores_triton as st
+from tests.conftest import INTERPRETED, TOL, TRITON_DEVICES, rel
 
 API_GRAD_TOL = TOL  # relative to the largest gradient entry (measured: <= 3e-6 in float32)
 

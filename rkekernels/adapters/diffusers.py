@@ -76,7 +76,8 @@ except ImportError as exc:  # pragma: no cover - exercised by a test with diffus
         "`pip install diffusers` (or `pip install rkekernels[diffusers]`)"
     ) from exc
 
-from ..sampling import DiversityGuidance, check_adapter_guidance
+from ..sampling import DiversityGuidance
+from ._checks import check_adapter_guidance
 
 __all__ = [
     "DecodedFeatures",

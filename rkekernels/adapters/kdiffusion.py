@@ -42,7 +42,8 @@ from typing import Any
 
 import torch
 
-from ..sampling import DiversityGuidance, check_adapter_guidance
+from ..sampling import DiversityGuidance
+from ._checks import check_adapter_guidance
 
 __all__ = ["GuidedDenoiser", "guided_denoiser"]
 
