@@ -1,6 +1,6 @@
 """Benchmark: `rkekernels.distributed.rke_score` with P = 1 and 2 processes on this machine.
 
-Run:  python benchmarks/bench_distributed.py [--n 40000] [--d 256] [--reps 2] [--rounds 2]
+Run:  python -m benchmarks.bench_distributed [--n 40000] [--d 256] [--reps 2] [--rounds 2]
 
 Every configuration runs in fresh processes (torch.multiprocessing, spawn; gloo, file:// init),
 so each rank's peak RSS is its own. Configurations, all on the same float32 data
@@ -31,19 +31,16 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # run by its path: python benchmarks/<name>.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import write_results
-
+from benchmarks.common import spawn_ranks, write_results
 from rkekernels.ops import scores_torch
 
 SIGMA = 16.0
@@ -86,20 +83,11 @@ def _rss_mib() -> float:
     return float("nan")
 
 
-def _rank_main(rank, world, threads, mode, n, d, reps, init_file, out_dir):
-    torch.set_num_threads(threads)
+def _rank_main(rank, world, mode, n, d, reps):
     import rkekernels
     from rkekernels import _collectives as C
     from rkekernels import distributed as D
 
-    if mode == "dist":
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{init_file}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(minutes=20),
-        )
     sizes = [n // world + (r < n % world) for r in range(world)]
     lo = sum(sizes[:rank])
     x = _rows(lo, lo + sizes[rank], d)
@@ -124,21 +112,14 @@ def _rank_main(rank, world, threads, mode, n, d, reps, init_file, out_dir):
         "input_mib": x.numel() * 4 / 2**20,
         "comm": dict(C.last_comm) if mode == "dist" else {"gathered_bytes": 0, "reduced_bytes": 0},
     }
-    if mode == "dist":
-        dist.destroy_process_group()
-    torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    return res
 
 
 def _run(world, threads, mode, n, d, reps) -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(
-            _rank_main,
-            args=(world, threads, mode, n, d, reps, os.path.join(tmp, "init"), tmp),
-            nprocs=world,
-            join=True,
-            start_method="spawn",
-        )
-        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return spawn_ranks(
+        _rank_main, world, (mode, n, d, reps), init=mode == "dist", threads=threads,
+        timeout_s=20 * 60,
+    )  # fmt: skip
 
 
 def tile_shares(n: int, world: int) -> list[float]:

@@ -1,6 +1,6 @@
 """Benchmark: `rkekernels.guidance_grad` against one GEMM over the bank and the original algorithm.
 
-Run:  python benchmarks/bench_guidance.py [--quick] [--threads K]
+Run:  python -m benchmarks.bench_guidance [--quick] [--threads K]
 
 1. b = 4 samples, n = 10,000 bank entries, D = 16,384 (a 4x64x64 latent) and D = 768 (an image
    embedding), float32:
@@ -25,24 +25,21 @@ multi-threaded timings of small ops erratic. Results: benchmarks/results/bench_g
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import RESULTS, write_results
+if __package__ in (None, ""):  # run by its path: python benchmarks/<name>.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rkekernels as rk
+from benchmarks.common import RESULTS, run_child, write_results
 from rkekernels.ops import guidance_cpu
 
 COLUMNS = ["case", "method", "n", "D", "seconds", "ratio", "baseline", "extra_mib", "note"]
@@ -271,10 +268,9 @@ def head_to_head(dim: int, n: int, b: int, repeat: int, rows: list) -> None:
 
 _CHILD = """
 import json, time, statistics, sys, torch
-sys.path.insert(0, {bench!r})
 torch.set_num_threads({threads})
 import rkekernels as rk
-from bench_guidance import SIGMA, original, unit_rows
+from benchmarks.bench_guidance import SIGMA, original, unit_rows
 n, dim, b, which = {n}, {dim}, {b}, {which!r}
 def status(key):  # MiB, from /proc/self/status (VmRSS: now, VmHWM: peak since reset)
     with open("/proc/self/status") as fh:
@@ -310,17 +306,8 @@ print(json.dumps(dict(seconds=statistics.median(ts), input_mib=n * dim * 4 / 2**
 
 
 def child(n: int, dim: int, b: int, which: str, threads: int, repeat: int) -> dict:
-    code = _CHILD.format(
-        bench=str(Path(__file__).resolve().parent), threads=threads, n=n, dim=dim, b=b,
-        which=which, repeat=repeat,
-    )  # fmt: skip
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=False
-    )
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-    return json.loads(lines[-1])
+    code = _CHILD.format(threads=threads, n=n, dim=dim, b=b, which=which, repeat=repeat)
+    return run_child(code)
 
 
 def scaling(sizes: list[int], dim: int, b: int, threads: int, rows: list) -> None:

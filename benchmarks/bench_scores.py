@@ -1,6 +1,6 @@
 """Benchmark: `rkekernels.rke_score` side by side with what users would use instead.
 
-Run:  python benchmarks/bench_scores.py [--quick] [--backward]
+Run:  python -m benchmarks.bench_scores [--quick] [--backward]
 
 1. vs one torch GEMM ``x @ x.T`` of the same x (the physical-limit proxy), n = 10,000, d = 512,
    float32 (target <= 0.7x), and vs the naive dense torch version (cdist, exp, sum), pykeops'
@@ -23,22 +23,19 @@ Results: benchmarks/results/bench_scores.{csv,md} and bench_scores.png.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import baselines
-from common import RESULTS, timeit, write_results
+if __package__ in (None, ""):  # run by its path: python benchmarks/<name>.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rkekernels as rk
+from benchmarks import baselines
+from benchmarks.common import RESULTS, run_child, timeit, write_results
 from rkekernels import reference
 
 COLUMNS = [
@@ -51,26 +48,6 @@ def _data(n: int, d: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     centres = 4.0 * torch.randn(8, d, generator=g)
     return centres[torch.randint(0, 8, (n,), generator=g)] + torch.randn(n, d, generator=g)
-
-
-def _child(code: str, limit_gib: float | None = None) -> dict:
-    """Run ``code`` in a fresh Python; it prints one JSON line as its last line."""
-    pre = ""
-    if limit_gib:
-        pre = (
-            f"import resource; lim = int({limit_gib} * 2**30); "
-            "resource.setrlimit(resource.RLIMIT_AS, (lim, lim))\n"
-        )
-    out = subprocess.run(
-        [sys.executable, "-c", pre + textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-    return json.loads(lines[-1])
 
 
 def head_to_head(n: int, d: int, rows: list, repeat: int) -> None:
@@ -197,11 +174,11 @@ def scaling(ns: list[int], d: int, rows: list) -> list[tuple[int, float, float |
 
 
 def dense_out_of_memory(n: int, d: int, rows: list) -> None:
-    res = _child(
+    res = run_child(
         f"""
         import json, sys, time, torch
-        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-        import baselines, rkekernels as rk
+        import rkekernels as rk
+        from benchmarks import baselines
         x = torch.randn({n}, {d})
         out = {{}}
         t0 = time.perf_counter(); rk.rke_score(x, 8.0); out["rk"] = time.perf_counter() - t0
@@ -227,11 +204,10 @@ def dense_out_of_memory(n: int, d: int, rows: list) -> None:
 def _peak_child(n: int, d: int, method: str) -> dict:
     """Extra peak RSS of one call in a fresh process: VmHWM after, minus VmRSS with x allocated."""
     call = "rk.rke_score(x, 8.0)" if method == "rk" else "baselines.dense_torch(x, 8.0)"
-    return _child(
+    return run_child(
         f"""
         import json, sys, torch, rkekernels as rk
-        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-        import baselines
+        from benchmarks import baselines
         def status(key):  # /proc/self/status, MiB: VmRSS now, VmHWM peak of this process
             with open("/proc/self/status") as fh:
                 return next(int(l.split()[1]) for l in fh if l.startswith(key)) / 1024.0

@@ -58,16 +58,11 @@ start after that many seconds.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
 import math
 import os
-import platform
-import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +70,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from benchmarks.common import Report, bench, fmt  # noqa: E402
 
 SECTIONS = (
     "compile",
@@ -118,94 +115,6 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
 # --------------------------------------------------------------------------- plumbing
-
-
-def machine() -> dict[str, str]:
-    import triton
-
-    if torch.cuda.is_available():
-        dev = torch.cuda.get_device_name(0)
-    else:
-        dev = f"CPU ({platform.machine()}), Triton interpreter"
-    return {
-        "device": dev,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": str(torch.version.cuda),
-        "python": platform.python_version(),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        if math.isnan(v):
-            return ""
-        if v == 0 or 1e-3 <= abs(v) < 1e5:
-            return f"{v:.4g}"
-        return f"{v:.3e}"
-    return str(v)
-
-
-class Report:
-    """Rows written to CSV and markdown after every addition."""
-
-    def __init__(self, out: Path, facts: dict[str, str], notes: list[str], name: str = "gpu_check"):
-        self.out = out
-        self.name = name
-        self.facts = facts
-        self.notes = notes
-        self.rows: list[dict] = []
-        self.extra: list[str] = []
-        out.mkdir(parents=True, exist_ok=True)
-
-    def add(self, **row) -> dict:
-        self.rows.append(row)
-        shown = {k: _fmt(v) for k, v in row.items() if v not in (None, "")}
-        print("  " + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
-        self.flush()
-        return row
-
-    def flush(self) -> None:
-        with open(self.out / f"{self.name}.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=COLUMNS + list(self.facts))
-            w.writeheader()
-            for r in self.rows:
-                w.writerow({**{c: _fmt(r.get(c, "")) for c in COLUMNS}, **self.facts})
-        f = self.facts
-        lines = [
-            "### GPU check of the fused Triton kernels",
-            "",
-            f"{f['device']}, torch {f['torch']} (CUDA {f['cuda']}), Triton {f['triton']}, "
-            f"Python {f['python']}, {f['date']}.",
-            "",
-            *[f"- {note}" for note in self.notes],
-            "",
-            "| " + " | ".join(COLUMNS) + " |",
-            "|" + "---|" * len(COLUMNS),
-        ]
-        for r in self.rows:
-            cells = [_fmt(r.get(c, "")).replace("|", "\\|") for c in COLUMNS]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", *self.extra]
-        (self.out / f"{self.name}.md").write_text("\n".join(lines) + "\n")
-
-
-def bench(fn: Callable[[], object], cuda: bool, rep_ms: int = 100) -> tuple[float, float, float]:
-    """(p50, p20, p80) in milliseconds."""
-    if cuda:
-        from triton.testing import do_bench
-
-        q = do_bench(fn, warmup=10, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-        return float(q[0]), float(q[1]), float(q[2])
-    fn()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - t0))
-    times.sort()
-    return statistics.median(times), times[1], times[3]
 
 
 def sync(cuda: bool) -> None:
@@ -530,7 +439,7 @@ def section_large(rep, state, n_large, d, dev, cuda, n_bench):
     scaling = secs * 1e3 / (ref_ms * (n_large / n_bench) ** 2) if ref_ms else ""
     rep.add(section="large", case="fused rke_score completes", precision="ieee", n=n_large, d=d,
             ms_p50=secs * 1e3, ratio=scaling, status="ok" if ok else "FAIL",
-            detail=f"RKE={value:.6g}; extra memory {_fmt(extra)} x (n d 4 bytes); "
+            detail=f"RKE={value:.6g}; extra memory {fmt(extra)} x (n d 4 bytes); "
             f"ratio = time / (n^2 extrapolation of the n={n_bench} fused time)")  # fmt: skip
     del x
 
@@ -761,7 +670,8 @@ def main(argv=None) -> int:
         + (" (--small)" if small else ""),
     ]
     name = "gpu_check_compile" if sections == ["compile"] else f"gpu_check_{args.command}"
-    rep = Report(Path(args.out), machine(), notes, name=name)
+    title = "GPU check of the fused Triton kernels"
+    rep = Report(Path(args.out), name, title, COLUMNS, notes, echo=True)
     start = time.perf_counter()
     state: dict = {}
     runners = {

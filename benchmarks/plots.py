@@ -1,6 +1,6 @@
 """Plots of the benchmark results, drawn from the committed CSV rows (no timing here).
 
-Run:  python benchmarks/plots.py        (after the benchmarks; then benchmarks/render_docs.py)
+Run:  python -m benchmarks.plots        (after the benchmarks; then benchmarks/render_docs.py)
 
 One figure per benchmark, written next to its data in benchmarks/results/:
 

@@ -1,6 +1,6 @@
 """Rebuild docs/performance.md from the benchmark results, and copy the plots into docs/img/.
 
-Run:  python benchmarks/render_docs.py [--all] [--check]
+Run:  python -m benchmarks.render_docs [--all] [--check]
 
 Every benchmark writes a markdown table (with the machine, versions and date it ran on) to
 ``benchmarks/results/<name>.md`` and, for some, plots ``benchmarks/results/<name>*.png``. This
@@ -53,8 +53,8 @@ How to read them:
   dense reference is too slow and the value is compared with rkekernels' float64 path (which the
   tests hold to 1e-10 of the reference).
 
-To regenerate: run the benchmark scripts (`python benchmarks/bench_<name>.py`, or
-`rkekernels bench --full`), then `python benchmarks/render_docs.py`, then `make docs`.
+To regenerate: run the benchmark scripts (`python -m benchmarks.bench_<name>`, or
+`rkekernels bench --full`), then `python -m benchmarks.render_docs`, then `make docs`.
 """
 
 

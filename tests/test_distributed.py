@@ -8,17 +8,15 @@ shards (float64: relative error <= 1e-10 on every rank).
 
 from __future__ import annotations
 
-import os
 import sys
-from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import rkekernels
+from benchmarks.common import spawn_ranks
 from rkekernels import _collectives as C
 from rkekernels import distributed as D
 from rkekernels import reference
@@ -28,7 +26,7 @@ from rkekernels.ops import scores_torch
 from tests.conftest import close
 
 if triton_available():
-    from rkekernels.ops import scores_triton
+    from rkekernels.ops import scores_triton, triton_tuning
 
 #: the fused kernel on gloo's CPU tensors: the interpreter (TRITON_INTERPRET=1, no GPU) only
 TRITON_CPU = triton_available() and scores_triton.interpreted()
@@ -167,41 +165,19 @@ def _checks(rank: int, world: int) -> dict:
     return res
 
 
-def _entry(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+def _entry(rank: int, world: int) -> dict:
     # tiny tiles: N = 37 rows make 5 x 5 blocks, so every rank reduces tiles of its own (with
     # the default 1024-row tiles rank 0 would hold the only tile and the others add zeros)
     scores_torch.BLOCK_ROWS = scores_torch.BLOCK_COLS = 8
     if TRITON_CPU:  # 16-row tiles: 3 x 3 blocks, 6 programs over the ranks
-        scores_triton._FWD_INTERP = dict(scores_triton._FWD_INTERP, BLOCK=16)
-    try:
-        res = _checks(rank, world)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        triton_tuning.FWD_INTERP = dict(triton_tuning.FWD_INTERP, BLOCK=16)
+    return _checks(rank, world)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["P2", "P3"])
-def ranks(request, tmp_path_factory):
+def ranks(request):
     world = request.param
-    tmp = tmp_path_factory.mktemp(f"dist{world}")
-    mp.start_processes(
-        _entry,
-        args=(world, str(tmp / "init"), str(tmp)),
-        nprocs=world,
-        join=True,
-        start_method="spawn",
-    )
-    results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    return world, results
+    return world, spawn_ranks(_entry, world)
 
 
 # --------------------------------------------------------------------------- assertions
