@@ -62,7 +62,7 @@ from ._input import (
 )
 from .guidance import FeatureBank
 from .ops.pair_sums import backend_module, inv_sq
-from .scores import RKEEntropies, _median_from_tensor, entropies_from_sums
+from .scores import RKEEntropies, _median_from_tensor, entropies_from_sums, scores_from_sums
 
 __all__ = [
     "SharedFeatureBank",
@@ -237,7 +237,7 @@ def rke_score(x_local: Any, sigma: Any, *, group: Any = None, backend: str = "au
     n, fx, _, _, dtype, _, many = _global_pair_sums(
         x_local, None, sigma, None, group, False, True, backend
     )
-    return to_output((n * n / fx).to(dtype), is_torch(x_local), many)
+    return to_output(scores_from_sums(n, fx)[0].to(dtype), is_torch(x_local), many)
 
 
 def cond_rke_score(
@@ -283,10 +283,10 @@ def cond_rke_score(
         if t_local is None:
             raise ValueError("t_local is None: give this rank's prompt embeddings, shape (n, m)")
         return scores.cond_rke_score(x_local, t_local, sigma, sigma_t, backend=backend)
-    _, _, ft, fxt, dtype, _, many = _global_pair_sums(
+    n, _, ft, fxt, dtype, _, many = _global_pair_sums(
         x_local, t_local, sigma, sigma_t, group, True, False, backend
     )
-    return to_output((ft / fxt).to(dtype), is_torch(x_local), many)
+    return to_output(scores_from_sums(n, None, ft, fxt)[1].to(dtype), is_torch(x_local), many)
 
 
 def rke_entropies(

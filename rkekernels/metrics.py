@@ -39,8 +39,7 @@ import torch
 from ._input import as_tensor, check_finite, check_same_device, check_sigma, check_sigmas
 from .ops import scores_torch
 from .ops.pair_sums import inv_sq
-from .ops.scores_torch import neg_sqdist
-from .scores import RKEEntropies, entropies_from_sums
+from .scores import RKEEntropies, entropies_from_sums, scores_from_sums
 
 __all__ = [
     "RKEMetric",
@@ -92,7 +91,8 @@ def cross_pair_sums(
 
     with c_k = ``inv_sx2[k]`` = 1/sigma_k^2 and w = ``weight``; the last K + 1 entries stay zero
     without ``ta``. Streamed over tiles of BLOCK_ROWS rows of A x BLOCK_COLS rows of B, each tile
-    one GEMM (the `scores_torch` kernel), so memory is O(tile), never |A| x |B|.
+    `rkekernels.ops.scores_torch.block_sums` (the scores' tile body: one GEMM, sums in the input
+    dtype added in float64), so memory is O(tile), never |A| x |B|.
 
     Args:
         a: (n_a, d) rows of A, already centred (or shifted like B).
@@ -145,17 +145,11 @@ def cross_pair_sums(
             tbj = tbj - st if st is not None else tbj
             norm_tb = scores_torch.sq_norms(tbj)
         for i0, i1 in mine:
-            negd = neg_sqdist(a[i0:i1], norm_a[i0:i1], bj, norm_b, False)
-            kt2 = None
-            if has_t:
-                kt2 = neg_sqdist(ta[i0:i1], norm_ta[i0:i1], tbj, norm_tb, False)
-                kt2 = kt2.mul_(inv_st2).exp_()
-                out[K] += weight * kt2.sum(dtype=torch.float64)
-            for k, c in enumerate(inv_sx2):
-                e = negd.mul(c).exp_() if k < K - 1 else negd.mul_(c).exp_()
-                out[k] += weight * e.sum(dtype=torch.float64)
-                if kt2 is not None:
-                    out[K + 1 + k] += weight * e.mul_(kt2).sum(dtype=torch.float64)
+            scores_torch.block_sums(
+                out, weight, a[i0:i1], norm_a[i0:i1], bj, norm_b, False, inv_sx2,
+                ta[i0:i1] if has_t else None, norm_ta[i0:i1] if has_t else None,
+                tbj if has_t else None, norm_tb if has_t else None, inv_st2,
+            )  # fmt: skip
     return out, idx
 
 
@@ -327,12 +321,12 @@ class _Stream:
         def shape(v):
             return v.to(dtype) if self.many else v.to(dtype).reshape(())
 
-        rke = shape(n * n / fx)
         if not with_t:
-            return RKEMetricResult(rke, None, None)
+            return RKEMetricResult(shape(scores_from_sums(n, fx)[0]), None, None)
         ft, fxt = sums[K], sums[K + 1 :]
+        rke, cond = scores_from_sums(n, fx, ft, fxt)
         ent = RKEEntropies(*(shape(v) for v in entropies_from_sums(n, fx, ft, fxt)))
-        return RKEMetricResult(rke, shape(ft / fxt), ent)
+        return RKEMetricResult(shape(rke), shape(cond), ent)
 
 
 def _sync_wanted(sync: bool, group: Any) -> bool:

@@ -178,7 +178,7 @@ def rke_score(x: Any, sigma: Any = None, *, kernel: str = "gaussian", backend: s
     xt, _, sigmas, many, _, backend, torch_out = _pair(x, None, sigma, None, backend)
     n = xt.shape[0]
     fx, _, _ = pair_sums(xt, None, sigmas, None, backend=backend)
-    return to_output((n * n / fx).to(xt.dtype), torch_out, many)
+    return to_output(scores_from_sums(n, fx)[0].to(xt.dtype), torch_out, many)
 
 
 def cond_rke_score(
@@ -214,7 +214,7 @@ def cond_rke_score(
         raise ValueError("t is None: cond_rke_score needs prompt embeddings t of shape (n, m)")
     xt, tt, sigmas, many, st, backend, torch_out = _pair(x, t, sigma, sigma_t, backend)
     _, ft, fxt = pair_sums(xt, tt, sigmas, st, want_fx=False, backend=backend)
-    return to_output((ft / fxt).to(xt.dtype), torch_out, many)
+    return to_output(scores_from_sums(xt.shape[0], None, ft, fxt)[1].to(xt.dtype), torch_out, many)
 
 
 def rke_entropies(
@@ -248,6 +248,22 @@ def rke_entropies(
     fx, ft, fxt = pair_sums(xt, tt, sigmas, st, backend=backend)
     vals = entropies_from_sums(n, fx, ft, fxt)
     return RKEEntropies(*(to_output(v.to(xt.dtype), torch_out, many) for v in vals))
+
+
+def scores_from_sums(n: int, fx, ft=None, fxt=None) -> tuple:
+    """(RKE, CondRKE) from the pair sums (SPEC section 2): RKE = n^2 / F_x, CondRKE = F_t / F_xt.
+
+    The one place the two ratios are written: the one-process, distributed and streaming scores
+    all call it. Each is None when its sums are (``fx`` None, or ``ft``/``fxt`` None).
+
+    Example:
+        >>> import torch
+        >>> scores_from_sums(4, torch.tensor([8.0]), torch.tensor(12.0), torch.tensor([6.0]))
+        (tensor([2.]), tensor([2.]))
+    """
+    rke = n * n / fx if fx is not None else None
+    cond = ft / fxt if ft is not None and fxt is not None else None
+    return rke, cond
 
 
 def entropies_from_sums(n: int, fx, ft, fxt) -> tuple:

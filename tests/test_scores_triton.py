@@ -32,6 +32,7 @@ pytest.importorskip("triton")
 
 from rkekernels.ops import scores_torch
 from rkekernels.ops import scores_triton as st
+from rkekernels.ops import triton_tuning as tuning
 from tests.conftest import INTERPRETED, TOL, TRITON_DEVICES, rel
 
 API_GRAD_TOL = TOL  # relative to the largest gradient entry (measured: <= 3e-6 in float32)
@@ -138,13 +139,15 @@ def test_many_bandwidths_share_one_pass(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_other_tilings_give_the_same_sums(device, monkeypatch):
     """Bands of 3 blocks of 16 rows (7 x 7 tiles, last band partial) and a wide backward tile."""
+    fwd = dict(tuning.FWD_INTERP, BLOCK=16, GROUP=3)
+    bwd = dict(tuning.BWD_INTERP, BLOCK_M=16, BLOCK_N=128)
     if device == "cuda":
         for name in ("_FWD_GPU", "_FWD_GPU_F64"):
-            monkeypatch.setattr(st, name, [dict(st._FWD_INTERP, BLOCK=16, GROUP=3)])
+            monkeypatch.setattr(tuning, name, [fwd])
         for name in ("_BWD_GPU", "_BWD_GPU_F64"):
-            monkeypatch.setattr(st, name, [dict(st._BWD_INTERP, BLOCK_M=16, BLOCK_N=128)])
-    monkeypatch.setattr(st, "_FWD_INTERP", dict(st._FWD_INTERP, BLOCK=16, GROUP=3))
-    monkeypatch.setattr(st, "_BWD_INTERP", dict(st._BWD_INTERP, BLOCK_M=16, BLOCK_N=128))
+            monkeypatch.setattr(tuning, name, [bwd])
+    monkeypatch.setattr(tuning, "FWD_INTERP", fwd)
+    monkeypatch.setattr(tuning, "BWD_INTERP", bwd)
     x, t = _data(100, 5, 3, torch.float64, device)
     sigmas, sigma_t = _bandwidths(x, t)
     inv = [1 / s**2 for s in sigmas]
@@ -347,7 +350,7 @@ def test_auto_on_cpu_is_torch_and_triton_agrees(dtype, monkeypatch):
 
 
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
-    monkeypatch.setattr(st, "interpreted", lambda: False)
+    monkeypatch.setattr(tuning, "interpreted", lambda: False)
     with pytest.raises(ValueError, match="need CUDA tensors, or TRITON_INTERPRET=1"):
         st.forward_sums(torch.zeros(3, 2), None, (1.0,), None)
     with pytest.raises(ValueError, match="need CUDA tensors"):

@@ -27,7 +27,7 @@ Memory: O(n d) for the inputs plus one tile of block_rows x block_cols per live 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -35,6 +35,7 @@ __all__ = [
     "BLOCK_COLS",
     "BLOCK_ROWS",
     "backward_grads",
+    "block_sums",
     "forward_sums",
     "neg_sqdist",
     "row_sums",
@@ -121,35 +122,83 @@ def forward_sums(
     ``want_fx`` is False. ``shard`` restricts the sum to a subset of tiles (see `tiles`).
     """
     n = xc.shape[0]
-    dev = xc.device
     K = len(inv_sx2)
     nx = sq_norms(xc)
     nt = sq_norms(tc) if tc is not None else None
-    fx = torch.zeros(K, dtype=torch.float64, device=dev) if want_fx else None
-    ft = torch.zeros((), dtype=torch.float64, device=dev) if tc is not None else None
-    fxt = torch.zeros(K, dtype=torch.float64, device=dev) if tc is not None else None
+    out = torch.zeros(2 * K + 1, dtype=torch.float64, device=xc.device)
     br, bc = block_rows or BLOCK_ROWS, block_cols or BLOCK_COLS
     ws = _Workspace(xc, min(n, max(br, bc)), min(n, max(br, bc)))
-    single = K == 1 and tc is None
+    has_t = tc is not None
     for i0, i1, j0, j1, diag in tiles(n, br, bc, shard):
-        w = 1.0 if diag else 2.0
-        shape = (i1 - i0, j1 - j0)
-        negd = neg_sqdist(xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag, ws("d", *shape))
-        if single:
-            fx[0] += w * negd.mul_(inv_sx2[0]).exp_().sum().double()
-            continue
-        kt2 = None
-        if tc is not None:
-            kt2 = neg_sqdist(tc[i0:i1], nt[i0:i1], tc[j0:j1], nt[j0:j1], diag, ws("t", *shape))
-            kt2 = kt2.mul_(inv_st2).exp_()
-            ft += w * kt2.sum().double()
-        for k, c in enumerate(inv_sx2):
-            e = torch.mul(negd, c, out=ws("e", *shape)).exp_()
-            if fx is not None:
-                fx[k] += w * e.sum().double()
-            if kt2 is not None:
-                fxt[k] += w * e.mul_(kt2).sum().double()
+        block_sums(
+            out, 1.0 if diag else 2.0, xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag,
+            inv_sx2, tc[i0:i1] if has_t else None, nt[i0:i1] if has_t else None,
+            tc[j0:j1] if has_t else None, nt[j0:j1] if has_t else None, inv_st2,
+            want_fx=want_fx, ws=ws,
+        )  # fmt: skip
+    fx = out[:K].clone() if want_fx else None
+    ft = out[K].clone() if has_t else None
+    fxt = out[K + 1 :].clone() if has_t else None
     return fx, ft, fxt
+
+
+def block_sums(
+    out: torch.Tensor,
+    weight: float,
+    xa: torch.Tensor,
+    na: torch.Tensor,
+    xb: torch.Tensor,
+    nb: torch.Tensor,
+    diag: bool,
+    inv_sx2: Sequence[float],
+    ta: torch.Tensor | None = None,
+    nta: torch.Tensor | None = None,
+    tb: torch.Tensor | None = None,
+    ntb: torch.Tensor | None = None,
+    inv_st2: float | None = None,
+    *,
+    want_fx: bool = True,
+    ws: _Workspace | None = None,
+    add: Callable[[int, torch.Tensor], None] | None = None,
+) -> None:
+    """Add one block of pairs (rows a of A, b of B) to ``out`` = [F_x (K), F_t, F_xt (K)]::
+
+        out[k]         += w sum_ab exp(-c_k ||x_a - x_b||^2)
+        out[K]         += w sum_ab exp(-c_t ||t_a - t_b||^2)                  (with t)
+        out[K + 1 + k] += w sum_ab exp(-c_k ||x_a - x_b||^2 - c_t ||t_a - t_b||^2)
+
+    The one tile body of every pair sum (the scores' triangle, the metric's cross blocks, the
+    per-sample sums): one GEMM per tile for the distances (norms ``na``, ``nb`` folded in;
+    ``diag``: the block is on the diagonal, D_aa = 0 exactly), shared by every bandwidth and the
+    three sums. The arithmetic and each tile's sum are in the input dtype, added into the
+    float64 ``out``. ``add(slot, tile)`` replaces that reduction (``out`` is then unused: the
+    per-sample sums add row and column sums instead). ``ws`` reuses tile buffers across calls;
+    without it each tile allocates.
+    """
+    K = len(inv_sx2)
+    shape = (xa.shape[0], xb.shape[0])
+    if add is None:
+
+        def add(slot: int, tile: torch.Tensor) -> None:
+            out[slot] += weight * tile.sum().double()
+
+    def buf(name: str) -> torch.Tensor | None:
+        return ws(name, *shape) if ws is not None else None
+
+    negd = neg_sqdist(xa, na, xb, nb, diag, buf("d"))
+    if K == 1 and ta is None and want_fx:  # one sum: exponentiate the distance tile in place
+        add(0, negd.mul_(inv_sx2[0]).exp_())
+        return
+    kt2 = None
+    if ta is not None:
+        kt2 = neg_sqdist(ta, nta, tb, ntb, diag, buf("t")).mul_(inv_st2).exp_()
+        add(K, kt2)
+    for k, c in enumerate(inv_sx2):
+        e = torch.mul(negd, c, out=buf("e")).exp_()
+        if want_fx:
+            add(k, e)
+        if kt2 is not None:
+            add(K + 1 + k, e.mul_(kt2))
 
 
 def row_sums(
@@ -170,34 +219,28 @@ def row_sums(
     ``tc``.
     """
     n = xc.shape[0]
-    dev = xc.device
     K = len(inv_sx2)
     nx = sq_norms(xc)
     nt = sq_norms(tc) if tc is not None else None
-    sx = torch.zeros(K, n, dtype=torch.float64, device=dev)
-    st = torch.zeros(n, dtype=torch.float64, device=dev) if tc is not None else None
-    sxt = torch.zeros(K, n, dtype=torch.float64, device=dev) if tc is not None else None
+    has_t = tc is not None
+    acc = torch.zeros(2 * K + 1, n, dtype=torch.float64, device=xc.device)  # [s_x, s_t, s_xt]
     br, bc = block_rows or BLOCK_ROWS, block_cols or BLOCK_COLS
     ws = _Workspace(xc, min(n, max(br, bc)), min(n, max(br, bc)))
-
-    def add(acc: torch.Tensor, tile: torch.Tensor, i0, i1, j0, j1, diag) -> None:
-        acc[i0:i1] += tile.sum(1, dtype=torch.float64)
-        if not diag:
-            acc[j0:j1] += tile.sum(0, dtype=torch.float64)
-
     for i0, i1, j0, j1, diag in tiles(n, br, bc):
-        shape = (i1 - i0, j1 - j0)
-        negd = neg_sqdist(xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag, ws("d", *shape))
-        kt2 = None
-        if tc is not None:
-            kt2 = neg_sqdist(tc[i0:i1], nt[i0:i1], tc[j0:j1], nt[j0:j1], diag, ws("t", *shape))
-            kt2 = kt2.mul_(inv_st2).exp_()
-            add(st, kt2, i0, i1, j0, j1, diag)
-        for k, c in enumerate(inv_sx2):
-            e = torch.mul(negd, c, out=ws("e", *shape)).exp_()
-            add(sx[k], e, i0, i1, j0, j1, diag)
-            if kt2 is not None:
-                add(sxt[k], e.mul_(kt2), i0, i1, j0, j1, diag)
+
+        def add(slot: int, tile: torch.Tensor, i0=i0, i1=i1, j0=j0, j1=j1, diag=diag) -> None:
+            acc[slot, i0:i1] += tile.sum(1, dtype=torch.float64)
+            if not diag:
+                acc[slot, j0:j1] += tile.sum(0, dtype=torch.float64)
+
+        block_sums(
+            acc, 1.0, xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag, inv_sx2,
+            tc[i0:i1] if has_t else None, nt[i0:i1] if has_t else None,
+            tc[j0:j1] if has_t else None, nt[j0:j1] if has_t else None, inv_st2, ws=ws, add=add,
+        )  # fmt: skip
+    sx = acc[:K]
+    st = acc[K] if has_t else None
+    sxt = acc[K + 1 :] if has_t else None
     return sx, st, sxt
 
 

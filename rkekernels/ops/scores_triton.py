@@ -35,60 +35,31 @@ needs no atomics: the triangle would have to scatter W^T x_i into the (BLOCK_N, 
 blocks of G with float64 atomics from every tile, which is slower than the 33% extra dot work
 on a GPU and nondeterministic. The epilogue writes dL/dx_i = G_i - r_i x_i in the input dtype.
 
-Precision (`set_precision`, `precision`): what goes into ``tl.dot``.
-
-- "ieee" (default): exact arithmetic in the input dtype: float32 inputs give float32 tiles with
-  float64 accumulation across tiles (relative error <= 1e-5 on the scores, SPEC section 5);
-  float64 inputs are computed in float64 throughout (<= 1e-10). This is a float32 path for
-  float32 input and a float64 path for float64 input.
-- "tf32": x and t are rounded to TF32 (10 explicit mantissa bits, u = 2^-11) on the host and the
-  squared norms are taken of the rounded values, so the kernel computes the exact distances of
-  the rounded points; the backward rounds W to TF32 before ``W @ x_j``. Every TF32 product is then
-  exact in float32, so tensor cores (which would truncate unrounded float32) and the interpreter
-  compute the same numbers up to float32 summation order.
-- "bf16": as "tf32" with bfloat16 (7 explicit mantissa bits, u = 2^-8); on a GPU x is stored and
-  fed to ``tl.dot`` as bfloat16 (half the memory traffic), float32 accumulation.
-- "tf32x3": float32 inputs split into two TF32 parts, three TF32 products per term
-  (``input_precision="tf32x3"``): near-float32 accuracy on tensor cores.
-
-Error bounds for a pair sum F (R = max_i ||x_i - mean||, S = c R^2, plus c_t R_t^2 for F_t and
-F_xt): with u as above the rounded points satisfy ||x~_i - x_i|| <= u ||x_i||, so
-|d~_ij^2 - d_ij^2| <= 8 u R^2 (1 + u/2) and every term of F changes by a factor within
-exp(+-8 u S (1 + u/2)), whence ``|F~/F - 1| <= e = exp(8 u S (1 + u)) - 1 + 1e-5`` (the last term
-is float32 arithmetic). For "tf32x3" each product a.b carries an error <= 3 * 2^-20 |a| |b| (the
-dropped low x low product and the truncation of the low parts), so |D~ - D| <= 6 * 2^-20 R^2 and
-``e = exp(6 * 2^-20 S) - 1 + 1e-5``. The scores follow: |RKE~/RKE - 1| <= e / (1 - e).
-Gradients, per row: ``||g~_i - g_i|| <= (e + 3 u (1 + e)(1 + u) + 1e-5) * sum_j |W|_ij (||x_i|| +
-||x_j||)``, where |W|_ij is W_ij with every cotangent replaced by its absolute value (each term
-of W is perturbed by the factor e, W is rounded by u before the dot, x by u), e taken with the
-joint S; for "tf32x3" u = 3 * 2^-20. `error_bound` returns these numbers. Verified where:
-"ieee", "tf32" and "bf16" run under TRITON_INTERPRET=1 on CPU (the interpreter's ``tl.dot`` is
-exact float32, and since the operands are rounded first it reproduces the GPU's products); the
-bfloat16 tensor-core dots themselves and all of "tf32x3" (exact float32 in the interpreter) are
-checked against these bounds only on a GPU (``benchmarks/gpu_check.py``).
-
-Verified where (kernels): every variant (4 modes, float64, with and without t) compiles for sm_90
-with Triton 3.9 on a machine without a GPU (``benchmarks/gpu_check.py --compile-only``), and runs
-correctly in the interpreter; nothing here has run on a GPU yet (``benchmarks/gpu_check.py``).
-
-Tile sizes: on a GPU a few configurations are timed once per problem key (d, m, number of
-bandwidths, flags, dtype, precision, size bucket) on at most 16,384 rows and the fastest is kept
-(`tuned_configs`); problems below 4,096 rows use the first configuration untimed. Under
-``TRITON_INTERPRET=1`` a single configuration runs (block 64, feature chunk 16, bands of 2).
+Precision modes and their error bounds: `rkekernels.ops.triton_precision` (re-exported here);
+tile configurations: `rkekernels.ops.triton_tuning`. The derivation of the bounds, and where each
+part has been verified, is on the numerics page (docs/numerics.md, "Triton score kernels").
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from .launch import launches_on_input
+from .triton_precision import (
+    PRECISIONS,
+    Plan,
+    check_precision,
+    error_bound,
+    get_precision,
+    precision,
+    set_precision,
+)
+from .triton_tuning import check_device, config, interpreted, next_pow2, tuned_configs
 
 __all__ = [
     "NO_SPECIALIZE",
@@ -104,124 +75,9 @@ __all__ = [
     "tuned_configs",
 ]
 
-PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
-
-# unit roundoff of the rounded operands of tl.dot
-_UNIT = {"ieee": 0.0, "tf32": 2.0**-11, "bf16": 2.0**-8}
-_FP32_SLACK = 1e-5
 _LOG2E = math.log2(math.e)
 
 _INF: tl.constexpr = tl.constexpr(float("inf"))
-
-_state = {"precision": "ieee"}
-
-
-# --------------------------------------------------------------------------- precision option
-
-
-def _check_precision(mode: Any) -> str:
-    if not isinstance(mode, str) or mode not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {mode!r}")
-    return mode
-
-
-def get_precision() -> str:
-    """The current input precision of the Triton dots ("ieee" unless changed).
-
-    Example:
-        >>> from rkekernels.ops import scores_triton
-        >>> scores_triton.get_precision()
-        'ieee'
-    """
-    return _state["precision"]
-
-
-def set_precision(mode: str) -> str:
-    """Set the input precision of ``tl.dot`` for the Triton backend; returns the previous one.
-
-    Args:
-        mode: "ieee" (exact, default), "tf32", "tf32x3" or "bf16" (see the module docstring
-            for what each does and `error_bound` for its error bound).
-
-    Returns:
-        str: the previous setting.
-
-    Raises:
-        ValueError: an unknown mode.
-
-    The setting is process-wide and read at each call of `forward_sums` and `backward_grads`;
-    run the backward pass under the same setting as the forward pass.
-
-    Example:
-        >>> from rkekernels.ops import scores_triton
-        >>> old = scores_triton.set_precision("bf16")
-        >>> scores_triton.get_precision(), old
-        ('bf16', 'ieee')
-        >>> _ = scores_triton.set_precision(old)
-    """
-    prev = _state["precision"]
-    _state["precision"] = _check_precision(mode)
-    return prev
-
-
-@contextlib.contextmanager
-def precision(mode: str) -> Iterator[str]:
-    """Context manager form of `set_precision`: the previous setting comes back on exit.
-
-    Example:
-        >>> from rkekernels.ops import scores_triton
-        >>> with scores_triton.precision("bf16"):
-        ...     scores_triton.get_precision()
-        'bf16'
-        >>> scores_triton.get_precision()
-        'ieee'
-    """
-    prev = set_precision(mode)
-    try:
-        yield mode
-    finally:
-        _state["precision"] = prev
-
-
-def error_bound(mode: str, scale: float, *, grad: bool = False) -> float:
-    """Stated bound on the relative error of one pair sum F (or of a gradient row) in a mode.
-
-    ``scale`` is S = sum over the kernels in the sum of c R^2 (c = 1/sigma^2, R = the largest
-    distance of a row from the mean): S = c_x R_x^2 for F_x, c_t R_t^2 for F_t, their sum for F_xt.
-
-        ieee:    e = 1e-5 (float32 arithmetic, SPEC section 5; float64 input: 1e-10)
-        tf32:    e = exp(8 u S (1 + u)) - 1 + 1e-5,  u = 2^-11
-        bf16:    e = exp(8 u S (1 + u)) - 1 + 1e-5,  u = 2^-8
-        tf32x3:  e = exp(6 * 2^-20 S) - 1 + 1e-5,    u = 3 * 2^-20
-
-    With ``grad=True`` the factor e + 3 u (1 + e)(1 + u) that bounds ||g~_i - g_i|| relative to
-    sum_j |W|_ij (||x_i|| + ||x_j||) (module docstring).
-
-    Args:
-        mode: one of `PRECISIONS`.
-        scale: S >= 0.
-        grad: the gradient factor instead of the pair-sum bound.
-
-    Returns:
-        float: the bound.
-
-    Example:
-        >>> from rkekernels.ops.scores_triton import error_bound
-        >>> error_bound("ieee", 3.0)
-        1e-05
-        >>> round(error_bound("bf16", 1.0), 4)
-        0.0318
-    """
-    mode = _check_precision(mode)
-    if mode == "ieee":
-        return _FP32_SLACK
-    if mode == "tf32x3":
-        u = 3.0 * 2.0**-20
-        e = math.expm1(6.0 * 2.0**-20 * scale) + _FP32_SLACK
-    else:
-        u = _UNIT[mode]
-        e = math.expm1(8.0 * u * scale * (1.0 + u)) + _FP32_SLACK
-    return e + 3.0 * u * (1.0 + e) * (1.0 + u) if grad else e
 
 
 # --------------------------------------------------------------------------- kernels
@@ -516,138 +372,10 @@ def _bwd_kernel(
         )  # fmt: skip
 
 
-# --------------------------------------------------------------------------- configurations
-
-
-def interpreted() -> bool:
-    """True when the kernels run in the Triton interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-# interpreter: few programs (its cost is per operation), still several bands and column blocks
-_FWD_INTERP = {"BLOCK": 64, "BLOCK_D": 16, "GROUP": 2, "num_warps": 4, "num_stages": 1}
-_BWD_INTERP = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1}
-
-# Hopper candidates; the first of each list is the untimed default for small problems. Chosen by
-# compiling for sm_90 (Triton 3.9, no GPU at hand): these fit in registers or spill <= 24 bytes in
-# the exact-float32 (FMA) dot, none in the TF32 / bfloat16 (tensor-core) dots.
-_FWD_GPU = [
-    {"BLOCK": 128, "BLOCK_D": 16, "GROUP": 8, "num_warps": 8, "num_stages": 3},
-    {"BLOCK": 128, "BLOCK_D": 16, "GROUP": 8, "num_warps": 16, "num_stages": 3},
-    {"BLOCK": 128, "BLOCK_D": 32, "GROUP": 8, "num_warps": 8, "num_stages": 3},
-    {"BLOCK": 64, "BLOCK_D": 32, "GROUP": 8, "num_warps": 4, "num_stages": 3},
-]
-_FWD_GPU_F64 = [
-    {"BLOCK": 64, "BLOCK_D": 16, "GROUP": 8, "num_warps": 4, "num_stages": 2},
-    {"BLOCK": 32, "BLOCK_D": 32, "GROUP": 8, "num_warps": 4, "num_stages": 2},
-]
-_BWD_GPU = [
-    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 16, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 16, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 16, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 16, "num_warps": 16, "num_stages": 2},
-]
-_BWD_GPU_F64 = [
-    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": 16, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 16, "num_warps": 4, "num_stages": 2},
-]
-_TUNE_MIN_ROWS = 4096
-_TUNE_MAX_ROWS = 16384
-_tuned: dict[tuple, dict] = {}
-
-
-def tuned_configs() -> dict[tuple, dict]:
-    """The tile configurations chosen so far, by problem key (a copy; for benchmarks/reports)."""
-    return dict(_tuned)
-
-
-def _pick(key: tuple, candidates: list[dict], n: int, run: Callable[[dict, int], Any]) -> dict:
-    """The tile configuration for a problem: timed once per key on a GPU, fixed otherwise."""
-    if len(candidates) == 1 or n < _TUNE_MIN_ROWS:
-        return candidates[0]
-    bucket = min(1 << (n - 1).bit_length(), _TUNE_MAX_ROWS)
-    key = (*key, bucket)
-    if key in _tuned:
-        return _tuned[key]
-    rows = min(n, _TUNE_MAX_ROWS)
-    best, best_ms = candidates[0], math.inf
-    for cfg in candidates:
-        try:
-            ms = triton.testing.do_bench(lambda cfg=cfg: run(cfg, rows), warmup=5, rep=20)
-        except Exception:  # a configuration that does not fit this GPU (shared memory, registers)
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    _tuned[key] = best
-    return best
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(v - 1, 0).bit_length()
-
-
-# --------------------------------------------------------------------------- host side
-
-
-def _round_tf32(x: torch.Tensor) -> torch.Tensor:
-    """Round float32 values to TF32 (10 explicit mantissa bits), half away from zero."""
-    bits = x.contiguous().view(torch.int32)
-    return ((bits + 4096) & -8192).view(torch.float32)
-
-
-class _Plan:
-    """How a precision mode maps the inputs to what the kernels read."""
-
-    def __init__(self, mode: str, dtype: torch.dtype):
-        self.mode = mode
-        self.out_dtype = dtype
-        f64 = dtype == torch.float64 and mode == "ieee"
-        self.acc = tl.float64 if f64 else tl.float32
-        self.work = torch.float64 if f64 else torch.float32
-        self.w_round = {"tf32": 1, "bf16": 2}.get(mode, 0)
-        self.bf16_store = mode == "bf16" and not interpreted()
-        # bfloat16 operands ignore input_precision: pass Triton's default for them
-        self.dot_prec = "tf32" if self.bf16_store else ("ieee" if mode == "bf16" else mode)
-
-    def operand(self, v: torch.Tensor | None) -> torch.Tensor | None:
-        """The matrix the kernels read: the input, rounded to the mode's precision."""
-        if v is None:
-            return None
-        v = v.detach().to(self.work).contiguous()
-        if self.mode == "tf32":
-            v = _round_tf32(v)
-        elif self.mode == "bf16":
-            v = v.to(torch.bfloat16)
-            v = v.contiguous() if self.bf16_store else v.to(torch.float32).contiguous()
-        return v
-
-    def norms(self, v: torch.Tensor | None, chunk: int = 65536) -> torch.Tensor | None:
-        """Squared row norms of an operand, in the working dtype (row chunks: no n x d temp)."""
-        if v is None:
-            return None
-        out = torch.empty(v.shape[0], dtype=self.work, device=v.device)
-        for i0 in range(0, v.shape[0], chunk):
-            b = v[i0 : i0 + chunk].to(self.work)
-            out[i0 : i0 + chunk] = (b * b).sum(1)
-        return out
-
-    def key(self) -> tuple:
-        return (self.mode, str(self.work))
-
-
 def _top(v: torch.Tensor) -> torch.Tensor:
     """max |v| as a float64 0-dim tensor, 1 where v is all zeros (no host sync)."""
     top = v.abs().max()
     return torch.where(top > 0, top, torch.ones_like(top))
-
-
-def check_device(xc: torch.Tensor) -> None:
-    """Raise unless the kernels can run on ``xc``'s device (CUDA, or any under the interpreter)."""
-    if xc.device.type != "cuda" and not interpreted():
-        raise ValueError(
-            f"backend='triton' got tensors on {xc.device}: the kernels need CUDA tensors, or "
-            "TRITON_INTERPRET=1 set before rkekernels is imported to run them on the CPU"
-        )
 
 
 def _scales(inv_s2: Sequence[float], dtype: torch.dtype, device) -> torch.Tensor:
@@ -682,7 +410,7 @@ def forward_sums(
         >>> fx.tolist(), ft, fxt
         ([3.0], None, None)
     """
-    plan = _Plan(_check_precision(precision or get_precision()), xc.dtype)
+    plan = Plan(check_precision(precision or get_precision()), xc.dtype)
     check_device(xc)
     xs = plan.operand(xc)
     ts = plan.operand(tc)
@@ -691,7 +419,7 @@ def forward_sums(
     n, d = xs.shape
     m = ts.shape[1] if has_t else 1
     K = len(inv_sx2)
-    nsp = _next_pow2(2 * K + 1)
+    nsp = next_pow2(2 * K + 1)
     dev = xs.device
     cl = _scales(inv_sx2, plan.work, dev)
     clt = _scales([inv_st2 if has_t else 1.0], plan.work, dev)
@@ -717,12 +445,8 @@ def forward_sums(
         )  # fmt: skip
         return part
 
-    if interpreted():
-        cfg = _FWD_INTERP
-    else:
-        cands = _FWD_GPU_F64 if plan.acc == tl.float64 else _FWD_GPU
-        key = ("fwd", *plan.key(), d, m, K, has_t, want_fx)
-        cfg = _pick(key, cands, n, run)
+    key = (*plan.key(), d, m, K, has_t, want_fx)
+    cfg = config("fwd", key, plan.acc == tl.float64, n, run)
     sums = run(cfg, n).sum(0)
     fx = sums[:K] if (want_fx or not has_t) else None
     ft = sums[K] if has_t else None
@@ -764,7 +488,7 @@ def backward_grads(
         >>> [round(v, 4) for v in gx.flatten().tolist()]  # dF/dx_0 = -4 (x_0 - x_1) exp(-1)
         [1.4715, -1.4715]
     """
-    plan = _Plan(_check_precision(precision or get_precision()), xc.dtype)
+    plan = Plan(check_precision(precision or get_precision()), xc.dtype)
     check_device(xc)
     has_t = tc is not None
     need_t = need_t and has_t
@@ -817,10 +541,6 @@ def backward_grads(
         )  # fmt: skip
         return ox, ot
 
-    if interpreted():
-        cfg = _BWD_INTERP
-    else:
-        cands = _BWD_GPU_F64 if plan.acc == tl.float64 else _BWD_GPU
-        key = ("bwd", *plan.key(), d, m, K, has_t, need_x, need_t)
-        cfg = _pick(key, cands, n, run)
+    key = (*plan.key(), d, m, K, has_t, need_x, need_t)
+    cfg = config("bwd", key, plan.acc == tl.float64, n, run)
     return run(cfg, n)
