@@ -10,6 +10,7 @@ import torch
 import rkekernels
 from rkekernels import reference as ref
 from rkekernels.vendi import pick_method
+from tests.conftest import rel
 
 ORDERS = [0.5, 1.0, 1.5, 2.0, 3.0, math.inf]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -21,11 +22,6 @@ def _data(n=73, d=7, m=3, dtype=torch.float64, seed=0):
     x[: n // 2] += 3.0  # two blobs: a spectrum that is neither flat nor a single mode
     t = torch.randn(n, m, generator=gen, dtype=torch.float64)
     return x.to(dtype), t.to(dtype)
-
-
-def _rel(a, b):
-    a, b = float(a), float(b)
-    return abs(a - b) / abs(b)
 
 
 def _clusters(sizes, d=4, sep=100.0, seed=0, noise=0.01):
@@ -46,7 +42,7 @@ def test_orders_match_reference(q, dtype, kernel):
     got = rkekernels.vendi_score(x, q, sigma, kernel=kernel, method="exact")
     want = ref.vendi_score(x.double(), q, sigma, kernel)
     assert got.dtype == dtype and got.shape == ()
-    assert _rel(got, want) <= TOL[dtype]
+    assert rel(got, want) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("kernel", ["gaussian", "cosine"])
@@ -59,7 +55,7 @@ def test_order1_matches_vendi_score_package(kernel):
     want = vendi.score_K(k, q=1)
     got = rkekernels.vendi_score(x.numpy(), 1.0, sigma, kernel=kernel)
     assert isinstance(got, float)
-    assert _rel(got, want) <= 1e-8
+    assert rel(got, want) <= 1e-8
 
 
 def test_order2_gaussian_equals_rke():
@@ -68,11 +64,11 @@ def test_order2_gaussian_equals_rke():
     assert torch.allclose(
         rkekernels.vendi_score(x, 2.0, sig), rkekernels.rke_score(x, sig), rtol=1e-12, atol=0
     )
-    assert _rel(rkekernels.vendi_score(x, 2, 2.0), rkekernels.rke_score(x, 2.0)) <= 1e-12
+    assert rel(rkekernels.vendi_score(x, 2, 2.0), rkekernels.rke_score(x, 2.0)) <= 1e-12
     # default bandwidth on both sides
-    assert _rel(rkekernels.vendi_score(x, 2.0), rkekernels.rke_score(x)) <= 1e-12
+    assert rel(rkekernels.vendi_score(x, 2.0), rkekernels.rke_score(x)) <= 1e-12
     assert (
-        _rel(
+        rel(
             rkekernels.cond_vendi_score(x, t, 2.0, 2.0, 1.5),
             rkekernels.cond_rke_score(x, t, 2.0, 1.5),
         )
@@ -97,7 +93,7 @@ def test_conditional_matches_reference(q, kernel):
         assert abs(float(a) - float(b)) <= 1e-10 * max(1.0, abs(float(b))), name
     c = rkekernels.cond_vendi_score(x, t, q, kernel=kernel, method="exact", **kw)
     assert (
-        _rel(c, ref.cond_vendi_score(x, t, q, kw.get("sigma"), kw.get("sigma_t"), kernel)) <= 1e-10
+        rel(c, ref.cond_vendi_score(x, t, q, kw.get("sigma"), kw.get("sigma_t"), kernel)) <= 1e-10
     )
 
 
@@ -106,8 +102,8 @@ def test_conditional_limits():
     same = torch.zeros(len(x), 2, dtype=torch.float64)
     far = 1000.0 * torch.arange(len(x), dtype=torch.float64)[:, None]
     v = rkekernels.vendi_score(x, 1.0, 1.0)
-    assert _rel(rkekernels.cond_vendi_score(x, same, 1.0, 1.0, 1.0), v) <= 1e-10
-    assert _rel(rkekernels.cond_vendi_score(x, far, 1.0, 1.0, 1.0), 1.0) <= 1e-10
+    assert rel(rkekernels.cond_vendi_score(x, same, 1.0, 1.0, 1.0), v) <= 1e-10
+    assert rel(rkekernels.cond_vendi_score(x, far, 1.0, 1.0, 1.0), 1.0) <= 1e-10
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -118,7 +114,7 @@ def test_covariance_matches_dense(kernel, q, dtype):
     cov = rkekernels.vendi_score(x, q, kernel=kernel, method="covariance")
     dense = rkekernels.vendi_score(x, q, kernel=kernel, method="exact")
     want = ref.vendi_score(x.double(), q, None, kernel)
-    assert _rel(cov, want) <= TOL[dtype] and _rel(dense, want) <= TOL[dtype]
+    assert rel(cov, want) <= TOL[dtype] and rel(dense, want) <= TOL[dtype]
     got = rkekernels.vendi_entropies(x, t, q, kernel=kernel, method="covariance")
     wante = ref.vendi_entropies(x.double(), t.double(), q, kernel=kernel)
     for a, b in zip(got, wante):
@@ -131,8 +127,8 @@ def test_rke_score_kernel_option(kernel):
     k = ref.kernel_matrix(x, kernel)
     want = torch.trace(k) ** 2 / (k * k).sum()  # order 2 normalised by tr K
     got = rkekernels.rke_score(x, kernel=kernel)
-    assert _rel(got, want) <= 1e-10
-    assert _rel(rkekernels.vendi_score(x, 2.0, kernel=kernel), want) <= 1e-10
+    assert rel(got, want) <= 1e-10
+    assert rel(rkekernels.vendi_score(x, 2.0, kernel=kernel), want) <= 1e-10
     with pytest.raises(ValueError, match="sigma"):
         rkekernels.rke_score(x, 1.0, kernel=kernel)
     with pytest.raises(ValueError, match="kernel"):
@@ -143,22 +139,22 @@ def test_nystrom_with_every_landmark_is_exact():
     x, t = _data(n=60, d=4)
     for q in (1.0, 3.0):
         got = rkekernels.vendi_score(x, q, 2.0, method="nystrom", dim=60)
-        assert _rel(got, ref.vendi_score(x, q, 2.0)) <= 1e-7
+        assert rel(got, ref.vendi_score(x, q, 2.0)) <= 1e-7
     got = rkekernels.cond_vendi_score(x, t, 1.0, 2.0, 1.0, method="nystrom", dim=60)
-    assert _rel(got, ref.cond_vendi_score(x, t, 1.0, 2.0, 1.0)) <= 1e-7
+    assert rel(got, ref.cond_vendi_score(x, t, 1.0, 2.0, 1.0)) <= 1e-7
 
 
 def test_lanczos_top_spectrum():
     x, _ = _data(n=150, d=4)
     want_inf = ref.vendi_score(x, math.inf, 1.5)
     got_inf = rkekernels.vendi_score(x, math.inf, 1.5, method="lanczos", top_k=5)
-    assert _rel(got_inf, want_inf) <= 1e-9  # the largest eigenvalue is all q = inf needs
+    assert rel(got_inf, want_inf) <= 1e-9  # the largest eigenvalue is all q = inf needs
     # a spread tail is the maximum-entropy completion: an upper bound that tightens with k
     want1 = float(ref.vendi_score(x, 1.0, 1.5))
     few = float(rkekernels.vendi_score(x, 1.0, 1.5, method="lanczos", top_k=10))
     most = float(rkekernels.vendi_score(x, 1.0, 1.5, method="lanczos", top_k=148))
     assert want1 * (1 - 1e-9) <= most <= few
-    assert _rel(most, want1) <= 1e-5
+    assert rel(most, want1) <= 1e-5
 
 
 def test_rff_is_close_and_seeded():
@@ -168,10 +164,10 @@ def test_rff_is_close_and_seeded():
     b = rkekernels.vendi_score(x, 1.0, 1.0, method="rff", dim=1024, seed=3)
     c = rkekernels.vendi_score(x, 1.0, 1.0, method="rff", dim=1024, seed=4)
     assert float(a) == float(b) and float(a) != float(c)
-    assert _rel(a, want) <= 0.02
+    assert rel(a, want) <= 0.02
     # q = 2 through RFF: exp(H2) of the feature covariance is RKE with K replaced by Z Z^T
     assert (
-        _rel(rkekernels.vendi_score(x, 2.0, 1.0, method="rff", dim=1024), ref.rke_score(x, 1.0))
+        rel(rkekernels.vendi_score(x, 2.0, 1.0, method="rff", dim=1024), ref.rke_score(x, 1.0))
         <= 0.02
     )
 
@@ -180,10 +176,10 @@ def test_replication_and_bounds():
     x, _ = _data(n=30, d=3)
     v = float(rkekernels.vendi_score(x, 1.0, 1.0))
     assert 1.0 <= v <= 30.0
-    assert _rel(rkekernels.vendi_score(x.repeat(3, 1), 1.0, 1.0), v) <= 1e-9
+    assert rel(rkekernels.vendi_score(x.repeat(3, 1), 1.0, 1.0), v) <= 1e-9
     tight = _clusters([7, 7, 7], noise=1e-4)
     for q in (1.0, 2.0, math.inf):
-        assert _rel(rkekernels.vendi_score(tight, q, 1.0), 3.0) <= 1e-5
+        assert rel(rkekernels.vendi_score(tight, q, 1.0), 3.0) <= 1e-5
 
 
 def test_outputs_and_autograd():
