@@ -7,7 +7,8 @@ argument; the kernels behind it trust their inputs.
   Python sequences become a floating torch tensor. Integers and bools become float32,
   float16/bfloat16 are upcast to float32 (accumulation happens in float32 or better); complex,
   string and object data raise TypeError.
-- `check_matrix(x, "x")`: 2-D (n, d), n >= 1, d >= 1, all finite.
+- `check_matrix(x, "x")`: 2-D (n, d), n >= 1 (or 0 with ``allow_empty``), d >= 1, all finite;
+  `check_same_rows(x, t)`: one prompt embedding per sample; `check_single_sigma(sigma_t)`.
 - `check_sigmas(sigma, "sigma")`: one positive finite float or a non-empty sequence of them.
 - `check_backend(backend)`: "auto", "torch" or "triton" (installed).
 - `to_output(value, like_torch)`: a 0-dim/1-D tensor for torch input, else float / numpy array.
@@ -30,8 +31,10 @@ __all__ = [
     "check_finite",
     "check_matrix",
     "check_same_device",
+    "check_same_rows",
     "check_sigma",
     "check_sigmas",
+    "check_single_sigma",
     "is_torch",
     "to_output",
     "triton_available",
@@ -139,21 +142,48 @@ def check_finite(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN or Inf ({n_bad} non-finite entries)")
 
 
-def check_matrix(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Check that ``x`` is a finite, non-empty 2-D (n, d) matrix; return it."""
+def check_matrix(
+    x: torch.Tensor, name: str, *, allow_empty: bool = False, width: str = "d"
+) -> torch.Tensor:
+    """Check that ``x`` is a finite 2-D (n, d) matrix with n >= 1 and d >= 1; return it.
+
+    ``allow_empty``: n = 0 is fine (an empty shard or batch, any width); ``width`` names the
+    second dimension in the messages ("d", or "m" for prompt embeddings).
+    """
     if x.dim() != 2:
-        hint = (
-            f"reshape it with {name}.reshape(len({name}), -1)"
-            if x.dim() > 2
-            else f"for n points in 1-D use {name}.reshape(-1, 1)"
-        )
-        raise ValueError(f"{name} must be 2-D (n, d); got shape {tuple(x.shape)}: {hint}")
+        if x.dim() > 2:
+            hint = f"reshape it with {name}.reshape(len({name}), -1)"
+        else:
+            hint = f"for n points in 1-D use {name}.reshape(-1, 1)"
+            if allow_empty:
+                hint += f"; an empty one is (0, {width})"
+        raise ValueError(f"{name} must be 2-D (n, {width}); got shape {tuple(x.shape)}: {hint}")
     if x.shape[0] == 0:
+        if allow_empty:
+            return x
         raise ValueError(f"{name} is empty (n = 0): need at least one sample")
     if x.shape[1] == 0:
-        raise ValueError(f"{name} has no features (d = 0); got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} has no features ({width} = 0); got shape {tuple(x.shape)}")
     check_finite(x, name)
     return x
+
+
+def check_same_rows(x: torch.Tensor, t: torch.Tensor, x_name: str = "x", t_name: str = "t") -> None:
+    """Raise ValueError unless ``x`` and its prompt embeddings ``t`` have the same rows."""
+    if t.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{x_name} and {t_name} must have the same number of rows n: {x_name} has "
+            f"{x.shape[0]}, {t_name} has {t.shape[0]} (one prompt embedding per sample)"
+        )
+
+
+def check_single_sigma(sigma: Any, name: str = "sigma_t") -> float:
+    """One bandwidth (see `check_sigma`); a sequence gets the message that says where it goes."""
+    if isinstance(sigma, list | tuple) or (isinstance(sigma, torch.Tensor) and sigma.numel() > 1):
+        raise ValueError(
+            f"{name} must be a single bandwidth; several bandwidths go in sigma (for x)"
+        )
+    return check_sigma(sigma, name)
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:

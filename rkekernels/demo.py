@@ -193,9 +193,7 @@ def run(cfg: DemoConfig | None = None, **overrides: Any) -> DemoResult:
         >>> sorted(res.overall), res.overall["unguided"].true_modes
         (['guided', 'guided_batch', 'unguided'], 10)
     """
-    import rkekernels
-    from rkekernels.adapters.kdiffusion import guided_denoiser
-    from rkekernels.toy import PromptWorld, get_sigmas_karras, sample_euler
+    from rkekernels.toy import PromptWorld
 
     cfg = DemoConfig() if cfg is None else cfg
     if overrides:
@@ -209,6 +207,41 @@ def run(cfg: DemoConfig | None = None, **overrides: Any) -> DemoResult:
         dim=cfg.dim,
         seed=cfg.world_seed,
     )
+    samples, timings = _sample_all(cfg, world)
+    seconds = {m: timings[m] for m in samples}
+    rke_sigma = 3.0 * cfg.std
+    per_prompt, overall = _measure(cfg, world, samples, seconds, rke_sigma)
+    t = timings
+    overhead = {
+        "guided": 100.0 * (t["guided"] - t["unguided"]) / t["unguided"],
+        "guided_batch": 100.0 * (t["guided_batch"] - t["unguided_batch"]) / t["unguided_batch"],
+    }
+    total_modes = sum(world.n_modes(p) for p in range(world.n_prompts))
+    result = DemoResult(
+        config=cfg,
+        samples=samples,
+        per_prompt=per_prompt,
+        overall=overall,
+        overhead=overhead,
+        verdicts=_verdicts(overall, total_modes),
+        rke_sigma=rke_sigma,
+        timings=timings,
+    )
+    if cfg.out:
+        result.figure = plot(result, world, cfg.out)
+    return result
+
+
+def _sample_all(cfg: DemoConfig, world: Any) -> tuple[dict, dict[str, float]]:
+    """Every prompt sampled four ways (unguided / SPARKE, one by one / batched), interleaved.
+
+    Returns ({"unguided", "guided", "guided_batch"}: per-prompt samples, CPU seconds of the four
+    runs). The batched unguided run must equal the one-by-one run (same seeds): checked here.
+    """
+    import rkekernels
+    from rkekernels.adapters.kdiffusion import guided_denoiser
+    from rkekernels.toy import get_sigmas_karras, sample_euler
+
     sigmas = get_sigmas_karras(cfg.steps, cfg.sigma_min, cfg.sigma_max)
     P, N = world.n_prompts, cfg.samples
     noise = [
@@ -265,13 +298,21 @@ def run(cfg: DemoConfig | None = None, **overrides: Any) -> DemoResult:
         torch.set_num_threads(threads)
     for p in range(P):  # batching changes nothing without guidance: the same seeds, same samples
         torch.testing.assert_close(unguided_b[p], unguided[p])
-
     samples = {"unguided": unguided, "guided": guided, "guided_batch": guided_b}
-    seconds = {"unguided": t_u1, "guided": t_g1, "guided_batch": t_gb}
-    rke_sigma = 3.0 * cfg.std
+    timings = {"unguided": t_u1, "guided": t_g1, "unguided_batch": t_ub, "guided_batch": t_gb}
+    return samples, timings
+
+
+def _measure(
+    cfg: DemoConfig, world: Any, samples: dict, seconds: dict[str, float], rke_sigma: float
+) -> tuple[dict[str, list[MethodStats]], dict[str, MethodStats]]:
+    """Modes covered, RKE and precision of each method, per prompt and over all prompts."""
+    import rkekernels
+
+    P, N = world.n_prompts, cfg.samples
     per_prompt: dict[str, list[MethodStats]] = {}
     overall: dict[str, MethodStats] = {}
-    cond_all = emb.repeat_interleave(N, dim=0)
+    cond_all = world.embeddings.repeat_interleave(N, dim=0)
     total_modes = sum(world.n_modes(p) for p in range(P))
     for m, xs in samples.items():
         stats = []
@@ -298,10 +339,11 @@ def run(cfg: DemoConfig | None = None, **overrides: Any) -> DemoResult:
                 rkekernels.cond_rke_score(x_all, cond_all.double(), rke_sigma, cfg.sigma_cond)
             ),
         )
-    overhead = {
-        "guided": 100.0 * (t_g1 - t_u1) / t_u1,
-        "guided_batch": 100.0 * (t_gb - t_ub) / t_ub,
-    }
+    return per_prompt, overall
+
+
+def _verdicts(overall: dict[str, MethodStats], total_modes: int) -> dict[str, tuple[bool, str]]:
+    """Per guided method: clearly more modes (+10% of all, at least 2) at precision within 10%."""
     need = max(2, math.ceil(0.1 * total_modes))
     verdicts = {}
     base = overall["unguided"]
@@ -322,19 +364,7 @@ def run(cfg: DemoConfig | None = None, **overrides: Any) -> DemoResult:
                 why.append("precision dropped by more than 10%")
             msg = f"NOT MET with these settings: {what}, {prec}: " + " and ".join(why)
         verdicts[m] = (ok, msg)
-    result = DemoResult(
-        config=cfg,
-        samples=samples,
-        per_prompt=per_prompt,
-        overall=overall,
-        overhead=overhead,
-        verdicts=verdicts,
-        rke_sigma=rke_sigma,
-        timings={"unguided": t_u1, "guided": t_g1, "unguided_batch": t_ub, "guided_batch": t_gb},
-    )
-    if cfg.out:
-        result.figure = plot(result, world, cfg.out)
-    return result
+    return verdicts
 
 
 _LABELS = {

@@ -53,10 +53,11 @@ from ._collectives import is_distributed
 from ._input import (
     as_tensor,
     check_backend,
-    check_finite,
+    check_matrix,
     check_same_device,
-    check_sigma,
+    check_same_rows,
     check_sigmas,
+    check_single_sigma,
     is_torch,
     to_output,
 )
@@ -79,18 +80,7 @@ __all__ = [
 
 def _local_matrix(x: Any, name: str) -> torch.Tensor:
     """A 2-D (n, d) finite float tensor; n = 0 is allowed here (an empty shard)."""
-    t = as_tensor(x, name)
-    if t.dim() != 2:
-        hint = (
-            f"reshape it with {name}.reshape(len({name}), -1)"
-            if t.dim() > 2
-            else f"for n points in 1-D use {name}.reshape(-1, 1); an empty shard is (0, d)"
-        )
-        raise ValueError(f"{name} must be 2-D (n, d); got shape {tuple(t.shape)}: {hint}")
-    if t.shape[0] and t.shape[1] == 0:
-        raise ValueError(f"{name} has no features (d = 0); got shape {tuple(t.shape)}")
-    check_finite(t, name)
-    return t
+    return check_matrix(as_tensor(x, name), name, allow_empty=True)
 
 
 def _local_sigmas(sigma: Any, name: str) -> tuple[list[float] | None, bool]:
@@ -107,21 +97,11 @@ def _prepare_local(x_local, t_local, sigma, sigma_t, with_t):
             raise ValueError("t_local is None: give this rank's prompt embeddings, shape (n, m)")
         tt = _local_matrix(t_local, "t_local")
         check_same_device(x_local=xt, t_local=tt)
-        if tt.shape[0] != xt.shape[0]:
-            raise ValueError(
-                f"x_local and t_local must have the same number of rows: x_local has "
-                f"{xt.shape[0]}, t_local has {tt.shape[0]} (one prompt embedding per sample)"
-            )
+        check_same_rows(xt, tt, "x_local", "t_local")
     sigmas, many = _local_sigmas(sigma, "sigma")
     st = None
     if with_t and sigma_t is not None:
-        if isinstance(sigma_t, list | tuple) or (
-            isinstance(sigma_t, torch.Tensor) and sigma_t.numel() > 1
-        ):
-            raise ValueError(
-                "sigma_t must be a single bandwidth; several bandwidths go in sigma (for x)"
-            )
-        st = check_sigma(sigma_t, "sigma_t")
+        st = check_single_sigma(sigma_t)
     return xt, tt, sigmas, many, st
 
 

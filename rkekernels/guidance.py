@@ -467,81 +467,12 @@ def guidance_grad(
     _check_flag(include_batch, "include_batch")
     zt = as_tensor(z, "z")
     zf = _flatten(zt, "z").detach()
-    b, dim = zf.shape
+    b = zf.shape[0]
     inv_s2 = _inv_sq(check_sigma(sigma, "sigma"))
 
-    # -- the bank
-    bank_sq = cond_sq = None
-    if isinstance(bank, FeatureBank):
-        if bank_cond is not None:
-            raise ValueError(
-                "bank_cond must be None when bank is a FeatureBank (it stores its own prompt "
-                "embeddings: bank.add(f, cond))"
-            )
-        if len(bank) == 0:
-            fb = zf.new_zeros((0, dim))
-            bc = None
-        else:
-            fb, bank_sq, bc, cond_sq = bank._slots()
-        bank_has_cond = bc is not None
-        bank_name = "bank"
-    else:
-        fb = bank if _is_float_tensor(bank) else as_tensor(bank, "bank")
-        fb = fb.detach()
-        if fb.dim() != 2:
-            raise ValueError(
-                f"bank must be a FeatureBank or a 2-D (n, D) tensor of features; got shape "
-                f"{tuple(fb.shape)}: reshape it with bank.reshape(len(bank), -1)"
-            )
-        if fb.shape[0] == 0 and fb.shape[1] == 0:
-            fb = zf.new_zeros((0, dim))
-        bc = None
-        if bank_cond is not None:
-            bc = bank_cond if _is_float_tensor(bank_cond) else as_tensor(bank_cond, "bank_cond")
-            bc = bc.detach()
-            if bc.dim() != 2 or bc.shape[0] != fb.shape[0]:
-                raise ValueError(
-                    f"bank_cond must be 2-D (n, m) with n = {fb.shape[0]} rows like bank; "
-                    f"got shape {tuple(bc.shape)}"
-                )
-        bank_has_cond = bc is not None
-        bank_name = "bank_cond"
-    if fb.shape[1] != dim:
-        raise ValueError(
-            f"bank holds features of width {fb.shape[1]} but features(z) has width {dim} "
-            f"(z shape {tuple(zt.shape)}); both must come from the same feature map"
-        )
-
-    # -- prompts
-    y = None
+    fb, bank_sq, bc, cond_sq, bank_name = _bank_inputs(bank, bank_cond, zf, zt.shape)
+    y = _prompt_inputs(cond, sigma_cond, b, fb, bc, bank_name)
     inv_c2 = 0.0
-    if cond is not None:
-        if sigma_cond is None:
-            raise ValueError(
-                "sigma_cond is required when cond is given (guidance has no data-dependent "
-                "default bandwidth for prompt embeddings)"
-            )
-        y = cond if _is_float_tensor(cond) else as_tensor(cond, "cond")
-        y = y.detach()
-        if y.dim() != 2 or y.shape[0] != b or y.shape[1] == 0:
-            raise ValueError(
-                f"cond must be 2-D (b, m) with b = {b} rows like z; got shape {tuple(y.shape)}"
-            )
-        if fb.shape[0] > 0 and not bank_has_cond:
-            raise ValueError(
-                f"cond is given but the bank has no prompt embeddings ({bank_name} is None); "
-                "pass both or neither"
-            )
-        if bank_has_cond and bc.shape[1] != y.shape[1]:
-            raise ValueError(
-                f"cond has width {y.shape[1]} but the bank's prompt embeddings have width "
-                f"{bc.shape[1]}"
-            )
-    elif bank_has_cond and fb.shape[0] > 0:
-        raise ValueError(
-            f"the bank has prompt embeddings ({bank_name}) but cond is None; pass the current "
-            "samples' prompt embeddings as cond (or build the bank without them)"
-        )
     if sigma_cond is not None:
         inv_c2 = _inv_sq(check_sigma(sigma_cond, "sigma_cond"))
     if y is None:
@@ -641,6 +572,87 @@ def _nan_output(
     g = torch.full(zt.shape, math.nan, dtype=zf.dtype, device=zf.device)
     log_s = torch.full((zf.shape[0],), math.nan, dtype=zf.dtype, device=zf.device)
     return _output(g, log_s, zt, out_dtype, like_torch)
+
+
+def _bank_inputs(bank: Any, bank_cond: Any, zf: torch.Tensor, z_shape: tuple) -> tuple:
+    """(features, cached norms, prompt embeddings, their norms, name) of a FeatureBank or a
+    tensor bank, checked against the flattened latents ``zf`` (b, D)."""
+    dim = zf.shape[1]
+    bank_sq = cond_sq = None
+    if isinstance(bank, FeatureBank):
+        if bank_cond is not None:
+            raise ValueError(
+                "bank_cond must be None when bank is a FeatureBank (it stores its own prompt "
+                "embeddings: bank.add(f, cond))"
+            )
+        if len(bank) == 0:
+            fb = zf.new_zeros((0, dim))
+            bc = None
+        else:
+            fb, bank_sq, bc, cond_sq = bank._slots()
+        bank_name = "bank"
+    else:
+        fb = bank if _is_float_tensor(bank) else as_tensor(bank, "bank")
+        fb = fb.detach()
+        if fb.dim() != 2:
+            raise ValueError(
+                f"bank must be a FeatureBank or a 2-D (n, D) tensor of features; got shape "
+                f"{tuple(fb.shape)}: reshape it with bank.reshape(len(bank), -1)"
+            )
+        if fb.shape[0] == 0 and fb.shape[1] == 0:
+            fb = zf.new_zeros((0, dim))
+        bc = None
+        if bank_cond is not None:
+            bc = bank_cond if _is_float_tensor(bank_cond) else as_tensor(bank_cond, "bank_cond")
+            bc = bc.detach()
+            if bc.dim() != 2 or bc.shape[0] != fb.shape[0]:
+                raise ValueError(
+                    f"bank_cond must be 2-D (n, m) with n = {fb.shape[0]} rows like bank; "
+                    f"got shape {tuple(bc.shape)}"
+                )
+        bank_name = "bank_cond"
+    if fb.shape[1] != dim:
+        raise ValueError(
+            f"bank holds features of width {fb.shape[1]} but features(z) has width {dim} "
+            f"(z shape {tuple(z_shape)}); both must come from the same feature map"
+        )
+    return fb, bank_sq, bc, cond_sq, bank_name
+
+
+def _prompt_inputs(
+    cond: Any, sigma_cond: Any, b: int, fb: torch.Tensor, bc: torch.Tensor | None, bank_name: str
+) -> torch.Tensor | None:
+    """The (b, m) prompt embeddings ``cond`` checked against the bank's (or None)."""
+    bank_has_cond = bc is not None
+    y = None
+    if cond is not None:
+        if sigma_cond is None:
+            raise ValueError(
+                "sigma_cond is required when cond is given (guidance has no data-dependent "
+                "default bandwidth for prompt embeddings)"
+            )
+        y = cond if _is_float_tensor(cond) else as_tensor(cond, "cond")
+        y = y.detach()
+        if y.dim() != 2 or y.shape[0] != b or y.shape[1] == 0:
+            raise ValueError(
+                f"cond must be 2-D (b, m) with b = {b} rows like z; got shape {tuple(y.shape)}"
+            )
+        if fb.shape[0] > 0 and not bank_has_cond:
+            raise ValueError(
+                f"cond is given but the bank has no prompt embeddings ({bank_name} is None); "
+                "pass both or neither"
+            )
+        if bank_has_cond and bc.shape[1] != y.shape[1]:
+            raise ValueError(
+                f"cond has width {y.shape[1]} but the bank's prompt embeddings have width "
+                f"{bc.shape[1]}"
+            )
+    elif bank_has_cond and fb.shape[0] > 0:
+        raise ValueError(
+            f"the bank has prompt embeddings ({bank_name}) but cond is None; pass the current "
+            "samples' prompt embeddings as cond (or build the bank without them)"
+        )
+    return y
 
 
 def _output(

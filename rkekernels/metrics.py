@@ -36,7 +36,15 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._input import as_tensor, check_finite, check_same_device, check_sigma, check_sigmas
+from ._input import (
+    as_tensor,
+    check_matrix,
+    check_same_device,
+    check_same_rows,
+    check_sigma,
+    check_sigmas,
+    check_single_sigma,
+)
 from .ops import scores_torch
 from .ops.pair_sums import inv_sq
 from .scores import RKEEntropies, entropies_from_sums, scores_from_sums
@@ -163,11 +171,7 @@ class _Stream:
                 "rkekernels.median_bandwidth(first_batch)"
             )
         self.sigmas, self.many = check_sigmas(sigma, "sigma")
-        if isinstance(sigma_t, list | tuple) or (
-            isinstance(sigma_t, torch.Tensor) and sigma_t.numel() > 1
-        ):
-            raise ValueError("sigma_t must be a single bandwidth; several bandwidths go in sigma")
-        self.sigma_t = check_sigma(sigma_t, "sigma_t") if sigma_t is not None else None
+        self.sigma_t = check_single_sigma(sigma_t) if sigma_t is not None else None
         # 1/sigma^2 clamped to float32's range (safe for float32 and float64 batches): no
         # ZeroDivisionError, and no inf * 0 = NaN on the diagonal at a tiny bandwidth
         self.inv_sx2 = inv_sq(self.sigmas, 1.0, torch.float32)
@@ -179,17 +183,7 @@ class _Stream:
 
     def check_batch(self, x, t, *, width, t_width, has_t, device, dtype):
         """Validate one batch against what was stored; return it on the device, in the dtype."""
-        xt = as_tensor(x, "x")
-        if xt.dim() != 2:
-            hint = (
-                "reshape it with x.reshape(len(x), -1)"
-                if xt.dim() > 2
-                else "for n points in 1-D use x.reshape(-1, 1)"
-            )
-            raise ValueError(f"x must be 2-D (n, d); got shape {tuple(xt.shape)}: {hint}")
-        if xt.shape[1] == 0:
-            raise ValueError(f"x has no features (d = 0); got shape {tuple(xt.shape)}")
-        check_finite(xt, "x")
+        xt = check_matrix(as_tensor(x, "x"), "x", allow_empty=True)
         if width is not None and xt.shape[1] != width:
             raise ValueError(
                 f"x has {xt.shape[1]} features but earlier updates had {width}: every batch "
@@ -202,26 +196,14 @@ class _Stream:
                     "t was given but the metric has no sigma_t: create it as "
                     "RKEMetric(sigma, sigma_t=...) to score prompt embeddings"
                 )
-            tt = as_tensor(t, "t")
-            if tt.dim() != 2:
-                raise ValueError(
-                    f"t must be 2-D (n, m); got shape {tuple(tt.shape)}: "
-                    "reshape it with t.reshape(len(t), -1)"
-                )
-            if tt.shape[1] == 0:
-                raise ValueError(f"t has no features (m = 0); got shape {tuple(tt.shape)}")
-            check_finite(tt, "t")
+            tt = check_matrix(as_tensor(t, "t"), "t", allow_empty=True, width="m")
             if t_width is not None and tt.shape[1] != t_width:
                 raise ValueError(
                     f"t has {tt.shape[1]} features but earlier updates had {t_width}: every "
                     "batch of prompt embeddings must have the same width m"
                 )
             check_same_device(x=xt, t=tt)
-            if tt.shape[0] != xt.shape[0]:
-                raise ValueError(
-                    f"x and t must have the same number of rows n: x has {xt.shape[0]}, "
-                    f"t has {tt.shape[0]} (one prompt embedding per sample)"
-                )
+            check_same_rows(xt, tt)
         if has_t is not None and has_t != (tt is not None):
             raise ValueError(
                 "t was given in some updates and not in others: pass prompt embeddings t in "

@@ -17,8 +17,9 @@ from ._input import (
     check_backend,
     check_matrix,
     check_same_device,
-    check_sigma,
+    check_same_rows,
     check_sigmas,
+    check_single_sigma,
     is_torch,
     to_output,
 )
@@ -112,11 +113,7 @@ def _pair(x: Any, t: Any, sigma: Any, sigma_t: Any, backend: Any):
     xt = check_matrix(xt, "x")
     if tt is not None:
         tt = check_matrix(tt, "t")
-        if tt.shape[0] != xt.shape[0]:
-            raise ValueError(
-                f"x and t must have the same number of rows n: x has {xt.shape[0]}, "
-                f"t has {tt.shape[0]} (one prompt embedding per sample)"
-            )
+        check_same_rows(xt, tt)
         if tt.dtype != xt.dtype:
             dt = torch.promote_types(xt.dtype, tt.dtype)
             xt, tt = xt.to(dt), tt.to(dt)
@@ -124,16 +121,7 @@ def _pair(x: Any, t: Any, sigma: Any, sigma_t: Any, backend: Any):
     sigmas, many = _resolve_sigma(sigma, xt, "sigma")
     st = None
     if tt is not None:
-        if sigma_t is None:
-            st = _median_from_tensor(tt)
-        elif isinstance(sigma_t, list | tuple) or (
-            isinstance(sigma_t, torch.Tensor) and sigma_t.numel() > 1
-        ):
-            raise ValueError(
-                "sigma_t must be a single bandwidth; several bandwidths go in sigma (for x)"
-            )
-        else:
-            st = check_sigma(sigma_t, "sigma_t")
+        st = _median_from_tensor(tt) if sigma_t is None else check_single_sigma(sigma_t)
     return xt, tt, sigmas, many, st, resolved, torch_out
 
 
