@@ -63,7 +63,7 @@ from ._input import (
 )
 from .guidance import FeatureBank
 from .ops.pair_sums import backend_module, inv_sq
-from .scores import RKEEntropies, _median_from_tensor, entropies_from_sums, scores_from_sums
+from .scores import RKEEntropies, bandwidth_from_tensor, entropies_from_sums, scores_from_sums
 
 __all__ = [
     "SharedFeatureBank",
@@ -139,9 +139,9 @@ def _global_pair_sums(x_local, t_local, sigma, sigma_t, group, with_t, want_fx, 
     xc = C.gather_rows(xt, counts, width, dtype, group, comm_dev, data_dev)
     tc = C.gather_rows(tt, counts, m, dtype, group, comm_dev, data_dev) if with_t else None
     if sigmas is None:  # the same median on every rank: it only sees the gathered global set
-        sigmas = [_median_from_tensor(xc)]
+        sigmas = [bandwidth_from_tensor(xc)]
     if with_t and st is None:
-        st = _median_from_tensor(tc)
+        st = bandwidth_from_tensor(tc)
 
     xc.sub_(xc.mean(0, keepdim=True))  # the GLOBAL mean: the same centring on every rank
     if tc is not None:

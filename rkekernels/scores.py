@@ -52,7 +52,9 @@ def _prepare(x: Any, name: str) -> torch.Tensor:
     return check_matrix(as_tensor(x, name), name)
 
 
-def _median_from_tensor(x: torch.Tensor) -> float:
+def bandwidth_from_tensor(x: torch.Tensor) -> float:
+    """The default bandwidth (`median_bandwidth`) of an already validated (n, d) tensor: the
+    one-process scores and the distributed ones (on the gathered set) both take it from here."""
     n = x.shape[0]
     if n < 2:
         return 1.0
@@ -96,12 +98,12 @@ def median_bandwidth(x: Any) -> float:
         >>> rkekernels.median_bandwidth(np.array([[0.0], [1.0], [3.0]]))
         2.0
     """
-    return _median_from_tensor(_prepare(x, "x"))
+    return bandwidth_from_tensor(_prepare(x, "x"))
 
 
 def _resolve_sigma(sigma: Any, x: torch.Tensor, name: str) -> tuple[list[float], bool]:
     if sigma is None:
-        return [_median_from_tensor(x)], False
+        return [bandwidth_from_tensor(x)], False
     return check_sigmas(sigma, name)
 
 
@@ -121,7 +123,7 @@ def _pair(x: Any, t: Any, sigma: Any, sigma_t: Any, backend: Any):
     sigmas, many = _resolve_sigma(sigma, xt, "sigma")
     st = None
     if tt is not None:
-        st = _median_from_tensor(tt) if sigma_t is None else check_single_sigma(sigma_t)
+        st = bandwidth_from_tensor(tt) if sigma_t is None else check_single_sigma(sigma_t)
     return xt, tt, sigmas, many, st, resolved, torch_out
 
 
