@@ -184,8 +184,10 @@ def write_images(folder, n: int, *, size=16, seed: int = 0, clusters: int = 3, f
 
 def rel(a, b) -> float:
     """||a - b|| / ||b|| in float64 (a scalar: |a - b| / |b|)."""
-    a = torch.as_tensor(a).detach().cpu().double()
-    b = torch.as_tensor(b).detach().cpu().double()
+    # dtype=float64 at the conversion: a Python float must not pass through float32
+    a = torch.as_tensor(a.detach() if isinstance(a, torch.Tensor) else a, dtype=torch.float64)
+    b = torch.as_tensor(b.detach() if isinstance(b, torch.Tensor) else b, dtype=torch.float64)
+    a, b = a.cpu(), b.cpu()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
