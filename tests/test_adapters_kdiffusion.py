@@ -159,9 +159,9 @@ def test_conditional_guidance_with_cond_from_model_kwargs():
 
 def test_prompt_fade_in_the_denoiser():
     """guided_denoiser fades its raw step exactly as apply does: D' - D = f (D'_paper - D)."""
-    bank, bank_c = torch.randn(4, 2, generator=_gen(10)), torch.zeros(4, 3)
+    bank, bank_c = torch.randn(4, 2, generator=gen(10)), torch.zeros(4, 3)
     cond = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.2, 0.0]])  # matching, far (w = e^-5.8)
-    x = torch.randn(2, 2, generator=_gen(11))
+    x = torch.randn(2, 2, generator=gen(11))
     steps = {}
     for rule in ("paper", "prompt_fade"):
         guide = DiversityGuidance(

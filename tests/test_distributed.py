@@ -289,11 +289,11 @@ def test_vendi_metric_syncs_across_ranks(ranks):
     want = rkekernels.vendi_score(x, 1.0, SIG, method="rff", dim=64, seed=1)
     want_c = rkekernels.cond_vendi_score(x, t, 1.0, SIG, SIG_T, method="rff", dim=64, seed=1)
     for res in results:
-        _close(res["vendi_metric"].vendi, want)
-        _close(res["vendi_metric"].cond_vendi, want_c)
+        close(res["vendi_metric"].vendi, want)
+        close(res["vendi_metric"].cond_vendi, want_c)
         if world == 2:
-            _close(res["torchmetrics_vendi"].vendi, want)
-            _close(res["torchmetrics_vendi"].cond_vendi, want_c)
+            close(res["torchmetrics_vendi"].vendi, want)
+            close(res["torchmetrics_vendi"].cond_vendi, want_c)
 
 
 def test_bank_shared(ranks):

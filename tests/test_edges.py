@@ -20,8 +20,8 @@ import torch
 import rkekernels as rk
 from rkekernels import reference as ref
 from rkekernels._input import triton_available
+from tests.conftest import TOL
 
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 TRITON_MARK = pytest.mark.skipif(not triton_available(), reason="needs triton")
 BACKENDS = [
     "torch",

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import rkekernels
-from conftest import write_images
 from rkekernels import evaluation
 from rkekernels.adapters import encoders
 from rkekernels.cli import main
+from tests.conftest import write_images
 
 pytest.importorskip("transformers")
 

@@ -9,12 +9,7 @@ import torch
 from rkekernels import DiversityGuidance, features
 from rkekernels import reference as ref
 from rkekernels.sampling import STEP_RULES
-
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+from tests.conftest import TOL, gen, rel
 
 
 def _ref_update(z, bank, scale, fade=None, **kw):
@@ -44,10 +39,6 @@ def _ref_fade(c, bank_c, sigma_cond, include_batch=True):
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 # ----------------------------------------------------------------------------- the update
 
 
@@ -55,8 +46,8 @@ def _rel(a, b):
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("include_batch", [True, False])
 def test_apply_matches_reference(dtype, normalize, include_batch):
-    bank_z = torch.randn(7, 3, 5, 3, generator=_gen(1), dtype=dtype)
-    z = torch.randn(3, 3, 5, 3, generator=_gen(2), dtype=dtype)
+    bank_z = torch.randn(7, 3, 5, 3, generator=gen(1), dtype=dtype)
+    z = torch.randn(3, 3, 5, 3, generator=gen(2), dtype=dtype)
     guide = DiversityGuidance(
         2.5,
         scale=0.2,
@@ -77,7 +68,7 @@ def test_apply_matches_reference(dtype, normalize, include_batch):
         normalize=normalize,
         include_batch=include_batch,
     )
-    assert _rel(out, expect) <= TOL[dtype]
+    assert rel(out, expect) <= TOL[dtype]
     # each sample moved by exactly scale * ||z_a||
     moved = (out.double() - z.double()).reshape(3, -1).norm(dim=1)
     target = 0.2 * z.double().reshape(3, -1).norm(dim=1)
@@ -89,10 +80,10 @@ def test_apply_matches_reference(dtype, normalize, include_batch):
 @pytest.mark.parametrize("step_rule", ["paper", "prompt_fade"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_conditional_apply_matches_reference(dtype, step_rule):
-    bank_z = torch.randn(6, 10, generator=_gen(3), dtype=dtype)
-    bank_c = torch.randn(6, 4, generator=_gen(4), dtype=dtype)
-    z = torch.randn(2, 10, generator=_gen(5), dtype=dtype)
-    c = 1.5 * torch.randn(2, 4, generator=_gen(6), dtype=dtype)
+    bank_z = torch.randn(6, 10, generator=gen(3), dtype=dtype)
+    bank_c = torch.randn(6, 4, generator=gen(4), dtype=dtype)
+    z = torch.randn(2, 10, generator=gen(5), dtype=dtype)
+    c = 1.5 * torch.randn(2, 4, generator=gen(6), dtype=dtype)
     guide = DiversityGuidance(
         1.3, sigma_cond=0.9, scale=0.07, bank_dtype=dtype, step_rule=step_rule
     )
@@ -112,7 +103,7 @@ def test_conditional_apply_matches_reference(dtype, step_rule):
         sigma=1.3,
         sigma_cond=0.9,
     )
-    assert _rel(out, expect) <= TOL[dtype]
+    assert rel(out, expect) <= TOL[dtype]
     # a single prompt embedding (m,) stands for every sample
     one = DiversityGuidance(1.3, sigma_cond=0.9, scale=0.07, bank_dtype=dtype, step_rule=step_rule)
     one.commit(bank_z, bank_c)
@@ -125,8 +116,8 @@ def test_prompt_fade_bounds():
     """All prompt weights <= 1e-3: at most 5% of a matching prompt's step; a weight >= tau:
     exactly the paper's step; unconditional guidance is never faded."""
     d = 768
-    bank_z = torch.randn(5, d, generator=_gen(7))
-    z = torch.randn(2, d, generator=_gen(8))
+    bank_z = torch.randn(5, d, generator=gen(7))
+    z = torch.randn(2, d, generator=gen(8))
     bank_c = torch.zeros(5, 3)
     bank_c[:, 0] = 1.0
     s_c = 0.45
@@ -159,13 +150,13 @@ def test_prompt_fade_bounds():
 
 def test_zero_gradient_does_not_move_and_stays_finite():
     guide = DiversityGuidance(1.0, scale=0.3)
-    z = torch.randn(1, 4, 4, generator=_gen(7))
+    z = torch.randn(1, 4, 4, generator=gen(7))
     out = guide.apply(z)  # empty bank, b = 1: g = 0
     assert torch.equal(out, z)
     assert guide.last.log_s.item() == -math.inf
     # several samples but nothing to compare against
     alone = DiversityGuidance(1.0, scale=0.3, include_batch=False)
-    z3 = torch.randn(3, 4, generator=_gen(8))
+    z3 = torch.randn(3, 4, generator=gen(8))
     assert torch.equal(alone.apply(z3), z3)
     # a sample sitting exactly on a bank entry of a one-entry bank: g = 0, no NaN
     on = DiversityGuidance(1.0, scale=0.3, include_batch=False)
@@ -176,35 +167,35 @@ def test_zero_gradient_does_not_move_and_stays_finite():
 
 def test_scale_zero_returns_the_input_itself():
     guide = DiversityGuidance(1.0, scale=0.0)
-    guide.commit(torch.randn(4, 6, generator=_gen(9)))
-    z = torch.randn(2, 6, generator=_gen(10))
+    guide.commit(torch.randn(4, 6, generator=gen(9)))
+    z = torch.randn(2, 6, generator=gen(10))
     assert guide.apply(z) is z
     assert guide.last is None
 
 
 def test_extreme_inputs_stay_finite():
-    z = 1e6 * torch.randn(3, 8, generator=_gen(11))
+    z = 1e6 * torch.randn(3, 8, generator=gen(11))
     for sigma in (1e-4, 1e4):
         guide = DiversityGuidance(sigma, scale=0.1, normalize=False)
-        guide.commit(1e6 * torch.randn(5, 8, generator=_gen(12)))
+        guide.commit(1e6 * torch.randn(5, 8, generator=gen(12)))
         out = guide.apply(z)
         assert torch.isfinite(out).all()
 
 
 def test_half_precision_latents():
     guide = DiversityGuidance(1.0, scale=0.1)
-    guide.commit(torch.randn(4, 2, 4, 4, generator=_gen(13)).half())
-    z = torch.randn(2, 2, 4, 4, generator=_gen(14)).half()
+    guide.commit(torch.randn(4, 2, 4, 4, generator=gen(13)).half())
+    z = torch.randn(2, 2, 4, 4, generator=gen(14)).half()
     out = guide.apply(z)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     expect = _ref_update(z, guide.bank.features, 0.1, sigma=1.0)
-    assert _rel(out, expect) <= 2e-3  # float16 output rounding
+    assert rel(out, expect) <= 2e-3  # float16 output rounding
 
 
 def test_works_under_no_grad_and_does_not_track_gradients():
     guide = DiversityGuidance(1.0, scale=0.1, feature_fn=lambda z: torch.tanh(z) * 2)
-    guide.commit(torch.randn(3, 5, generator=_gen(15)))
-    z = torch.randn(2, 5, generator=_gen(16))
+    guide.commit(torch.randn(3, 5, generator=gen(15)))
+    z = torch.randn(2, 5, generator=gen(16))
     with torch.no_grad():
         out = guide.apply(z)
     assert not out.requires_grad
@@ -219,13 +210,13 @@ def test_works_under_no_grad_and_does_not_track_gradients():
 
 @pytest.mark.parametrize("include_batch", [True, False])
 def test_feature_fn_gradient_is_one_vjp_of_the_reference(include_batch):
-    w = torch.randn(12, 7, generator=_gen(17), dtype=torch.float64)
+    w = torch.randn(12, 7, generator=gen(17), dtype=torch.float64)
 
     def feature_fn(z):  # (b, 3, 4) -> (b, 7), nonlinear
         return torch.tanh(z.reshape(len(z), -1) @ w.to(z.dtype))
 
-    bank_z = torch.randn(5, 3, 4, generator=_gen(18), dtype=torch.float64)
-    z = torch.randn(3, 3, 4, generator=_gen(19), dtype=torch.float64)
+    bank_z = torch.randn(5, 3, 4, generator=gen(18), dtype=torch.float64)
+    z = torch.randn(3, 3, 4, generator=gen(19), dtype=torch.float64)
     guide = DiversityGuidance(
         0.8, feature_fn=feature_fn, include_batch=include_batch, bank_dtype=torch.float64
     )
@@ -242,19 +233,19 @@ def test_feature_fn_gradient_is_one_vjp_of_the_reference(include_batch):
         include_batch=include_batch,
     )
     (expect,) = torch.autograd.grad(log_s.sum(), zz)
-    assert _rel(res.grad, -expect) <= 1e-10
+    assert rel(res.grad, -expect) <= 1e-10
     assert torch.allclose(res.log_s.double(), log_s.detach(), rtol=1e-10)
 
 
 def test_feature_fn_errors():
     guide = DiversityGuidance(1.0, feature_fn=lambda z: z.detach() * 2)
-    guide.commit(torch.randn(2, 3, generator=_gen(20)))
+    guide.commit(torch.randn(2, 3, generator=gen(20)))
     with pytest.raises(ValueError, match="feature_fn output does not depend"):
-        guide.apply(torch.randn(2, 3, generator=_gen(21)))
+        guide.apply(torch.randn(2, 3, generator=gen(21)))
     bad = DiversityGuidance(1.0, feature_fn=lambda z: z[:1])
-    bad.commit(torch.randn(1, 3, generator=_gen(22)))
+    bad.commit(torch.randn(1, 3, generator=gen(22)))
     with pytest.raises(ValueError, match="feature_fn must return"):
-        bad.apply(torch.randn(2, 3, generator=_gen(23)))
+        bad.apply(torch.randn(2, 3, generator=gen(23)))
     with pytest.raises(TypeError, match="feature_fn"):
         DiversityGuidance(1.0, feature_fn=3)
 
@@ -269,8 +260,8 @@ def test_feature_fn_errors():
 def test_schedule_selects_exactly_the_intended_steps(every, start, stop):
     steps = 20
     guide = DiversityGuidance(1.0, scale=0.1, every=every, start=start, stop=stop)
-    guide.commit(torch.randn(3, 4, generator=_gen(24)))
-    z = torch.randn(2, 4, generator=_gen(25))
+    guide.commit(torch.randn(3, 4, generator=gen(24)))
+    z = torch.randn(2, 4, generator=gen(25))
     for _ in range(2):  # two batches: commit restarts the count
         guided = [k for k in range(steps) if guide.apply(z, progress=k / steps) is not z]
         expect = [k for k in range(steps) if k % every == 0 and start <= k / steps <= stop]
@@ -283,8 +274,8 @@ def test_schedule_selects_exactly_the_intended_steps(every, start, stop):
 
 def test_schedule_explicit_step_and_reset():
     guide = DiversityGuidance(1.0, scale=0.1, every=3)
-    guide.commit(torch.randn(3, 4, generator=_gen(26)))
-    z = torch.randn(2, 4, generator=_gen(27))
+    guide.commit(torch.randn(3, 4, generator=gen(26)))
+    z = torch.randn(2, 4, generator=gen(27))
     assert guide.apply(z, step=4) is z and guide.calls == 5
     assert guide.apply(z) is z  # call 5
     assert guide.apply(z) is not z  # call 6
@@ -311,7 +302,7 @@ def test_progress_required_when_windowed():
 
 def test_commit_stores_features_and_respects_capacity():
     guide = DiversityGuidance(1.0, capacity=5, normalize=True)
-    batches = [torch.randn(2, 3, 3, generator=_gen(30 + i)) for i in range(4)]
+    batches = [torch.randn(2, 3, 3, generator=gen(30 + i)) for i in range(4)]
     for x in batches:
         guide.commit(x)
     assert len(guide.bank) == 5

@@ -10,10 +10,9 @@ import torch
 import rkekernels
 from rkekernels import reference as ref
 from rkekernels.vendi import pick_method
-from tests.conftest import rel
+from tests.conftest import TOL, rel
 
 ORDERS = [0.5, 1.0, 1.5, 2.0, 3.0, math.inf]
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 def _data(n=73, d=7, m=3, dtype=torch.float64, seed=0):
