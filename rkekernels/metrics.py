@@ -612,10 +612,10 @@ class VendiMetric:
         """
         covs, n = self._covs, self._n
         if _sync_wanted(self.sync_on_compute, self.group):
-            from . import distributed as D
+            from . import _collectives as C
 
             dev = covs[0].device if covs is not None else torch.device("cpu")
-            comm = D._comm_device(self.group, dev)
+            comm = C.comm_device(self.group, dev)
             k = 3 if self._core.sigma_t is not None else 1
             dim = self._core.dim
             flat = torch.zeros(k * dim * dim + 1, dtype=torch.float64, device=dev)
@@ -627,7 +627,7 @@ class VendiMetric:
                     )
                 flat[:-1] = torch.cat([c.reshape(-1) for c in covs])
             flat[-1] = float(n)
-            flat = D._all_reduce_sum(flat, self.group, comm)
+            flat = C.all_reduce_sum(flat, self.group, comm)
             n = round(float(flat[-1]))
             covs = list(flat[:-1].reshape(k, dim, dim)) if n else None
         if n == 0 or covs is None:
