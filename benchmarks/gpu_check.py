@@ -531,6 +531,7 @@ def section_compile(rep: Report) -> None:
     from triton.compiler import ASTSource
 
     from rkekernels.ops import scores_triton as st
+    from rkekernels.ops import triton_tuning as tuning
 
     target = GPUTarget("cuda", 90, 32)
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -568,11 +569,11 @@ def section_compile(rep: Report) -> None:
         return {tl.float32: "*fp32", tl.float64: "*fp64", tl.bfloat16: "*bf16"}[dtype]
 
     variants = [  # (mode, storage dtype, accumulation dtype, forward configs, backward configs)
-        ("ieee", tl.float32, tl.float32, st._FWD_GPU, st._BWD_GPU),
-        ("tf32", tl.float32, tl.float32, st._FWD_GPU[:1], st._BWD_GPU[:1]),
-        ("tf32x3", tl.float32, tl.float32, st._FWD_GPU[:1], st._BWD_GPU[:1]),
-        ("bf16", tl.bfloat16, tl.float32, st._FWD_GPU[:1], st._BWD_GPU[:1]),
-        ("ieee", tl.float64, tl.float64, st._FWD_GPU_F64[:1], st._BWD_GPU_F64[:1]),
+        ("ieee", tl.float32, tl.float32, tuning._FWD_GPU, tuning._BWD_GPU),
+        ("tf32", tl.float32, tl.float32, tuning._FWD_GPU[:1], tuning._BWD_GPU[:1]),
+        ("tf32x3", tl.float32, tl.float32, tuning._FWD_GPU[:1], tuning._BWD_GPU[:1]),
+        ("bf16", tl.bfloat16, tl.float32, tuning._FWD_GPU[:1], tuning._BWD_GPU[:1]),
+        ("ieee", tl.float64, tl.float64, tuning._FWD_GPU_F64[:1], tuning._BWD_GPU_F64[:1]),
     ]
     for mode, store, acc, fwd_cfgs, bwd_cfgs in variants:
         dot_prec = "tf32" if mode == "bf16" else mode
