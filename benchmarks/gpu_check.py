@@ -58,6 +58,7 @@ start after that many seconds.
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import os
 import sys
