@@ -392,7 +392,7 @@ def evaluate(
     """
     from . import evaluation, vendi
     from .adapters.encoders import EncoderUnavailableError
-    from .scores import rke_score
+    from .scores import cond_rke_score, rke_score
 
     CLIError = _cli_error()
     root = default_cache_dir() if cache_dir == "default" else cache_dir
@@ -448,13 +448,19 @@ def evaluate(
     try:
         with torch.no_grad():
             out["rke"] = _py(rke_score(x, arg))
-            ci = evaluation.rke_interval(x, arg, level=level, unbiased=unbiased)
+            enough = n >= (3 if unbiased else 2)  # leave-one-out sets need n - 1 >= 1 (2)
+            ci = evaluation.rke_interval(x, arg, level=level, unbiased=unbiased) if enough else None
             out["rke_interval"] = {
-                "low": _py(ci.low),
-                "high": _py(ci.high),
+                "low": _py(ci.low) if ci else None,
+                "high": _py(ci.high) if ci else None,
                 "level": level,
                 "unbiased": unbiased,
             }
+            # the interval's own estimate: the unbiased RKE with --unbiased, else the plug-in RKE
+            # from the same float64 sums (rke_score rounds to x's dtype)
+            out["rke_interval"]["estimate"] = _py(ci.estimate) if ci else None
+            if ci is not None and not unbiased:
+                out["rke"] = _py(ci.estimate)
             out["vendi"] = _py(vendi.vendi_score(x, 1.0, arg))
             modes = vendi.vendi_modes(x, min(top, n), s0)
             out["modes"] = _modes_json(modes, g.names, per_mode)
@@ -469,9 +475,15 @@ def evaluate(
                 t = t.float()
                 st = float(sigma_t) if sigma_t is not None else _default_sigma(t)
                 out["sigma_t"] = st
-                cci = evaluation.cond_rke_interval(x, t, arg, st, level=level, unbiased=unbiased)
-                out["cond_rke"] = _py(cci.estimate)
-                out["cond_rke_interval"] = {"low": _py(cci.low), "high": _py(cci.high)}
+                if enough:
+                    cci = evaluation.cond_rke_interval(
+                        x, t, arg, st, level=level, unbiased=unbiased
+                    )
+                    out["cond_rke"] = _py(cci.estimate)
+                    out["cond_rke_interval"] = {"low": _py(cci.low), "high": _py(cci.high)}
+                else:
+                    out["cond_rke"] = _py(cond_rke_score(x, t, arg, st))
+                    out["cond_rke_interval"] = {"low": None, "high": None}
                 out["cond_vendi"] = _py(vendi.cond_vendi_score(x, t, 1.0, arg, st))
             if y is not None:
                 y = y.float()
@@ -498,6 +510,9 @@ def _sweep(x: torch.Tensor, s0: float) -> dict[str, list[float]]:
     from . import evaluation, vendi
 
     grid = [s0 * 2.0 ** (k / 2.0) for k in range(-4, 5)]
+    if x.shape[0] < 2:  # one sample: RKE = 1 at every bandwidth, no interval
+        ones = [1.0] * len(grid)
+        return {"sigma": grid, "rke": ones, "low": ones, "high": ones, "vendi": ones}
     ci = evaluation.rke_interval(x, grid)
     return {
         "sigma": grid,
@@ -558,6 +573,8 @@ def _sweep_plot(sweep: dict, s0: float, path: Path) -> None:
 
 
 def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
     if isinstance(v, list):
         return ", ".join(_fmt(a) for a in v)
     if isinstance(v, float):
@@ -590,7 +607,8 @@ def write_report(result: dict[str, Any], out_dir: str | os.PathLike, keep: dict)
             f"encoder `{result['encoder']}`)",
             f"- bandwidth sigma = {_fmt(result['sigma'])}",
             f"- **RKE** (order 2) = {_fmt(result['rke'])}, {int(100 * ci['level'])}% interval "
-            f"[{_fmt(ci['low'])}; {_fmt(ci['high'])}]",
+            + (f"of the unbiased estimate {_fmt(ci['estimate'])} " if ci["unbiased"] else "")
+            + f"[{_fmt(ci['low'])}; {_fmt(ci['high'])}]",
             f"- **Vendi** (order 1) = {_fmt(result['vendi'])}",
         ]
         if "cond_rke" in result:
@@ -754,7 +772,8 @@ def main(args: argparse.Namespace) -> int:
 def _print(res: dict[str, Any]) -> None:
     ci = res["rke_interval"]
     print(f"n = {res['n']}  encoder = {res['encoder']}  sigma = {_fmt(res['sigma'])}")
-    print(f"RKE   = {_fmt(res['rke'])}  [{_fmt(ci['low'])}; {_fmt(ci['high'])}]")
+    how = f"unbiased {_fmt(ci['estimate'])} " if ci["unbiased"] else ""
+    print(f"RKE   = {_fmt(res['rke'])}  {how}[{_fmt(ci['low'])}; {_fmt(ci['high'])}]")
     print(f"Vendi = {_fmt(res['vendi'])}")
     if "cond_rke" in res:
         print(f"cond RKE = {_fmt(res['cond_rke'])}  cond Vendi = {_fmt(res['cond_vendi'])}")

@@ -478,7 +478,8 @@ def _novelty(vals: torch.Tensor, vecs: torch.Tensor, n: int, top: int, per_mode:
     """KEN from the eigenpairs (descending), the X rows of ``vecs`` first."""
     pos = vals[vals > 1e-12 * max(1.0, float(vals.abs().max()))]
     mass = float(pos.sum()) if pos.numel() else 0.0
-    score = float(-(pos * torch.log(pos / mass)).sum()) if pos.numel() else 0.0
+    # each term -l log(l / L) >= 0 (l <= L): max() only turns -0.0 into 0.0
+    score = max(0.0, float(-(pos * torch.log(pos / mass)).sum())) if pos.numel() else 0.0
     return Novelty(score, mass, vals.cpu().numpy(), _top_modes(vals, vecs, n, top, per_mode))
 
 

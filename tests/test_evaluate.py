@@ -215,6 +215,19 @@ def test_bad_input_is_one_line_and_exit_2(case, needle, sets, tmp_path, capsys, 
     assert needle in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_one_or_two_images_give_scores_without_an_interval(sets, tmp_path, capsys):
+    one = tmp_path / "one"
+    write_images(one, 1)
+    res = _json(capsys, one, "--encoder", "pixels", "--no-cache", "--reference", sets / "ref")
+    assert res["n"] == 1 and res["rke"] == pytest.approx(1.0) and res["vendi"] == pytest.approx(1.0)
+    assert res["rke_interval"]["low"] is None and res["novelty"] == 0.0
+    write_images(one, 2)
+    res = _json(capsys, one, "--encoder", "pixels", "--no-cache", "--unbiased")
+    assert res["n"] == 2 and res["rke_interval"]["high"] is None  # unbiased needs n >= 3
+    res = _json(capsys, one, "--encoder", "pixels", "--no-cache")
+    assert res["rke_interval"]["low"] <= res["rke"] <= res["rke_interval"]["high"]
+
+
 def test_clip_encoder_embeds_prompts_with_its_own_text_tower(sets, tiny_encoder_dirs, capsys):
     res = _json(
         capsys,
