@@ -182,3 +182,32 @@ def test_inception_pool3_features_from_a_random_weight_model():
     enc = load_encoder("inception", model=model, batch_size=2)
     f = enc.encode([torch.rand(3, 32, 40), torch.rand(3, 16, 16)])
     assert f.shape == (2, 2048) and torch.isfinite(f).all()
+
+
+class _InceptionLike(torch.nn.Module):
+    """The parts of torchvision's Inception3 the wrapper touches: fc, aux_logits, AuxLogits."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Conv2d(3, 2048, 1)
+        self.fc = torch.nn.Linear(2048, 10)
+        self.aux_logits, self.AuxLogits, self.transform_input = True, torch.nn.Identity(), True
+        self.seen = None
+
+    def forward(self, x):
+        self.seen = x
+        return self.fc(self.body(x).mean((2, 3)))
+
+
+def test_inception_wrapper_pool_features_and_fid_transform():
+    model = _InceptionLike()
+    enc = load_encoder("inception", model=model, batch_size=2)
+    x = torch.rand(3, 3, 40, 24)
+    f = enc(x)
+    assert f.shape == (3, 2048) and enc.dim == 2048  # fc removed: the pool features
+    assert model.seen.shape == (3, 3, 299, 299) and not model.transform_input
+    want = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False, antialias=True)
+    want = (want - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        1, 3, 1, 1
+    )
+    torch.testing.assert_close(model.seen, want)
