@@ -127,6 +127,14 @@ def rel(a, b) -> float:
     return abs(float(a) / float(b) - 1.0)
 
 
+def _bench(fn, cuda: bool) -> tuple[float, float, float]:
+    """`benchmarks.common.bench`; in the interpreter (a smoke test: its times mean nothing) one
+    run after one warm-up instead of five."""
+    if os.environ.get("TRITON_INTERPRET") == "1" and not cuda:
+        return bench(fn, cuda, repeat=1, warmup=1)
+    return bench(fn, cuda)
+
+
 # --------------------------------------------------------------------------- check
 
 
@@ -261,10 +269,10 @@ def section_guidance(rep: Report, dev: torch.device, cuda: bool, small: bool) ->
         bank = rk.FeatureBank(n, device=dev)
         bank.add(f)
         torch.backends.cuda.matmul.allow_tf32 = False
-        base = bench(lambda f=f, z=z: f @ z.T, cuda)
-        ours = bench(lambda z=z, bank=bank: rk.guidance_grad(z, bank, sigma=1.1, backend="triton"),
+        base = _bench(lambda f=f, z=z: f @ z.T, cuda)
+        ours = _bench(lambda z=z, bank=bank: rk.guidance_grad(z, bank, sigma=1.1, backend="triton"),
                      cuda)  # fmt: skip
-        tpath = bench(lambda z=z, bank=bank: rk.guidance_grad(z, bank, sigma=1.1, backend="torch"),
+        tpath = _bench(lambda z=z, bank=bank: rk.guidance_grad(z, bank, sigma=1.1, backend="torch"),
                       cuda)  # fmt: skip
         timed = [("guidance_grad, Triton", ours), ("guidance_grad, torch path", tpath)]
         if cuda and dim <= 4096:  # the fixed cost dominates narrow rows: replay a CUDA graph
@@ -291,7 +299,7 @@ def _graph_replay(rk, z: torch.Tensor, bank) -> tuple[float, float, float]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         call()
-    return bench(graph.replay, True)
+    return _bench(graph.replay, True)
 
 
 def _baseline_matmul(mode: str, x: torch.Tensor):
@@ -314,13 +322,13 @@ def _fused_vs_matmul(rep, state, mode, n, d, cuda, dev):
         fused = lambda: rkekernels.rke_score(x, sigma, backend="triton")  # noqa: E731
         value = fused()  # compile and tune outside the timing
         sync(cuda)
-        f50, f20, f80 = bench(fused, cuda)
+        f50, f20, f80 = _bench(fused, cuda)
     state.setdefault("fused_ms", {})[mode] = f50
     name, base, matmul_precision = _baseline_matmul(mode, x)
     torch.set_float32_matmul_precision(matmul_precision)
     try:
         base()
-        b50, _, _ = bench(base, cuda)
+        b50, _, _ = _bench(base, cuda)
     finally:
         torch.set_float32_matmul_precision("highest")
         if cuda:
@@ -371,7 +379,7 @@ def section_matmul(rep, state, n, d, dev, cuda):
     x = state["x"]
     xc = x - x.mean(0)
     inv = (1.0 / state["sigma"] ** 2,)
-    k50, k20, k80 = bench(lambda: st.forward_sums(xc, None, inv, None), cuda)
+    k50, k20, k80 = _bench(lambda: st.forward_sums(xc, None, inv, None), cuda)
     b50 = None
     for r in rep.rows:
         if r.get("section") == "matmul" and r.get("precision") == "ieee":
@@ -391,12 +399,12 @@ def section_stream(rep, state, n, d, dev, cuda):
     if "ieee" not in state.get("fused_ms", {}):
         fused = lambda: rkekernels.rke_score(x, sigma, backend="triton")  # noqa: E731
         fused()
-        state.setdefault("fused_ms", {})["ieee"] = bench(fused, cuda)[0]
+        state.setdefault("fused_ms", {})["ieee"] = _bench(fused, cuda)[0]
     f50 = state["fused_ms"]["ieee"]
     torch.set_float32_matmul_precision("highest")
     stream = lambda: rkekernels.rke_score(x, sigma, backend="torch")  # noqa: E731
     stream()
-    s50, s20, s80 = bench(stream, cuda)
+    s50, s20, s80 = _bench(stream, cuda)
     err = rel(stream(), state["exact"])
     rep.add(section="stream", case="torch streaming rke_score (baseline)", precision="ieee",
             n=n, d=d, ms_p50=s50, ms_p20=s20, ms_p80=s80, error=err, bound=1e-5,
@@ -459,8 +467,8 @@ def section_backward(rep, n, d, dev, cuda):
     bwd = lambda: st.backward_grads(xc, None, inv, None, g, None, None)  # noqa: E731
     fwd()
     bwd()
-    f50, _, _ = bench(fwd, cuda)
-    b50, b20, b80 = bench(bwd, cuda)
+    f50, _, _ = _bench(fwd, cuda)
+    b50, b20, b80 = _bench(bwd, cuda)
     rep.add(section="backward", case="backward_grads vs forward_sums", precision="ieee", n=n,
             d=d, ms_p50=b50, ms_p20=b20, ms_p80=b80, baseline="forward_sums",
             baseline_ms_p50=f50, ratio=b50 / f50, target=4.0,
@@ -471,8 +479,8 @@ def section_backward(rep, n, d, dev, cuda):
     only = lambda: rkekernels.rke_score(x, sigma, backend="triton")  # noqa: E731
     full()
     only()
-    a50, a20, a80 = bench(full, cuda)
-    o50, _, _ = bench(only, cuda)
+    a50, a20, a80 = _bench(full, cuda)
+    o50, _, _ = _bench(only, cuda)
     rep.add(section="backward", case="autograd: rke_score forward + backward", precision="ieee",
             n=n, d=d, ms_p50=a50, ms_p20=a20, ms_p80=a80, baseline="rke_score forward",
             baseline_ms_p50=o50, ratio=a50 / o50, target=5.0)  # fmt: skip
@@ -507,7 +515,7 @@ def section_pykeops(rep, state, n, d, dev, cuda):
 
     try:
         value = keops()
-        k50, _, _ = bench(keops, cuda)
+        k50, _, _ = _bench(keops, cuda)
     except Exception as exc:
         rep.add(section="pykeops", case="KeOps sum", status="skipped",
                 detail=f"KeOps failed: {type(exc).__name__}: {exc}")  # fmt: skip
