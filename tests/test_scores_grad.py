@@ -87,11 +87,15 @@ def test_gradient_is_finite_for_extreme_sigma():
         assert torch.isfinite(gx).all()
 
 
+@pytest.mark.parametrize("flush", [1, 2, 8])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_fused_forward_backward_equals_the_two_pass_path(dtype, tol):
+def test_fused_forward_backward_equals_the_two_pass_path(dtype, tol, flush, monkeypatch):
     # rke_score with one bandwidth and x requiring grad: F_x and dF_x/dx in one pass
-    # (ops.score_and_grad); the same numbers as the forward then the streamed backward
+    # (ops.score_and_grad); the same numbers as the forward then the streamed backward, whenever
+    # the partial sums are flushed into float64 (6 row blocks of at most 5 tiles here)
     from rkekernels.ops import score_and_grad
+
+    monkeypatch.setattr(score_and_grad, "FLUSH", flush)
 
     x, _ = _xt(45, 7, 1, dtype)
     xc = (x - x.mean(0)).detach()

@@ -12,11 +12,13 @@ streamed backward: no rounding of x_i - x_i).
 So the gradient does not depend on the cotangent except for a scalar factor: a caller that will
 differentiate (``x.requires_grad`` under grad mode) gets F_x and dF_x/dx from one visit of the
 upper triangle, and the backward is one scaling. Per tile: one GEMM for the distances, one
-exp (shared by the sum and both sides of the symmetric tile), then K2 @ x_j into the rows' G and
-K2^T @ x_i into the columns' G: 3 GEMMs per tile of the triangle, 1.5 GEMM-equivalents of
+exp (shared by the sum and both sides of the symmetric tile), then K2 @ [x_j, 1] into the rows'
+[G, r] and K2^T @ [x_i, 1] into the columns' (the ones column makes the row sums part of the
+GEMM, no separate reductions): 3 GEMMs per tile of the triangle, 1.5 GEMM-equivalents of
 x @ x.T in all, where the forward then the streamed backward take 4 (2 of them recomputing the
-same distances). r and G are accumulated in float64 across tiles (per-tile arithmetic in the
-input dtype), like the two-pass path. Extra memory: G (n, d) float64 and one tile per buffer.
+same distances). The GEMMs accumulate in the input dtype over at most `FLUSH` tiles, then into
+float64 totals. Extra memory: [G, r] (n, d + 16) in float64 and in the input dtype, [x, 1], and
+one tile.
 
 Used by ``ops.pair_sums`` for the torch backend when one bandwidth and no prompts are asked for
 and a gradient will be taken; everything else runs the forward, then ``scores_torch``'s
@@ -28,9 +30,16 @@ from __future__ import annotations
 import torch
 
 from . import scores_torch
-from .scores_torch import neg_sqdist, sq_norms, tiles
+from .scores_torch import neg_sqdist, sq_norms
 
-__all__ = ["sum_and_grad"]
+__all__ = ["FLUSH", "sum_and_grad"]
+
+#: Tile products summed in the input dtype before they are added into the float64 totals (as
+#: the two-pass path adds each tile's product in float64, within the same error bound order).
+FLUSH = 8
+
+# columns added to [x, 1]: the GEMM operands stay 64-byte aligned rows for d a multiple of 16
+_PAD = 16
 
 
 def sum_and_grad(
@@ -53,24 +62,42 @@ def sum_and_grad(
     n, d = xc.shape
     dt = xc.dtype
     nx = sq_norms(xc)
-    r = torch.zeros(n, dtype=torch.float64, device=xc.device)
-    g = torch.zeros((n, d), dtype=torch.float64, device=xc.device)
     br = block_rows or scores_torch.BLOCK_ROWS  # the torch path's tiles (tests shrink them)
     bc = block_cols or scores_torch.BLOCK_COLS
+    w = d + _PAD
+    # [x, 1, 0...]: one GEMM K2 @ xa gives G (the first d columns) and r (column d) together
+    xa = xc.new_zeros((n, w))
+    xa[:, :d] = xc
+    xa[:, d] = 1.0
+    acc = xc.new_zeros((n, w))  # partial sums in the input dtype, flushed into g (float64)
+    g = torch.zeros((n, w), dtype=torch.float64, device=xc.device)
     size = min(n, max(br, bc))
     tile = xc.new_empty(size * size)
-    part = xc.new_empty(size * d)
-    for i0, i1, j0, j1, diag in tiles(n, br, bc):
-        rows, cols = i1 - i0, j1 - j0
-        xi, xj = xc[i0:i1], xc[j0:j1]
-        k2 = neg_sqdist(xi, nx[i0:i1], xj, nx[j0:j1], diag, tile[: rows * cols].view(rows, cols))
-        k2.mul_(inv_s2).exp_()
-        if diag:  # the diagonal adds exactly 1 per row to F_x and nothing to the gradient
-            k2.diagonal().zero_()
-        r[i0:i1] += k2.sum(1)
-        g[i0:i1] += torch.mm(k2, xj, out=part[: rows * d].view(rows, d))
-        if not diag:
-            r[j0:j1] += k2.sum(0)
-            g[j0:j1] += torch.mm(k2.t(), xi, out=part[: cols * d].view(cols, d))
-    grad = (g.sub_(r.unsqueeze(1) * xc)).mul_(4.0 * inv_s2).to(dt)
+    for bi, i0 in enumerate(range(0, n, br)):
+        i1 = min(i0 + br, n)
+        xi, ai = xc[i0:i1], xa[i0:i1]
+        spans = [(i0, i1)] + [(j0, min(j0 + bc, n)) for j0 in range(i1, n, bc)]
+        for k, (j0, j1) in enumerate(spans):
+            rows, cols = i1 - i0, j1 - j0
+            diag = k == 0
+            k2 = neg_sqdist(
+                xi, nx[i0:i1], xc[j0:j1], nx[j0:j1], diag, tile[: rows * cols].view(rows, cols)
+            )
+            k2.mul_(inv_s2).exp_()
+            if diag:  # the diagonal adds exactly 1 per row to F_x and nothing to the gradient
+                k2.diagonal().zero_()
+            acc[i0:i1].addmm_(k2, xa[j0:j1])  # rows: [G_i, r_i] += K2 [x_j, 1]
+            if not diag:
+                acc[j0:j1].addmm_(k2.t(), ai)  # columns, by symmetry: K2^T [x_i, 1]
+            if (k + 1) % FLUSH == 0:
+                g[i0:i1] += acc[i0:i1]
+                acc[i0:i1].zero_()
+        # these rows are complete (later row blocks only reach columns to their right); the
+        # columns further right get one term per row block: flushed every FLUSH row blocks
+        g[i0:i1] += acc[i0:i1]
+        if (bi + 1) % FLUSH == 0:
+            g[i1:] += acc[i1:]
+            acc[i1:].zero_()
+    r = g[:, d]
+    grad = (g[:, :d].sub_(r.unsqueeze(1) * xc)).mul_(4.0 * inv_s2).to(dt)
     return r.sum() + n, grad
