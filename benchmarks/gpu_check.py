@@ -732,7 +732,7 @@ def main(argv=None) -> int:
     rep.flush()
     bad = [r for r in rep.rows if str(r.get("status", "")).startswith(("FAIL", "ERROR"))]
     print(f"done in {time.perf_counter() - start:.0f} s; {len(rep.rows)} rows, {len(bad)} failed;"
-          f" results in {rep.out}/gpu_check.csv and .md", flush=True)  # fmt: skip
+          f" results in {rep.out}/{rep.name}.csv and .md", flush=True)  # fmt: skip
     return 1 if (bad or failed) else 0
 
 
