@@ -52,7 +52,8 @@ _FOR_KERNEL = {
     "linear": ("exact", "covariance"),
 }
 
-#: method="auto": the Gaussian kernel uses "exact" up to this n (8 n^2 bytes = 134 MB), else "rff"
+#: method="auto": the Gaussian kernel uses "exact" up to this n (16 n^2 bytes = 268 MB at the
+#: peak), else "rff"
 AUTO_EXACT_MAX_N = 4096
 #: default random-feature dimension D (rff) and number of landmarks (nystrom)
 DEFAULT_DIM = {"rff": 4096, "nystrom": 1024}
@@ -371,7 +372,8 @@ def vendi_score(
 
     Methods (see the math page for when to use which):
 
-    - "exact": eigenvalues of the dense n x n matrix in float64 (8 n^2 bytes; O(n^3) time).
+    - "exact": eigenvalues of the dense n x n matrix in float64 (16 n^2 bytes peak:
+      K and LAPACK's working copy; O(n^3) time).
       Gaussian q = 2 uses the streamed Frobenius sum of `rke_score` instead (no n x n matrix).
     - "covariance" (cosine, linear): the d x d covariance X^T X, O(n d^2) time, O(d^2) memory,
       exact at any n.
