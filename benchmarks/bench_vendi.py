@@ -22,6 +22,7 @@ benchmarks/results/bench_vendi.{csv,md} and bench_vendi_rff.png.
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 import sys
 import time
@@ -45,6 +46,30 @@ COLUMNS = [
 ]  # fmt: skip
 
 _bandwidth = getattr(rk, "default_bandwidth", rk.median_bandwidth)
+
+TITLE = "Order-q scores (median of paired rounds)"
+#: section -> the start of its rows' "case"
+SECTIONS = {
+    "exact": "exact order 1, n=4,000",
+    "large": "exact order 1, n=10,000",
+    "cosine": "cosine",
+    "rff": "RFF covariance",
+    "rff_score": "RFF score",
+    "curve": "RFF vs exact",
+}
+
+
+def _section(case: str) -> str:
+    hit = [k for k, v in SECTIONS.items() if case.startswith(v)]
+    return "rff" if hit == ["rff_score"] else hit[0]
+
+
+def _old_rows() -> list[dict]:
+    path = RESULTS / "bench_vendi.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return [{c: r[c] for c in COLUMNS} for r in csv.DictReader(fh)]
 
 
 def _mixture(n: int, d: int, k: int = 10, seed: int = 0) -> torch.Tensor:
@@ -245,9 +270,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cosine-n", type=int, default=1_000_000)
     ap.add_argument("--rff-n", type=int, default=50_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=[k for k in SECTIONS if k != "rff_score"],
+        help="rerun these sections, keep the other rows",
+    )
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     rows: list[dict] = []
+    if args.only:
+        rows = [r for r in _old_rows() if _section(r["case"]) not in args.only]
+        run = set(args.only)
+        if "exact" in run:
+            exact_order1(4000, 64, rows, args.rounds, loop=True)
+        if "large" in run:
+            exact_large(10_000, 64, rows)
+        if "cosine" in run:
+            cosine_large(args.cosine_n, 768, rows, args.rounds, mem_n=200_000)
+        if "rff" in run:
+            rff_large(args.rff_n, 768, 4096, rows, args.rounds)
+        if "curve" in run:
+            plot_curve(rff_curve([256, 512, 1024, 2048, 4096, 8192], 3, rows))
+        rows.sort(key=lambda r: list(SECTIONS).index(_section(r["case"])))
+        print(write_results("bench_vendi", rows, COLUMNS, TITLE))
+        return
     if args.quick:
         exact_order1(500, 16, rows, 2, loop=True)
         cosine_large(20_000, 64, rows, 2, mem_n=20_000)
@@ -260,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         rff_large(args.rff_n, 768, 4096, rows, args.rounds)
         curve = rff_curve([256, 512, 1024, 2048, 4096, 8192], 3, rows)
     name = "bench_vendi_quick" if args.quick else "bench_vendi"
-    md = write_results(name, rows, COLUMNS, "Order-q scores (median of paired rounds)")
+    md = write_results(name, rows, COLUMNS, TITLE)
     if not args.quick:
         plot_curve(curve)
     print(md)

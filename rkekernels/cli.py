@@ -466,7 +466,12 @@ def _positive(text: str) -> float:
 # ---------------------------------------------------------------------------------------------
 # bench
 
-BENCH_SCRIPTS = ("bench_scores.py", "bench_guidance.py", "bench_distributed.py")
+BENCH_SCRIPTS = (
+    "bench_scores.py",
+    "bench_guidance.py",
+    "bench_distributed.py",
+    "bench_vendi.py",
+)
 
 
 def _bench_dir(given: str | None) -> Path | None:
