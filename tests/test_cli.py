@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import rkekernels
-from rkekernels.cli import main
+from rkekernels.cli import BENCH_SCRIPTS, main
 
 N, D, M = 60, 5, 3
 
@@ -207,7 +207,8 @@ def test_no_command_and_bench_without_scripts(tmp_path, capsys, monkeypatch):
     empty.mkdir()
     code, _, err = _run(capsys, "bench", "--dir", empty)
     assert code == 2 and "none of bench_scores.py" in err
-    assert "not found" in err and err.count("\n") == 4  # one line per missing script + error
+    # one line per missing script, plus the error
+    assert "not found" in err and err.count("\n") == len(BENCH_SCRIPTS) + 1
 
 
 def test_bench_runs_scripts_and_prints_tables(tmp_path, capsys):
