@@ -9,8 +9,8 @@
 ``score`` reads embeddings from .npy, .npz (the array named by --key, or the only one), .pt/.pth
 (a tensor, or a dict of tensors with --key) and .safetensors (with the ``safetensors`` package),
 and prints the RKE score, the conditional RKE and the order-2 entropy decomposition (nats) with
-the bandwidths used (the median pairwise distance unless given). Values come from the public API
-(`rkekernels.rke_score`, `rkekernels.rke_entropies`, `rkekernels.median_bandwidth`).
+the bandwidths used (`default_bandwidth` unless given). Values come from the public API
+(`rkekernels.rke_score`, `rkekernels.rke_entropies`, `rkekernels.default_bandwidth`).
 
 Bad input (a missing or unreadable file, a wrong shape, NaN/Inf, different n) prints one line on
 stderr and exits with code 2, without a traceback.
@@ -242,9 +242,9 @@ def score_files(
 
     Args:
         path: samples file (n, d). cond: prompt embeddings file (n, m) or None.
-        sigma: bandwidths for x (None: `median_bandwidth`); one gives floats, several give
+        sigma: bandwidths for x (None: `default_bandwidth`); one gives floats, several give
             lists (one value per bandwidth).
-        sigma_cond: bandwidth for the prompts (None: their median distance).
+        sigma_cond: bandwidth for the prompts (None: their `default_bandwidth`).
         key, cond_key: array names inside multi-array files.
         flatten: reshape (n, ...) to (n, d) instead of refusing non-2-D arrays.
         backend: "auto", "torch" or "triton".
@@ -255,7 +255,7 @@ def score_files(
     Returns:
         dict with rke, sigma and, with ``cond``, cond_rke, h_x, h_t, h_xt, h_x_given_t,
         mutual_info, sigma_cond (floats, or lists over several sigmas); plus "shape"
-        ({"n", "d", "m"}), "median_sigma" / "median_sigma_cond" (whether the default
+        ({"n", "d", "m"}), "default_sigma" / "default_sigma_cond" (whether the default
         bandwidth was used), "order", "kernel" and "method" (the method that ran).
 
     Raises:
@@ -301,15 +301,17 @@ def score_files(
             out = _score_order_q(x, t, sigma, sigma_cond, order_q, kernel, used)
             out.update(order=_order_out(order_q), kernel=kernel, method=used)
             out["shape"] = {"n": n, "d": x.shape[1], **({"m": t.shape[1]} if t is not None else {})}
-            out["median_sigma"] = kernel == "gaussian" and sigma is None
-            out["median_sigma_cond"] = kernel == "gaussian" and t is not None and sigma_cond is None
+            out["default_sigma"] = kernel == "gaussian" and sigma is None
+            out["default_sigma_cond"] = (
+                kernel == "gaussian" and t is not None and sigma_cond is None
+            )
             return out
         with _stages(2, show, f"scoring n={n}") as step:
-            sig = [float(rkekernels.median_bandwidth(x))] if sigma is None else list(sigma)
+            sig = [float(rkekernels.default_bandwidth(x))] if sigma is None else list(sigma)
             sig_c = None
             if t is not None:
                 sig_c = float(sigma_cond) if sigma_cond is not None else None
-                sig_c = sig_c if sig_c is not None else float(rkekernels.median_bandwidth(t))
+                sig_c = sig_c if sig_c is not None else float(rkekernels.default_bandwidth(t))
             step("pair sums (one streamed pass over all n^2 pairs)")
             arg = sig if many else sig[0]
             with torch.no_grad():
@@ -329,8 +331,8 @@ def score_files(
     if t is not None:
         out["sigma_cond"] = sig_c
     out["shape"] = {"n": n, "d": x.shape[1], **({"m": t.shape[1]} if t is not None else {})}
-    out["median_sigma"] = sigma is None
-    out["median_sigma_cond"] = t is not None and sigma_cond is None
+    out["default_sigma"] = sigma is None
+    out["default_sigma_cond"] = t is not None and sigma_cond is None
     out.update(order=_order_out(order_q), kernel=kernel, method="exact")
     return out
 
@@ -349,7 +351,7 @@ def _score_order_q(x, t, sigma, sigma_cond, q, kernel, method) -> dict[str, Any]
     kw: dict[str, Any] = {"kernel": kernel, "method": method}
     sig = None
     if kernel == "gaussian":
-        sig = [float(rkekernels.median_bandwidth(x))] if sigma is None else list(sigma)
+        sig = [float(rkekernels.default_bandwidth(x))] if sigma is None else list(sigma)
         kw["sigma"] = sig if many else sig[0]
     with torch.no_grad():
         if t is None:
@@ -357,7 +359,7 @@ def _score_order_q(x, t, sigma, sigma_cond, q, kernel, method) -> dict[str, Any]
         else:
             if kernel == "gaussian":
                 kw["sigma_t"] = (
-                    float(sigma_cond) if sigma_cond is not None else rkekernels.median_bandwidth(t)
+                    float(sigma_cond) if sigma_cond is not None else rkekernels.default_bandwidth(t)
                 )
             e = rkekernels.vendi_entropies(x, t, q, **kw)
             vals = {k: _to_py(getattr(e, k)) for k in e._fields}
@@ -378,7 +380,7 @@ def _fmt(v: float) -> str:
 
 def _print_scores(res: dict[str, Any], args) -> None:
     shape = res["shape"]
-    sig_median, cond_median = res["median_sigma"], res["median_sigma_cond"]
+    sig_default, cond_default = res["default_sigma"], res["default_sigma_cond"]
     print(f"samples: {args.path}  (n = {shape['n']}, d = {shape['d']})")
     if args.cond is not None:
         print(f"prompts: {args.cond}  (m = {shape['m']})")
@@ -386,10 +388,10 @@ def _print_scores(res: dict[str, Any], args) -> None:
     q = f"{float(res['order']):g}"
     print(f"kernel {res['kernel']}, order q = {q}, method {res['method']}")
     if res["kernel"] == "gaussian":
-        how = "median pairwise distance" if sig_median else "given"
+        how = "default_bandwidth (plateau of the score curve)" if sig_default else "given"
         print(f"bandwidth sigma      = {', '.join(_fmt(s) for s in sigmas)}  ({how})")
     if args.cond is not None and res["kernel"] == "gaussian":
-        how = "median pairwise distance" if cond_median else "given"
+        how = "default_bandwidth (plateau of the score curve)" if cond_default else "given"
         print(f"bandwidth sigma_cond = {_fmt(res['sigma_cond'])}  ({how})")
     cols = [("sigma", "sigma")] if res["kernel"] == "gaussian" else []
     cols += [("rke", "RKE")] if "rke" in res else [("vendi", f"Vendi_{q}")]
@@ -446,6 +448,70 @@ def _cmd_score(args) -> int:
             raise CLIError("a score is not finite; this is a bug, please report it") from None
     else:
         _print_scores(res, args)
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    """`rkekernels compare`: several files at one shared bandwidth, or a shared sweep."""
+    import numpy as np
+
+    import rkekernels
+
+    names = [str(p) for p in args.paths]
+    if len(set(names)) != len(names):
+        raise CLIError("compare: a file is given twice")
+    sets = {n: _as_matrix(load_array(n, args.key), n, args.flatten) for n in names}
+    widths = {v.shape[1] for v in sets.values()}
+    if len(widths) > 1:
+        raise CLIError(f"compare: the files have different widths d {sorted(widths)}")
+    if args.plot and not args.sweep:
+        raise CLIError("--plot needs --sweep N")
+    if args.sweep is not None and args.sweep < 2:
+        raise CLIError(f"--sweep must be at least 2, got {args.sweep}")
+    ref = None
+    if args.reference is not None:
+        ref = _as_matrix(load_array(args.reference, args.key), args.reference, args.flatten)
+    first = ref if ref is not None else next(iter(sets.values()))
+    try:
+        if args.sweep:
+            grid = rkekernels.compare.sweep_grid(first, args.sweep)
+            if args.sigma is not None:  # centred on the given sigma instead
+                grid = grid * (args.sigma / float(np.sqrt(grid[0] * grid[-1])))
+            curves = {
+                n: rkekernels.rke_sweep(v, grid, backend=args.backend) for n, v in sets.items()
+            }
+            out = {
+                "sigma": [float(s) for s in grid],
+                "rke": {n: [float(r) for r in c.rke] for n, c in curves.items()},
+            }
+            if args.plot:
+                try:
+                    rkekernels.plot_sweep(curves, args.plot, title="RKE against a shared sigma")
+                except ImportError as exc:
+                    raise CLIError(str(exc)) from None
+        else:
+            res = rkekernels.rke_scores(sets, args.sigma, reference=ref, backend=args.backend)
+            out = {"sigma": res.sigma, "rke": res.scores}
+    except (TypeError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    if args.json:
+        try:
+            print(json.dumps(out, allow_nan=False))
+        except ValueError:
+            raise CLIError("a score is not finite; this is a bug, please report it") from None
+        return 0
+    src = (
+        "given" if args.sigma is not None else f"default_bandwidth of {args.reference or names[0]}"
+    )
+    if args.sweep:
+        print(f"RKE at {len(out['sigma'])} shared bandwidths ({src} sets the grid)")
+        print("sigma".rjust(12) + "".join(n[-14:].rjust(16) for n in names))
+        for i, s in enumerate(out["sigma"]):
+            print(f"{s:12.5g}" + "".join(f"{out['rke'][n][i]:16.5g}" for n in names))
+    else:
+        print(f"shared bandwidth sigma = {out['sigma']:.6g} ({src}); the scores compare")
+        for n in names:
+            print(f"{out['rke'][n]:12.5g}  {n}")
     return 0
 
 
@@ -548,7 +614,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Exact RKE diversity scores and SPARKE guidance.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(
-        dest="command", metavar="{demo,score,evaluate,bench}", parser_class=_Parser
+        dest="command", metavar="{demo,score,compare,evaluate,bench}", parser_class=_Parser
     )
 
     d = sub.add_parser(
@@ -575,14 +641,14 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         action="extend",
         metavar="S",
-        help="bandwidth(s) for the samples (default: median pairwise distance); "
-        "several values give one row each",
+        help="bandwidth(s) for the samples (default: default_bandwidth, the plateau of the "
+        "score curve); several values give one row each",
     )
     s.add_argument(
         "--sigma-cond",
         type=_positive,
         metavar="S",
-        help="bandwidth for the prompt embeddings (default: their median distance)",
+        help="bandwidth for the prompt embeddings (default: their default_bandwidth)",
     )
     s.add_argument(
         "--order",
@@ -609,6 +675,27 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help=f"progress bar on stderr (default: when n >= {PROGRESS_MIN_N:,})",
     )
+
+    c = sub.add_parser(
+        "compare",
+        help="RKE of several embedding files at ONE shared bandwidth, or a bandwidth sweep",
+        description="Score several files with one bandwidth (--sigma, else default_bandwidth of "
+        "--reference or of the first file), so the scores compare; --sweep N scores each file "
+        "over N shared bandwidths (RKE against sigma) and --plot FILE draws the curves. "
+        "Per-file default bandwidths would not compare across files.",
+    )
+    c.add_argument("paths", nargs="+", metavar="PATH", help="embedding files (n_i, d)")
+    c.add_argument("--sigma", type=_positive, metavar="S", help="the shared bandwidth")
+    c.add_argument(
+        "--reference", metavar="PATH", help="file whose default_bandwidth is shared (default: "
+        "the first PATH)",
+    )  # fmt: skip
+    c.add_argument("--sweep", type=int, metavar="N", help="score over N bandwidths instead")
+    c.add_argument("--plot", metavar="FILE", help="with --sweep: save the curves (matplotlib)")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--key", metavar="NAME", help="array name in .npz / .pt dict / .safetensors")
+    c.add_argument("--flatten", action="store_true", help="reshape (n, ...) arrays to (n, d)")
+    c.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
 
     e = sub.add_parser(
         "evaluate",
@@ -652,6 +739,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         if args.command == "score":
             return _cmd_score(args)
+        if args.command == "compare":
+            return _cmd_compare(args)
         if args.command == "bench":
             return _cmd_bench(args)
         if args.command == "evaluate":

@@ -25,7 +25,14 @@ from ._input import (
 )
 from .ops.pair_sums import pair_sums, prepare
 
-__all__ = ["RKEEntropies", "cond_rke_score", "median_bandwidth", "rke_entropies", "rke_score"]
+__all__ = [
+    "RKEEntropies",
+    "cond_rke_score",
+    "default_bandwidth",
+    "median_bandwidth",
+    "rke_entropies",
+    "rke_score",
+]
 
 _MEDIAN_ROWS = 1000
 
@@ -52,12 +59,10 @@ def _prepare(x: Any, name: str) -> torch.Tensor:
     return check_matrix(as_tensor(x, name), name)
 
 
-def bandwidth_from_tensor(x: torch.Tensor) -> float:
-    """The default bandwidth (`median_bandwidth`) of an already validated (n, d) tensor: the
-    one-process scores and the distributed ones (on the gathered set) both take it from here."""
+def _subsample_sq_dists(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(m x m squared distances of at most 1,000 rows drawn with a fixed seed, the scale a):
+    float64, in units of the power-of-two scale a of `prepare` (no overflow)."""
     n = x.shape[0]
-    if n < 2:
-        return 1.0
     xs = x.detach()
     if n > _MEDIAN_ROWS:
         gen = torch.Generator().manual_seed(0)
@@ -65,10 +70,24 @@ def bandwidth_from_tensor(x: torch.Tensor) -> float:
         xs = xs.index_select(0, idx)
     # power-of-two scaling and anchored centring (exact; no overflow near the float64 limit)
     xs, scale = prepare(xs.double())
-    m = xs.shape[0]
-    iu = torch.triu_indices(m, m, offset=1, device=xs.device)
     nrm = (xs * xs).sum(1)
-    d2 = (nrm[:, None] + nrm[None, :] - 2.0 * xs @ xs.t()).clamp_(min=0.0)[iu[0], iu[1]]
+    d2 = (nrm[:, None] + nrm[None, :] - 2.0 * xs @ xs.t()).clamp_(min=0.0)
+    d2.fill_diagonal_(0.0)
+    return d2, scale
+
+
+def _median_from_tensor(x: torch.Tensor) -> float:
+    n = x.shape[0]
+    if n < 2:
+        return 1.0
+    full, scale = _subsample_sq_dists(x)
+    return _median_of(full, scale)
+
+
+def _median_of(full: torch.Tensor, scale: float) -> float:
+    m = full.shape[0]
+    iu = torch.triu_indices(m, m, offset=1, device=full.device)
+    d2 = full[iu[0], iu[1]]
     med = float(torch.quantile(d2.sqrt(), 0.5))  # at most 499,500 pairs
     if med > 0.0:
         return med * scale
@@ -79,7 +98,7 @@ def bandwidth_from_tensor(x: torch.Tensor) -> float:
 
 
 def median_bandwidth(x: Any) -> float:
-    """The default bandwidth: the median pairwise Euclidean distance.
+    """The median pairwise Euclidean distance (the default before `default_bandwidth`).
 
     sigma = median_{i<j} ||x_i - x_j||, over all pairs when n <= 1,000, else over the pairs of
     1,000 rows drawn with a fixed seed (so the result is deterministic and O(n) to compute).
@@ -98,7 +117,91 @@ def median_bandwidth(x: Any) -> float:
         >>> rkekernels.median_bandwidth(np.array([[0.0], [1.0], [3.0]]))
         2.0
     """
-    return bandwidth_from_tensor(_prepare(x, "x"))
+    return _median_from_tensor(_prepare(x, "x"))
+
+
+#: The grid of `default_bandwidth`: bandwidths from a quarter of the typical nearest-neighbour
+#: distance to twice the median distance, and the band of scores in which it looks for the
+#: flattest stretch (above: every point is its own mode; below: one mode).
+_GRID_POINTS = 25
+_PLATEAU_LOW = 1.5
+_PLATEAU_HIGH_FRACTION = 0.25
+
+
+def _default_from_tensor(x: torch.Tensor) -> float:
+    n = x.shape[0]
+    if n < 2:
+        return 1.0
+    d2, scale = _subsample_sq_dists(x)
+    med = _median_of(d2, scale) / scale
+    m = d2.shape[0]
+    off = d2 + torch.diag(torch.full((m,), math.inf, dtype=d2.dtype, device=d2.device))
+    off = torch.where(off > 0, off, torch.full_like(off, math.inf))  # duplicates are not NNs
+    nn = off.min(1).values
+    nn = nn[torch.isfinite(nn)]
+    if nn.numel() == 0 or med <= 0.0:
+        return med * scale
+    low = float(nn.sqrt().median()) / 4.0
+    grid = torch.logspace(
+        math.log10(low), math.log10(2.0 * med), _GRID_POINTS, dtype=torch.float64
+    ).to(d2.device)
+    # RKE(grid) of the subsample, in one dense pass (m <= 1,000)
+    rke = torch.stack([m * m / torch.exp(-d2 / (s * s)).sum() for s in grid])
+    lr = torch.log(rke)
+    slope = (lr[1:] - lr[:-1]).abs() / (torch.log(grid[1:]) - torch.log(grid[:-1]))
+    mid = torch.sqrt(rke[1:] * rke[:-1])
+    ok = (mid >= _PLATEAU_LOW) & (mid <= _PLATEAU_HIGH_FRACTION * m)
+    if not bool(ok.any()):
+        return med * scale
+    i = int(torch.argmin(torch.where(ok, slope, torch.full_like(slope, math.inf))))
+    return float(torch.sqrt(grid[i] * grid[i + 1])) * scale
+
+
+def bandwidth_from_tensor(x: torch.Tensor) -> float:
+    """The default bandwidth (`default_bandwidth`) of an already validated (n, d) tensor: the
+    one-process scores and the distributed ones (on the gathered set) both take it from here."""
+    return _default_from_tensor(x)
+
+
+def default_bandwidth(x: Any) -> float:
+    """The bandwidth the scores use when sigma is None: the middle of the flattest stretch of
+    the score curve, where the count of modes responds least to the bandwidth.
+
+    On at most 1,000 rows (drawn with a fixed seed, as `median_bandwidth`), RKE(sigma) is
+    evaluated on 25 bandwidths spaced evenly in log from a quarter of the median
+    nearest-neighbour distance to twice the median pairwise distance; of the steps whose score
+    lies in [1.5, m / 4] (m rows: neither one mode nor every point its own), the one with the
+    smallest |d log RKE / d log sigma| gives sigma (the geometric mean of its two ends)::
+
+        sigma* = argmin_{sigma : 1.5 <= RKE(sigma) <= m/4} |d log RKE(sigma) / d log sigma|
+
+    A set of k well-separated tight groups has a plateau at RKE = k between the within-group
+    and the between-group scale, which this finds; a single blob has none, and the flattest
+    allowed stretch is at its large-bandwidth end (RKE about 1.5). Unlike the median distance
+    (which grows with the spread of the set and so normalises structure away: every set then
+    scores about 2.5), this scale sees groups. It is still a per-set choice: scores at two
+    sets' own defaults use two different kernels and do not compare; score several sets at
+    one shared bandwidth (`rke_scores`) or over a sweep (`rke_sweep`) to compare them.
+    Degenerate sets: n = 1 or all points equal give 1.0; no step in the band (n < 6, say)
+    gives `median_bandwidth` (x). Study: ``python -m benchmarks.bench_bandwidth``.
+
+    Args:
+        x: (n, d) samples (torch tensor, numpy array or ``__dlpack__`` array).
+
+    Returns:
+        float: the bandwidth.
+
+    Example:
+        >>> import numpy as np, rkekernels
+        >>> rng = np.random.default_rng(0)
+        >>> centres = 20.0 * rng.normal(size=(5, 8))
+        >>> x = np.concatenate([c + rng.normal(size=(40, 8)) for c in centres])
+        >>> round(rkekernels.rke_score(x), 1)           # five groups, at the default
+        5.3
+        >>> round(rkekernels.rke_score(x, rkekernels.median_bandwidth(x)), 1)  # the median
+        2.0
+    """
+    return _default_from_tensor(_prepare(x, "x"))
 
 
 def _resolve_sigma(sigma: Any, x: torch.Tensor, name: str) -> tuple[list[float], bool]:

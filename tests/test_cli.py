@@ -66,7 +66,7 @@ def test_each_format_json_equals_api(tmp_path, capsys, data, fmt):
     }
     assert (res["order"], res["kernel"], res["method"]) == (2.0, "gaussian", "exact")
     xt, tt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(t.astype(np.float32))
-    s, sc = rkekernels.median_bandwidth(xt), rkekernels.median_bandwidth(tt)
+    s, sc = rkekernels.default_bandwidth(xt), rkekernels.default_bandwidth(tt)
     assert res["sigma"] == pytest.approx(s, rel=1e-12)
     assert res["sigma_cond"] == pytest.approx(sc, rel=1e-12)
     assert res["rke"] == pytest.approx(float(rkekernels.rke_score(xt, s)), rel=1e-5)
@@ -120,7 +120,7 @@ def test_text_output_names_bandwidths(tmp_path, capsys, data):
     px, pt = _save(tmp_path / "x.npy", "npy", x), _save(tmp_path / "t.npy", "npy", t)
     code, out, err = _run(capsys, "score", px, "--cond", pt)
     assert code == 0 and err == ""
-    assert "median pairwise distance" in out and "sigma_cond" in out
+    assert "default_bandwidth" in out and "sigma_cond" in out
     assert f"n = {N}, d = {D}" in out and f"m = {M}" in out
     rke = float(rkekernels.rke_score(x))
     row = next(line for line in out.splitlines() if line.strip()[0].isdigit())

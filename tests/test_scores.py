@@ -153,9 +153,10 @@ def test_input_kinds_and_output_types():
 def test_median_bandwidth_matches_reference():
     x = _data(500, 6)
     assert abs(rk.median_bandwidth(x) - float(ref.median_bandwidth(x))) <= 1e-12
-    # default sigma is the median bandwidth, for x and for t alike
+    # default sigma is default_bandwidth (no longer the median), for x and for t alike
     t = _data(500, 3, seed=5)
-    sx, st = rk.median_bandwidth(x), rk.median_bandwidth(t)
+    sx, st = rk.default_bandwidth(x), rk.default_bandwidth(t)
+    assert sx != rk.median_bandwidth(x)
     assert float(rk.rke_score(x)) == float(rk.rke_score(x, sx))
     assert float(rk.cond_rke_score(x, t)) == float(rk.cond_rke_score(x, t, sx, st))
 
