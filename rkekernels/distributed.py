@@ -138,7 +138,7 @@ def _global_pair_sums(x_local, t_local, sigma, sigma_t, group, with_t, want_fx, 
     # gathered buffers are this function's own (never the caller's tensors): centred in place
     xc = C.gather_rows(xt, counts, width, dtype, group, comm_dev, data_dev)
     tc = C.gather_rows(tt, counts, m, dtype, group, comm_dev, data_dev) if with_t else None
-    if sigmas is None:  # the same median on every rank: it only sees the gathered global set
+    if sigmas is None:  # the same default on every rank: it only sees the gathered global set
         sigmas = [bandwidth_from_tensor(xc)]
     if with_t and st is None:
         st = bandwidth_from_tensor(tc)
@@ -188,8 +188,8 @@ def rke_score(x_local: Any, sigma: Any, *, group: Any = None, backend: str = "au
         x_local: (n_r, d) this rank's samples (torch tensor, numpy array or ``__dlpack__`` array);
             shards may have different sizes and may be empty, shape (0, d), as long as the global
             n >= 1.
-        sigma: bandwidth s > 0, a sequence of them (1-D result), or None for the median bandwidth
-            of the global set (`rkekernels.median_bandwidth` of the concatenated shards).
+        sigma: bandwidth s > 0, a sequence of them (1-D result), or None for the
+            `rkekernels.default_bandwidth` of the concatenated shards.
         group: a ``torch.distributed`` process group (None: the default group).
         backend: "auto" (the fused Triton kernel for CUDA tensors), "triton" or "torch".
 
@@ -238,8 +238,9 @@ def cond_rke_score(
     Args:
         x_local: (n_r, d) this rank's samples; n_r = 0 allowed (global n >= 1).
         t_local: (n_r, m) their prompt embeddings.
-        sigma: bandwidth for x (float, sequence for a 1-D result, or None for the global median).
-        sigma_t: bandwidth for t (one float, or None for the global median of t).
+        sigma: bandwidth for x (float, sequence for a 1-D result, or None: the global
+            default_bandwidth).
+        sigma_t: bandwidth for t (one float, or None for the global default_bandwidth of t).
         group: process group (None: the default group).
         backend: "auto", "triton" or "torch", as in `rke_score`.
 
