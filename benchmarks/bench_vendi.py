@@ -30,13 +30,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import baselines
-from bench_scores import _child
-from common import RESULTS, write_results
+if __package__ in (None, ""):  # run by its path: python benchmarks/bench_vendi.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rkekernels as rk
+from benchmarks import baselines
+from benchmarks.common import RESULTS, run_child, write_results
 from rkekernels import reference
 from rkekernels.ops import spectra
 
@@ -124,11 +123,10 @@ def exact_order1(n: int, d: int, rows: list, rounds: int, loop: bool) -> None:
 
 
 def exact_large(n: int, d: int, rows: list) -> None:
-    res = _child(
+    res = run_child(
         f"""
-        import json, time, sys, torch, rkekernels as rk
-        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-        from bench_vendi import _mixture, _bandwidth
+        import json, time, torch, rkekernels as rk
+        from benchmarks.bench_vendi import _mixture, _bandwidth
         def status(key):
             with open("/proc/self/status") as fh:
                 return next(int(l.split()[1]) for l in fh if l.startswith(key)) / 1024.0
@@ -164,7 +162,7 @@ def cosine_large(n: int, d: int, rows: list, rounds: int, mem_n: int) -> None:
     err = abs(float(rk.vendi_score(sub, 1.0, kernel="cosine", method="covariance"))
               - float(reference.vendi_score(sub, 1.0, None, "cosine")))  # fmt: skip
     x = sub = None  # free 3 GB before the memory child starts
-    res = _child(
+    res = run_child(
         f"""
         import json, torch, rkekernels as rk
         def status(key):
@@ -253,6 +251,9 @@ def plot_curve(curve: list[tuple]) -> Path | None:
         for q, style in ((1.0, "o-"), (2.0, "s--")):
             pts = [(c[2], c[3]) for c in curve if c[0] == name and c[1] == q]
             ax.loglog(*zip(*pts), style, label=f"{name}, q = {q:g}")
+    dims = sorted({c[2] for c in curve})
+    ax.set_xticks(dims, [str(v) for v in dims])
+    ax.minorticks_off()
     ax.axhline(0.01, color="grey", lw=0.8, ls=":", label="1%")
     ax.set(xlabel="RFF dimension D", ylabel="relative error of Vendi_q",
            title="RFF vs exact (default bandwidth, median of 3 seeds)")  # fmt: skip
