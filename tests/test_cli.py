@@ -327,6 +327,7 @@ def test_odd_tensors_in_pt_files(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and msg in err, err
 
 
+@pytest.mark.slow
 def test_plain_pickle_pt_is_one_line_without_warnings(tmp_path):
     import pickle
 

@@ -18,6 +18,7 @@ def _mixture(k, d, per, sep=10.0, seed=0):
     return x, np.repeat(np.arange(k), per)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k, d", [(10, 16), (5, 4)])
 def test_default_separates_a_mixture_from_one_cluster_at_equal_n(k, d):
     x, y = _mixture(k, d, 200)
