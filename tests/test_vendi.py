@@ -44,7 +44,6 @@ def test_orders_match_reference(q, dtype, kernel):
     assert rel(got, want) <= TOL[dtype]
 
 
-@pytest.mark.slow  # importing vendi-score imports scikit-learn
 @pytest.mark.parametrize("kernel", ["gaussian", "cosine"])
 def test_order1_matches_vendi_score_package(kernel):
     from vendi_score import vendi
@@ -144,7 +143,6 @@ def test_nystrom_with_every_landmark_is_exact():
     assert rel(got, ref.cond_vendi_score(x, t, 1.0, 2.0, 1.0)) <= 1e-7
 
 
-@pytest.mark.slow  # ARPACK with top_k = n - 2: hundreds of streamed products
 def test_lanczos_top_spectrum():
     x, _ = _data(n=100, d=4)
     want_inf = ref.vendi_score(x, math.inf, 1.5)
