@@ -487,8 +487,12 @@ class _VendiCore:
         self.stream = _Stream(self.sigma, self.sigma_t)  # the batch checks of RKEMetric
 
     def check(self, x: Any, t: Any, width: tuple[int, int | None] | None, device: Any):
-        """The batch checks of `RKEMetric.update` against the widths seen so far."""
-        return self.stream.check_batch(
+        """The batch checks of `RKEMetric.update` against the widths seen so far.
+
+        Also: t is given exactly when the metric has a sigma_t, checked here at update time (a
+        rank holding the wrong number of covariances would otherwise fail inside the sync).
+        """
+        x, t = self.stream.check_batch(
             x,
             t,
             width=width[0] if width else None,
@@ -497,6 +501,9 @@ class _VendiCore:
             device=device,
             dtype=None,
         )
+        if (t is None) != (self.sigma_t is None):
+            raise ValueError("t must be given exactly when the metric has a sigma_t")
+        return x, t
 
     def covariances(self, x: torch.Tensor, t: torch.Tensor | None) -> list[torch.Tensor]:
         """[Phi_x^T Phi_x] (+ [Phi_t^T Phi_t, Phi_xt^T Phi_xt] with t), float64 (dim, dim)."""
@@ -620,11 +627,6 @@ class VendiMetric:
             dim = self._core.dim
             flat = torch.zeros(k * dim * dim + 1, dtype=torch.float64, device=dev)
             if covs is not None:
-                if len(covs) != k:
-                    raise ValueError(
-                        "this rank's updates had no t although sigma_t is set: pass t in every "
-                        "update on every rank"
-                    )
                 flat[:-1] = torch.cat([c.reshape(-1) for c in covs])
             flat[-1] = float(n)
             flat = C.all_reduce_sum(flat, self.group, comm)
@@ -781,8 +783,6 @@ def _make_torchmetrics_vendi() -> type:
             if x.shape[0] == 0:
                 return
             self._width = (x.shape[1], t.shape[1] if t is not None else None)
-            if (t is not None) != (len(self._names) == 3):
-                raise ValueError("t must be given exactly when the metric has a sigma_t")
             for name, c in zip(self._names, self._core.covariances(x, t)):
                 setattr(self, name, getattr(self, name) + c.to(self.device))
             self.n = self.n + x.shape[0]

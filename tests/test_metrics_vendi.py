@@ -65,3 +65,16 @@ def test_torchmetrics_vendi():
     torch.testing.assert_close(r.cond_vendi, want.double(), rtol=1e-10, atol=0)
     with pytest.raises(ValueError, match="in every update"):
         tm.update(x[:3])
+
+
+def test_prompts_required_from_the_first_update():
+    # a batch without t on a metric with sigma_t is refused at update time, on the rank at
+    # fault, instead of leaving it with the wrong covariances for the collective sync
+    x, t = _data()
+    m = VendiMetric(1.0, 0.5, dim=128)
+    with pytest.raises(ValueError, match="exactly when the metric has a sigma_t"):
+        m.update(x[:5])
+    assert len(m) == 0
+    m.update(x[:5], t[:5])
+    with pytest.raises(ValueError, match="has no sigma_t"):
+        VendiMetric(1.0, dim=128).update(x[:5], t[:5])
