@@ -24,7 +24,8 @@ Sections (``--sections``, comma separated, in this order, overrides the command'
 
 - ``check``: `forward_sums` and `backward_grads` against ``rkekernels.reference`` (dense float64, on
   the same device) for n = 1, 37, 130, 257, 1000 and d = 3, 20 (not multiples of 16), 64, 768
-  (multiples), float32 in every precision mode and float64 in "ieee"; pair sums within 1e-5
+  (multiples; ``--small``: n = 1, 37, 70 and d = 3, 20, 32, the same width classes and
+  tilings), float32 in every precision mode and float64 in "ieee"; pair sums within 1e-5
   (float32) / 1e-10 (float64) or the mode's `error_bound`, gradient rows within the same
   factor times sum_j |W|_ij (||x_i|| + ||x_j||).
   Also: backend="auto" picks Triton for CUDA tensors and agrees with the reference.
@@ -128,10 +129,10 @@ def rel(a, b) -> float:
 
 
 def _bench(fn, cuda: bool) -> tuple[float, float, float]:
-    """`benchmarks.common.bench`; in the interpreter (a smoke test: its times mean nothing) one
-    run after one warm-up instead of five."""
+    """`benchmarks.common.bench`; in the interpreter (a smoke test: its times mean nothing, and
+    nothing compiles) one run and no warm-up instead of five after one."""
     if os.environ.get("TRITON_INTERPRET") == "1" and not cuda:
-        return bench(fn, cuda, repeat=1, warmup=1)
+        return bench(fn, cuda, repeat=1, warmup=0)
     return bench(fn, cuda)
 
 
@@ -158,9 +159,8 @@ def section_check(rep: Report, dev: torch.device, small: bool) -> None:
 
     # widths not multiples of 16 (masks) and multiples (the benchmarks' specialisation); one tile
     # and several; n = 1. Every size of a width class reuses that class's compiled kernels.
-    sizes = [(1, 3, 2), (37, 20, 5), (130, 64, 16)]
-    if not small:
-        sizes += [(257, 64, 16), (1000, 768, 16)]
+    sizes = [(1, 3, 2), (37, 20, 5)]
+    sizes += [(70, 32, 16)] if small else [(130, 64, 16), (257, 64, 16), (1000, 768, 16)]
     gen = torch.Generator().manual_seed(0)
     for n, d, m in sizes:
         for dtype, modes in ((torch.float32, st.PRECISIONS), (torch.float64, ("ieee",))):
@@ -642,10 +642,10 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse(argv)
     small = args.small
-    n_bench = args.n_bench or (256 if small else 65536)
+    n_bench = args.n_bench or (130 if small else 65536)
     d = args.d or (24 if small else 768)
     n_large = args.n_large or (600 if small else 1_000_000)
-    n_bwd = args.n_backward or (256 if small else 32768)
+    n_bwd = args.n_backward or (70 if small else 32768)
     chosen = args.sections or ",".join(COMMANDS[args.command])
     sections = [s.strip() for s in chosen.split(",") if s.strip()]
     budget = args.budget_s if args.budget_s is not None else BUDGET_S[args.command]

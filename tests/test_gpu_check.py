@@ -61,8 +61,19 @@ def test_first_command_covers_every_kernel_and_counts_variants(tmp_path):
     assert 0 < count < launches
 
 
-def test_second_command_runs_the_large_and_optional_sections(tmp_path):
-    _run(tmp_path, "extended")
+def test_second_command_runs_the_large_and_optional_sections(tmp_path, capsys):
+    # in this process (the first test proves `python -m benchmarks.gpu_check` runs from the root);
+    # the script sets torch's global matmul flags, so they are put back afterwards
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import gpu_check
+
+    flags = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    try:
+        rc = gpu_check.main(["extended", "--small", "--out", str(tmp_path)])
+    finally:
+        torch.set_float32_matmul_precision(flags[0])
+        torch.backends.cuda.matmul.allow_tf32 = flags[1]
+    assert rc == 0, capsys.readouterr().out[-3000:]
     rows = _rows(tmp_path / "gpu_check_extended.csv")
     assert {r["section"] for r in rows} == {"stream", "large", "modes", "variants"}
     assert not [r for r in rows if r["status"].startswith(("FAIL", "ERROR"))]
