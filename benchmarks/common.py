@@ -218,21 +218,26 @@ def spawn_ranks(
     threads: int = 1,
     timeout_s: float = 60.0,
 ) -> list[Any]:
-    """``fn(rank, world, *args)`` in ``world`` fresh processes (torch.multiprocessing, spawn),
-    with a gloo process group (file:// init) when ``init``; returns their results in rank order.
+    """``fn(rank, world, *args)`` in ``world`` fresh processes, with a gloo process group
+    (file:// init) when ``init``; returns their results in rank order.
 
-    ``fn`` must be importable by name (a module-level function); its result is saved with
-    ``torch.save`` by each rank and loaded here.
+    The processes are forked from a forkserver (torch.multiprocessing) that has imported torch and
+    ``fn``'s module once: a clean interpreter like spawn's, without paying the imports (~1.5 s)
+    again in every rank of every call. ``fn`` must be importable by name (a module-level
+    function); its result is saved with ``torch.save`` by each rank and loaded here.
     """
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
+    multiprocessing.get_context("forkserver").set_forkserver_preload([fn.__module__, __name__])
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(
             _rank_entry,
             args=(fn, world, args, init, threads, timeout_s, tmp),
             nprocs=world,
             join=True,
-            start_method="spawn",
+            start_method="forkserver",
         )
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 

@@ -8,6 +8,8 @@
 - TF32 is off so that float32 references stay exact.
 - Fresh torch.empty buffers are poisoned with NaN so an unwritten output fails loudly.
 - HF_HUB_OFFLINE=1: nothing is downloaded; encoders are tiny random-weight models (below).
+- The hypothesis profile "ci" (25 examples, derandomized, no deadline) is loaded in
+  `pytest_configure`.
 - numba's first compile (a few seconds in a fresh environment) is paid once, by a session fixture,
   not by whichever test happens to call the fused CPU kernel first.
 """
@@ -18,15 +20,21 @@ import os
 
 import pytest
 import torch
-from hypothesis import settings
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
-settings.load_profile("ci")
+
+def pytest_configure(config):
+    # in a hook, not at import: spawned ranks import this module for its helpers, and
+    # hypothesis alone takes ~1.3 s to import
+    from hypothesis import settings
+
+    settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
+    settings.load_profile("ci")
+
 
 _empty = torch.empty
 
