@@ -63,11 +63,14 @@ def _f64(x) -> torch.Tensor:
 
 
 def sq_dists(a, b) -> torch.Tensor:
-    """Squared Euclidean distances ||a_i - b_j||^2 as an (n, m) float64 matrix (exact form)."""
+    """Squared Euclidean distances ||a_i - b_j||^2 as an (n, m) float64 matrix (exact form).
+
+    The differences a_i - b_j are taken coordinate by coordinate (``torch.cdist`` without its
+    matmul path), never through ||a||^2 + ||b||^2 - 2 a.b, so there is no cancellation; the
+    square of cdist's square root differs from the sum of squares by at most a few ulp.
+    """
     a, b = _f64(a), _f64(b)
-    rows = max(1, 2**25 // max(1, b.shape[0] * a.shape[1]))  # bound the (rows, m, d) temporary
-    parts = [((a[i : i + rows, None, :] - b[None]) ** 2).sum(-1) for i in range(0, len(a), rows)]
-    return torch.cat(parts) if parts else a.new_zeros((0, b.shape[0]))
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist") ** 2
 
 
 def gaussian_kernel(a, b, sigma: float) -> torch.Tensor:
