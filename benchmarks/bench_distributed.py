@@ -2,10 +2,10 @@
 
 Run:  python -m benchmarks.bench_distributed [--n 40000] [--d 256] [--reps 2] [--rounds 2]
 
-Every configuration runs in fresh processes (torch.multiprocessing, spawn; gloo, file:// init),
-so each rank's peak RSS is its own. Configurations, all on the same float32 data
-(n = 40,000, d = 256 by default, generated in fixed-seed row chunks so every rank builds only its
-own shard):
+Every configuration runs in fresh processes (torch.multiprocessing, forked from a forkserver;
+gloo, file:// init), so each rank's peak RSS is its own. Configurations, all on the same float32
+data (n = 40,000, d = 256 by default, generated in fixed-seed row chunks so every rank builds only
+its own shard):
 
 - one process, `rkekernels.rke_score`, 1 torch thread: the baseline;
 - one process, 2 torch threads;

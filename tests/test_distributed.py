@@ -1,9 +1,9 @@
 """rkekernels.distributed (and RKEMetric under torch.distributed) on real process groups.
 
-Ranks are spawned with torch.multiprocessing (start method spawn, gloo on CPU, file:// init).
-One spawned run per world size does every check (a spawn costs seconds); each rank writes its
-results to a file and the parent compares them with the one-process API on the concatenated
-shards (float64: relative error <= 1e-10 on every rank).
+Ranks are started with torch.multiprocessing, forked from a forkserver that imported this
+module once (gloo on CPU, file:// init). One run per world size does every check (a process group
+costs about a second); each rank writes its results to a file and the parent compares them with
+the one-process API on the concatenated shards (float64: relative error <= 1e-10 on every rank).
 """
 
 from __future__ import annotations
