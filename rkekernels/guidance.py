@@ -21,7 +21,6 @@ memory, no autograd (works under ``torch.no_grad()``).
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -35,7 +34,6 @@ from ._input import (
     check_sigma,
     is_torch,
 )
-from ._input import check_finite as _check_finite  # guidance_grad has an argument of that name
 from .ops import guidance as guidance_ops
 
 __all__ = ["FeatureBank", "GuidanceResult", "features", "guidance_grad"]
@@ -481,60 +479,16 @@ def guidance_grad(
     resolved = check_backend(backend, zt.device)
     if check_finite is None:
         check_finite = not (zt.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-    sync = bool(check_finite)
-    if algorithm != "rke" or kernel != "gaussian":  # vendi, cosine, linear
-        from .ops import guidance_kernels
-
-        g, log_s = guidance_kernels.guide(
-            zf, normalize, y, fb, bc, sigma, sigma_cond, include_batch, algorithm, kernel
-        )
-        if not sync:
-            bad = ~torch.isfinite(g).all()
-            g, log_s = torch.where(bad, math.nan, g), torch.where(bad, math.nan, log_s)
-        elif not bool(torch.isfinite(g).all()):
-            _explain_non_finite(zf, normalize, y, fb, bc)
-        return _output(g.reshape(zt.shape), log_s, zt, out_dtype, like_torch)
-
-    # -- compute dtype: float64 when z or the bank is float64, else float32. NaN/Inf in any
-    # input (or a zero latent under normalize) propagate to the result and are named after
-    # one check of the result: no extra pass over the bank, one host sync per call.
-    cdt = torch.float64 if torch.float64 in (zf.dtype, fb.dtype) else torch.float32
-    batch = include_batch and b > 1
-    # beyond EXACT_FROM the fast paths' distance form cannot tell entries apart (its rounding
-    # times 1/s^2 exceeds a nat): the float64 path by direct differences decides instead
-    exact_args = (zf, normalize, y, fb, bc, float(sigma), sigma_cond, batch)
-    inv = (inv_s2, inv_c2) if y is not None else (inv_s2,)
-    exact = max(inv) > EXACT_FROM[cdt] or min(inv) < 1e-280
-    numba = guidance_ops.uses_numba(resolved, zf.device)
-    if not exact and normalize and numba:
-        # ||z|| overflowed the compute dtype: the exact path scales first (the other paths
-        # check ||z|| among the results, in their one sync)
-        exact = not bool(torch.isfinite(zf.to(cdt).norm(dim=1)).all())
-    if exact:  # (not capturable: it checks on the host)
-        try:
-            _check_finite(zf, "z")
-            return _exact(exact_args, sigma, sigma_cond, zt, out_dtype, like_torch)
-        except ValueError:
-            if sync:
-                raise
-            return _nan_output(zf, zt, out_dtype, like_torch)
-    yc = y.to(cdt) if y is not None else None
-    g, log_s, ok = guidance_ops.guide(
-        zf.to(cdt), normalize, yc, fb, bank_sq, bc, cond_sq, inv_s2, inv_c2, include_batch,
-        resolved, auto=backend == "auto", sync=sync,
+    problem = guidance_ops.Problem(
+        z=zf, normalize=normalize, y=y, bank=fb, bank_sq=bank_sq, bank_cond=bc,
+        bank_cond_sq=cond_sq, sigma=sigma, sigma_cond=sigma_cond, inv_s2=inv_s2, inv_c2=inv_c2,
+        include_batch=include_batch, out_dtype=out_dtype if out_dtype is not None else zt.dtype,
     )  # fmt: skip
-    if not ok:  # (only with sync: without it NaN marks the result instead)
-        _explain_non_finite(zf, normalize, y, fb, bc)
-        return _exact(exact_args, sigma, sigma_cond, zt, out_dtype, like_torch)
+    g, log_s = guidance_ops.guide(
+        problem, resolved, auto=backend == "auto", sync=bool(check_finite),
+        algorithm=algorithm, kernel=kernel,
+    )  # fmt: skip
     return _output(g.reshape(zt.shape), log_s, zt, out_dtype, like_torch)
-
-
-#: 1/s^2 (or 1/s_c^2) from which `guidance_grad` takes the float64 direct-difference path
-#: (`rkekernels.ops.guidance_exact`), per compute dtype: there the fast paths' logits carry a
-#: rounding error of eps (||a||^2 + ||b||^2) / s^2 of about 2e-3 nats (float32) or 4e-4 nats
-#: (float64) for unit-norm features. Below 1e-280 (a huge bandwidth, 1/s^2 near underflow) the
-#: same path folds the data's scale into the bandwidth.
-EXACT_FROM = {torch.float32: 1e4, torch.float64: 1e12}
 
 
 def _check_flag(value: Any, name: str) -> None:
@@ -546,32 +500,6 @@ def _inv_sq(s: float) -> float:
     """1/s^2 without ZeroDivisionError: inf where it is beyond float64 (s below ~1e-154)."""
     r = 1.0 / s
     return r * r
-
-
-def _exact(args, sigma, sigma_cond, zt, out_dtype, like_torch) -> GuidanceResult:
-    """The float64 direct-difference path, its result checked against the output dtype."""
-    from .ops import guidance_exact
-
-    g, log_s = guidance_exact.guide(*args)
-    dt = out_dtype if out_dtype is not None else zt.dtype
-    big = float(g.abs().max()) if g.numel() else 0.0
-    if not big <= float(torch.finfo(dt).max):
-        raise ValueError(
-            f"sigma={sigma!r} is too small for a representable gradient: -d log S/dz = "
-            f"(2/sigma^2)(phi - sum_j pi_j f_j) reaches {big:.3g}, beyond {dt} (max "
-            f"{torch.finfo(dt).max:.3g}); use a larger sigma"
-            + (" or float64 z" if dt != torch.float64 else "")
-        )
-    return _output(g.reshape(zt.shape), log_s, zt, out_dtype, like_torch)
-
-
-def _nan_output(
-    zf: torch.Tensor, zt: torch.Tensor, out_dtype: torch.dtype | None, like_torch: bool
-) -> GuidanceResult:
-    """The check_finite=False result for input that would have raised: NaN everywhere."""
-    g = torch.full(zt.shape, math.nan, dtype=zf.dtype, device=zf.device)
-    log_s = torch.full((zf.shape[0],), math.nan, dtype=zf.dtype, device=zf.device)
-    return _output(g, log_s, zt, out_dtype, like_torch)
 
 
 def _bank_inputs(bank: Any, bank_cond: Any, zf: torch.Tensor, z_shape: tuple) -> tuple:
@@ -669,25 +597,3 @@ def _output(
     if like_torch:
         return GuidanceResult(grad, log_s)
     return GuidanceResult(grad.cpu().numpy(), log_s.cpu().numpy())
-
-
-def _explain_non_finite(
-    z: torch.Tensor,
-    normalize: bool,
-    cond: torch.Tensor | None,
-    bank: torch.Tensor,
-    bank_cond: torch.Tensor | None,
-) -> None:
-    """The result is not finite: name the input at fault (checked lazily, off the hot path)."""
-    check_finite(z, "z")
-    if normalize and not bool((z.norm(dim=1) > 0).all()):
-        raise ValueError(
-            "z has a sample whose latent is all zeros: its normalised feature is undefined; "
-            "use normalize=False or drop that sample"
-        )
-    if cond is not None:
-        check_finite(cond, "cond")
-    check_finite(bank, "bank")
-    if bank_cond is not None:
-        check_finite(bank_cond, "bank_cond")
-    # finite inputs: the caller retries on the float64 direct-difference path

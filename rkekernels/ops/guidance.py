@@ -1,7 +1,11 @@
-"""Dispatch for `rkekernels.guidance_grad`: backend choice, the softmax state, the finish.
+"""Dispatch for `rkekernels.guidance_grad`: path and backend choice, the softmax state, the finish.
 
-`guidance_grad` validates its inputs and calls `guide`; the per-backend files hold only the math
-of the bank pass, each with the same ``softmax_state`` contract (state in, state out):
+`guidance_grad` validates its inputs into a `Problem` and calls `guide`, which chooses the path:
+the other objectives (algorithm="vendi", the cosine/linear kernels: ``ops.guidance_kernels``),
+the float64 direct-difference path (``ops.guidance_exact``: bandwidths past `EXACT_FROM`, or a
+fast path that overflowed on finite inputs), or the fast paths below (`fast_guide`). The
+per-backend files hold only the math of the bank pass, each with the same ``softmax_state``
+contract (state in, state out):
 
 - ``ops.guidance_cpu`` (CPU tensors, numba installed): the fused kernels of
   ``ops.guidance_numba``, the whole call in compiled code (its own copy of the finish below, in
@@ -25,13 +29,80 @@ keep a running max (one pass always).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 
-__all__ = ["backend_module", "batch_state", "finish", "guide", "merge_states", "uses_numba"]
+from .._input import check_finite
+
+__all__ = [
+    "EXACT_FROM",
+    "Problem",
+    "backend_module",
+    "batch_state",
+    "explain_non_finite",
+    "fast_guide",
+    "finish",
+    "guide",
+    "merge_states",
+    "uses_numba",
+]
 
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+#: 1/s^2 (or 1/s_c^2) from which `guide` takes the float64 direct-difference path
+#: (`rkekernels.ops.guidance_exact`), per compute dtype: there the fast paths' logits carry a
+#: rounding error of eps (||a||^2 + ||b||^2) / s^2 of about 2e-3 nats (float32) or 4e-4 nats
+#: (float64) for unit-norm features. Below 1e-280 (a huge bandwidth, 1/s^2 near underflow) the
+#: same path folds the data's scale into the bandwidth.
+EXACT_FROM = {torch.float32: 1e4, torch.float64: 1e12}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One `guidance_grad` call after its input checks: what every path of `guide` reads.
+
+    Attributes:
+        z: (b, D) flattened latents (detached; float32 or float64 as given).
+        normalize: phi = z / ||z|| (and the chain rule through it), else phi = z.
+        y: (b, m) prompt embeddings of the current samples (as given), or None.
+        bank: (n, D) bank features in any floating dtype; n may be 0.
+        bank_sq: (n,) cached ||f_j||^2 (a FeatureBank's, float64), or None.
+        bank_cond: (n, m) the bank's prompt embeddings; None exactly when ``y`` is.
+        bank_cond_sq: (n,) their cached squared norms, or None.
+        sigma: the feature bandwidth s as the caller gave it (checked: finite, > 0).
+        sigma_cond: the prompt bandwidth s_c as given, or None.
+        inv_s2: 1/s^2; inv_c2: 1/s_c^2 (0.0 without sigma_cond).
+        include_batch: the other b - 1 current samples count as entries.
+        out_dtype: the dtype of the result (z's): the float64 path checks that its gradient is
+            representable there.
+    """
+
+    z: torch.Tensor
+    normalize: bool
+    y: torch.Tensor | None
+    bank: torch.Tensor
+    bank_sq: torch.Tensor | None
+    bank_cond: torch.Tensor | None
+    bank_cond_sq: torch.Tensor | None
+    sigma: Any
+    sigma_cond: Any
+    inv_s2: float
+    inv_c2: float
+    include_batch: bool
+    out_dtype: torch.dtype
+
+    @property
+    def batch(self) -> bool:
+        """Whether the other current samples are entries (``include_batch`` and b > 1)."""
+        return self.include_batch and self.z.shape[0] > 1
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """float64 when z or the bank is float64, else float32."""
+        return torch.float64 if torch.float64 in (self.z.dtype, self.bank.dtype) else torch.float32
 
 
 def backend_module(backend: str) -> ModuleType:
@@ -55,30 +126,122 @@ def uses_numba(backend: str, device: torch.device) -> bool:
 
 
 def guide(
-    z: torch.Tensor,
-    normalize: bool,
-    y: torch.Tensor | None,
-    bank: torch.Tensor,
-    bank_sq: torch.Tensor | None,
-    bank_cond: torch.Tensor | None,
-    bank_cond_sq: torch.Tensor | None,
-    inv_s2: float,
-    inv_c2: float,
-    include_batch: bool,
+    p: Problem,
     backend: str,
+    *,
     auto: bool = False,
     sync: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The guidance gradient and log S of b samples, after `guidance_grad`'s input checks.
+    algorithm: str = "rke",
+    kernel: str = "gaussian",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad (b, D), log S (b,)) of a validated `Problem`: the one entry of `guidance_grad`.
+
+    Chooses the path: algorithm="vendi" or a cosine/linear kernel go to
+    `rkekernels.ops.guidance_kernels`; 1/s^2 or 1/s_c^2 beyond `EXACT_FROM` (or below 1e-280),
+    or ||z|| beyond the compute dtype on the numba path, to the float64 direct differences of
+    `rkekernels.ops.guidance_exact`; everything else to `fast_guide`, whose failure on finite
+    inputs (every logit overflowed) falls back to the float64 path.
 
     Args:
-        z: (b, D) flattened latents in the compute dtype (float32 or float64).
-        normalize: phi = z / ||z|| (and the chain rule through it), else phi = z.
-        y: (b, m) prompt embeddings in the compute dtype, or None.
-        bank, bank_sq, bank_cond, bank_cond_sq: the entries and their cached squared norms
-            (None: computed on the fly); bank_cond is None iff y is.
-        inv_s2, inv_c2: 1/s^2 and 1/s_c^2.
-        include_batch: the other b - 1 samples count as entries (each without itself).
+        p: the validated call.
+        backend: the resolved backend, "torch" or "triton".
+        auto: the caller asked for "auto" (see `fast_guide`).
+        sync: check the result on the host and raise, naming the input at fault (one sync).
+            False: no sync on the fast paths (capturable in a CUDA graph): a result that would
+            have raised is NaN instead.
+        algorithm, kernel: as `rkekernels.guidance_grad`.
+
+    Returns:
+        grad in the compute dtype (float64 from the exact path) and log S; the caller casts.
+
+    Raises:
+        ValueError: (with ``sync``) NaN/Inf in an input, a zero latent under ``normalize``, a
+            gradient beyond the output dtype (sigma too small); an unknown algorithm or kernel.
+    """
+    if algorithm != "rke" or kernel != "gaussian":  # vendi, cosine, linear
+        return _other_objective(p, algorithm, kernel, sync)
+    # beyond EXACT_FROM the fast paths' distance form cannot tell entries apart (its rounding
+    # times 1/s^2 exceeds a nat): the float64 path by direct differences decides instead
+    cdt = p.compute_dtype
+    inv = (p.inv_s2, p.inv_c2) if p.y is not None else (p.inv_s2,)
+    exact = max(inv) > EXACT_FROM[cdt] or min(inv) < 1e-280
+    if not exact and p.normalize and uses_numba(backend, p.z.device):
+        # ||z|| overflowed the compute dtype: the exact path scales first (the other paths
+        # check ||z|| among the results, in their one sync)
+        exact = not bool(torch.isfinite(p.z.to(cdt).norm(dim=1)).all())
+    if exact:  # (not capturable: it checks on the host)
+        try:
+            check_finite(p.z, "z")
+            return _exact(p)
+        except ValueError:
+            if sync:
+                raise
+            nan = torch.full_like(p.z, math.nan)
+            return nan, torch.full((p.z.shape[0],), math.nan, dtype=p.z.dtype, device=p.z.device)
+    g, log_s, ok = fast_guide(p, backend, auto=auto, sync=sync)
+    if not ok:  # (only with sync: without it NaN marks the result instead)
+        explain_non_finite(p)
+        return _exact(p)
+    return g, log_s
+
+
+def _other_objective(
+    p: Problem, algorithm: str, kernel: str, sync: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """algorithm="vendi" or a dot kernel, its result checked like the fast paths'."""
+    from . import guidance_kernels
+
+    g, log_s = guidance_kernels.guide(p, algorithm, kernel)
+    if not sync:
+        bad = ~torch.isfinite(g).all()
+        g, log_s = torch.where(bad, math.nan, g), torch.where(bad, math.nan, log_s)
+    elif not bool(torch.isfinite(g).all()):
+        explain_non_finite(p)
+    return g, log_s
+
+
+def _exact(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 direct-difference path, its result checked against the output dtype."""
+    from . import guidance_exact
+
+    g, log_s = guidance_exact.guide(p)
+    dt = p.out_dtype
+    big = float(g.abs().max()) if g.numel() else 0.0
+    if not big <= float(torch.finfo(dt).max):
+        raise ValueError(
+            f"sigma={p.sigma!r} is too small for a representable gradient: -d log S/dz = "
+            f"(2/sigma^2)(phi - sum_j pi_j f_j) reaches {big:.3g}, beyond {dt} (max "
+            f"{torch.finfo(dt).max:.3g}); use a larger sigma"
+            + (" or float64 z" if dt != torch.float64 else "")
+        )
+    return g, log_s
+
+
+def explain_non_finite(p: Problem) -> None:
+    """The result is not finite: name the input at fault (checked lazily, off the hot path).
+
+    Returns (finite inputs: the caller retries on the float64 direct-difference path).
+    """
+    check_finite(p.z, "z")
+    if p.normalize and not bool((p.z.norm(dim=1) > 0).all()):
+        raise ValueError(
+            "z has a sample whose latent is all zeros: its normalised feature is undefined; "
+            "use normalize=False or drop that sample"
+        )
+    if p.y is not None:
+        check_finite(p.y, "cond")
+    check_finite(p.bank, "bank")
+    if p.bank_cond is not None:
+        check_finite(p.bank_cond, "bank_cond")
+
+
+def fast_guide(
+    p: Problem, backend: str, *, auto: bool = False, sync: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The guidance gradient and log S on the fast paths (numba, chunked GEMMs, Triton).
+
+    Args:
+        p: the validated call; z and y are taken in its compute dtype.
         backend: the resolved backend, "torch" or "triton".
         auto: the caller asked for "auto": float64 then stays on the torch path (float64 GEMMs,
             1e-10) rather than the Triton kernel.
@@ -92,16 +255,18 @@ def guide(
         overflowed): the caller names the input, or takes the float64 direct-difference path.
         All checks are device-side reductions: no host-to-device copies.
     """
-    batch = include_batch and z.shape[0] > 1
-    entries = bank.shape[0] > 0 or batch
+    cdt = p.compute_dtype
+    z = p.z.to(cdt)
+    y = p.y.to(cdt) if p.y is not None else None
+    inv_s2, inv_c2, bank_cond = p.inv_s2, p.inv_c2, p.bank_cond
+    batch = p.batch
+    entries = p.bank.shape[0] > 0 or batch
     if backend == "triton" and auto and z.dtype == torch.float64:
         backend = "torch"
     if uses_numba(backend, z.device):  # numba: the whole computation in compiled code
         from . import guidance_cpu
 
-        g, log_s, ok = guidance_cpu.guide(
-            z, normalize, y, bank, bank_sq, bank_cond, bank_cond_sq, inv_s2, inv_c2, batch
-        )
+        g, log_s, ok = guidance_cpu.guide(p, z, y)
         # log S = -inf with entries present: every logit overflowed to -inf (finite inputs
         # too large for the compute dtype): not ok, the caller's exact path takes over
         ok = ok and not (entries and bool(torch.isinf(log_s).any()))
@@ -109,8 +274,8 @@ def guide(
             return torch.full_like(g, math.nan), torch.full_like(log_s, math.nan), True
         return g, log_s, ok
     impl = backend_module(backend)
-    znorm = z.norm(dim=1, keepdim=True) if normalize else None
-    phi = z / znorm if normalize else z
+    znorm = z.norm(dim=1, keepdim=True) if p.normalize else None
+    phi = z / znorm if p.normalize else z
     row_const = (phi * phi).sum(1) * inv_s2  # ||phi||^2/s^2 (+ ||y||^2/s_c^2): bounds every logit
     if y is not None:
         row_const = row_const + (y * y).sum(1) * inv_c2
@@ -118,7 +283,7 @@ def guide(
     # underflows; Triton: a running max in registers. Without the sync there is no retry: the
     # running max from the start.
     shift = row_const if backend == "torch" and sync else None
-    args = (phi, bank, bank_sq, y, bank_cond, bank_cond_sq, inv_s2, inv_c2)
+    args = (phi, p.bank, p.bank_sq, y, bank_cond, p.bank_cond_sq, inv_s2, inv_c2)
     # the other current samples first (a tiny b x b state), then the bank streams into it
     state = batch_state(phi, y, inv_s2, inv_c2, shift) if batch else None
     m, l, acc = impl.softmax_state(*args, state, shift)
@@ -129,7 +294,7 @@ def guide(
     # the prompt norms, O(n)); for the Triton kernel bank_cond is checked directly (n x m);
     # log S = -inf with entries present: every logit overflowed. All device-side.
     ok = torch.isfinite(checks).all()
-    if normalize:
+    if p.normalize:
         ok = ok & torch.isfinite(znorm).all()
     if bank_cond is not None and backend == "triton":
         ok = ok & torch.isfinite(bank_cond).all()
@@ -148,7 +313,7 @@ def guide(
         m, l, acc = impl.softmax_state(*args, state, None)
         g, log_s, checks = finish(phi, y, znorm, m, l, acc, row_const, inv_s2)
         good = torch.isfinite(checks).all() & ~torch.isinf(log_s).any()
-        ok = bool(good & torch.isfinite(znorm).all()) if normalize else bool(good)
+        ok = bool(good & torch.isfinite(znorm).all()) if p.normalize else bool(good)
     return g, log_s, bool(ok)
 
 

@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .guidance import merge_states
+from .guidance import Problem, merge_states
 
 __all__ = [
     "BLOCK_BYTES",
@@ -181,26 +181,15 @@ def softmax_state(
 
 
 def guide(
-    z: torch.Tensor,
-    normalize: bool,
-    y: torch.Tensor | None,
-    bank: torch.Tensor,
-    bank_sq: torch.Tensor | None,
-    bank_cond: torch.Tensor | None,
-    bank_cond_sq: torch.Tensor | None,
-    inv_s2: float,
-    inv_c2: float,
-    include_batch: bool,
+    p: Problem, z: torch.Tensor, y: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """`guidance_grad`'s whole computation for CPU tensors, after its input checks.
 
     Args:
-        z: (b, D) flattened latents in the compute dtype (float32 or float64), CPU.
-        normalize: phi = z / ||z|| (and the chain rule through it), else phi = z.
-        y: (b, m) prompt embeddings in the compute dtype, or None.
-        bank, bank_sq, bank_cond, bank_cond_sq: as `softmax_state` (bank_cond None iff y is).
-        inv_s2, inv_c2: 1/s^2 and 1/s_c^2.
-        include_batch: the other b - 1 samples count as entries (each without itself).
+        p: the validated call (`rkekernels.ops.guidance.Problem`): the bank, its prompt
+            embeddings and cached norms (as `softmax_state`), the bandwidths and the flags.
+        z: (b, D) ``p.z`` in the compute dtype (float32 or float64), CPU.
+        y: (b, m) ``p.y`` in the compute dtype, or None.
 
     Returns:
         (grad (b, D), log S (b,), ok): ok is False when an input or result is not finite (the
@@ -208,9 +197,10 @@ def guide(
         the batch pass, the bank pass (running max: exact and finite for any bandwidth, no
         second pass) and the gradient; a torch op costs ~40 us with cold caches, a kernel ~20.
     """
+    inv_s2, inv_c2 = p.inv_s2, p.inv_c2
     k = _kernels()
     b, dim = z.shape
-    normalize = bool(normalize)  # one compiled kernel whatever type the flag came in
+    normalize = bool(p.normalize)  # one compiled kernel whatever type the flag came in
     zn = _arr(z.contiguous())
     dt = zn.dtype
     yn = _arr(y.contiguous()) if y is not None else np.zeros((b, 0), dt)
@@ -224,16 +214,16 @@ def guide(
     # (n / block) eps; SPEC: float32 results within 1e-5 up to n = 20,000)
     state = (np.full(b, -np.inf, dt), np.zeros(b, np.float64), np.zeros((b, dim), np.float64))
     has_cond = y is not None
-    if include_batch and b > 1:  # the current samples as entries, self excluded
+    if p.batch:  # the current samples as entries, self excluded
         k.stream(
             b, phi2, phi, _NO16, _NO_NORMS, y2, yn, _NO16, _NO_NORMS, inv_s2,
             inv_c2, False, has_cond, False, *state, b, True, dim >= PAIR_MIN_DIM,
             yn.shape[1] >= PAIR_MIN_DIM, 0, MAX_BLOCK_ROWS, _PAD,
         )  # fmt: skip
-    if bank.shape[0] > 0:
+    if p.bank.shape[0] > 0:
         state = _fold(
-            phi2, y2 if has_cond else None, bank, bank_sq, bank_cond if has_cond else None,
-            bank_cond_sq, inv_s2, inv_c2, state, True,
+            phi2, y2 if has_cond else None, p.bank, p.bank_sq, p.bank_cond if has_cond else None,
+            p.bank_cond_sq, inv_s2, inv_c2, state, True,
         )  # fmt: skip
     g, log_s = np.empty_like(zn), np.empty(b, dt)
     ok = k.finish(phi, znorm, normalize, *state, row_const, inv_s2, yn, g, log_s)

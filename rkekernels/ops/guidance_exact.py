@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from .guidance import Problem
+
 __all__ = ["CHUNK_ROWS", "guide"]
 
 #: Bank rows per chunk of the direct differences.
@@ -59,23 +61,16 @@ def _times(d2: torch.Tensor, c: float) -> torch.Tensor:
     return torch.where(d2 == 0, torch.zeros_like(d2), d2 * c)
 
 
-def guide(
-    zf: torch.Tensor,
-    normalize: bool,
-    y: torch.Tensor | None,
-    bank: torch.Tensor,
-    bank_cond: torch.Tensor | None,
-    sigma: float,
-    sigma_cond: float | None,
-    include_batch: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad (b, D) float64, log S (b,) float64) for flattened latents ``zf`` (b, D).
+def guide(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad (b, D) float64, log S (b,) float64) of a validated `Problem` (its latents ``p.z``).
 
     The bandwidths enter as (a / sigma)^2 with the data's scale a folded in, so neither a tiny
     sigma (1/sigma^2 = inf) nor a huge one with huge data (1/sigma^2 = 0) loses the answer.
     The gradient holds inf where its true value is beyond float64 (the caller names sigma).
     """
-    z = zf.double()
+    y, bank, bank_cond, normalize = p.y, p.bank, p.bank_cond, p.normalize
+    sigma, sigma_cond, batch = float(p.sigma), p.sigma_cond, p.batch
+    z = p.z.double()
     a_z = _pow2(z, None)  # ||z|| of the scaled rows, scaled back: no overflow in the squares
     znorm = torch.linalg.vector_norm(z / a_z, dim=1, keepdim=True) * a_z if normalize else None
     phi = z / znorm if normalize else z
@@ -96,7 +91,7 @@ def guide(
         return dx, dc
 
     parts = []
-    if include_batch and b > 1:
+    if batch:
         eye = torch.eye(b, dtype=torch.bool, device=phi.device)
         dx, dc = dists(phi, y)
         parts.append((dx.masked_fill(eye, math.inf), dc.masked_fill(eye, math.inf)))
@@ -128,7 +123,7 @@ def guide(
     # sum_j pi_j f_j over the same entries, chunk by chunk
     mean = torch.zeros_like(phi)
     col = 0
-    if include_batch and b > 1:
+    if batch:
         mean += w[:, :b] @ phi_s
         col = b
     for s in range(0, n, CHUNK_ROWS):

@@ -36,6 +36,8 @@ from typing import NamedTuple
 
 import torch
 
+from .guidance import Problem
+
 __all__ = ["ALGORITHMS", "DEFAULT_DIM", "KERNELS", "check", "dot_rke_guide", "guide", "vendi_guide"]
 
 KERNELS = ("gaussian", "cosine", "linear")
@@ -88,17 +90,18 @@ def check(algorithm, kernel) -> None:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
-def guide(zf, normalize, y, fb, bc, sigma, sigma_cond, include_batch, algorithm, kernel):
-    """The dispatch of `rkekernels.guidance_grad` for algorithm="vendi" or a dot kernel."""
+def guide(p: Problem, algorithm: str, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The path of `rkekernels.ops.guidance.guide` for algorithm="vendi" or a dot kernel.
+
+    Returns (-d log S / dz (b, D), log S (b,)) in the compute dtype of the `Problem` ``p``.
+    """
     check(algorithm, kernel)
-    cdt = torch.float64 if torch.float64 in (zf.dtype, fb.dtype) else torch.float32
-    zc = zf.to(cdt)
-    yc = y.to(cdt) if y is not None else None
-    batch = include_batch and zc.shape[0] > 1
+    cdt = p.compute_dtype
+    zc = p.z.to(cdt)
+    yc = p.y.to(cdt) if p.y is not None else None
     if algorithm == "vendi":
-        return vendi_guide(zc, normalize, yc, fb, bc, sigma, sigma_cond, batch, kernel=kernel)
-    inv_c2 = 1.0 / sigma_cond**2 if sigma_cond is not None else 0.0
-    return dot_rke_guide(zc, normalize, yc, fb, bc, inv_c2, batch, kernel=kernel)
+        return vendi_guide(p, zc, yc, kernel=kernel)
+    return dot_rke_guide(p, zc, yc, kernel=kernel)
 
 
 def _feature_map(kernel, d, m, inv_s, inv_c, dim, seed, device, dtype) -> _Map:
@@ -154,24 +157,22 @@ def _key(fb, bc, parts) -> tuple:
 
 
 def vendi_guide(
+    p: Problem,
     zc: torch.Tensor,
-    normalize: bool,
     yc: torch.Tensor | None,
-    fb: torch.Tensor,
-    bc: torch.Tensor | None,
-    sigma: float,
-    sigma_cond: float | None,
-    batch: bool,
     *,
     kernel: str = "gaussian",
     dim: int = DEFAULT_DIM,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(-d log S / dz (b, D), log S (b,)) for flattened latents ``zc`` (validated inputs).
+    """(-d log S / dz (b, D), log S (b,)) for the latents ``zc`` = ``p.z`` in the compute dtype.
 
-    ``fb`` (n, D) bank features and ``bc`` (n, m) their prompt embeddings (or None); ``yc`` the
-    current prompt embeddings (conditional exactly when given, as for algorithm="rke").
+    The bank ``p.bank`` (n, D) and its prompt embeddings ``p.bank_cond`` (n, m) or None; ``yc``
+    the current prompt embeddings in the compute dtype (conditional exactly when given, as for
+    algorithm="rke").
     """
+    fb, bc, normalize, batch = p.bank, p.bank_cond, p.normalize, p.batch
+    sigma, sigma_cond = p.sigma, p.sigma_cond
     b, d = zc.shape
     cdt = zc.dtype
     if yc is not None and kernel != "gaussian":
@@ -189,7 +190,7 @@ def vendi_guide(
         bc = None
     n = fb.shape[0]
     psi = fmap(phi, yc)  # (b, D)
-    if n == 0 and not (batch and b > 1):
+    if n == 0 and not batch:
         return torch.zeros_like(zc), torch.full((b,), -math.inf, dtype=cdt, device=zc.device)
 
     key = _key(fb, bc, (kernel, width, sigma, inv_c, seed, normalize, str(cdt)))
@@ -198,7 +199,7 @@ def vendi_guide(
         cov, rows = _bank_moment(fmap, fb, bc, cdt, width) if n else (None, None)
         _CACHE["bank"] = cached = (key, cov, rows, None)
     _, cov, rows, eig = cached
-    if batch and b > 1:  # the other current samples join the bank (constants)
+    if batch:  # the other current samples join the bank (constants)
         pb = psi.detach().to(torch.float64)
         if cov is not None:
             lam, vecs = _spectrum(cov + pb.T @ pb, None)
@@ -234,22 +235,17 @@ def vendi_guide(
 
 
 def dot_rke_guide(
-    zc: torch.Tensor,
-    normalize: bool,
-    yc: torch.Tensor | None,
-    fb: torch.Tensor,
-    bc: torch.Tensor | None,
-    inv_c2: float,
-    batch: bool,
-    *,
-    kernel: str,
+    p: Problem, zc: torch.Tensor, yc: torch.Tensor | None, *, kernel: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RKE guidance with a dot-product kernel: (-d log S / dz (b, D), log S (b,)).
 
-    S_a = sum_j w_aj (psi_a . g_j)^2 over the bank (and, with ``batch``, the other current
+    S_a = sum_j w_aj (psi_a . g_j)^2 over the bank (and, with ``p.batch``, the other current
     samples), psi = phi (linear) or phi / ||phi|| (cosine), g_j the bank rows alike,
     log w_aj = -||y_a - c_j||^2 / s_c^2 (0 without prompts). S = 0 gives log S = -inf, grad 0.
+    ``zc``, ``yc``: ``p.z`` and ``p.y`` in the compute dtype.
     """
+    fb, bc, normalize, batch = p.bank, p.bank_cond, p.normalize, p.batch
+    inv_c2 = 1.0 / p.sigma_cond**2 if p.sigma_cond is not None else 0.0
     fmap = _Map(kernel, None, 1.0, 1.0)
     znorm = zc.norm(dim=1, keepdim=True) if normalize else None
     phi = zc / znorm if normalize else zc
@@ -262,7 +258,7 @@ def dot_rke_guide(
         logw = -inv_c2 * ((yc * yc).sum(1)[:, None] + (bcc * bcc).sum(1)[None] - 2 * yc @ bcc.T)
     a = psi @ rows.T  # (b, n)
     w = torch.exp(logw.clamp(max=0.0)) if logw is not None else torch.ones_like(a)
-    if batch and zc.shape[0] > 1:
+    if batch:
         pb = psi.detach()
         ab = psi @ pb.T
         wb = torch.ones_like(ab)
