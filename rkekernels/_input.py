@@ -152,17 +152,23 @@ def check_finite(x: torch.Tensor, name: str) -> None:
 
 
 def check_matrix(
-    x: torch.Tensor, name: str, *, allow_empty: bool = False, width: str = "d"
+    x: torch.Tensor,
+    name: str,
+    *,
+    allow_empty: bool = False,
+    width: str = "d",
+    hint: str | None = None,
 ) -> torch.Tensor:
     """Check that ``x`` is a finite 2-D (n, d) matrix with n >= 1 and d >= 1; return it.
 
     ``allow_empty``: n = 0 is fine (an empty shard or batch, any width); ``width`` names the
-    second dimension in the messages ("d", or "m" for prompt embeddings).
+    second dimension in the messages ("d", or "m" for prompt embeddings); ``hint``: what to do
+    about a wrong rank, instead of the reshape advice (the command line names its options).
     """
     if x.dim() != 2:
-        if x.dim() > 2:
+        if hint is None and x.dim() > 2:
             hint = f"reshape it with {name}.reshape(len({name}), -1)"
-        else:
+        elif hint is None:
             hint = f"for n points in 1-D use {name}.reshape(-1, 1)"
             if allow_empty:
                 hint += f"; an empty one is (0, {width})"

@@ -159,24 +159,21 @@ def load_array(path: str | os.PathLike, key: str | None = None):
 
 
 def _as_matrix(value, path: str, flatten: bool):
-    import torch
+    """``value`` checked as a 2-D (n, d) matrix by `rkekernels._input.check_matrix` (flattened
+    to (n, prod ...) first with ``flatten``); its error, naming the file ``path``, as a CLIError."""
+    from ._input import check_matrix
 
     if value.dim() > 2 and flatten:
         value = value.reshape(value.shape[0], -1)
-    if value.dim() != 2:
-        hint = (
-            "use --flatten to treat each row as one sample"
-            if value.dim() > 2
-            else "save it as (n, d), one row per sample"
-        )
-        raise CLIError(f"{path}: need a 2-D (n, d) array, got shape {tuple(value.shape)}; {hint}")
-    if value.shape[0] == 0 or value.shape[1] == 0:
-        raise CLIError(f"{path}: is empty (shape {tuple(value.shape)})")
-    if value.is_floating_point():
-        bad = int((~torch.isfinite(value)).sum())
-        if bad:
-            raise CLIError(f"{path}: contains NaN or Inf ({bad} non-finite entries)")
-    return value
+    hint = (
+        "use --flatten to treat each row as one sample"
+        if value.dim() > 2
+        else "save it as (n, d), one row per sample"
+    )
+    try:
+        return check_matrix(value, path, hint=hint)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------
