@@ -26,7 +26,6 @@ Results: benchmarks/results/bench_distributed.{csv,md}.
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import statistics
@@ -40,7 +39,7 @@ import torch.distributed as dist
 if __package__ in (None, ""):  # run by its path: python benchmarks/<name>.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import spawn_ranks, write_results
+from benchmarks.common import parser, spawn_ranks, write_results
 from rkekernels.ops import scores_torch
 
 SIGMA = 16.0
@@ -134,7 +133,7 @@ def tile_shares(n: int, world: int) -> list[float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, quick=None)
     ap.add_argument("--n", type=int, default=40_000)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--reps", type=int, default=2, help="timed calls per process")

@@ -24,7 +24,6 @@ multi-threaded timings of small ops erratic. Results: benchmarks/results/bench_g
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -39,7 +38,7 @@ if __package__ in (None, ""):  # run by its path: python benchmarks/<name>.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rkekernels as rk
-from benchmarks.common import RESULTS, run_child, write_results
+from benchmarks.common import RESULTS, parser, run_child, write_results
 from rkekernels.ops import guidance_cpu
 
 COLUMNS = ["case", "method", "n", "D", "seconds", "ratio", "baseline", "extra_mib", "note"]
@@ -441,8 +440,7 @@ NOTES = """Notes.
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    ap = parser(__doc__, quick="smaller sizes, fewer repeats")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
     args = ap.parse_args()
     if not torch.cuda.is_available():

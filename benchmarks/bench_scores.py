@@ -22,7 +22,6 @@ Results: benchmarks/results/bench_scores.{csv,md} and bench_scores.png.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -35,7 +34,7 @@ if __package__ in (None, ""):  # run by its path: python benchmarks/<name>.py
 
 import rkekernels as rk
 from benchmarks import baselines
-from benchmarks.common import RESULTS, run_child, timeit, write_results
+from benchmarks.common import parser, run_child, save_figure, timeit, write_results
 from rkekernels import reference
 
 COLUMNS = [
@@ -277,15 +276,11 @@ def plot(points: list, mem: list, d: int) -> Path | None:
     for a in (ax, ax_m):
         a.grid(True, which="both", alpha=0.3)
         a.legend()
-    path = RESULTS / "bench_scores.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, "bench_scores.png")
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    ap = parser(__doc__)
     ap.add_argument("--backward", action="store_true", help="only the forward+backward rounds")
     ap.add_argument("--rounds", type=int, default=7, help="paired rounds for --backward")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for --backward")

@@ -21,7 +21,6 @@ benchmarks/results/bench_vendi.{csv,md} and bench_vendi_rff.png.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import statistics
 import sys
@@ -35,7 +34,7 @@ if __package__ in (None, ""):  # run by its path: python benchmarks/bench_vendi.
 
 import rkekernels as rk
 from benchmarks import baselines
-from benchmarks.common import RESULTS, run_child, write_results
+from benchmarks.common import RESULTS, parser, run_child, save_figure, write_results
 from rkekernels import reference
 from rkekernels.ops import spectra
 
@@ -259,15 +258,11 @@ def plot_curve(curve: list[tuple]) -> Path | None:
            title="RFF vs exact (default bandwidth, median of 3 seeds)")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    path = RESULTS / "bench_vendi_rff.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, "bench_vendi_rff.png")
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    ap = parser(__doc__)
     ap.add_argument("--cosine-n", type=int, default=1_000_000)
     ap.add_argument("--rff-n", type=int, default=50_000)
     ap.add_argument("--rounds", type=int, default=3)

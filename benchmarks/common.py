@@ -9,6 +9,7 @@ Run a script from the repository root as ``python -m benchmarks.<name>`` (or by 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import json
@@ -175,6 +176,27 @@ class Report:
             for r in self.rows:
                 w.writerow({**{c: fmt(r.get(c, "")) for c in self.columns}, **self.facts})
         (self.out / f"{self.name}.md").write_text(self.markdown())
+
+
+def parser(doc: str, quick: str | None = "small sizes (a smoke run)") -> argparse.ArgumentParser:
+    """A benchmark script's argument parser: described by the first line of its docstring
+    ``doc``, with ``--quick`` (whose help is ``quick``; None: no such option)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if quick is not None:
+        ap.add_argument("--quick", action="store_true", help=quick)
+    return ap
+
+
+def save_figure(fig: Any, name: str, rect: Sequence[float] | None = None) -> Path:
+    """Lay ``fig`` out (within ``rect`` of the figure), write it to results/``name`` at 110 dpi
+    and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(rect=rect)
+    path = RESULTS / name
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_results(name: str, rows: list[dict], columns: list[str], title: str) -> str:

@@ -21,7 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS, save_figure
+
 PAGE_MIB = 4 / 1024  # the resolution of the peak-memory measurement (VmHWM, one page)
 
 
@@ -64,11 +65,7 @@ def scores_ratios() -> Path | None:
     ax.set_title(rows[0]["case"], fontsize=10)
     ax.invert_yaxis()
     _foot(ax, rows[0])
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path = RESULTS / "bench_scores_ratios.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, "bench_scores_ratios.png", rect=(0, 0.04, 1, 1))
 
 
 def guidance() -> Path | None:
@@ -98,11 +95,7 @@ def guidance() -> Path | None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     _foot(ax_t, rows[0])
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    path = RESULTS / "bench_guidance.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, "bench_guidance.png", rect=(0, 0.05, 1, 1))
 
 
 def distributed() -> Path | None:
@@ -121,11 +114,7 @@ def distributed() -> Path | None:
     ax.set_title("distributed rke_score, n = 40,000, d = 256", fontsize=10)
     ax.legend(fontsize=8)
     _foot(ax, rows[0])
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    path = RESULTS / "bench_distributed.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, "bench_distributed.png", rect=(0, 0.05, 1, 1))
 
 
 def main() -> None:
