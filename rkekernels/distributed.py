@@ -105,6 +105,16 @@ def _prepare_local(x_local, t_local, sigma, sigma_t, with_t):
     return xt, tt, sigmas, many, st
 
 
+def _one_process(score: str, x_local, t_local, sigma, sigma_t, backend):
+    """Without a process group: the one-process ``rkekernels.<score>`` of this rank's data
+    (a conditional score or the entropies: t_local is required)."""
+    from . import scores
+
+    if t_local is None:
+        raise ValueError("t_local is None: give this rank's prompt embeddings, shape (n, m)")
+    return getattr(scores, score)(x_local, t_local, sigma, sigma_t, backend=backend)
+
+
 # --------------------------------------------------------------------------- the distributed sums
 
 
@@ -259,11 +269,7 @@ def cond_rke_score(
         2.0
     """
     if not C.is_distributed(group):
-        from . import scores
-
-        if t_local is None:
-            raise ValueError("t_local is None: give this rank's prompt embeddings, shape (n, m)")
-        return scores.cond_rke_score(x_local, t_local, sigma, sigma_t, backend=backend)
+        return _one_process("cond_rke_score", x_local, t_local, sigma, sigma_t, backend)
     n, _, ft, fxt, dtype, _, many = _global_pair_sums(
         x_local, t_local, sigma, sigma_t, group, True, False, backend
     )
@@ -301,11 +307,7 @@ def rke_entropies(
         [1.3863, 0.6931, 1.3863, 0.6931, 0.6931]
     """
     if not C.is_distributed(group):
-        from . import scores
-
-        if t_local is None:
-            raise ValueError("t_local is None: give this rank's prompt embeddings, shape (n, m)")
-        return scores.rke_entropies(x_local, t_local, sigma, sigma_t, backend=backend)
+        return _one_process("rke_entropies", x_local, t_local, sigma, sigma_t, backend)
     n, fx, ft, fxt, dtype, _, many = _global_pair_sums(
         x_local, t_local, sigma, sigma_t, group, True, True, backend
     )

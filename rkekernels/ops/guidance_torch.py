@@ -130,27 +130,17 @@ def softmax_state(
     rows = chunk_rows(dim)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        f = bank[start:stop]
-        if f.dtype != cdt:
-            f = f.to(cdt)
         # logits: one GEMM for all b samples, the scaled squared norms as its bias; `lg` is the
         # (b, rows) view whichever layout the GEMM wrote
-        if q_all is not None:
-            q, beta = q_all[start:stop], 1.0
-        else:
-            q, beta = _sq_norms(f), -inv_s2
+        f, q, beta = _chunk(bank, q_all, start, stop, cdt, inv_s2)
         if rows_first:
             lg = torch.addmm(q.unsqueeze(1), f, phi2.T, beta=beta).T
         else:
             lg = torch.addmm(q.unsqueeze(0), phi2, f.T, beta=beta)
         if y2 is not None:
-            c = bank_cond[start:stop]
-            if c.dtype != cdt:
-                c = c.to(cdt)
-            if r_all is not None:
-                r, alpha_r = r_all[start:stop], 1.0
-            else:
-                r, alpha_r = _nan_unless_finite(_sq_norms(c)), -inv_c2
+            c, r, alpha_r = _chunk(bank_cond, r_all, start, stop, cdt, inv_c2)
+            if r_all is None:
+                r = _nan_unless_finite(r)
             if rows_first:
                 lg.T.addmm_(c, y2.T).add_(r.unsqueeze(1), alpha=alpha_r)
             else:
@@ -167,6 +157,20 @@ def softmax_state(
             m = m_new
         acc.add_(p @ f)  # values GEMM with the same chunk, still in cache; summed in float64
     return m, l, acc
+
+
+def _chunk(
+    t: torch.Tensor, scaled_sq: torch.Tensor | None, start: int, stop: int, cdt, inv2: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Rows start:stop of ``t`` in the compute dtype, their squared norms, and the factor those
+    enter the logits with: the cached norms already scaled by -1/s^2 (factor 1), or the norms
+    of the chunk computed here (factor -``inv2``)."""
+    rows = t[start:stop]
+    if rows.dtype != cdt:
+        rows = rows.to(cdt)
+    if scaled_sq is not None:
+        return rows, scaled_sq[start:stop], 1.0
+    return rows, _sq_norms(rows), -inv2
 
 
 def _nan_unless_finite(r: torch.Tensor) -> torch.Tensor:
