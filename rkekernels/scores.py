@@ -186,10 +186,10 @@ def default_bandwidth(x: Any) -> float:
     gives `median_bandwidth` (x). Study: ``python -m benchmarks.bench_bandwidth``.
 
     Args:
-        x: (n, d) samples (torch tensor, numpy array or ``__dlpack__`` array).
+        x: (n, d) samples, any of the array types `median_bandwidth` takes.
 
     Returns:
-        float: the bandwidth.
+        float: the bandwidth (the same for every call on the same x: the grid is deterministic).
 
     Example:
         >>> import numpy as np, rkekernels

@@ -28,6 +28,7 @@ import torch
 from ._input import to_output
 from .ops import spectra
 from .ops.pair_sums import pair_sums
+from .scores import RKEEntropies
 
 __all__ = [
     "KERNELS",
@@ -63,8 +64,8 @@ DEFAULT_TOP_K = 100
 MAX_COV_WIDTH = 16384
 
 
-class VendiEntropies(NamedTuple):
-    """Order-q Rényi kernel entropies, in nats (the order-q `RKEEntropies`).
+class VendiEntropies(RKEEntropies):
+    """Order-q Rényi kernel entropies, in nats: the order-q `RKEEntropies` (the same fields).
 
     Attributes:
         h_x: H_q(X), from the eigenvalues of Kx / tr(Kx)
@@ -74,11 +75,7 @@ class VendiEntropies(NamedTuple):
         mutual_info: I_q(X; T) = H_q(X) + H_q(T) - H_q(X, T)
     """
 
-    h_x: Any
-    h_t: Any
-    h_xt: Any
-    h_x_given_t: Any
-    mutual_info: Any
+    __slots__ = ()
 
 
 class Mode(NamedTuple):
