@@ -640,9 +640,6 @@ class VendiMetric:
 # --------------------------------------------------------------------------- torchmetrics
 
 
-_TM_CLASS: type | None = None
-
-
 def _make_torchmetrics_class() -> type:
     from torchmetrics import Metric
 
@@ -795,30 +792,26 @@ def _make_torchmetrics_vendi() -> type:
     return TorchMetricsVendi
 
 
-_TM_VENDI: type | None = None
+#: the torchmetrics classes, built on first access: name -> (factory, the metric without
+#: torchmetrics)
+_TM_FACTORIES = {
+    "TorchMetricsRKE": (_make_torchmetrics_class, "RKEMetric"),
+    "TorchMetricsVendi": (_make_torchmetrics_vendi, "VendiMetric"),
+}
+_TM_BUILT: dict[str, type] = {}
 
 
 def __getattr__(name: str) -> Any:
     """``TorchMetricsRKE`` and ``TorchMetricsVendi`` are built on first access (torchmetrics)."""
-    global _TM_CLASS, _TM_VENDI
-    if name == "TorchMetricsVendi":
-        if _TM_VENDI is None:
-            try:
-                _TM_VENDI = _make_torchmetrics_vendi()
-            except ImportError as exc:
-                raise ImportError(
-                    "rkekernels.metrics.TorchMetricsVendi needs torchmetrics: "
-                    "`pip install torchmetrics` (or use rkekernels.metrics.VendiMetric)"
-                ) from exc
-        return _TM_VENDI
-    if name == "TorchMetricsRKE":
-        if _TM_CLASS is None:
-            try:
-                _TM_CLASS = _make_torchmetrics_class()
-            except ImportError as exc:
-                raise ImportError(
-                    "rkekernels.metrics.TorchMetricsRKE needs torchmetrics: "
-                    "`pip install torchmetrics` (or use rkekernels.metrics.RKEMetric)"
-                ) from exc
-        return _TM_CLASS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _TM_FACTORIES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _TM_BUILT:
+        make, plain = _TM_FACTORIES[name]
+        try:
+            _TM_BUILT[name] = make()
+        except ImportError as exc:
+            raise ImportError(
+                f"rkekernels.metrics.{name} needs torchmetrics: "
+                f"`pip install torchmetrics` (or use rkekernels.metrics.{plain})"
+            ) from exc
+    return _TM_BUILT[name]
