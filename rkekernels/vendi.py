@@ -462,16 +462,22 @@ def vendi_entropies(
     """
     q, inp, method, opts = _prepare(x, t, q, sigma, sigma_t, kernel, method, dim, top_k, seed, True)
     cols: list[list[torch.Tensor]] = [[] for _ in range(5)]
+    for h_x, h_t, h_xt in _joint_entropies(inp, kernel, q, method, opts, with_x=True):
+        for col, v in zip(cols, (h_x, h_t, h_xt, h_xt - h_t, h_x + h_t - h_xt)):
+            col.append(v)
+    return VendiEntropies(*(_output(c, inp) for c in cols))
+
+
+def _joint_entropies(inp: _Inputs, kernel: str, q: float, method: str, opts: dict, with_x: bool):
+    """(H_q(X) or None, H_q(T), H_q(X, T)) for each bandwidth of ``inp``, in that order of
+    computation; H_q(T) (one sigma_t) is computed once."""
     h_t = None
     for s in inp.sigmas:
         vx, vt, vxt = _views(inp, kernel, s)
         if h_t is None:
             h_t = _entropy(vt, q, method, opts, inp.backend)
-        h_x = _entropy(vx, q, method, opts, inp.backend)
-        h_xt = _entropy(vxt, q, method, opts, inp.backend)
-        for col, v in zip(cols, (h_x, h_t, h_xt, h_xt - h_t, h_x + h_t - h_xt)):
-            col.append(v)
-    return VendiEntropies(*(_output(c, inp) for c in cols))
+        h_x = _entropy(vx, q, method, opts, inp.backend) if with_x else None
+        yield h_x, h_t, _entropy(vxt, q, method, opts, inp.backend)
 
 
 def cond_vendi_score(
@@ -507,13 +513,8 @@ def cond_vendi_score(
         2.0
     """
     q, inp, method, opts = _prepare(x, t, q, sigma, sigma_t, kernel, method, dim, top_k, seed, True)
-    vals, h_t = [], None
-    for s in inp.sigmas:
-        _, vt, vxt = _views(inp, kernel, s)
-        if h_t is None:
-            h_t = _entropy(vt, q, method, opts, inp.backend)
-        vals.append((_entropy(vxt, q, method, opts, inp.backend) - h_t).exp())
-    return _output(vals, inp)
+    joint = _joint_entropies(inp, kernel, q, method, opts, with_x=False)
+    return _output([(h_xt - h_t).exp() for _, h_t, h_xt in joint], inp)
 
 
 def vendi_modes(
