@@ -134,30 +134,36 @@ def _vae(latent_channels: int = 4, blocks: int = 2, **kw: Any) -> Any:
     ).eval()
 
 
+#: the down path the UNet and its ControlNet share (a ControlNet copies the UNet's encoder)
+_DOWN_PATH = dict(
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    in_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    norm_num_groups=4,
+)
+
+#: SDXL's added conditioning (pooled text and time ids), in the UNet and its ControlNet alike
+_SDXL_ADDITIONS = dict(
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=8 * 6 + WIDTH,
+    transformer_layers_per_block=(1, 1),
+)
+
+
 def _unet(cross: int, sdxl: bool = False, v2: bool = False) -> Any:
     from diffusers import UNet2DConditionModel
 
-    kw: dict[str, Any] = {}
-    if sdxl:
-        kw = dict(
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=8 * 6 + WIDTH,
-            transformer_layers_per_block=(1, 1),
-        )
     return UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
+        **_DOWN_PATH,
         sample_size=8,
-        in_channels=4,
         out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=cross,
-        norm_num_groups=4,
         attention_head_dim=(2, 4) if v2 else 4,
         use_linear_projection=v2 or sdxl,
-        **kw,
+        **(_SDXL_ADDITIONS if sdxl else {}),
     ).eval()
 
 
@@ -369,25 +375,12 @@ def _build(name: str) -> Any:
 def _controlnet(cross: int, sdxl: bool = False) -> Any:
     from diffusers import ControlNetModel
 
-    kw: dict[str, Any] = {}
-    if sdxl:
-        kw = dict(
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=8 * 6 + WIDTH,
-            transformer_layers_per_block=(1, 1),
-            use_linear_projection=True,
-        )
     return ControlNetModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        in_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        **_DOWN_PATH,
         cross_attention_dim=cross,
         conditioning_embedding_out_channels=(4, 8),
-        norm_num_groups=4,
         attention_head_dim=4,
-        **kw,
+        **(dict(_SDXL_ADDITIONS, use_linear_projection=True) if sdxl else {}),
     ).eval()
 
 
