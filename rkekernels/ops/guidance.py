@@ -29,9 +29,8 @@ keep a running max (one pass always).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -60,9 +59,10 @@ State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 EXACT_FROM = {torch.float32: 1e4, torch.float64: 1e12}
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(NamedTuple):
     """One `guidance_grad` call after its input checks: what every path of `guide` reads.
+
+    Immutable (a NamedTuple: built once per call, in well under a microsecond).
 
     Attributes:
         z: (b, D) flattened latents (detached; float32 or float64 as given).
