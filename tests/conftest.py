@@ -103,14 +103,9 @@ def triton_device(request) -> str:
 # Random-weight models built from config classes (nothing is downloaded): the image encoders of
 # rkekernels.adapters.encoders, the evaluate command and encoder-feature guidance use them.
 
-TINY_VISION = dict(
-    hidden_size=32,
-    intermediate_size=37,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=16,
-    patch_size=8,
-)
+#: the size of every tiny transformer tower here (both CLIP towers, DINOv2)
+TINY_TOWER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
+TINY_VISION = dict(TINY_TOWER, image_size=16, patch_size=8)
 
 
 def tiny_clip(seed: int = 0):
@@ -123,10 +118,7 @@ def tiny_clip(seed: int = 0):
 
     torch.manual_seed(seed)
     text = dict(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        TINY_TOWER,
         vocab_size=64,
         max_position_embeddings=32,
         bos_token_id=0,
