@@ -431,9 +431,14 @@ NOTES = """Notes.
 - "with prompts (m = 768)" streams the bank's prompt embeddings as well: twice the bytes of the
   GEMM baseline, which reads the features only.
 - The rows "N threads" rerun the head-to-head with every core (GEMM and guidance_grad alike).
-  The fused kernel splits a bank over threads only from 16 MiB per thread on; right after a
-  multi-threaded torch op OpenMP's spinning workers hold the other cores for a while, which
-  eats most of that gain on this 2-core VM (OMP_WAIT_POLICY=PASSIVE gives it back).
+  The fused kernel splits a bank over threads only from 16 MiB per thread on, into 2 MiB
+  chunks (at most 8 per thread) that the threads take in turn. Right after a multi-threaded
+  torch op (here: the cache flush) libgomp's workers spin for milliseconds on the other cores,
+  and a thread of ours that shares a core with one runs at half speed: taking chunks in turn
+  lets the other thread do more (n = 100,000: 1.28x against 1.47x with one equal part per
+  thread, 41 paired rounds). At n = 10,000 (29 MiB) a split measured slower than the whole bank
+  on one thread (2.45x against 1.91x): the spinning workers hold the second core for about the
+  whole call. With OMP_WAIT_POLICY=PASSIVE (no spinning) a split there gives ~1.7x.
 - "extra_mib": peak resident memory of one call above the resident memory before it, in a
   fresh process (the bank itself excluded); flat in n for guidance_grad.
 """

@@ -116,8 +116,10 @@ def test_running_max_rescales_as_the_max_grows(monkeypatch, shift):
 @pytest.mark.parametrize("shift", [True, False])
 @pytest.mark.parametrize("prompts", [False, True])
 def test_split_over_threads_matches_one_thread(monkeypatch, shift, prompts):
-    # with 2 torch threads and a low threshold the bank is split into parts whose states merge
+    # with 2 torch threads and a low threshold the bank is cut into chunks (2 threads x
+    # CHUNKS_PER_THREAD = 16, for 203 rows) whose states merge
     monkeypatch.setattr(guidance_cpu, "MIN_ROWS_PER_THREAD_BYTES", 1)
+    monkeypatch.setattr(guidance_cpu, "CHUNK_BYTES", 1)
     phi, bank, y, c = case(5, 203, 24, prompts=prompts, dtype=torch.float64, seed=3)
     kw = {"sigma": 0.3, "shift": shift, "cached_norms": True}
     calls = []
@@ -133,8 +135,38 @@ def test_split_over_threads_matches_one_thread(monkeypatch, shift, prompts):
         one = state(phi, bank, y, c, fused=True, **kw)
     finally:
         torch.set_num_threads(threads)
-    assert calls == [2]
+    assert calls == [2 * guidance_cpu.CHUNKS_PER_THREAD]
     assert_same(split, one, 1e-12)
+
+
+def test_split_result_does_not_depend_on_which_thread_took_a_chunk(monkeypatch):
+    # the chunks' states merge in chunk order: the caller taking every chunk itself (a pool
+    # whose tasks only start once it is done) gives bitwise the result of the threads sharing
+    from concurrent.futures import Future
+
+    monkeypatch.setattr(guidance_cpu, "MIN_ROWS_PER_THREAD_BYTES", 1)
+    monkeypatch.setattr(guidance_cpu, "CHUNK_BYTES", 1)
+    phi, bank, y, c = case(4, 301, 16, prompts=True, dtype=torch.float32, seed=5)
+    kw = {"sigma": 0.4, "shift": False, "cached_norms": True}
+    threads = torch.get_num_threads()
+
+    class Late:
+        """submit() defers the task to result(): the calling thread takes every chunk first."""
+
+        def submit(self, fn):
+            fut = Future()
+            fut.result = lambda: fn()  # the chunks are all taken by then: fn returns at once
+            return fut
+
+    try:
+        torch.set_num_threads(2)
+        shared = state(phi, bank, y, c, fused=True, **kw)
+        monkeypatch.setattr(guidance_cpu, "_executor", Late)
+        alone = state(phi, bank, y, c, fused=True, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(shared, alone):
+        assert torch.equal(a, b)
 
 
 def test_merge_ignores_parts_that_saw_nothing():
@@ -157,6 +189,7 @@ def test_guidance_grad_through_the_kernels(monkeypatch, b, prompts, split):
     monkeypatch.setattr(guidance_cpu, "BLOCK_ROWS", 8)
     if split:
         monkeypatch.setattr(guidance_cpu, "MIN_ROWS_PER_THREAD_BYTES", 1)
+        monkeypatch.setattr(guidance_cpu, "CHUNK_BYTES", 1)
     g = torch.Generator().manual_seed(b)
     z = torch.randn(b, 3, 5, 5, generator=g)
     f = torch.randn(37, 75, generator=g)
@@ -286,6 +319,7 @@ def test_split_works_in_a_forked_child(monkeypatch):
     import os
 
     monkeypatch.setattr(guidance_cpu, "MIN_ROWS_PER_THREAD_BYTES", 1)
+    monkeypatch.setattr(guidance_cpu, "CHUNK_BYTES", 1)
     phi, bank, _, _ = case(4, 64, 16, prompts=False, dtype=torch.float64, seed=4)
     kw = {"sigma": 0.5, "shift": False, "cached_norms": True}
     threads = torch.get_num_threads()

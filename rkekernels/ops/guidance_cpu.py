@@ -25,9 +25,15 @@ so a non-finite input still reaches the caller's check. The shift modes are thos
 path: a fixed upper bound of every logit (``shift``), or a running max updated once per block of
 rows (one rescale of the b x D accumulator per block where the max grew).
 
-Threads: the kernel releases the GIL; with ``torch.get_num_threads() > 1`` and a large bank, the
-bank is split into contiguous parts, one per thread, and their states merged (as the Triton path
-merges its splits, with `rkekernels.ops.guidance.merge_states`). The dispatch
+Threads: the kernel releases the GIL; with ``torch.get_num_threads() > 1`` and a bank of at least
+`MIN_ROWS_PER_THREAD_BYTES` per thread, the bank is cut into contiguous chunks (about
+`CHUNKS_PER_THREAD` per thread) that the calling thread and pool threads take in turn, each chunk
+into a state of its own; the states are merged in chunk order (as the Triton path merges its
+splits, with `rkekernels.ops.guidance.merge_states`), so the result does not depend on which
+thread took which chunk. Taking chunks in turn rather than one equal part per thread matters
+right after a multi-threaded torch op: its OpenMP workers keep spinning on the other cores for
+milliseconds (libgomp's default wait policy), and a thread sharing a core with one of them runs at
+half speed; with equal parts the call would wait for that thread. The dispatch
 (`rkekernels.ops.guidance.guide`: backend "torch" or "auto", CPU tensors) runs `guide` when numba
 loads (a dependency: see `available`) and `ENABLED` is true; otherwise the chunked-GEMM
 path of `guidance_torch` runs. `softmax_state` exposes the kernel's bank pass alone, with the
@@ -37,6 +43,7 @@ in `rkekernels.ops.guidance_numba`, imported at the first call.
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +56,8 @@ from .guidance import Problem, merge_states
 __all__ = [
     "BLOCK_BYTES",
     "BLOCK_ROWS",
+    "CHUNKS_PER_THREAD",
+    "CHUNK_BYTES",
     "CONVERT_ELEMENTS",
     "ENABLED",
     "MAX_BLOCK_ROWS",
@@ -76,10 +85,18 @@ BLOCK_BYTES = 128 * 1024
 MAX_BLOCK_ROWS = 64
 
 #: Split the bank over threads only when each thread gets at least this many bytes of it. Below,
-#: the hand-off costs more than it saves; and right after a multi-threaded torch op, OpenMP's
-#: spinning workers hold the other cores for a while (OMP_WAIT_POLICY=PASSIVE releases them), so
-#: a split of a small bank measured no gain on the 2-core benchmark machine.
+#: the split costs more than it saves: right after a multi-threaded torch op, OpenMP's workers
+#: spin on the other cores for milliseconds (libgomp's default wait policy), and at n = 10,000,
+#: D = 768 (29 MiB) a split measured 2.45x of a 2-thread GEMM against 1.91x whole.
 MIN_ROWS_PER_THREAD_BYTES = 16 * 2**20
+
+#: A split bank is cut into chunks of at least this many bytes (a call into the kernel costs
+#: ~10 us, a chunk of 2 MiB ~0.2 ms).
+CHUNK_BYTES = 2 * 2**20
+
+#: At most this many chunks per thread: enough for the threads to even out (one that shares its
+#: core takes fewer), few enough that the per-chunk costs stay small.
+CHUNKS_PER_THREAD = 8
 
 #: From this row width on, the logits take 2 bank rows per pass (measured: 0.82x against 0.99x
 #: of one GEMM at D = 16,384; at D = 768 one row per pass, 1.08x against 1.58x).
@@ -327,33 +344,37 @@ def _fold(
             )  # fmt: skip
 
     row_bytes = dim * bank.element_size() + (m_dim * bank_cond.element_size() if has_cond else 0)
-    parts = _parts(n, n * row_bytes)
-    if parts == 1:
+    chunks = _chunks(n, n * row_bytes)
+    if chunks == 1:
         run(0, n, state)
         return state
-    bounds = [n * k // parts for k in range(parts + 1)]
+    bounds = [n * k // chunks for k in range(chunks + 1)]
     m0 = state[0] if not running else np.full(b, -np.inf, dt)
     states = [state] + [
         (m0.copy(), np.zeros(b, np.float64), np.zeros((b, dim), np.float64))
-        for _ in range(parts - 1)
+        for _ in range(chunks - 1)
     ]
-    # parts 1.. on the pool, part 0 on this thread (no idle waiter)
-    futures = [
-        _executor().submit(run, bounds[k], bounds[k + 1], states[k]) for k in range(1, parts)
-    ]
-    run(bounds[0], bounds[1], states[0])
+    taken = itertools.count()  # next() is atomic under the GIL: each chunk is taken once
+
+    def work() -> None:
+        while (k := next(taken)) < chunks:
+            run(bounds[k], bounds[k + 1], states[k])
+
+    # pool threads and this one (no idle waiter) take chunks until none is left
+    futures = [_executor().submit(work) for _ in range(min(torch.get_num_threads(), chunks) - 1)]
+    work()
     for fut in futures:
         fut.result()
     m, l, acc = merge_states(*(torch.from_numpy(np.stack(v)) for v in zip(*states)), running)
     return m.numpy(), l.numpy(), acc.numpy()
 
 
-def _parts(n: int, nbytes: int) -> int:
-    """How many threads share a bank of ``n`` rows and ``nbytes`` bytes."""
+def _chunks(n: int, nbytes: int) -> int:
+    """How many chunks a bank of ``n`` rows and ``nbytes`` bytes is cut into (1: not cut)."""
     threads = torch.get_num_threads()
-    if threads <= 1:
+    if threads <= 1 or min(threads, n // 8, nbytes // MIN_ROWS_PER_THREAD_BYTES) <= 1:
         return 1
-    return max(1, min(threads, n // 8, nbytes // MIN_ROWS_PER_THREAD_BYTES))
+    return max(2, min(threads * CHUNKS_PER_THREAD, n // 8, nbytes // max(1, CHUNK_BYTES)))
 
 
 def _forget_pool() -> None:
