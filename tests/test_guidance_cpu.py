@@ -113,13 +113,22 @@ def test_running_max_rescales_as_the_max_grows(monkeypatch, shift):
     assert_same(state(phi, bank, None, None, fused=True, **kw), want, 1e-12)
 
 
-@pytest.mark.parametrize("shift", [True, False])
-@pytest.mark.parametrize("prompts", [False, True])
-def test_split_over_threads_matches_one_thread(monkeypatch, shift, prompts):
-    # with 2 torch threads and a low threshold the bank is cut into chunks (2 threads x
-    # CHUNKS_PER_THREAD = 16, for 203 rows) whose states merge
+@pytest.fixture
+def split_small(monkeypatch):
+    """Banks of any size split over threads (2 MiB chunks and 16 MiB per thread set to 1 byte);
+    torch's thread count is put back afterwards."""
     monkeypatch.setattr(guidance_cpu, "MIN_ROWS_PER_THREAD_BYTES", 1)
     monkeypatch.setattr(guidance_cpu, "CHUNK_BYTES", 1)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("prompts", [False, True])
+def test_split_over_threads_matches_one_thread(monkeypatch, split_small, shift, prompts):
+    # with 2 torch threads and a low threshold the bank is cut into chunks (2 threads x
+    # CHUNKS_PER_THREAD = 16, for 203 rows) whose states merge
     phi, bank, y, c = case(5, 203, 24, prompts=prompts, dtype=torch.float64, seed=3)
     kw = {"sigma": 0.3, "shift": shift, "cached_norms": True}
     calls = []
@@ -127,28 +136,21 @@ def test_split_over_threads_matches_one_thread(monkeypatch, shift, prompts):
     monkeypatch.setattr(
         guidance_cpu, "merge_states", lambda m, *a: calls.append(len(m)) or real(m, *a)
     )
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        split = state(phi, bank, y, c, fused=True, **kw)
-        torch.set_num_threads(1)
-        one = state(phi, bank, y, c, fused=True, **kw)
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(2)
+    split = state(phi, bank, y, c, fused=True, **kw)
+    torch.set_num_threads(1)
+    one = state(phi, bank, y, c, fused=True, **kw)
     assert calls == [2 * guidance_cpu.CHUNKS_PER_THREAD]
     assert_same(split, one, 1e-12)
 
 
-def test_split_result_does_not_depend_on_which_thread_took_a_chunk(monkeypatch):
+def test_split_result_does_not_depend_on_which_thread_took_a_chunk(monkeypatch, split_small):
     # the chunks' states merge in chunk order: the caller taking every chunk itself (a pool
     # whose tasks only start once it is done) gives bitwise the result of the threads sharing
     from concurrent.futures import Future
 
-    monkeypatch.setattr(guidance_cpu, "MIN_ROWS_PER_THREAD_BYTES", 1)
-    monkeypatch.setattr(guidance_cpu, "CHUNK_BYTES", 1)
     phi, bank, y, c = case(4, 301, 16, prompts=True, dtype=torch.float32, seed=5)
     kw = {"sigma": 0.4, "shift": False, "cached_norms": True}
-    threads = torch.get_num_threads()
 
     class Late:
         """submit() defers the task to result(): the calling thread takes every chunk first."""
@@ -158,13 +160,10 @@ def test_split_result_does_not_depend_on_which_thread_took_a_chunk(monkeypatch):
             fut.result = lambda: fn()  # the chunks are all taken by then: fn returns at once
             return fut
 
-    try:
-        torch.set_num_threads(2)
-        shared = state(phi, bank, y, c, fused=True, **kw)
-        monkeypatch.setattr(guidance_cpu, "_executor", Late)
-        alone = state(phi, bank, y, c, fused=True, **kw)
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(2)
+    shared = state(phi, bank, y, c, fused=True, **kw)
+    monkeypatch.setattr(guidance_cpu, "_executor", Late)
+    alone = state(phi, bank, y, c, fused=True, **kw)
     for a, b in zip(shared, alone):
         assert torch.equal(a, b)
 
@@ -313,40 +312,34 @@ def test_environment_variable_turns_the_kernel_off(monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX)")
-def test_split_works_in_a_forked_child(monkeypatch):
+def test_split_works_in_a_forked_child(monkeypatch, split_small):
     # the thread pool of the parent has no threads in a forked child (a DataLoader worker, say):
     # the child must start its own pool instead of waiting on threads that do not exist
     import os
 
-    monkeypatch.setattr(guidance_cpu, "MIN_ROWS_PER_THREAD_BYTES", 1)
-    monkeypatch.setattr(guidance_cpu, "CHUNK_BYTES", 1)
     phi, bank, _, _ = case(4, 64, 16, prompts=False, dtype=torch.float64, seed=4)
     kw = {"sigma": 0.5, "shift": False, "cached_norms": True}
-    threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        want = state(phi, bank, None, None, fused=True, **kw)  # creates the pool here
-        assert guidance_cpu._pool is not None
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: same computation, report, exit without pytest's teardown
-            try:
-                got = state(phi, bank, None, None, fused=True, **kw)
-                ok = all(torch.allclose(a, b, rtol=1e-12, atol=0) for a, b in zip(got, want))
-                os.write(write, b"1" if ok else b"0")
-            finally:
-                os._exit(0)
-        os.close(write)
-        deadline = time.monotonic() + 60  # a child waiting on a dead pool would hang forever
-        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if done[0] == 0:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung in the split over threads")
-        assert os.read(read, 1) == b"1" and done[1] == 0
-    finally:
-        torch.set_num_threads(threads)
+    want = state(phi, bank, None, None, fused=True, **kw)  # creates the pool here
+    assert guidance_cpu._pool is not None
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: same computation, report, exit without pytest's teardown
+        try:
+            got = state(phi, bank, None, None, fused=True, **kw)
+            ok = all(torch.allclose(a, b, rtol=1e-12, atol=0) for a, b in zip(got, want))
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + 60  # a child waiting on a dead pool would hang forever
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung in the split over threads")
+    assert os.read(read, 1) == b"1" and done[1] == 0
 
 
 @pytest.mark.parametrize("dim", [4, 64])
