@@ -34,11 +34,11 @@ thread took which chunk. Taking chunks in turn rather than one equal part per th
 right after a multi-threaded torch op: its OpenMP workers keep spinning on the other cores for
 milliseconds (libgomp's default wait policy), and a thread sharing a core with one of them runs at
 half speed; with equal parts the call would wait for that thread. The dispatch
-(`rkekernels.ops.guidance.guide`: backend "torch" or "auto", CPU tensors) runs `guide` when numba
-loads (a dependency: see `available`) and `ENABLED` is true; otherwise the chunked-GEMM
-path of `guidance_torch` runs. `softmax_state` exposes the kernel's bank pass alone, with the
-same contract as the GEMM path's (the tests compare the two). The numba kernels themselves are
-in `rkekernels.ops.guidance_numba`, imported at the first call.
+(`rkekernels.ops.guidance.guide`, through its `fast_guide`: backend "torch" or "auto", CPU
+tensors) runs `guide` when numba loads (a dependency: see `available`) and `ENABLED` is true;
+otherwise the chunked-GEMM path of `guidance_torch` runs. `softmax_state` exposes the kernel's
+bank pass alone, with the same contract as the GEMM path's (the tests compare the two). The numba
+kernels themselves are in `rkekernels.ops.guidance_numba`, imported at the first call.
 """
 
 from __future__ import annotations
