@@ -186,6 +186,10 @@ def cosine_large(n: int, d: int, rows: list, rounds: int, mem_n: int) -> None:
     print(f"cosine n={n}: ours {t_o:.2f}s, x.T@x {t_b:.2f}s, ratio {ratio:.3f}; mem {res}")
 
 
+#: rff_large times the whole vendi_score call up to this n (beyond, the covariance rows only)
+SCORE_MAX_N = 200_000
+
+
 def rff_large(n: int, d: int, dim: int, rows: list, rounds: int) -> None:
     x = _mixture(n, d)
     s = _bandwidth(x)
@@ -210,10 +214,6 @@ def rff_large(n: int, d: int, dim: int, rows: list, rounds: int) -> None:
                          note=f"includes the {dim} x {dim} float64 eigvalsh"))  # fmt: skip
         msg += f"; all {t_all:.1f}s"
     print(msg, flush=True)
-
-
-#: rff_large times the whole vendi_score call up to this n (beyond, the covariance rows only)
-SCORE_MAX_N = 200_000
 
 
 def rff_curve(dims: list[int], seeds: int, rows: list) -> list[tuple]:

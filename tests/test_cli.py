@@ -330,7 +330,6 @@ def test_odd_tensors_in_pt_files(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and msg in err, err
 
 
-@pytest.mark.slow
 def _plain_pickle(path: Path) -> Path:
     import pickle
 
