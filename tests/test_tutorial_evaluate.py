@@ -56,6 +56,7 @@ def test_tutorial_setup_and_first_commands(tmp_path, monkeypatch, capsys):
         == 0
     )
     # the Python form of the command (the tutorial's evaluation.evaluate block) gives its JSON
+    capsys.readouterr()
     monkeypatch.setenv("RKEKERNELS_CACHE", str(tmp_path / "cache"))
     snippet = re.search(r"```python\n(res = evaluation\.evaluate.*?)```", text, re.S).group(1)
     scope = {"evaluation": evaluation, "print": lambda *a: None}
