@@ -176,8 +176,8 @@ class DiversityGuidance:
         self.algorithm, self.kernel = algorithm, kernel
         if novelty is not None and not isinstance(novelty, DiversityGuidance):
             raise TypeError(
-                "novelty must be None or a term from rkekernels.guidance_novelty.novelty_guidance, got "
-                f"{type(novelty).__name__}"
+                "novelty must be None or a term from "
+                f"rkekernels.guidance_novelty.novelty_guidance, got {type(novelty).__name__}"
             )
         self.novelty = novelty
         if objective not in OBJECTIVES:
