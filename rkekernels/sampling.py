@@ -116,7 +116,7 @@ class DiversityGuidance:
             of the batch), so a sample whose prompt is unrelated to everything in S barely moves
             (all w <= 1e-3: at most 2% of a matching prompt's step) and any w >= tau gives the
             paper's step exactly. "paper": the published step. Unconditional: the same (w = 1).
-        novelty: an optional novelty term (`rkekernels.novelty.novelty_guidance`): on every
+        novelty: an optional novelty term (`rkekernels.guidance_novelty.novelty_guidance`): on every
             selected step, after the diversity step, the samples also move away from its
             reference bank, with its own scale.
         algorithm: "rke" (default) or "vendi" (the first-order gain in the order-1 Vendi
@@ -176,8 +176,8 @@ class DiversityGuidance:
         self.algorithm, self.kernel = algorithm, kernel
         if novelty is not None and not isinstance(novelty, DiversityGuidance):
             raise TypeError(
-                "novelty must be None or a term from rkekernels.novelty.novelty_guidance, got "
-                f"{type(novelty).__name__}"
+                "novelty must be None or a term from "
+                f"rkekernels.guidance_novelty.novelty_guidance, got {type(novelty).__name__}"
             )
         self.novelty = novelty
         if objective not in OBJECTIVES:

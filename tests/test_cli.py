@@ -212,6 +212,15 @@ def test_no_command_and_bench_without_scripts(tmp_path, capsys, monkeypatch):
     assert "not found" in err and err.count("\n") == len(BENCH_SCRIPTS) + 1
 
 
+def test_bench_finds_the_checkout_benchmarks_from_elsewhere(tmp_path, monkeypatch):
+    """Outside a checkout's root, `rkekernels bench` uses the benchmarks/ beside the package."""
+    from rkekernels.cli import bench
+
+    monkeypatch.chdir(tmp_path)  # no benchmarks/ here
+    want = Path(rkekernels.__file__).resolve().parents[1] / "benchmarks"
+    assert want.is_dir() and bench._bench_dir(None) == want
+
+
 def test_bench_runs_scripts_and_prints_tables(tmp_path, capsys):
     bdir = tmp_path / "benchmarks"
     (bdir / "results").mkdir(parents=True)

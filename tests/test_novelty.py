@@ -1,11 +1,14 @@
 """The novelty term: guidance away from a reference bank lowers the similarity to it."""
 
+import importlib
+import sys
+
 import pytest
 import torch
 
 from rkekernels import DiversityGuidance, features, guidance_grad
 from rkekernels import reference as ref
-from rkekernels.novelty import novelty_guidance
+from rkekernels.guidance_novelty import novelty_guidance
 
 
 def _similarity(z, bank, sigma):
@@ -42,3 +45,12 @@ def test_bad_input():
         novelty_guidance(torch.zeros(0, 3), sigma=1.0)
     with pytest.raises(TypeError, match="novelty must be None"):
         DiversityGuidance(sigma=1.0, novelty="yes")
+
+
+def test_old_module_path_warns_and_reexports(monkeypatch):
+    """rkekernels.novelty (the old path) still imports for one release, with a warning."""
+    monkeypatch.delitem(sys.modules, "rkekernels.novelty", raising=False)
+    with pytest.warns(DeprecationWarning, match=r"rkekernels\.guidance_novelty"):
+        old = importlib.import_module("rkekernels.novelty")
+    assert old.novelty_guidance is novelty_guidance
+    assert old.__all__ == ["novelty_guidance"]

@@ -1,10 +1,12 @@
 """docs/tutorials/evaluate.md runs: its set-up block, and the commands print what it shows."""
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
+from rkekernels import evaluation
 from rkekernels.cli import main
 
 pytest.importorskip("transformers")
@@ -53,3 +55,15 @@ def test_tutorial_setup_and_first_commands(tmp_path, monkeypatch, capsys):
         )
         == 0
     )
+    # the Python form of the command (the tutorial's evaluation.evaluate block) gives its JSON
+    capsys.readouterr()
+    monkeypatch.setenv("RKEKERNELS_CACHE", str(tmp_path / "cache"))
+    snippet = re.search(r"```python\n(res = evaluation\.evaluate.*?)```", text, re.S).group(1)
+    scope = {"evaluation": evaluation, "print": lambda *a: None}
+    exec(compile(snippet, str(DOC), "exec"), scope)
+    args = "evaluate gen --reference ref --prompts prompts.npy --encoder pixels --sigma 5 --json"
+    assert main([*args.split(), "--no-progress", "--no-cache"]) == 0
+    want = json.loads(capsys.readouterr().out)
+    got = scope["res"]
+    assert got["cache"]["encoded"] + got["cache"]["cached"] == 24 + 24  # gen, then ref
+    assert {**got, "cache": None} == {**want, "cache": None}

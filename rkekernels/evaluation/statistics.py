@@ -26,10 +26,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ._input import as_tensor, check_matrix, check_same_device, check_sigma, is_torch, to_output
-from .ops import scores_torch
-from .scores import _pair, _resolve_sigma
-from .vendi import Mode
+from .._input import as_tensor, check_matrix, check_same_device, check_sigma, is_torch, to_output
+from ..metrics import cross_pair_sums  # the streamed A x B block sums
+from ..ops import scores_torch, spectra
+from ..scores import _pair, _resolve_sigma
+from ..vendi import Mode
 
 #: ken_novelty(method="auto") solves the dense eigenproblem up to n + m rows, else uses RFF
 AUTO_EXACT_MAX = 4096
@@ -336,7 +337,6 @@ def relative_rke(x: Any, y: Any, sigma: Any = None):
         >>> round(relative_rke(x, y, sigma=1.0), 6)  # 4 / (2 + 2 exp(-1))
         1.462117
     """
-    from .metrics import cross_pair_sums  # the streamed A x B block sums
 
     xt, yt, sigmas, many, torch_out = _two_sets(x, y, sigma)
     centre = torch.cat([xt, yt]).detach().mean(0, keepdim=True)
@@ -485,7 +485,6 @@ def _novelty(vals: torch.Tensor, vecs: torch.Tensor, n: int, top: int, per_mode:
 
 def _ken_rff(bc, n, sigma, eta, top, per_mode, dim, seed) -> Novelty:
     """KEN in random Fourier features: eigh of Phi_x^T Phi_x / n - eta Phi_y^T Phi_y / m."""
-    from .ops import spectra
 
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
         raise ValueError(f"dim must be an integer >= 2 (random features); got {dim!r}")

@@ -1,0 +1,146 @@
+"""Reading arrays from files: the one reader of ``rkekernels score``, ``compare`` and ``evaluate``.
+
+- `load_array(path, key)`: one array from .npy, .npz, .pt/.pth or .safetensors, as a CPU tensor.
+- `as_matrix(value, path, flatten)`: that array checked as an (n, d) matrix.
+
+Both raise `rkekernels._errors.CLIError` with a one-line message naming the file. A module of its
+own so that the command line (`rkekernels.cli`) and the evaluation workbench
+(`rkekernels.evaluation`) share it without importing each other.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._errors import CLIError
+from ._input import check_matrix
+
+__all__ = ["as_matrix", "load_array"]
+
+
+def _pick(arrays: dict[str, Any], key: str | None, path: Path) -> Any:
+    if key is not None:
+        if key not in arrays:
+            raise CLIError(f"{path}: no array named {key!r}; it holds {sorted(arrays)}")
+        return arrays[key]
+    if len(arrays) == 1:
+        return next(iter(arrays.values()))
+    if not arrays:
+        raise CLIError(f"{path}: holds no arrays")
+    raise CLIError(f"{path}: holds several arrays {sorted(arrays)}; choose one with --key NAME")
+
+
+def load_array(path: str | os.PathLike, key: str | None = None):
+    """Load one (n, ...) array from .npy, .npz, .pt/.pth or .safetensors as a torch tensor.
+
+    Args:
+        path: the file.
+        key: name of the array inside an .npz, a dict saved in .pt, or a .safetensors file;
+            None picks the only array.
+
+    Returns:
+        torch.Tensor on the CPU.
+
+    Raises:
+        CLIError: missing or unreadable file, unknown extension, missing key, not an array.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> from rkekernels.cli import load_array
+        >>> p = os.path.join(tempfile.mkdtemp(), "x.npz")
+        >>> np.savez(p, emb=np.ones((3, 2)))
+        >>> load_array(p).shape
+        torch.Size([3, 2])
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"{p}: no such file")
+    if p.is_dir():
+        raise CLIError(f"{p}: is a directory, not an array file")
+    ext = p.suffix.lower()
+    try:
+        if ext == ".npy":
+            if key is not None:
+                raise CLIError(f"{p}: --key applies to .npz, .pt and .safetensors files only")
+            value = np.load(p, allow_pickle=False)
+        elif ext == ".npz":
+            with np.load(p, allow_pickle=False) as data:
+                value = _pick({k: data[k] for k in data.files}, key, p)
+        elif ext in (".pt", ".pth"):
+            with warnings.catch_warnings():  # torch's warnings about the pickle: not for users
+                warnings.simplefilter("ignore")
+                try:
+                    obj = torch.load(p, map_location="cpu", weights_only=True)
+                except pickle.UnpicklingError:
+                    raise CLIError(
+                        f"{p}: cannot read it as .pt: not tensors saved by torch.save (a plain "
+                        "pickle, or another format?); "
+                        "rkekernels reads .pt files with weights_only=True, save the array with "
+                        "torch.save(tensor, path) or np.save"
+                    ) from None
+            if isinstance(obj, dict):
+                arrays = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+                value = _pick(arrays, key, p)
+            elif isinstance(obj, torch.Tensor):
+                if key is not None:
+                    raise CLIError(f"{p}: holds a single tensor, not a dict; drop --key")
+                value = obj
+            else:
+                raise CLIError(f"{p}: holds a {type(obj).__name__}, not a tensor or dict of them")
+        elif ext == ".safetensors":
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise CLIError(
+                    f"{p}: reading .safetensors needs the safetensors package: "
+                    "pip install safetensors (or rkekernels[io])"
+                ) from None
+            value = _pick(load_file(str(p), device="cpu"), key, p)
+        else:
+            raise CLIError(
+                f"{p}: unsupported file type {ext or '(none)'!r}; "
+                "use .npy, .npz, .pt/.pth or .safetensors"
+            )
+    except CLIError:
+        raise
+    except Exception as exc:  # any reader failure is a bad file for the user
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CLIError(f"{p}: cannot read it as {ext}: {msg}") from None
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise CLIError(f"{p}: has non-numeric dtype {value.dtype}; need real numbers")
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        raise CLIError(f"{p}: holds a {type(value).__name__}, not a tensor")
+    if value.layout != torch.strided:
+        raise CLIError(f"{p}: holds a {value.layout} (sparse) tensor; save it dense (to_dense())")
+    if value.is_quantized:
+        raise CLIError(f"{p}: holds a quantized tensor; save it dequantized (dequantize())")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise CLIError(f"{p}: has dtype {value.dtype}; need real numbers")
+    if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
+        value = value.to(torch.float32)  # float16 / bfloat16 / float8: scored in float32
+    return value
+
+
+def as_matrix(value, path: str, flatten: bool):
+    """``value`` checked as a 2-D (n, d) matrix by `rkekernels._input.check_matrix` (flattened
+    to (n, prod ...) first with ``flatten``); its error, naming the file ``path``, as a CLIError."""
+    if value.dim() > 2 and flatten:
+        value = value.reshape(value.shape[0], -1)
+    hint = (
+        "use --flatten to treat each row as one sample"
+        if value.dim() > 2
+        else "save it as (n, d), one row per sample"
+    )
+    try:
+        return check_matrix(value, path, hint=hint)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None

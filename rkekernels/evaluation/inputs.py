@@ -1,0 +1,117 @@
+"""The inputs of the evaluation workbench: image folders or embedding files, and prompts.
+
+- `_Set(path)`: a folder of images (png, jpg, jpeg, webp, bmp; sorted by their path inside the
+  folder) or an embedding file (.npy, .npz, .pt/.pth, .safetensors; its rows are the samples).
+- `_read_prompts(path, gen)`: one prompt per sample of ``gen``: a .txt file (one per line, in
+  sorted file order), a .csv matched by file name or in order, or prompt embeddings (n, m).
+
+Bad input raises `rkekernels._errors.CLIError` with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+from .._errors import CLIError
+from .._files import as_matrix, load_array
+
+__all__ = ["EMBED_EXTS", "IMAGE_EXTS"]
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+EMBED_EXTS = (".npy", ".npz", ".pt", ".pth", ".safetensors")
+
+
+class _Set:
+    """One input set: its items (image paths) or an embedding matrix, and display names."""
+
+    def __init__(self, path: str, *, key: str | None = None):
+        p = Path(path)
+        self.path = p
+        self.images: list[Path] | None = None
+        self.matrix: torch.Tensor | None = None
+        if p.is_dir():
+            files = sorted(
+                (f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS),
+                key=lambda f: f.relative_to(p).as_posix(),
+            )
+            if not files:
+                raise CLIError(
+                    f"{p}: no images in this folder (looked for {', '.join(IMAGE_EXTS)})"
+                )
+            self.images = files
+            self.names = [f.relative_to(p).as_posix() for f in files]
+        elif p.suffix.lower() in EMBED_EXTS or p.exists():
+            self.matrix = as_matrix(load_array(p, key), str(p), flatten=False)
+            self.names = list(range(self.matrix.shape[0]))
+        else:
+            raise CLIError(f"{p}: no such folder or file")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _read_prompts(path: str, gen: _Set) -> list[str] | torch.Tensor:
+    """Prompts for the samples of GEN: a list of strings in GEN's order, or an (n, m) matrix."""
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"{p}: no such prompt file")
+    ext = p.suffix.lower()
+    n = len(gen)
+    if ext in EMBED_EXTS:
+        t = as_matrix(load_array(p), str(p), flatten=False)
+        if t.shape[0] != n:
+            raise CLIError(f"{p}: has {t.shape[0]} prompt embeddings for {n} samples in {gen.path}")
+        return t
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CLIError(f"{p}: cannot read it as UTF-8 text: {exc}") from None
+    if ext == ".csv":
+        rows = list(csv.reader(text.splitlines()))
+        rows = [r for r in rows if any(c.strip() for c in r)]
+        if not rows:
+            raise CLIError(f"{p}: no prompts in this file")
+        head = [c.strip().lower() for c in rows[0]]
+        fcol = next(
+            (head.index(c) for c in ("file", "filename", "image", "path") if c in head), None
+        )
+        pcol = next((head.index(c) for c in ("prompt", "caption", "text") if c in head), None)
+        if fcol is not None and pcol is not None:
+            if gen.images is None:
+                raise CLIError(
+                    f"{p}: matches prompts by file name, but {gen.path} is an embedding file; "
+                    "give one prompt per row in order instead"
+                )
+            by_name: dict[str, str] = {}
+            for r in rows[1:]:
+                if len(r) <= max(fcol, pcol):
+                    continue
+                by_name[r[fcol].strip()] = r[pcol]
+                by_name.setdefault(Path(r[fcol].strip()).name, r[pcol])
+            out = []
+            for name in gen.names:
+                hit = by_name.get(name, by_name.get(Path(name).name))
+                if hit is None:
+                    raise CLIError(f"{p}: no prompt for image {name!r} (column {rows[0][fcol]!r})")
+                out.append(hit)
+            return out
+        if len(head) == 1 or pcol is not None:
+            col = pcol or 0
+            body = rows[1:] if pcol is not None else rows
+            lines = [r[col] for r in body if len(r) > col]
+        else:
+            raise CLIError(
+                f"{p}: a CSV needs a file column (file/filename/image/path) and a prompt column "
+                "(prompt/caption/text), or a single column of prompts"
+            )
+    else:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) != n:
+        raise CLIError(
+            f"{p}: has {len(lines)} prompts for {n} samples in {gen.path} "
+            "(one prompt per image, in sorted file order)"
+        )
+    return lines

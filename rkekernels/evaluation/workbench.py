@@ -1,0 +1,255 @@
+"""The evaluation workbench: score a folder of generated images (or embeddings) in one call.
+
+`evaluate` embeds GEN (and REF, and the prompts) through `rkekernels.evaluation.embeddings`
+(cached on disk), then computes the scores of ``rkekernels evaluate``; the command line prints
+its result (``--json``) and writes the report from it (`rkekernels.cli.report`).
+
+The result holds n, d, encoder, encoder_model, sigma, rke (with a jackknife interval,
+``rke_interval``), vendi (order 1, Gaussian at sigma), modes ([{weight, files}]), the most and
+least crowded samples (largest / smallest s_i = sum_j k(x_i, x_j)^2); with prompts sigma_t,
+cond_rke (with ``cond_rke_interval``) and cond_vendi; with a reference m, relative_rke, novelty
+(KEN), novel_mass and novel_modes; and cache ({cached, encoded, dir}). Several sigmas give lists
+(modes and novelty at the first one: ``modes_sigma``, ``novelty_sigma``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .. import vendi
+from .._errors import CLIError
+from ..adapters import encoders
+from ..scores import cond_rke_score, default_bandwidth, rke_score
+from .embeddings import _embed_prompts, _embed_set, _encoder_key, _Encoders, default_cache_dir
+from .inputs import _read_prompts, _Set
+from .statistics import cond_rke_interval, ken_novelty, relative_rke, rke_interval, sample_sums
+
+__all__ = ["evaluate"]
+
+
+def _default_sigma(x: torch.Tensor) -> float:
+    return float(default_bandwidth(x))
+
+
+def _py(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().double()
+        return float(v) if v.dim() == 0 else [float(a) for a in v]
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return v
+
+
+def _modes_json(modes, names, per_mode: int) -> list[dict[str, Any]]:
+    return [
+        {"weight": float(m.weight), "files": [names[int(i)] for i in m.members[:per_mode]]}
+        for m in modes
+    ]
+
+
+def evaluate(
+    gen: str,
+    reference: str | None = None,
+    prompts: str | None = None,
+    *,
+    encoder: str = "dinov2",
+    encoder_model: str | None = None,
+    text_model: str | None = None,
+    sigma: Sequence[float] | None = None,
+    sigma_t: float | None = None,
+    top: int = 8,
+    per_mode: int = 8,
+    crowded: int = 8,
+    level: float = 0.95,
+    unbiased: bool = False,
+    cache_dir: str | os.PathLike | None = "default",
+    batch_size: int = 32,
+    device: str = "cpu",
+    half: bool = False,
+    pixels_size: int = 32,
+    key: str | None = None,
+    progress: bool = False,
+    _keep: dict | None = None,
+) -> dict[str, Any]:
+    """Evaluate a folder of generated images (or an embedding file); the ``--json`` object.
+
+    Scores (Gaussian kernel k_s(a, b) = exp(-||a - b||^2 / (2 s^2)) on the encoder's features)::
+
+        rke          = n^2 / sum_ij k(x_i, x_j)^2, with a jackknife interval (`rke_interval`)
+        vendi        = exp(-sum_l p_l log p_l), p = eig(K / n)      (order 1)
+        cond_rke     = sum Kt^2 / sum Kx^2 Kt^2, cond_vendi (order 1)       (with prompts)
+        relative_rke = n m / sum_ij k(x_i, y_j)^2, novelty = KEN(X | Y)      (with a reference)
+
+    Args:
+        gen: folder of images or embedding file. reference: the same, for novelty.
+        prompts: prompt file (.txt, .csv) or prompt embeddings, one per GEN sample.
+        encoder: "dinov2" (default), "clip", "inception" or "pixels".
+        encoder_model: weights (hub id or local folder) for the encoder; None: its default.
+        text_model: CLIP weights for the prompts (None: the clip encoder's, else the default).
+        sigma: bandwidth(s); None: the default bandwidth of GEN's features. Several give lists.
+        sigma_t: prompt bandwidth (None: the default bandwidth of the prompt embeddings).
+        top, per_mode: how many modes, and files listed per mode. crowded: how many samples
+            in the most / least crowded lists.
+        level, unbiased: the interval's coverage and estimator (`rke_interval`).
+        cache_dir: embeddings cache ("default": `default_cache_dir`, None: no cache).
+        batch_size, device, half, pixels_size: encoder options; the scores run on ``device``
+            too (the Triton kernels for CUDA).
+        key: array name inside multi-array embedding files.
+        progress: tqdm progress bars on stderr.
+
+    Returns:
+        A JSON-ready dict (the keys are listed in the module docstring).
+
+    Raises:
+        CLIError: bad input (one line; the command exits with code 2).
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> from rkekernels.evaluation import evaluate
+        >>> p = os.path.join(tempfile.mkdtemp(), "x.npy")
+        >>> np.save(p, np.repeat(np.eye(3) * 100.0, 4, axis=0))  # 3 far-apart modes
+        >>> res = evaluate(p, sigma=[1.0], cache_dir=None)
+        >>> round(res["rke"], 6), [len(m["files"]) for m in res["modes"][:3]]
+        (3.0, [4, 4, 4])
+    """
+    root = default_cache_dir() if cache_dir == "default" else cache_dir
+    if encoder not in encoders.ENCODERS:
+        raise CLIError(f"unknown encoder {encoder!r}; choose one of {', '.join(encoders.ENCODERS)}")
+    opts = dict(
+        encoder=encoder,
+        encoder_model=encoder_model,
+        text_model=text_model,
+        batch_size=batch_size,
+        device=device,
+        half=half,
+        pixels_size=pixels_size,
+    )
+    stats = {"cached": 0, "encoded": 0}
+    g, x, y, t = _embed_all(gen, reference, prompts, opts, key, root, progress, stats)
+    dev = torch.device(device)  # the scores run where the encoder ran (Triton on CUDA)
+    x = x.float().to(dev)
+    y = y.to(dev) if y is not None else None
+    t = t.to(dev) if t is not None else None
+    if y is not None and y.shape[1] != x.shape[1]:
+        raise CLIError(
+            f"{reference}: features of width {y.shape[1]}, {gen}: width {x.shape[1]}; "
+            "embed both sets with the same encoder"
+        )
+    many = sigma is not None and len(sigma) > 1
+    sigmas = [float(s) for s in sigma] if sigma else [_default_sigma(x)]
+    out: dict[str, Any] = {
+        "n": x.shape[0],
+        "d": int(x.shape[1]),
+        "encoder": encoder if g.matrix is None else "embeddings",
+        "encoder_model": (encoder_model or "default") if g.matrix is None else None,
+        "sigma": sigmas if many else sigmas[0],
+    }
+    arg = sigmas if many else sigmas[0]
+    s0 = sigmas[0]
+    enough = x.shape[0] >= (3 if unbiased else 2)  # leave-one-out sets need n - 1 >= 1 (2)
+    try:
+        with torch.no_grad():
+            _score_set(out, x, g.names, arg, s0, enough, top, per_mode, crowded, level, unbiased)
+            if t is not None:
+                _score_prompts(out, x, t.float(), arg, sigma_t, enough, level, unbiased)
+            if y is not None:
+                _score_reference(out, x, y.float(), g.names, arg, s0, many, top, per_mode)
+            if many:
+                out["modes_sigma"] = s0
+    except (ValueError, TypeError) as exc:
+        raise CLIError(str(exc).splitlines()[0]) from None
+    out["cache"] = {**stats, "dir": str(root) if root is not None else None}
+    if _keep is not None:  # what the report needs beyond the JSON
+        _keep.update(x=x, gen=g, sigma=s0, sweep=_sweep(x, s0))
+    return out
+
+
+def _embed_all(gen, reference, prompts, opts, key, root, progress, stats):
+    """GEN's set and the features of GEN, REF and the prompts (None where not given)."""
+    try:
+        g = _Set(gen, key=key)
+        r = _Set(reference, key=key) if reference is not None else None
+        plist = _read_prompts(prompts, g) if prompts is not None else None
+        enc = _Encoders(opts)
+        # float16 features differ from float32 ones in the last bits: cached apart
+        ekey = _encoder_key(opts["encoder"], opts["encoder_model"], opts["pixels_size"])
+        ekey += "|half" if opts["half"] else ""
+        x = _embed_set(g, enc, root, ekey, progress, stats)
+        y = _embed_set(r, enc, root, ekey, progress, stats) if r is not None else None
+        t = _embed_prompts(plist, enc, root, progress, stats) if plist is not None else None
+    except encoders.EncoderUnavailableError as exc:
+        raise CLIError(str(exc)) from None
+    except ValueError as exc:  # unreadable images and API checks
+        raise CLIError(str(exc).splitlines()[0]) from None
+    return g, x, y, t
+
+
+def _score_set(out, x, names, arg, s0, enough, top, per_mode, crowded, level, unbiased) -> None:
+    """RKE with its interval, Vendi, the modes and the most / least crowded samples of x."""
+    n = x.shape[0]
+    out["rke"] = _py(rke_score(x, arg))
+    ci = rke_interval(x, arg, level=level, unbiased=unbiased) if enough else None
+    out["rke_interval"] = {
+        "low": _py(ci.low) if ci else None,
+        "high": _py(ci.high) if ci else None,
+        "level": level,
+        "unbiased": unbiased,
+    }
+    # the interval's own estimate: the unbiased RKE with --unbiased, else the plug-in RKE
+    # from the same float64 sums (rke_score rounds to x's dtype)
+    out["rke_interval"]["estimate"] = _py(ci.estimate) if ci else None
+    if ci is not None and not unbiased:
+        out["rke"] = _py(ci.estimate)
+    out["vendi"] = _py(vendi.vendi_score(x, 1.0, arg))
+    out["modes"] = _modes_json(vendi.vendi_modes(x, min(top, n), s0), names, per_mode)
+    sums = sample_sums(x, sigma=s0).x
+    order = torch.argsort(sums, descending=True).tolist()
+    k = min(crowded, n)
+    out["most_crowded"] = [{"file": names[i], "s": float(sums[i])} for i in order[:k]]
+    out["least_crowded"] = [{"file": names[i], "s": float(sums[i])} for i in order[::-1][:k]]
+
+
+def _score_prompts(out, x, t, arg, sigma_t, enough, level, unbiased) -> None:
+    """The conditional RKE (with its interval) and conditional Vendi given the prompts t."""
+    st = float(sigma_t) if sigma_t is not None else _default_sigma(t)
+    out["sigma_t"] = st
+    if enough:
+        cci = cond_rke_interval(x, t, arg, st, level=level, unbiased=unbiased)
+        out["cond_rke"] = _py(cci.estimate)
+        out["cond_rke_interval"] = {"low": _py(cci.low), "high": _py(cci.high)}
+    else:
+        out["cond_rke"] = _py(cond_rke_score(x, t, arg, st))
+        out["cond_rke_interval"] = {"low": None, "high": None}
+    out["cond_vendi"] = _py(vendi.cond_vendi_score(x, t, 1.0, arg, st))
+
+
+def _score_reference(out, x, y, names, arg, s0, many, top, per_mode) -> None:
+    """Relative RKE and KEN novelty (with the novel modes) of x against the reference y."""
+    out["m"] = int(y.shape[0])
+    out["relative_rke"] = _py(relative_rke(x, y, arg))
+    nov = ken_novelty(x, y, s0, top=top, per_mode=per_mode)
+    out["novelty"] = nov.score
+    out["novel_mass"] = nov.novel_mass
+    out["novel_modes"] = _modes_json(nov.modes, names, per_mode)
+    if many:
+        out["novelty_sigma"] = s0
+
+
+def _sweep(x: torch.Tensor, s0: float) -> dict[str, list[float]]:
+    """RKE (with its interval) and Vendi over 9 bandwidths s0 * 2^(-2 .. 2)."""
+    grid = [s0 * 2.0 ** (k / 2.0) for k in range(-4, 5)]
+    if x.shape[0] < 2:  # one sample: RKE = 1 at every bandwidth, no interval
+        ones = [1.0] * len(grid)
+        return {"sigma": grid, "rke": ones, "low": ones, "high": ones, "vendi": ones}
+    ci = rke_interval(x, grid)
+    return {
+        "sigma": grid,
+        "rke": [float(v) for v in ci.estimate],
+        "low": [float(v) for v in ci.low],
+        "high": [float(v) for v in ci.high],
+        "vendi": _py(vendi.vendi_score(x, 1.0, grid)),
+    }
