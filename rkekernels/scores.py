@@ -8,6 +8,7 @@ number of bandwidths in one pass, torch or Triton backend) -> a few scalar expre
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -23,7 +24,7 @@ from ._input import (
     is_torch,
     to_output,
 )
-from .ops.pair_sums import pair_sums, prepare
+from .ops.pair_sums import pair_sums, prepare, scale_of
 
 __all__ = [
     "RKEEntropies",
@@ -120,41 +121,61 @@ def median_bandwidth(x: Any) -> float:
     return _median_from_tensor(_prepare(x, "x"))
 
 
-#: The grid of `default_bandwidth`: bandwidths from a quarter of the typical nearest-neighbour
-#: distance to twice the median distance, and the band of scores in which it looks for the
-#: flattest stretch (above: every point is its own mode; below: one mode).
-_GRID_POINTS = 25
-_PLATEAU_LOW = 1.5
-_PLATEAU_HIGH_FRACTION = 0.25
+#: `default_bandwidth`: sigma = median distance / _DIVISOR (a pair at the median distance then has
+#: k^2 = exp(-_DIVISOR^2) = 0.002: two typical points are two modes). The warning fires when the
+#: mean k^2 over pairs is below _STRUCTURE_MIN times that value (the distances concentrate), on
+#: sets of at least _WARN_ROWS rows. The rows are canonically ordered by a projection on a fixed
+#: direction (seed _KEY_SEED), which makes the choice independent of the input's row order.
+_DIVISOR = 2.5
+_STRUCTURE_MIN = 2.0
+_WARN_ROWS = 20
+_KEY_SEED = 0
+_NO_STRUCTURE = (
+    "default_bandwidth: the pairwise distances of this set concentrate (nearly every pair is "
+    "about equally far apart, as in high-dimensional noise), so no bandwidth separates near "
+    "points from far ones and the score at the default mostly counts points. Compare sets at "
+    "one shared bandwidth over a sweep instead: `rkekernels compare --sweep` or "
+    "`rkekernels.rke_sweep`."
+)
+
+
+def _canonical_rows(x: torch.Tensor) -> torch.Tensor:
+    """At most 1,000 rows of x in an order that does not depend on the order of x: the rows
+    sorted by their projection on a fixed random direction (equal rows tie, and their order is
+    immaterial), then, past 1,000 rows, 1,000 evenly spaced ranks of that order."""
+    n, d = x.shape
+    xs = x.detach()
+    gen = torch.Generator().manual_seed(_KEY_SEED)
+    w = torch.randn(d, generator=gen, dtype=torch.float64).to(xs.device)
+    key = (xs.double() * (1.0 / scale_of(xs))) @ w  # scaled exactly: no overflow
+    order = torch.sort(key, stable=True).indices
+    if n > _MEDIAN_ROWS:
+        pick = torch.linspace(0, n - 1, _MEDIAN_ROWS, dtype=torch.float64).round().long()
+        order = order[pick.to(order.device)]
+    return xs.index_select(0, order)
 
 
 def _default_from_tensor(x: torch.Tensor) -> float:
-    n = x.shape[0]
-    if n < 2:
+    if x.shape[0] < 2:
         return 1.0
-    d2, scale = _subsample_sq_dists(x)
-    med = _median_of(d2, scale) / scale
+    xs, scale = prepare(_canonical_rows(x).double())
+    nrm = (xs * xs).sum(1)
+    d2 = (nrm[:, None] + nrm[None, :] - 2.0 * xs @ xs.t()).clamp_(min=0.0)
     m = d2.shape[0]
-    off = d2 + torch.diag(torch.full((m,), math.inf, dtype=d2.dtype, device=d2.device))
-    off = torch.where(off > 0, off, torch.full_like(off, math.inf))  # duplicates are not NNs
-    nn = off.min(1).values
-    nn = nn[torch.isfinite(nn)]
-    if nn.numel() == 0 or med <= 0.0:
-        return med * scale
-    low = float(nn.sqrt().median()) / 4.0
-    grid = torch.logspace(
-        math.log10(low), math.log10(2.0 * med), _GRID_POINTS, dtype=torch.float64
-    ).to(d2.device)
-    # RKE(grid) of the subsample, in one dense pass (m <= 1,000)
-    rke = torch.stack([m * m / torch.exp(-d2 / (s * s)).sum() for s in grid])
-    lr = torch.log(rke)
-    slope = (lr[1:] - lr[:-1]).abs() / (torch.log(grid[1:]) - torch.log(grid[:-1]))
-    mid = torch.sqrt(rke[1:] * rke[:-1])
-    ok = (mid >= _PLATEAU_LOW) & (mid <= _PLATEAU_HIGH_FRACTION * m)
-    if not bool(ok.any()):
-        return med * scale
-    i = int(torch.argmin(torch.where(ok, slope, torch.full_like(slope, math.inf))))
-    return float(torch.sqrt(grid[i] * grid[i + 1])) * scale
+    iu = torch.triu_indices(m, m, offset=1, device=d2.device)
+    pairs = d2[iu[0], iu[1]]  # m (m - 1) / 2 squared distances, in units of scale^2
+    med = float(torch.quantile(pairs.sqrt(), 0.5))
+    if med <= 0.0:  # most pairs coincide (a collapsed set): the median of the distinct pairs
+        pos = pairs[pairs > 0]
+        if pos.numel() == 0:
+            return 1.0  # all rows equal: every bandwidth gives the same score
+        return float(torch.quantile(pos.sqrt(), 0.5)) / _DIVISOR * scale
+    s2 = (med / _DIVISOR) ** 2
+    if m >= _WARN_ROWS:
+        mass = float(torch.exp(-pairs / s2).mean())
+        if mass < _STRUCTURE_MIN * math.exp(-_DIVISOR * _DIVISOR):
+            warnings.warn(_NO_STRUCTURE, UserWarning, stacklevel=2)
+    return math.sqrt(s2) * scale
 
 
 def bandwidth_from_tensor(x: torch.Tensor) -> float:
