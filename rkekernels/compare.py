@@ -80,10 +80,10 @@ def rke_scores(
         >>> rng = np.random.default_rng(0)
         >>> tight, wide = rng.normal(size=(100, 4)), 3.0 * rng.normal(size=(100, 4))
         >>> [round(rkekernels.rke_score(v), 2) for v in (tight, wide)]  # own defaults: alike
-        [1.5, 1.66]
+        [18.54, 18.84]
         >>> res = rkekernels.rke_scores({"tight": tight, "wide": wide})  # sigma from "tight"
         >>> round(res.sigma, 2), {k: round(v, 2) for k, v in res.scores.items()}
-        (4.18, {'tight': 1.5, 'wide': 9.05})
+        (1.03, {'tight': 18.54, 'wide': 92.59})
     """
     named = _named(sets)
     if sigma is None:

@@ -168,7 +168,7 @@ class _Stream:
         if sigma is None:
             raise ValueError(
                 "sigma is None: a streaming metric needs a fixed bandwidth; pick one, e.g. "
-                "rkekernels.median_bandwidth(first_batch)"
+                "rkekernels.default_bandwidth(first_batch)"
             )
         self.sigmas, self.many = check_sigmas(sigma, "sigma")
         self.sigma_t = check_single_sigma(sigma_t) if sigma_t is not None else None
@@ -476,7 +476,7 @@ class _VendiCore:
         if sigma is None:
             raise ValueError(
                 "sigma is None: a streaming metric needs a fixed bandwidth; pick one, e.g. "
-                "rkekernels.median_bandwidth(first_batch)"
+                "rkekernels.default_bandwidth(first_batch)"
             )
         self.sigma = check_sigma(sigma, "sigma")
         self.sigma_t = check_sigma(sigma_t, "sigma_t") if sigma_t is not None else None

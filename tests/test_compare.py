@@ -1,4 +1,4 @@
-"""default_bandwidth (the plateau of the score curve), rke_scores at one shared bandwidth,
+"""default_bandwidth (the median distance / 2.5), rke_scores at one shared bandwidth,
 rke_sweep / plot_sweep, and `rkekernels compare` (issue 12, item 5)."""
 
 import json
@@ -20,14 +20,15 @@ def _mixture(k, d, per, sep=10.0, seed=0):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("k, d", [(10, 16), (5, 4)])
-def test_default_separates_a_mixture_from_one_cluster_at_equal_n(k, d):
+def test_default_of_a_mixture_shared_with_one_cluster_separates_at_equal_n(k, d):
     x, y = _mixture(k, d, 200)
     n = 200
     mix = x[np.random.default_rng(1).choice(len(x), n, replace=False)]
     one = x[y == 0]
-    r_mix, r_one = rk.rke_score(mix), rk.rke_score(one)  # each at its own default
+    s = rk.default_bandwidth(mix)  # one sigma, from the diverse set, shared
+    r_mix, r_one = rk.rke_score(mix, s), rk.rke_score(one, s)
     assert r_mix >= 3.0 * r_one, (r_mix, r_one)
-    # the median default does not: both about 2.4
+    # the median default at each set's own scale does not: both about 2.4
     med = [rk.rke_score(v, rk.median_bandwidth(v)) for v in (mix, one)]
     assert med[0] < 1.5 * med[1]
 
@@ -40,17 +41,19 @@ def test_default_is_used_when_sigma_is_none_and_is_exported():
     t = np.eye(6)[np.repeat(np.arange(6), 15)]
     st = rk.default_bandwidth(t)
     assert rk.cond_rke_score(x, t) == rk.cond_rke_score(x, t, s, st)
-    # one-hot prompts: different labels are far apart at the default (sqrt 2 = the median
-    # would give k^2 = e^-1 between any two labels)
-    assert rk.rke_score(t, st) == pytest.approx(6.0, rel=1e-3)
+    # one-hot prompts: different labels are far apart at the default (sigma = sqrt 2 / 2.5:
+    # k^2 = e^-6.25 between labels; the median sqrt 2 would give k^2 = e^-1)
+    assert st == pytest.approx(np.sqrt(2.0) / 2.5)
+    assert rk.rke_score(t, st) == pytest.approx(6.0 / (1.0 + 5.0 * np.exp(-6.25)), rel=1e-9)
+    assert rk.rke_score(t, st) > 5.9
     assert rk.rke_score(t, rk.median_bandwidth(t)) < 3.0
 
 
 def test_default_degenerate_sets():
     assert rk.default_bandwidth(np.zeros((1, 3))) == 1.0
     assert rk.default_bandwidth(np.zeros((7, 3))) == 1.0
-    x = np.array([[0.0], [1.0], [3.0]])  # too few points for a plateau: the median
-    assert rk.default_bandwidth(x) == rk.median_bandwidth(x)
+    x = np.array([[0.0], [1.0], [3.0]])  # the median distance 2 / 2.5
+    assert rk.default_bandwidth(x) == pytest.approx(0.8, rel=1e-12)
     big = torch.tensor([[3e38], [-3e38], [0.0], [1e38]])
     assert np.isfinite(rk.default_bandwidth(big))
 
