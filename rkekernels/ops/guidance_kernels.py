@@ -241,7 +241,9 @@ def dot_rke_guide(
 
     S_a = sum_j w_aj (psi_a . g_j)^2 over the bank (and, with ``p.batch``, the other current
     samples), psi = phi (linear) or phi / ||phi|| (cosine), g_j the bank rows alike,
-    log w_aj = -||y_a - c_j||^2 / s_c^2 (0 without prompts). S = 0 gives log S = -inf, grad 0.
+    log w_aj = -||y_a - c_j||^2 / s_c^2 (0 without prompts), shifted by their row maximum M_a
+    before exp (log S = M_a + log sum_j exp(log w_aj - M_a) (psi_a . g_j)^2, so a small s_c
+    does not underflow the weights). S = 0 gives log S = -inf, grad 0.
     ``zc``, ``yc``: ``p.z`` and ``p.y`` in the compute dtype.
     """
     fb, bc, normalize, batch = p.bank, p.bank_cond, p.normalize, p.batch
@@ -257,20 +259,25 @@ def dot_rke_guide(
         bcc = bc.to(zc.dtype)
         logw = -inv_c2 * ((yc * yc).sum(1)[:, None] + (bcc * bcc).sum(1)[None] - 2 * yc @ bcc.T)
     a = psi @ rows.T  # (b, n)
-    w = torch.exp(logw.clamp(max=0.0)) if logw is not None else torch.ones_like(a)
+    logw = logw.clamp(max=0.0) if logw is not None else torch.zeros_like(a)
     if batch:
         pb = psi.detach()
         ab = psi @ pb.T
-        wb = torch.ones_like(ab)
+        logwb = torch.zeros_like(ab)
         if yc is not None:
             d2 = (yc * yc).sum(1)[:, None] + (yc * yc).sum(1)[None] - 2 * yc @ yc.T
-            wb = torch.exp(-inv_c2 * d2.clamp(min=0.0))
-        wb = wb * (1.0 - torch.eye(len(pb), dtype=wb.dtype, device=wb.device))
-        a, w, rows = torch.cat([a, ab], 1), torch.cat([w, wb], 1), torch.cat([rows, pb])
-    s = (w * a * a).sum(1)
+            logwb = -inv_c2 * d2.clamp(min=0.0)
+        logwb = logwb.diagonal_scatter(torch.full_like(ab[:, 0], -math.inf))  # not itself
+        a, logw, rows = torch.cat([a, ab], 1), torch.cat([logw, logwb], 1), torch.cat([rows, pb])
+    # the weights relative to each row's largest (log-sum-exp shift): w_aj = exp(-||y_a -
+    # c_j||^2 / s_c^2) underflows for small s_c (s_c = 0.01: e^-10000), the shifted ones do not
+    top = logw.amax(1, keepdim=True) if logw.shape[1] else logw.new_zeros(logw.shape[0], 1)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w = torch.exp(logw - top)
+    s = (w * a * a).sum(1)  # S / exp(top)
     g_psi = 2.0 * ((w * a) @ rows) / s.clamp(min=torch.finfo(s.dtype).tiny)[:, None]
     g_phi = fmap.vjp(phi, None, g_psi)
     if normalize:
         g_phi = (g_phi - phi * (phi * g_phi).sum(1, keepdim=True)) / znorm
     g = torch.where((s > 0)[:, None], -g_phi, torch.zeros_like(g_phi))
-    return g, torch.log(s)
+    return g, torch.log(s) + top[:, 0]
