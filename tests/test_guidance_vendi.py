@@ -173,3 +173,28 @@ def test_rke_dot_kernels_small_sigma_cond_do_not_underflow(kernel):
     want_s, want_g = _dot_rke_logsumexp(z2, bank, y2, c, 0.01, kernel)
     torch.testing.assert_close(res2.log_s, want_s, rtol=1e-14, atol=0)
     torch.testing.assert_close(res2.grad, want_g, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_vendi_cache_sees_an_in_place_edit_that_keeps_the_sums(monkeypatch, as_numpy):
+    """Issue 23 A.5: the decomposition cache, keyed on (shape, address, sum, sum of squares),
+    returned the old log S after a swap of two entries of a row."""
+    from rkekernels.ops import guidance_kernels as gk
+
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randint(-4, 5, (30, 4), generator=gen).double()  # exact sums
+    z = torch.randn(1, 4, generator=gen, dtype=torch.float64)
+    if as_numpy:
+        bank, z = bank.numpy(), z.numpy()
+    calls = []
+    moment = gk._bank_moment
+    monkeypatch.setattr(gk, "_bank_moment", lambda *a: calls.append(1) or moment(*a))
+    kw = dict(sigma=1.0, normalize=False, algorithm="vendi", kernel="linear")
+    gk._CACHE.clear()
+    first = float(guidance_grad(z, bank, **kw).log_s[0])
+    assert float(guidance_grad(z, bank, **kw).log_s[0]) == first and len(calls) == 1  # a hit
+    bank[0, [0, 1]] = bank[0, [1, 0]].copy() if as_numpy else bank[0, [1, 0]].clone()
+    edited = float(guidance_grad(z, bank, **kw).log_s[0])
+    gk._CACHE.clear()
+    fresh = float(guidance_grad(z, bank, **kw).log_s[0])
+    assert edited == fresh and abs(edited - first) > 0.1  # -4.3088 against -3.9501

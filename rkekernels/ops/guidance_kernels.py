@@ -147,13 +147,39 @@ def _spectrum(cov, psi_rows):
 
 
 def _key(fb, bc, parts) -> tuple:
+    """The cache key of one state of a bank: it changes with every write to the bank.
+
+    A torch tensor's version counter (shared by its views and ``detach``) moves on every
+    in-place write; with the address, shape, strides, dtype and device it names one state of one
+    bank (the cache holds the bank itself, so no other tensor can take that address meanwhile).
+    Memory torch does not own (numpy, DLPack) is written without the counter: see `_same_bank`.
+    """
+
     def sig(t):
         if t is None or t.numel() == 0:
             return None
-        t64 = t.detach().to(torch.float64)
-        return (tuple(t.shape), t.data_ptr(), float(t64.sum()), float((t64 * t64).sum()))
+        return (tuple(t.shape), t.stride(), t.dtype, str(t.device), t.data_ptr(), t._version)
 
     return (sig(fb), sig(bc), *parts)
+
+
+def _foreign(t) -> bool:
+    """Memory torch did not allocate (numpy, DLPack): writes there leave ``_version`` alone."""
+    return t is not None and t.numel() > 0 and not t.untyped_storage().resizable()
+
+
+def _kept(fb, bc) -> tuple:
+    """What the cache holds of the bank: the tensors, or copies of memory torch does not own."""
+    return tuple(t.clone() if _foreign(t) else t for t in (fb, bc))
+
+
+def _same_bank(cached, key, fb, bc) -> bool:
+    """The cached decomposition belongs to this bank (foreign memory: compared whole)."""
+    if cached is None or cached[0] != key:
+        return False
+    return all(
+        torch.equal(t, kept) for t, kept in zip((fb, bc), cached[4], strict=True) if _foreign(t)
+    )
 
 
 def vendi_guide(
@@ -195,10 +221,10 @@ def vendi_guide(
 
     key = _key(fb, bc, (kernel, width, sigma, inv_c, seed, normalize, str(cdt)))
     cached = _CACHE.get("bank")
-    if cached is None or cached[0] != key:
+    if not _same_bank(cached, key, fb, bc):
         cov, rows = _bank_moment(fmap, fb, bc, cdt, width) if n else (None, None)
-        _CACHE["bank"] = cached = (key, cov, rows, None)
-    _, cov, rows, eig = cached
+        _CACHE["bank"] = cached = (key, cov, rows, None, _kept(fb, bc))
+    _, cov, rows, eig, kept = cached
     if batch:  # the other current samples join the bank (constants)
         pb = psi.detach().to(torch.float64)
         if cov is not None:
@@ -213,7 +239,7 @@ def vendi_guide(
     else:
         if eig is None:
             eig = _spectrum(cov, rows)
-            _CACHE["bank"] = (key, cov, rows, eig)
+            _CACHE["bank"] = (key, cov, rows, eig, kept)
         lam, vecs = eig
         total = n
     lam = lam.clamp(min=0.0)
