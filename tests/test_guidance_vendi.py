@@ -198,3 +198,27 @@ def test_vendi_cache_sees_an_in_place_edit_that_keeps_the_sums(monkeypatch, as_n
     gk._CACHE.clear()
     fresh = float(guidance_grad(z, bank, **kw).log_s[0])
     assert edited == fresh and abs(edited - first) > 0.1  # -4.3088 against -3.9501
+
+
+def test_vendi_objective_is_the_documented_one_when_k_zz_is_not_1():
+    """Issue 23 A.6: docs/math.md's T = tr C + ||psi||^2 and eps = ||psi||^2 / 2, the sample's
+    own k(z, z); the code used the bank's mean k(x, x) (linear kernel, normalize=False)."""
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(30, 2, generator=gen, dtype=torch.float64)
+    bank = bank / bank.norm(dim=1, keepdim=True)  # mean k(x, x) = 1, k(z, z) = 2.41 and 0.25
+    z = torch.tensor([[1.5, 0.4], [0.3, -0.4]], dtype=torch.float64)
+    res = guidance_grad(z, bank, sigma=1.0, normalize=False, algorithm="vendi", kernel="linear",
+                        include_batch=False)  # fmt: skip
+    zz = z.clone().requires_grad_(True)
+    lam, vecs = torch.linalg.eigh(bank.T @ bank)
+    p = lam / lam.sum()
+    h = -(p * p.log()).sum()
+    log_s = []
+    for psi in zz:  # psi^T (L + H I) psi, L = log((C + ||psi||^2 / 2 I) / (tr C + ||psi||^2))
+        a = psi @ psi
+        ell = vecs @ torch.diag(torch.log((lam + a / 2) / (lam.sum() + a))) @ vecs.T
+        log_s.append(psi @ (ell + h * torch.eye(2, dtype=torch.float64)) @ psi)
+    log_s = torch.stack(log_s)
+    (g,) = torch.autograd.grad(log_s.sum(), zz)
+    torch.testing.assert_close(res.log_s, log_s.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(res.grad, -g, rtol=1e-10, atol=1e-13)

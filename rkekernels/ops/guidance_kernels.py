@@ -20,12 +20,15 @@ so maximising the Vendi score of bank + sample means minimising
 
     log S(z) = psi^T (L + H I) psi,   L = log((C + eps I) / T),   eps = ||psi||^2 / 2
 
+with H the entropy of the bank's spectrum and ||psi||^2 = k(z, z) the sample's own (1 for the
+random features and cosine; with the linear kernel it moves with z, and so do T and eps).
 (eps: the derivative taken at the midpoint of the sample's own rank-one step, finite in the
-directions the bank does not span). The guidance is -d log S / dz, chained through psi and the
-feature map. The eigendecomposition of C (or of the n x n feature Gram when n < D) is done once
-per bank change and cached; each step costs O(b (d D + D r)) for r = min(n, D) eigenvectors.
-With ``include_batch`` the other current samples join C (one D x D eigendecomposition per step,
-independent of n). Order 1 is the Vendi of vendi-score; the official SPARKE code's "vendi"
+directions the bank does not span). The guidance is -d log S / dz (through T and eps too),
+chained through psi and the feature map. The eigendecomposition of C (or of the n x n feature
+Gram when n < D) is done once per bank change and cached; each step costs O(b (d D + D r)) for
+r = min(n, D) eigenvectors. With ``include_batch`` (b > 1) the current samples join C as
+constants, each one's own psi included (one D x D eigendecomposition per step, independent of
+n). Order 1 is the Vendi of vendi-score; the official SPARKE code's "vendi"
 algorithm takes a full SVD of the (n + 1) x (n + 1) kernel matrix at every step instead.
 """
 
@@ -235,26 +238,27 @@ def vendi_guide(
                 lam, vecs = _spectrum(allr.T @ allr, None)
             else:
                 lam, vecs = _spectrum(None, allr)
-        total = n + b
     else:
         if eig is None:
             eig = _spectrum(cov, rows)
             _CACHE["bank"] = (key, cov, rows, eig, kept)
         lam, vecs = eig
-        total = n
     lam = lam.clamp(min=0.0)
-    diag = float(lam.sum()) / total  # mean k(x, x): 1 for rff and cosine
-    trace = float(lam.sum()) + diag  # the bank plus the new sample
     p = lam / float(lam.sum())
     h = float(-(p[p > 0] * p[p > 0].log()).sum())
-    eps = 0.5 * diag
-    ell0 = math.log(eps / trace)
-    gain = torch.log((lam + eps) / trace) - ell0  # (r,)
     p64 = psi.to(torch.float64)
+    # the sample's own k(z, z) = ||psi||^2 (1 for rff and cosine): T = tr C + a, eps = a / 2
+    a = (p64 * p64).sum(1, keepdim=True)  # (b, 1)
+    trace = float(lam.sum()) + a
+    eps = (0.5 * a).clamp(min=torch.finfo(torch.float64).tiny)  # psi = 0: log S = 0, grad 0
+    ell0 = torch.log(eps / trace)  # (b, 1): L on the directions the bank does not span
+    gain = torch.log(lam + eps) - torch.log(eps)  # (b, r): L - ell0 on the eigenvectors
     proj = p64 @ vecs  # (b, r)
     l_psi = (proj * gain) @ vecs.T + (ell0 + h) * p64  # (L + H I) psi
     log_s = (p64 * l_psi).sum(1)
-    g_phi = fmap.vjp(phi, yc, (2.0 * l_psi).to(cdt))
+    # d log S / d psi = 2 (L + H I) psi + c psi: c from eps and T, which move with ||psi||^2
+    c = (proj * proj * (1.0 / (lam + eps) - 1.0 / eps)).sum(1, keepdim=True) + 2.0 - 2.0 * a / trace
+    g_phi = fmap.vjp(phi, yc, (2.0 * l_psi + c * p64).to(cdt))
     if normalize:
         g_phi = (g_phi - phi * (phi * g_phi).sum(1, keepdim=True)) / znorm
     return -g_phi, log_s.to(cdt)
