@@ -17,9 +17,18 @@ $(VENV)/.demo-installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e ".[demo]"
 	touch $@
 
+# the test environment holds the docs extra too, so it stamps both (.ci/run: make test, then
+# make docs in the same environment, with nothing more to install)
 $(VENV)/.test-installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test,demo,docs]"
+	touch $@ $(VENV)/.docs-installed
+
+# the docs alone: the docs extra and the package's own dependencies (torch from TORCH_SPEC, as
+# pip would otherwise fetch the default build); mkdocstrings reads the sources without importing
+$(VENV)/.docs-installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[docs]"
 	touch $@
 
 demo: $(VENV)/.demo-installed
@@ -32,7 +41,7 @@ lint: $(VENV)/.test-installed
 test: lint
 	$(BIN)/python -m pytest -q
 
-docs: $(VENV)/.test-installed
+docs: $(VENV)/.docs-installed
 	$(BIN)/mkdocs build --strict --site-dir site
 
 bench: $(VENV)/.test-installed

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._input import check_sigma
 from .scores import _default_from_tensor, _median_of, _prepare, _subsample_sq_dists, rke_score
 
 __all__ = ["BandwidthSweep", "SharedScores", "plot_sweep", "rke_scores", "rke_sweep"]
@@ -64,7 +65,8 @@ def rke_scores(
 
     Args:
         sets: {name: (n_s, d) array} or a list of them (same d).
-        sigma: the shared bandwidth, or None to take it from ``reference``.
+        sigma: the shared bandwidth (one number; for several, `rke_sweep` each set), or None to
+            take it from ``reference``.
         reference: which set gives the bandwidth when sigma is None: a key/index of ``sets``
             or an (n, d) array (say, real data). Ignored when sigma is given.
         backend: as in `rke_score`.
@@ -73,7 +75,8 @@ def rke_scores(
         SharedScores(sigma, scores): scores as floats by name.
 
     Raises:
-        ValueError / TypeError: as `rke_score`, naming the set; an unknown reference.
+        ValueError / TypeError: as `rke_score`, naming the set; sets (or a reference array)
+            of different widths d, naming them; a sequence of sigmas; an unknown reference.
 
     Example:
         >>> import numpy as np, rkekernels
@@ -86,6 +89,22 @@ def rke_scores(
         (1.03, {'tight': 18.54, 'wide': 92.59})
     """
     named = _named(sets)
+    if sigma is not None:
+        sigma = _one_sigma(sigma)
+    prepared = {}
+    for name, x in named.items():
+        try:
+            prepared[name] = _prepare(x, "x")
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"set {name!r}: {exc}") from None
+    widths: dict[int, list[str]] = {}
+    for name, x in prepared.items():
+        widths.setdefault(int(x.shape[1]), []).append(name)
+    if len(widths) > 1:
+        listed = "; ".join(f"d={d}: {names}" for d, names in widths.items())
+        raise ValueError(
+            f"sets must all have the same width d (one encoder, one kernel); got {listed}"
+        )
     if sigma is None:
         if reference is None:
             ref = next(iter(named.values()))
@@ -96,14 +115,32 @@ def rke_scores(
             ref = named[key]
         else:
             ref = reference
-        sigma = _default_from_tensor(_prepare(ref, "reference"))
+        ref = _prepare(ref, "reference")
+        (d,) = widths
+        if ref.shape[1] != d:
+            raise ValueError(
+                f"reference has width d={ref.shape[1]} but the sets have d={d}: its bandwidth "
+                "would belong to another space (embed it with the sets' encoder)"
+            )
+        sigma = _default_from_tensor(ref)
     scores = {}
-    for name, x in named.items():
+    for name, x in prepared.items():
         try:
             scores[name] = float(rke_score(x, sigma, backend=backend))
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"set {name!r}: {exc}") from None
-    return SharedScores(float(sigma) if not isinstance(sigma, list) else sigma, scores)
+    return SharedScores(float(sigma), scores)
+
+
+def _one_sigma(sigma: Any) -> float:
+    """The one shared bandwidth of `rke_scores`; a sequence of them is refused by name."""
+    if np.ndim(sigma) > 0 and not (hasattr(sigma, "numel") and sigma.numel() == 1):
+        raise ValueError(
+            f"sigma must be one bandwidth shared by every set (rke_scores compares the sets at "
+            f"one sigma); got {np.ndim(sigma)}-D {sigma!r}: for RKE against several "
+            "bandwidths use rkekernels.rke_sweep(x, sigmas) on each set"
+        )
+    return check_sigma(sigma, "sigma")
 
 
 def sweep_grid(x: Any, num: int = 25) -> np.ndarray:

@@ -302,6 +302,9 @@ def rke_score(x: Any, sigma: Any = None, *, kernel: str = "gaussian", backend: s
     Returns:
         torch input: a 0-dim tensor (1-D for several sigmas) that supports autograd.
         other input: a float (numpy array for several sigmas).
+        With sigma=None the default bandwidth is computed from the detached x and held
+        constant: the gradient is d RKE / dx at that fixed sigma (it does not flow through
+        the bandwidth).
 
     Raises:
         ValueError: empty x, wrong rank, NaN/Inf, bad sigma, unknown backend or kernel, a
@@ -344,6 +347,8 @@ def cond_rke_score(
 
     Returns:
         As `rke_score`: a tensor with autograd (w.r.t. x and t) for torch input, else a float.
+        With sigma or sigma_t None the default bandwidth is computed from the detached data
+        and held constant: the gradient does not flow through the bandwidth.
 
     Example:
         >>> import torch, rkekernels
@@ -377,6 +382,8 @@ def rke_entropies(
     Returns:
         RKEEntropies(h_x, h_t, h_xt, h_x_given_t, mutual_info): tensors with autograd for torch
         input (1-D over sigma when several are given; h_t is then repeated), floats otherwise.
+        A default bandwidth (sigma or sigma_t None) is held constant in the gradient, as in
+        `cond_rke_score`.
 
     Example:
         >>> import torch, rkekernels

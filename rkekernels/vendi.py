@@ -106,7 +106,10 @@ def check_order(q: Any) -> float:
         raise TypeError(f"q must be a positive number or math.inf, got {type(q).__name__}")
     qf = float(q)
     if math.isnan(qf) or qf <= 0.0:
-        raise ValueError(f"q must be > 0 (1 for the von Neumann entropy, math.inf), got {q!r}")
+        raise ValueError(
+            f"q must be > 0 or math.inf (q = 1 is the von Neumann entropy, the usual Vendi "
+            f"score; q = 0 would only count the nonzero eigenvalues); got q={q!r}"
+        )
     return qf
 
 

@@ -79,6 +79,21 @@ def test_rke_scores_share_one_bandwidth():
         rk.rke_scores({})
 
 
+def test_rke_scores_refuse_several_sigmas_and_mixed_widths():
+    """Issue 23 A.7: sigma=[1.0, 2.0] blamed set '0' ("only length-1 arrays ..."), and sets of
+    different widths were scored without complaint."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 3))
+    for many in ([1.0, 2.0], np.array([1.0, 2.0]), torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match=r"sigma must be one bandwidth .*rke_sweep"):
+            rk.rke_scores({"0": x}, many)
+    assert rk.rke_scores([x], torch.tensor([0.5])).sigma == 0.5  # one element is one sigma
+    with pytest.raises(ValueError, match=r"same width d .*d=3: \['a', 'c'\]; d=2: \['b'\]"):
+        rk.rke_scores({"a": x, "b": x[:, :2], "c": x}, 1.0)
+    with pytest.raises(ValueError, match=r"reference has width d=2 but the sets have d=3"):
+        rk.rke_scores({"a": x}, reference=x[:, :2])
+
+
 def test_rke_sweep_and_plot(tmp_path):
     x, _ = _mixture(4, 3, 25)
     sw = rk.rke_sweep(x, num=9)

@@ -158,3 +158,60 @@ def test_bad_input_names_the_argument():
         ev.rke_interval(x * 1e6, 1e-3, unbiased=True)
     with pytest.raises(ValueError, match=r"NaN|finite"):
         ev.sample_sums(torch.full((3, 2), float("nan")))
+
+
+def _u_jackknife(x, sigma, t=None, sigma_t=1.0):
+    """Dense float64 (log U, jackknife se): off-diagonal sums with the diagonal masked out."""
+    n = x.shape[0]
+    k2 = ref.gaussian_kernel(x, x, sigma) ** 2
+    kt2 = ref.gaussian_kernel(t, t, sigma_t) ** 2 if t is not None else None
+    mask = ~torch.eye(n, dtype=torch.bool)
+
+    def stat(idx):
+        m = mask[idx][:, idx]
+        if t is None:
+            return math.log(len(idx) * (len(idx) - 1)) - torch.log(k2[idx][:, idx][m].sum())
+        a, b = kt2[idx][:, idx][m].sum(), (k2 * kt2)[idx][:, idx][m].sum()
+        return torch.log(a) - torch.log(b)
+
+    idx = torch.arange(n)
+    loo = torch.stack([stat(idx[idx != i]) for i in range(n)])
+    return float(stat(idx)), float(((n - 1) / n * ((loo - loo.mean()) ** 2).sum()).sqrt())
+
+
+@pytest.mark.parametrize("spacing", [5.8, 6.0, 7.0])
+def test_unbiased_interval_keeps_a_tiny_off_diagonal_mass(spacing):
+    """Issue 23 A.1: off = F - n lost the digits (6.0: 1.400e18 for 4.311e17; 7.0 raised)."""
+    x = spacing * torch.arange(200, dtype=torch.float64)[:, None]
+    ci = ev.rke_interval(x, sigma=1.0, unbiased=True)
+    k2 = ref.gaussian_kernel(x, x, 1.0) ** 2
+    want = 200 * 199 / k2[~torch.eye(200, dtype=torch.bool)].sum()
+    # 1e-9: the tiles' GEMM distances (|x| ~ 600) carry ~1e-10 of the exponent
+    assert math.isclose(ci.estimate, float(want), rel_tol=1e-9)
+    t = torch.zeros(200, 1, dtype=torch.float64)  # Kt = 1: CondRKE = U-statistic of x
+    cc = ev.cond_rke_interval(x, t, sigma=1.0, sigma_t=1.0, unbiased=True)
+    assert math.isclose(cc.estimate, float(want), rel_tol=1e-9)
+
+
+def test_unbiased_jackknife_recomputes_a_cancelled_leave_one_out_sum():
+    """One close pair holds nearly all the mass: O - 2 r_0 cancels; it is summed again."""
+    x = torch.cat([torch.tensor([0.0, 0.1]), 7.0 * torch.arange(1, 29)]).double()[:, None]
+    ci = ev.rke_interval(x, sigma=1.0, unbiased=True)
+    log_u, se = _u_jackknife(x, 1.0)
+    assert math.isclose(math.log(ci.estimate), log_u, rel_tol=1e-10)
+    assert math.isclose(ci.se_log, se, rel_tol=1e-8)
+    t = torch.linspace(0, 1, 30, dtype=torch.float64)[:, None]
+    cc = ev.cond_rke_interval(x, t, sigma=1.0, sigma_t=2.0, unbiased=True)
+    log_c, se_c = _u_jackknife(x, 1.0, t, 2.0)
+    assert math.isclose(math.log(cc.estimate), log_c, rel_tol=1e-10)
+    assert math.isclose(cc.se_log, se_c, rel_tol=1e-8)
+
+
+def test_unbiased_jackknife_without_off_diagonal_mass_raises():
+    """Issue 23 A.1: a leave-one-out set with no off-diagonal mass gave se_log = 676.5 (a clamp)."""
+    x = torch.tensor([[0.0], [1.0], [100.0], [200.0], [300.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"jackknife is undefined: without sample 0"):
+        ev.rke_interval(x, sigma=1.0, unbiased=True)
+    t = torch.zeros(5, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"jackknife is undefined: without sample 0"):
+        ev.cond_rke_interval(x, t, sigma=1.0, sigma_t=1.0, unbiased=True)

@@ -131,3 +131,21 @@ def test_fused_pass_taken_only_where_it_saves_work(monkeypatch):
     torch.autograd.grad(rk.rke_score(x, [1.0, 2.0]).sum(), x)  # 2 bandwidths: 2 passes cheaper
     torch.autograd.grad(rk.cond_rke_score(x, t, 1.0, 1.0), x)
     assert calls == [1]
+
+
+def test_default_bandwidth_is_a_constant_in_the_gradient():
+    """Issue 23 A.8 (documented in the docstrings): sigma=None gives d RKE / dx at the fixed
+    default bandwidth of x; nothing flows through the bandwidth (it depends on x too)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 3, generator=gen, dtype=torch.float64)
+    t = torch.randn(30, 2, generator=gen, dtype=torch.float64)
+    s, st = rk.default_bandwidth(x), rk.default_bandwidth(t)
+    for fn, args, fixed in (
+        (rk.rke_score, (), (s,)),
+        (rk.cond_rke_score, (t,), (s, st)),
+        (lambda x, t, *s: rk.rke_entropies(x, t, *s).h_x_given_t, (t,), (s, st)),
+    ):
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        (ga,) = torch.autograd.grad(fn(xa, *args), xa)
+        (gb,) = torch.autograd.grad(fn(xb, *args, *fixed), xb)
+        torch.testing.assert_close(ga, gb, rtol=1e-12, atol=0)

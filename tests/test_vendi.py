@@ -263,6 +263,17 @@ def test_bad_input(kwargs, exc, word):
         rkekernels.vendi_score(x, **kw)
 
 
+def test_order_zero_message_reads_cleanly():
+    """Issue 23 C.4: "q must be > 0 (1 for the von Neumann entropy, math.inf), got 0"."""
+    x, _ = _data(n=20, d=3)
+    with pytest.raises(ValueError) as info:
+        rkekernels.vendi_score(x, 0)
+    assert str(info.value) == (
+        "q must be > 0 or math.inf (q = 1 is the von Neumann entropy, the usual Vendi score; "
+        "q = 0 would only count the nonzero eigenvalues); got q=0"
+    )
+
+
 def test_bad_input_data():
     x, t = _data(n=20, d=3)
     z = x.clone()

@@ -19,6 +19,7 @@ novel modes use the same `rkekernels.vendi.Mode` type.
 
 from __future__ import annotations
 
+import functools
 import math
 from statistics import NormalDist
 from typing import Any, NamedTuple
@@ -104,13 +105,58 @@ def _centred(*mats: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [m - m.mean(0, keepdim=True) if m is not None else None for m in mats]
 
 
-def _sums(x, t, sigma, sigma_t):
-    """Validated inputs -> (n, sigmas, many, torch_out, float64 s_x (K, n), s_t, s_xt)."""
+def _sums(x, t, sigma, sigma_t, off: bool = False):
+    """Validated inputs -> (n, sigmas, many, torch_out, float64 s_x (K, n), s_t, s_xt).
+
+    ``off``: the off-diagonal row sums r_i = s_i - 1 instead (computed without the diagonal, see
+    `_off_row_sums`), and one more item: the recompute of a sum over a subset of the rows.
+    """
     xt, tt, sigmas, many, st, _, torch_out = _pair(x, t, sigma, sigma_t, "torch")
     xc, tc = _centred(xt.detach(), tt.detach() if tt is not None else None)
     inv_t = 1.0 / (st * st) if st is not None else None
-    sx, s_t, sxt = scores_torch.row_sums(xc, tc, [1.0 / (s * s) for s in sigmas], inv_t)
-    return xt.shape[0], sigmas, many, torch_out, sx, s_t, sxt
+    inv_x = [1.0 / (s * s) for s in sigmas]
+    if not off:
+        sx, s_t, sxt = scores_torch.row_sums(xc, tc, inv_x, inv_t)
+        return xt.shape[0], sigmas, many, torch_out, sx, s_t, sxt
+    sx, s_t, sxt = _off_row_sums(xc, tc, inv_x, inv_t)
+
+    @functools.cache
+    def without(i: int):  # the off-diagonal sums of the set without sample i
+        keep = torch.arange(xc.shape[0], device=xc.device) != i
+        sub = _off_row_sums(xc[keep], tc[keep] if tc is not None else None, inv_x, inv_t)
+        return [v.sum(-1) if v is not None else None for v in sub]
+
+    return xt.shape[0], sigmas, many, torch_out, sx, s_t, sxt, without
+
+
+def _off_row_sums(xc, tc, inv_sx2, inv_st2):
+    """Off-diagonal row sums r_i = sum_{j != i} k^2, float64 ((K, n), (n,) or None, (K, n) or None).
+
+    The tiles of `scores_torch.row_sums` with each diagonal tile's diagonal set to 0 before its
+    rows are summed: an off-diagonal mass far below 1 (neighbours at 5e-22) is kept, where
+    s_i - 1 or F - n would lose it to the diagonal's ones.
+    """
+    n, K = xc.shape[0], len(inv_sx2)
+    nx = scores_torch.sq_norms(xc)
+    nt = scores_torch.sq_norms(tc) if tc is not None else None
+    acc = torch.zeros(2 * K + 1, n, dtype=torch.float64, device=xc.device)
+    for i0, i1, j0, j1, diag in scores_torch.tiles(n):
+
+        def add(slot, tile, i0=i0, i1=i1, j0=j0, j1=j1, diag=diag):
+            if diag:
+                tile.diagonal().zero_()  # later products of this tile need it 0 as well
+            acc[slot, i0:i1] += tile.sum(1, dtype=torch.float64)
+            if not diag:
+                acc[slot, j0:j1] += tile.sum(0, dtype=torch.float64)
+
+        ta, tb = (tc[i0:i1], tc[j0:j1]) if tc is not None else (None, None)
+        na, nb = (nt[i0:i1], nt[j0:j1]) if tc is not None else (None, None)
+        scores_torch.block_sums(
+            acc, 1.0, xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag, inv_sx2,
+            ta, na, tb, nb, inv_st2, add=add,
+        )  # fmt: skip
+    has_t = tc is not None
+    return acc[:K], acc[K] if has_t else None, acc[K + 1 :] if has_t else None
 
 
 def sample_sums(x: Any, t: Any = None, sigma: Any = None, sigma_t: Any = None) -> SampleSums:
@@ -182,14 +228,37 @@ def _need_n(n: int, unbiased: bool) -> None:
         )
 
 
-def _off_diagonal(f: torch.Tensor, n: int, what: str, sigmas) -> torch.Tensor:
-    off = f - n
+#: a leave-one-out off-diagonal sum off - 2 r_i below this fraction of off has lost its digits
+#: to cancellation; it is summed again without sample i (at most 2 rows per sum can be that low)
+_LOO_RECOMPUTE = 1e-8
+
+
+def _off_diagonal(r: torch.Tensor, what: str, sigmas, without, slot: int):
+    """(off (K,), off_{-i} (K, n)) from off-diagonal row sums r (K, n); ValueError where 0.
+
+    off = sum_i r_i; removing sample i removes its row and column: off_{-i} = off - 2 r_i.
+    Where that falls below ``_LOO_RECOMPUTE`` off it is recomputed exactly (``without(i)``, one
+    O(n^2) pass over the other rows). No off-diagonal mass (the U-statistic is 1 / 0) in the
+    whole set or in a leave-one-out set raises: the estimator, or its jackknife, is undefined.
+    """
+    off = r.sum(-1)
     if bool((off <= 0).any()):
         raise ValueError(
             f"the unbiased estimator is undefined: every off-diagonal {what} underflows to 0 at "
             f"sigma={sigmas}; use a larger sigma or unbiased=False"
         )
-    return off
+    loo = off[:, None] - 2.0 * r
+    lost = (loo <= _LOO_RECOMPUTE * off[:, None]).any(0).nonzero().flatten().tolist()
+    for i in lost:
+        loo[:, i] = without(i)[slot]
+    if bool((loo <= 0).any()):
+        i = int((loo <= 0).any(0).nonzero()[0])
+        raise ValueError(
+            f"the unbiased estimator's jackknife is undefined: without sample {i} every "
+            f"off-diagonal {what} underflows to 0 at sigma={sigmas} (that leave-one-out score "
+            "is infinite); use a larger sigma or unbiased=False"
+        )
+    return off, loo
 
 
 def rke_interval(
@@ -202,9 +271,15 @@ def rke_interval(
 
         plug-in  (V-statistic, the library's RKE):  theta = log(n^2 / F)
                  theta_{-i} = log((n - 1)^2 / F_{-i})
-        unbiased (U-statistic, off-diagonal pairs): theta = log(n (n - 1) / (F - n))
-                 theta_{-i} = log((n - 1)(n - 2) / (F_{-i} - n + 1))
+        unbiased (U-statistic, off-diagonal pairs): theta = log(n (n - 1) / O)
+                 theta_{-i} = log((n - 1)(n - 2) / O_{-i}),   O_{-i} = O - 2 r_i
         se^2 = (n - 1)/n sum_i (theta_{-i} - mean theta_{-.})^2,   CI = exp(theta -/+ z se)
+
+    Unbiased: O = sum_{i != j} k(x_i, x_j)^2 and r_i = sum_{j != i} k(x_i, x_j)^2 are summed
+    without the diagonal (not as F - n, which loses a small off-diagonal mass to the n ones);
+    an O_{-i} that cancels below 1e-8 O is summed again without sample i (O(n^2), at most two
+    such rows). With no off-diagonal mass at all, in the set or in a leave-one-out set (its
+    score is infinite), ValueError: the estimator or its jackknife is undefined there.
 
     The interval is on the log scale (RKE is a ratio; its log is close to normal). The unbiased
     estimator's target is 1 / E[k(x, x')^2] over independent pairs, the population RKE; the
@@ -228,14 +303,17 @@ def rke_interval(
         True
     """
     z = _z(level)
-    n, sigmas, many, _, sx, _, _ = _sums(x, None, sigma, None)
-    _need_n(n, unbiased)
-    f = sx.sum(1)
-    f_loo = f[:, None] - 2.0 * sx + 1.0
     if unbiased:
-        theta = math.log(n * (n - 1)) - torch.log(_off_diagonal(f, n, "kernel value", sigmas))
-        loo = math.log((n - 1) * (n - 2)) - torch.log((f_loo - (n - 1)).clamp_min(1e-300))
+        n, sigmas, many, _, rx, _, _, without = _sums(x, None, sigma, None, off=True)
+        _need_n(n, unbiased)
+        off, off_loo = _off_diagonal(rx, "kernel value", sigmas, without, 0)
+        theta = math.log(n * (n - 1)) - torch.log(off)
+        loo = math.log((n - 1) * (n - 2)) - torch.log(off_loo)
     else:
+        n, sigmas, many, _, sx, _, _ = _sums(x, None, sigma, None)
+        _need_n(n, unbiased)
+        f = sx.sum(1)
+        f_loo = f[:, None] - 2.0 * sx + 1.0
         theta = 2.0 * math.log(n) - torch.log(f)
         loo = 2.0 * math.log(n - 1) - torch.log(f_loo)
     return _jackknife(theta, loo, z, level, many)
@@ -254,8 +332,10 @@ def cond_rke_interval(
 
     CondRKE = F_t / F_xt with F_t = sum_ij Kt^2, F_xt = sum_ij Kx^2 Kt^2; leaving sample i out
     gives F_{t,-i} = F_t - 2 st_i + 1 and F_{xt,-i} = F_xt - 2 sxt_i + 1 (the row sums of
-    `sample_sums`). Unbiased: (F_t - n) / (F_xt - n) (off-diagonal pairs only), and leave-one-out
-    (F_{t,-i} - n + 1) / (F_{xt,-i} - n + 1). Jackknife on the log scale as in `rke_interval`.
+    `sample_sums`). Unbiased: O_t / O_xt, the sums over the off-diagonal pairs only (summed
+    without the diagonal), and leave-one-out O_{t,-i} / O_{xt,-i} with O_{-i} = O - 2 r_i (r_i
+    the off-diagonal row sums; recomputed and errors as in `rke_interval`). Jackknife on the log
+    scale as in `rke_interval`.
 
     Args:
         x: (n, d) samples. t: (n, m) prompt embeddings.
@@ -277,20 +357,19 @@ def cond_rke_interval(
     if t is None:
         raise ValueError("t is None: cond_rke_interval needs prompt embeddings t of shape (n, m)")
     z = _z(level)
-    n, sigmas, many, _, _, s_t, sxt = _sums(x, t, sigma, sigma_t)
-    _need_n(n, unbiased)
-    ft, fxt = s_t.sum(), sxt.sum(1)
-    ft_loo = ft - 2.0 * s_t[None, :] + 1.0
-    fxt_loo = fxt[:, None] - 2.0 * sxt + 1.0
     if unbiased:
-        num = _off_diagonal(ft.reshape(1), n, "prompt kernel value", sigma_t)
-        den = _off_diagonal(fxt, n, "joint kernel value", sigmas)
+        n, sigmas, many, _, _, r_t, rxt, without = _sums(x, t, sigma, sigma_t, off=True)
+        _need_n(n, unbiased)
+        num, num_loo = _off_diagonal(r_t[None], "prompt kernel value", sigma_t, without, 1)
+        den, den_loo = _off_diagonal(rxt, "joint kernel value", sigmas, without, 2)
         theta = torch.log(num) - torch.log(den)
-        m1 = n - 1
-        loo = torch.log((ft_loo - m1).clamp_min(1e-300)) - torch.log(
-            (fxt_loo - m1).clamp_min(1e-300)
-        )
+        loo = torch.log(num_loo) - torch.log(den_loo)
     else:
+        n, sigmas, many, _, _, s_t, sxt = _sums(x, t, sigma, sigma_t)
+        _need_n(n, unbiased)
+        ft, fxt = s_t.sum(), sxt.sum(1)
+        ft_loo = ft - 2.0 * s_t[None, :] + 1.0
+        fxt_loo = fxt[:, None] - 2.0 * sxt + 1.0
         theta = torch.log(ft) - torch.log(fxt)
         loo = torch.log(ft_loo) - torch.log(fxt_loo)
     return _jackknife(theta, loo, z, level, many)

@@ -20,12 +20,15 @@ so maximising the Vendi score of bank + sample means minimising
 
     log S(z) = psi^T (L + H I) psi,   L = log((C + eps I) / T),   eps = ||psi||^2 / 2
 
+with H the entropy of the bank's spectrum and ||psi||^2 = k(z, z) the sample's own (1 for the
+random features and cosine; with the linear kernel it moves with z, and so do T and eps).
 (eps: the derivative taken at the midpoint of the sample's own rank-one step, finite in the
-directions the bank does not span). The guidance is -d log S / dz, chained through psi and the
-feature map. The eigendecomposition of C (or of the n x n feature Gram when n < D) is done once
-per bank change and cached; each step costs O(b (d D + D r)) for r = min(n, D) eigenvectors.
-With ``include_batch`` the other current samples join C (one D x D eigendecomposition per step,
-independent of n). Order 1 is the Vendi of vendi-score; the official SPARKE code's "vendi"
+directions the bank does not span). The guidance is -d log S / dz (through T and eps too),
+chained through psi and the feature map. The eigendecomposition of C (or of the n x n feature
+Gram when n < D) is done once per bank change and cached; each step costs O(b (d D + D r)) for
+r = min(n, D) eigenvectors. With ``include_batch`` (b > 1) the current samples join C as
+constants, each one's own psi included (one D x D eigendecomposition per step, independent of
+n). Order 1 is the Vendi of vendi-score; the official SPARKE code's "vendi"
 algorithm takes a full SVD of the (n + 1) x (n + 1) kernel matrix at every step instead.
 """
 
@@ -147,13 +150,39 @@ def _spectrum(cov, psi_rows):
 
 
 def _key(fb, bc, parts) -> tuple:
+    """The cache key of one state of a bank: it changes with every write to the bank.
+
+    A torch tensor's version counter (shared by its views and ``detach``) moves on every
+    in-place write; with the address, shape, strides, dtype and device it names one state of one
+    bank (the cache holds the bank itself, so no other tensor can take that address meanwhile).
+    Memory torch does not own (numpy, DLPack) is written without the counter: see `_same_bank`.
+    """
+
     def sig(t):
         if t is None or t.numel() == 0:
             return None
-        t64 = t.detach().to(torch.float64)
-        return (tuple(t.shape), t.data_ptr(), float(t64.sum()), float((t64 * t64).sum()))
+        return (tuple(t.shape), t.stride(), t.dtype, str(t.device), t.data_ptr(), t._version)
 
     return (sig(fb), sig(bc), *parts)
+
+
+def _foreign(t) -> bool:
+    """Memory torch did not allocate (numpy, DLPack): writes there leave ``_version`` alone."""
+    return t is not None and t.numel() > 0 and not t.untyped_storage().resizable()
+
+
+def _kept(fb, bc) -> tuple:
+    """What the cache holds of the bank: the tensors, or copies of memory torch does not own."""
+    return tuple(t.clone() if _foreign(t) else t for t in (fb, bc))
+
+
+def _same_bank(cached, key, fb, bc) -> bool:
+    """The cached decomposition belongs to this bank (foreign memory: compared whole)."""
+    if cached is None or cached[0] != key:
+        return False
+    return all(
+        torch.equal(t, kept) for t, kept in zip((fb, bc), cached[4], strict=True) if _foreign(t)
+    )
 
 
 def vendi_guide(
@@ -195,10 +224,10 @@ def vendi_guide(
 
     key = _key(fb, bc, (kernel, width, sigma, inv_c, seed, normalize, str(cdt)))
     cached = _CACHE.get("bank")
-    if cached is None or cached[0] != key:
+    if not _same_bank(cached, key, fb, bc):
         cov, rows = _bank_moment(fmap, fb, bc, cdt, width) if n else (None, None)
-        _CACHE["bank"] = cached = (key, cov, rows, None)
-    _, cov, rows, eig = cached
+        _CACHE["bank"] = cached = (key, cov, rows, None, _kept(fb, bc))
+    _, cov, rows, eig, kept = cached
     if batch:  # the other current samples join the bank (constants)
         pb = psi.detach().to(torch.float64)
         if cov is not None:
@@ -209,26 +238,27 @@ def vendi_guide(
                 lam, vecs = _spectrum(allr.T @ allr, None)
             else:
                 lam, vecs = _spectrum(None, allr)
-        total = n + b
     else:
         if eig is None:
             eig = _spectrum(cov, rows)
-            _CACHE["bank"] = (key, cov, rows, eig)
+            _CACHE["bank"] = (key, cov, rows, eig, kept)
         lam, vecs = eig
-        total = n
     lam = lam.clamp(min=0.0)
-    diag = float(lam.sum()) / total  # mean k(x, x): 1 for rff and cosine
-    trace = float(lam.sum()) + diag  # the bank plus the new sample
     p = lam / float(lam.sum())
     h = float(-(p[p > 0] * p[p > 0].log()).sum())
-    eps = 0.5 * diag
-    ell0 = math.log(eps / trace)
-    gain = torch.log((lam + eps) / trace) - ell0  # (r,)
     p64 = psi.to(torch.float64)
+    # the sample's own k(z, z) = ||psi||^2 (1 for rff and cosine): T = tr C + a, eps = a / 2
+    a = (p64 * p64).sum(1, keepdim=True)  # (b, 1)
+    trace = float(lam.sum()) + a
+    eps = (0.5 * a).clamp(min=torch.finfo(torch.float64).tiny)  # psi = 0: log S = 0, grad 0
+    ell0 = torch.log(eps / trace)  # (b, 1): L on the directions the bank does not span
+    gain = torch.log(lam + eps) - torch.log(eps)  # (b, r): L - ell0 on the eigenvectors
     proj = p64 @ vecs  # (b, r)
     l_psi = (proj * gain) @ vecs.T + (ell0 + h) * p64  # (L + H I) psi
     log_s = (p64 * l_psi).sum(1)
-    g_phi = fmap.vjp(phi, yc, (2.0 * l_psi).to(cdt))
+    # d log S / d psi = 2 (L + H I) psi + c psi: c from eps and T, which move with ||psi||^2
+    c = (proj * proj * (1.0 / (lam + eps) - 1.0 / eps)).sum(1, keepdim=True) + 2.0 - 2.0 * a / trace
+    g_phi = fmap.vjp(phi, yc, (2.0 * l_psi + c * p64).to(cdt))
     if normalize:
         g_phi = (g_phi - phi * (phi * g_phi).sum(1, keepdim=True)) / znorm
     return -g_phi, log_s.to(cdt)
@@ -241,7 +271,9 @@ def dot_rke_guide(
 
     S_a = sum_j w_aj (psi_a . g_j)^2 over the bank (and, with ``p.batch``, the other current
     samples), psi = phi (linear) or phi / ||phi|| (cosine), g_j the bank rows alike,
-    log w_aj = -||y_a - c_j||^2 / s_c^2 (0 without prompts). S = 0 gives log S = -inf, grad 0.
+    log w_aj = -||y_a - c_j||^2 / s_c^2 (0 without prompts), shifted by their row maximum M_a
+    before exp (log S = M_a + log sum_j exp(log w_aj - M_a) (psi_a . g_j)^2, so a small s_c
+    does not underflow the weights). S = 0 gives log S = -inf, grad 0.
     ``zc``, ``yc``: ``p.z`` and ``p.y`` in the compute dtype.
     """
     fb, bc, normalize, batch = p.bank, p.bank_cond, p.normalize, p.batch
@@ -257,20 +289,25 @@ def dot_rke_guide(
         bcc = bc.to(zc.dtype)
         logw = -inv_c2 * ((yc * yc).sum(1)[:, None] + (bcc * bcc).sum(1)[None] - 2 * yc @ bcc.T)
     a = psi @ rows.T  # (b, n)
-    w = torch.exp(logw.clamp(max=0.0)) if logw is not None else torch.ones_like(a)
+    logw = logw.clamp(max=0.0) if logw is not None else torch.zeros_like(a)
     if batch:
         pb = psi.detach()
         ab = psi @ pb.T
-        wb = torch.ones_like(ab)
+        logwb = torch.zeros_like(ab)
         if yc is not None:
             d2 = (yc * yc).sum(1)[:, None] + (yc * yc).sum(1)[None] - 2 * yc @ yc.T
-            wb = torch.exp(-inv_c2 * d2.clamp(min=0.0))
-        wb = wb * (1.0 - torch.eye(len(pb), dtype=wb.dtype, device=wb.device))
-        a, w, rows = torch.cat([a, ab], 1), torch.cat([w, wb], 1), torch.cat([rows, pb])
-    s = (w * a * a).sum(1)
+            logwb = -inv_c2 * d2.clamp(min=0.0)
+        logwb = logwb.diagonal_scatter(torch.full_like(ab[:, 0], -math.inf))  # not itself
+        a, logw, rows = torch.cat([a, ab], 1), torch.cat([logw, logwb], 1), torch.cat([rows, pb])
+    # the weights relative to each row's largest (log-sum-exp shift): w_aj = exp(-||y_a -
+    # c_j||^2 / s_c^2) underflows for small s_c (s_c = 0.01: e^-10000), the shifted ones do not
+    top = logw.amax(1, keepdim=True) if logw.shape[1] else logw.new_zeros(logw.shape[0], 1)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w = torch.exp(logw - top)
+    s = (w * a * a).sum(1)  # S / exp(top)
     g_psi = 2.0 * ((w * a) @ rows) / s.clamp(min=torch.finfo(s.dtype).tiny)[:, None]
     g_phi = fmap.vjp(phi, None, g_psi)
     if normalize:
         g_phi = (g_phi - phi * (phi * g_phi).sum(1, keepdim=True)) / znorm
     g = torch.where((s > 0)[:, None], -g_phi, torch.zeros_like(g_phi))
-    return g, torch.log(s)
+    return g, torch.log(s) + top[:, 0]
