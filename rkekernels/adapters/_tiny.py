@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .encoders import load_encoder
+
 __all__ = [
     "TINY_PIPELINES",
     "tiny_call_kwargs",
@@ -405,8 +407,6 @@ def tiny_clip_encoder() -> Any:
     """A CLIP image encoder (`rkekernels.adapters.encoders.load_encoder`) on a random-weight
     ``CLIPVisionModelWithProjection`` (16 x 16 input, 2 layers, width 32, D = 32)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from .encoders import load_encoder
 
     torch.manual_seed(0)
     cfg = CLIPVisionConfig(
