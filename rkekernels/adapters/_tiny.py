@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .encoders import load_encoder
+from . import encoders
 
 __all__ = [
     "TINY_PIPELINES",
@@ -462,7 +462,7 @@ def tiny_clip_encoder() -> Any:
         num_attention_heads=4,
         projection_dim=WIDTH,
     )
-    return load_encoder("clip", model=CLIPVisionModelWithProjection(cfg))
+    return encoders.load_encoder("clip", model=CLIPVisionModelWithProjection(cfg))
 
 
 def tiny_call_kwargs(

@@ -37,8 +37,7 @@ from types import ModuleType
 
 import torch
 
-from . import scores_torch
-from .score_and_grad import sum_and_grad
+from . import score_and_grad, scores_torch
 
 __all__ = ["C_MAX", "backend_module", "inv_sq", "pair_sums", "prepare", "scale_of"]
 
@@ -117,7 +116,7 @@ class _SumAndGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, sigma):
         xc, a = prepare(x)
-        fx, grad = sum_and_grad(xc, inv_sq([sigma], a, _work(x))[0])
+        fx, grad = score_and_grad.sum_and_grad(xc, inv_sq([sigma], a, _work(x))[0])
         ctx.save_for_backward(grad, x)
         ctx.inv_a = 1.0 / a
         return fx.reshape(1)
