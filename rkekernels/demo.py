@@ -12,7 +12,7 @@ For each prompt the same initial noise (seeds) is sampled
 - with SPARKE guidance one sample per call (each finished sample committed to the bank), and
 - with SPARKE guidance in batches of ``--batch`` (the other samples of a batch count too),
 
-through the public adapters only: `rkekernels.DiversityGuidance` (prompt-aware: conditional on
+through the public adapters only: `DiversityGuidance` (prompt-aware: conditional on
 the prompt embeddings with bandwidth ``--sigma-cond``) wrapped around the denoiser by
 `rkekernels.adapters.kdiffusion.guided_denoiser`, inside a k-diffusion style Euler loop
 (`rkekernels.toy.sample_euler`). Prompts are interleaved, as requests to a server would be.
@@ -38,6 +38,10 @@ from typing import Any
 import torch
 
 from ._errors import CLIError
+from .adapters.kdiffusion import guided_denoiser
+from .sampling import DiversityGuidance
+from .scores import cond_rke_score, rke_score
+from .toy import PromptWorld, get_sigmas_karras, sample_euler
 
 __all__ = ["DemoConfig", "DemoResult", "add_arguments", "main", "run"]
 
@@ -59,7 +63,7 @@ class DemoConfig:
         start, stop: the guidance window on the sampler's progress (step / steps).
         objective: "log1p" (default) guides along -grad log(1 + 2 S), "log" along the
             library's default -grad log S (see `rkekernels.sampling.OBJECTIVES`).
-        step_rule: "prompt_fade" (default) or "paper" (see `rkekernels.DiversityGuidance`).
+        step_rule: "prompt_fade" (default) or "paper" (see `DiversityGuidance`).
         batch: batch size of the batched guided run.
         dim: latent dimension (2, or more: the plane embedded by a fixed orthonormal basis).
         out: path of the PNG ("" for none). progress: tqdm bars on stderr.
@@ -193,8 +197,6 @@ def run(cfg: DemoConfig | None = None, **overrides: Any) -> DemoResult:
         >>> sorted(res.overall), res.overall["unguided"].true_modes
         (['guided', 'guided_batch', 'unguided'], 10)
     """
-    from rkekernels.toy import PromptWorld
-
     cfg = DemoConfig() if cfg is None else cfg
     if overrides:
         cfg = DemoConfig(**{**asdict(cfg), **overrides})
@@ -239,10 +241,6 @@ def _sample_all(cfg: DemoConfig, world: Any) -> tuple[dict, dict[str, float]]:
     runs, and "warm_up": wall seconds of the untimed first guided calls). The batched unguided
     run must equal the one-by-one run (same seeds): checked here.
     """
-    import rkekernels
-    from rkekernels.adapters.kdiffusion import guided_denoiser
-    from rkekernels.toy import get_sigmas_karras, sample_euler
-
     sigmas = get_sigmas_karras(cfg.steps, cfg.sigma_min, cfg.sigma_max)
     P, N = world.n_prompts, cfg.samples
     noise = [
@@ -253,8 +251,8 @@ def _sample_all(cfg: DemoConfig, world: Any) -> tuple[dict, dict[str, float]]:
     emb = world.embeddings
     bar = _bar(4 * P * N, cfg.progress, "sampling")
 
-    def guidance() -> rkekernels.DiversityGuidance:
-        return rkekernels.DiversityGuidance(
+    def guidance() -> DiversityGuidance:
+        return DiversityGuidance(
             cfg.sigma,
             objective=cfg.objective,
             step_rule=cfg.step_rule,
@@ -266,7 +264,7 @@ def _sample_all(cfg: DemoConfig, world: Any) -> tuple[dict, dict[str, float]]:
             capacity=max(1000, P * N),
         )
 
-    def sample(batch: int, guide: rkekernels.DiversityGuidance | None):
+    def sample(batch: int, guide: DiversityGuidance | None):
         outs: list[list[torch.Tensor]] = [[] for _ in range(P)]
         t0 = time.process_time()  # CPU time of this process: robust to other jobs here
         for i0 in range(0, N, batch):  # prompts interleaved, as requests to a server
@@ -323,8 +321,6 @@ def _measure(
     cfg: DemoConfig, world: Any, samples: dict, seconds: dict[str, float], rke_sigma: float
 ) -> tuple[dict[str, list[MethodStats]], dict[str, MethodStats]]:
     """Modes covered, RKE and precision of each method, per prompt and over all prompts."""
-    import rkekernels
-
     P, N = world.n_prompts, cfg.samples
     per_prompt: dict[str, list[MethodStats]] = {}
     overall: dict[str, MethodStats] = {}
@@ -338,7 +334,7 @@ def _measure(
                 MethodStats(
                     covered=gm.modes_covered(x),
                     true_modes=gm.n_components,
-                    rke=float(rkekernels.rke_score(x.double(), rke_sigma)),
+                    rke=float(rke_score(x.double(), rke_sigma)),
                     precision=gm.precision(x),
                     seconds=seconds[m] / P,
                 )
@@ -348,12 +344,10 @@ def _measure(
         overall[m] = MethodStats(
             covered=sum(s.covered for s in stats),
             true_modes=total_modes,
-            rke=float(rkekernels.rke_score(x_all, rke_sigma)),
+            rke=float(rke_score(x_all, rke_sigma)),
             precision=sum(s.precision for s in stats) / P,
             seconds=seconds[m],
-            cond_rke=float(
-                rkekernels.cond_rke_score(x_all, cond_all.double(), rke_sigma, cfg.sigma_cond)
-            ),
+            cond_rke=float(cond_rke_score(x_all, cond_all.double(), rke_sigma, cfg.sigma_cond)),
         )
     return per_prompt, overall
 

@@ -49,6 +49,8 @@ from typing import Any
 import torch
 
 from . import _collectives as C
+from . import scores
+from ._bandwidth import bandwidth_from_tensor
 from ._collectives import is_distributed
 from ._input import (
     as_tensor,
@@ -63,7 +65,7 @@ from ._input import (
 )
 from .guidance import FeatureBank
 from .ops.pair_sums import backend_module, inv_sq
-from .scores import RKEEntropies, bandwidth_from_tensor, entropies_from_sums, scores_from_sums
+from .scores import RKEEntropies, entropies_from_sums, scores_from_sums
 
 __all__ = [
     "SharedFeatureBank",
@@ -108,8 +110,6 @@ def _prepare_local(x_local, t_local, sigma, sigma_t, with_t):
 def _one_process(score: str, x_local, t_local, sigma, sigma_t, backend):
     """Without a process group: the one-process ``rkekernels.<score>`` of this rank's data
     (a conditional score or the entropies: t_local is required)."""
-    from . import scores
-
     if t_local is None:
         raise ValueError("t_local is None: give this rank's prompt embeddings, shape (n, m)")
     return getattr(scores, score)(x_local, t_local, sigma, sigma_t, backend=backend)
@@ -221,8 +221,6 @@ def rke_score(x_local: Any, sigma: Any, *, group: Any = None, backend: str = "au
         3.0
     """
     if not C.is_distributed(group):
-        from . import scores
-
         return scores.rke_score(x_local, sigma, backend=backend)
     n, fx, _, _, dtype, _, many = _global_pair_sums(
         x_local, None, sigma, None, group, False, True, backend

@@ -38,6 +38,7 @@ import torch
 
 from ._input import BACKENDS, as_tensor, check_backend, check_sigma
 from .guidance import FeatureBank, GuidanceResult, features, guidance_grad
+from .ops import guidance_kernels
 
 __all__ = ["OBJECTIVES", "PROMPT_FADE_TAU", "STEP_RULES", "DiversityGuidance"]
 
@@ -170,9 +171,7 @@ class DiversityGuidance:
         algorithm: str = "rke",
         kernel: str = "gaussian",
     ) -> None:
-        from .ops.guidance_kernels import check
-
-        check(algorithm, kernel)
+        guidance_kernels.check(algorithm, kernel)
         self.algorithm, self.kernel = algorithm, kernel
         if novelty is not None and not isinstance(novelty, DiversityGuidance):
             raise TypeError(

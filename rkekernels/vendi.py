@@ -13,21 +13,34 @@ Kx * Kt (Hadamard product, the Conditional-Vendi definition): H_q(X|T) = H_q(X,T
 I_q(X;T) = H_q(X) + H_q(T) - H_q(X,T).
 
 Public functions: `vendi_score`, `cond_vendi_score`, `vendi_entropies`, `vendi_modes`,
-`pick_method`. The spectra themselves come from `rkekernels.ops.spectra`.
+`pick_method`. The argument checks and the method choice are in `rkekernels._methods`, the
+entropy of one kernel matrix by each method in `rkekernels.ops.kernel_entropy` (its spectra from
+`rkekernels.ops.spectra`); the inputs (validation, default bandwidth) in `rkekernels._bandwidth`.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from ._bandwidth import _pair
 from ._input import to_output
-from .ops import spectra
-from .ops.pair_sums import pair_sums
+from ._methods import (  # the constants stay importable from here, as before
+    AUTO_EXACT_MAX_N,  # noqa: F401
+    DEFAULT_DIM,  # noqa: F401
+    DEFAULT_TOP_K,  # noqa: F401
+    KERNELS,
+    MAX_COV_WIDTH,  # noqa: F401
+    METHODS,
+    check_kernel,
+    check_options,
+    check_order,
+    pick_method,
+    reject_bandwidth,
+)
+from .ops.kernel_entropy import View, dot_part, entropy, top_modes
 from .scores import RKEEntropies
 
 __all__ = [
@@ -42,26 +55,6 @@ __all__ = [
     "vendi_modes",
     "vendi_score",
 ]
-
-logger = logging.getLogger(__name__)
-
-KERNELS = ("gaussian", "cosine", "linear")
-METHODS = ("auto", "exact", "covariance", "rff", "nystrom", "lanczos")
-_FOR_KERNEL = {
-    "gaussian": ("exact", "rff", "nystrom", "lanczos"),
-    "cosine": ("exact", "covariance"),
-    "linear": ("exact", "covariance"),
-}
-
-#: method="auto": the Gaussian kernel uses "exact" up to this n (16 n^2 bytes = 268 MB at the
-#: peak), else "rff"
-AUTO_EXACT_MAX_N = 4096
-#: default random-feature dimension D (rff) and number of landmarks (nystrom)
-DEFAULT_DIM = {"rff": 4096, "nystrom": 1024}
-#: default number of eigenvalues for method="lanczos"
-DEFAULT_TOP_K = 100
-#: widest covariance (d, or d * m for a joint dot-product kernel) the covariance path builds
-MAX_COV_WIDTH = 16384
 
 
 class VendiEntropies(RKEEntropies):
@@ -95,105 +88,6 @@ class Mode(NamedTuple):
     loadings: np.ndarray
 
 
-# --------------------------------------------------------------------------- argument checks
-
-
-def check_order(q: Any) -> float:
-    """The order q of a Rényi entropy: a real number > 0 (1 included) or ``math.inf``."""
-    if isinstance(q, torch.Tensor) and q.numel() == 1:
-        q = q.item()
-    if isinstance(q, bool) or not isinstance(q, int | float | np.integer | np.floating):
-        raise TypeError(f"q must be a positive number or math.inf, got {type(q).__name__}")
-    qf = float(q)
-    if math.isnan(qf) or qf <= 0.0:
-        raise ValueError(
-            f"q must be > 0 or math.inf (q = 1 is the von Neumann entropy, the usual Vendi "
-            f"score; q = 0 would only count the nonzero eigenvalues); got q={q!r}"
-        )
-    return qf
-
-
-def _check_kernel(kernel: Any) -> str:
-    if not isinstance(kernel, str) or kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    return kernel
-
-
-def pick_method(method: str, *, kernel: str, n: int, width: int, q: float) -> str:
-    """Resolve ``method`` for a kernel and problem size, checking that the pairing is valid.
-
-    "auto": Gaussian -> "exact" when q = 2 (the streamed Frobenius sum, any n) or
-    n <= AUTO_EXACT_MAX_N, else "rff"; cosine/linear -> "covariance" when the feature width
-    (d, or d * m for the joint kernel) is below n and at most MAX_COV_WIDTH, else "exact".
-    The choice is logged (logger ``rkekernels.vendi``, level INFO).
-
-    Args:
-        method: one of METHODS.
-        kernel: one of KERNELS.
-        n: number of samples. width: the feature width (d; d * m for a joint dot kernel).
-        q: the order (already checked).
-
-    Returns:
-        str: the method that will run.
-
-    Example:
-        >>> from rkekernels.vendi import pick_method
-        >>> pick_method("auto", kernel="cosine", n=1_000_000, width=768, q=1.0)
-        'covariance'
-        >>> pick_method("auto", kernel="gaussian", n=100_000, width=768, q=1.0)
-        'rff'
-    """
-    kernel = _check_kernel(kernel)
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "auto":
-        if kernel == "gaussian":
-            chosen = "exact" if q == 2.0 or n <= AUTO_EXACT_MAX_N else "rff"
-        else:
-            chosen = "covariance" if width < n and width <= MAX_COV_WIDTH else "exact"
-        logger.info(
-            "method='auto' chose %r (kernel=%r, n=%d, width=%d, q=%g)", chosen, kernel, n, width, q
-        )
-        return chosen
-    if method not in _FOR_KERNEL[kernel]:
-        raise ValueError(
-            f"method={method!r} does not apply to kernel={kernel!r}; "
-            f"use one of {_FOR_KERNEL[kernel]} (or 'auto')"
-        )
-    if method == "covariance" and width > MAX_COV_WIDTH:
-        raise ValueError(
-            f"method='covariance' would build a {width} x {width} covariance (feature width "
-            f"{width} > {MAX_COV_WIDTH}); use method='exact'"
-        )
-    return method
-
-
-def _check_options(method: str, n: int, dim: Any, top_k: Any, seed: Any) -> dict:
-    if dim is not None and method not in ("rff", "nystrom"):
-        raise ValueError(f"dim applies to method='rff' or 'nystrom' only (method is {method!r})")
-    if top_k is not None and method != "lanczos":
-        raise ValueError(f"top_k applies to method='lanczos' only (method is {method!r})")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    opts: dict[str, Any] = {"seed": int(seed)}
-    if method in ("rff", "nystrom"):
-        d = DEFAULT_DIM[method] if dim is None else dim
-        if isinstance(d, bool) or not isinstance(d, int | np.integer) or d < 2:
-            raise ValueError(f"dim must be an int >= 2, got {dim!r}")
-        if method == "rff" and d % 2:
-            raise ValueError(f"dim must be even for method='rff' (cos and sin pairs), got {d}")
-        opts["dim"] = min(int(d), n) if method == "nystrom" else int(d)
-    if method == "lanczos":
-        k = min(DEFAULT_TOP_K, n - 2) if top_k is None else top_k
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1 or k > n - 2:
-            raise ValueError(
-                f"top_k must be an int with 1 <= top_k <= n - 2 = {n - 2} for method='lanczos' "
-                f"(got {top_k!r}); use method='exact' for small sets"
-            )
-        opts["top_k"] = int(k)
-    return opts
-
-
 # --------------------------------------------------------------------------- inputs and views
 
 
@@ -208,18 +102,11 @@ class _Inputs(NamedTuple):
 
 
 def _inputs(x: Any, t: Any, sigma: Any, sigma_t: Any, kernel: str, need_t: bool) -> _Inputs:
-    from .scores import _pair  # the one validation and bandwidth-resolution path
-
-    kernel = _check_kernel(kernel)
+    kernel = check_kernel(kernel)
     if need_t and t is None:
         raise ValueError("t is None: conditional scores need prompt embeddings t of shape (n, m)")
     if kernel != "gaussian":
-        for name, val in (("sigma", sigma), ("sigma_t", sigma_t)):
-            if val is not None:
-                raise ValueError(
-                    f"{name} applies to kernel='gaussian' only; the {kernel} kernel has no "
-                    f"bandwidth (got {name}={val!r})"
-                )
+        reject_bandwidth(kernel, sigma=sigma, sigma_t=sigma_t)
         # bandwidths are unused here: pass placeholders so _pair only validates the data
         xt, tt, _, _, _, backend, torch_out = _pair(x, t, 1.0, 1.0, "auto")
         return _Inputs(xt, tt, [None], False, None, torch_out, backend)
@@ -227,111 +114,20 @@ def _inputs(x: Any, t: Any, sigma: Any, sigma_t: Any, kernel: str, need_t: bool)
     return _Inputs(xt, tt, list(sigmas), many, st, torch_out, backend)
 
 
-def _dot_part(m: torch.Tensor, kernel: str, name: str) -> tuple:
-    """(matrix, row scale): 1 / ||x_i|| for cosine (applied per block), None for linear."""
-    nrm = m.norm(dim=1, keepdim=True)
-    if kernel == "cosine":
-        if not bool((nrm > 0).all()):
-            bad = int((nrm == 0).sum())
-            raise ValueError(
-                f"{name} has {bad} all-zero rows: the cosine kernel is undefined for them"
-            )
-        return m, 1.0 / nrm
-    if not bool((nrm > 0).any()):
-        raise ValueError(f"{name} is all zeros: the linear kernel matrix has trace 0")
-    return m, None
-
-
-class _View(NamedTuple):
-    """One kernel matrix to take the spectrum of: gaussian of (tensor, sigma) pairs, or dot."""
-
-    kernel: str
-    parts: tuple  # gaussian: ((x, sigma), ...); dot: ((x, row scale or None), ...)
-
-
-def _gauss_u(parts: tuple) -> torch.Tensor:
-    """u = [(x - mean)/sigma, ...]: the joint Gaussian kernel is the unit kernel of u."""
-    return torch.cat([(m - m.mean(0, keepdim=True)) / s for m, s in parts], dim=1)
-
-
-def _width(view: _View) -> int:
-    if view.kernel == "gaussian":
-        return sum(m.shape[1] for m, _ in view.parts)
-    return math.prod(m.shape[1] for m, _ in view.parts)
-
-
-def _dot_gram(parts: tuple) -> torch.Tensor:
-    k = None
-    for m, scale in parts:
-        md = m.to(torch.float64) if scale is None else m.to(torch.float64) * scale
-        g = md @ md.T
-        k = g if k is None else k * g
-    return k
-
-
-def _feature_cov(view: _View, method: str, opts: dict, gram_ok: bool = True) -> torch.Tensor:
-    """Phi^T Phi, or (``gram_ok`` and n < width) Phi Phi^T: the same nonzero spectrum."""
-    if view.kernel != "gaussian":
-        src = view.parts[0][0]
-        fmap, width, dtype = spectra.dot_features(view.parts), _width(view), src.dtype
-    else:
-        src = _gauss_u(view.parts)
-        if method == "rff":
-            fmap, width = spectra.rff_map(src, opts["dim"], opts["seed"]), opts["dim"]
-            dtype = src.dtype
-        else:
-            fmap, width = spectra.nystrom_map(src, opts["dim"], opts["seed"])
-            dtype = torch.float64
-    n = src.shape[0]
-    if gram_ok and n < width:
-        phi = fmap(0, n).to(torch.float64)
-        return phi @ phi.T
-    return spectra.covariance(fmap, n, width, src.device, dtype)
-
-
-def _entropy(view: _View, q: float, method: str, opts: dict, backend: str) -> torch.Tensor:
-    """H_q of one view's kernel matrix, float64 0-dim tensor (autograd except for lanczos)."""
-    if method == "exact" and view.kernel == "gaussian" and q == 2.0:
-        # the streamed Frobenius sum of rke_score / cond_rke_score: any n, no n x n matrix
-        (x, s), *rest = view.parts
-        t, st = rest[0] if rest else (None, None)
-        fx, _, fxt = pair_sums(x, t, [s], st, want_fx=t is None, backend=backend)
-        n = x.shape[0]
-        return 2.0 * math.log(n) - torch.log((fx if t is None else fxt)[0])
-    if method == "exact":
-        if view.kernel == "gaussian":
-            k = spectra.gaussian_gram(_gauss_u(view.parts))
-        else:
-            k = _dot_gram(view.parts)
-        if q == 2.0:
-            return 2.0 * torch.log(torch.trace(k)) - torch.log((k * k).sum())
-        return spectra.renyi_entropy(torch.linalg.eigvalsh(k) / torch.trace(k), q)
-    if method == "lanczos":
-        u = _gauss_u(view.parts)
-        n = u.shape[0]
-        vals, _ = spectra.lanczos_top(u, opts["top_k"])
-        p = torch.as_tensor(vals.copy(), dtype=torch.float64, device=u.device) / n
-        return spectra.renyi_entropy(p, q, (1.0 - p.sum()).clamp(min=0.0), n - len(vals))
-    cov = _feature_cov(view, method, opts)
-    if q == 2.0:
-        return spectra.order2_entropy_from_cov(cov)
-    return spectra.renyi_entropy(spectra.spectrum_of_cov(cov), q)
-
-
 def _views(inp: _Inputs, kernel: str, sigma: float | None):
     """(view of X, view of T, joint view) for one bandwidth of x (T views None without t)."""
     if kernel == "gaussian":
-        vx = _View(kernel, ((inp.x, sigma),))
+        vx = View(kernel, ((inp.x, sigma),))
         if inp.t is None:
             return vx, None, None
-        vt = _View(kernel, ((inp.t, inp.sigma_t),))
-        return vx, vt, _View(kernel, ((inp.x, sigma), (inp.t, inp.sigma_t)))
-    mx = _dot_part(inp.x, kernel, "x")
-    vx = _View(kernel, (mx,))
+        vt = View(kernel, ((inp.t, inp.sigma_t),))
+        return vx, vt, View(kernel, ((inp.x, sigma), (inp.t, inp.sigma_t)))
+    mx = dot_part(inp.x, kernel, "x")
+    vx = View(kernel, (mx,))
     if inp.t is None:
         return vx, None, None
-    mt = _dot_part(inp.t, kernel, "t")
-    return vx, _View(kernel, (mt,)), _View(kernel, (mx, mt))
+    mt = dot_part(inp.t, kernel, "t")
+    return vx, View(kernel, (mt,)), View(kernel, (mx, mt))
 
 
 def _prepare(x, t, q, sigma, sigma_t, kernel, method, dim, top_k, seed, need_t):
@@ -342,7 +138,7 @@ def _prepare(x, t, q, sigma, sigma_t, kernel, method, dim, top_k, seed, need_t):
     if kernel == "gaussian" and inp.t is not None:
         width = inp.x.shape[1] + inp.t.shape[1]
     method = pick_method(method, kernel=kernel, n=n, width=width, q=q)
-    return q, inp, method, _check_options(method, n, dim, top_k, seed)
+    return q, inp, method, check_options(method, n, dim, top_k, seed)
 
 
 def _output(values: list[torch.Tensor], inp: _Inputs):
@@ -419,7 +215,7 @@ def vendi_score(
         x, None, q, sigma, None, kernel, method, dim, top_k, seed, False
     )
     vals = [
-        _entropy(_views(inp, kernel, s)[0], q, method, opts, inp.backend).exp() for s in inp.sigmas
+        entropy(_views(inp, kernel, s)[0], q, method, opts, inp.backend).exp() for s in inp.sigmas
     ]
     return _output(vals, inp)
 
@@ -478,9 +274,9 @@ def _joint_entropies(inp: _Inputs, kernel: str, q: float, method: str, opts: dic
     for s in inp.sigmas:
         vx, vt, vxt = _views(inp, kernel, s)
         if h_t is None:
-            h_t = _entropy(vt, q, method, opts, inp.backend)
-        h_x = _entropy(vx, q, method, opts, inp.backend) if with_x else None
-        yield h_x, h_t, _entropy(vxt, q, method, opts, inp.backend)
+            h_t = entropy(vt, q, method, opts, inp.backend)
+        h_x = entropy(vx, q, method, opts, inp.backend) if with_x else None
+        yield h_x, h_t, entropy(vxt, q, method, opts, inp.backend)
 
 
 def cond_vendi_score(
@@ -563,7 +359,7 @@ def vendi_modes(
     )
     view = _views(inp, kernel, inp.sigmas[0])[0]
     with torch.no_grad():
-        p, u = _modes(view, int(k), method, opts)
+        p, u = top_modes(view, int(k), method, opts)
     p, u = p.cpu().numpy(), u.cpu().numpy()
     share = p[None, :] * u**2
     owner = share.argmax(1)
@@ -574,41 +370,3 @@ def vendi_modes(
         order = np.argsort(-load, kind="stable")
         out.append(Mode(float(p[j]), idx[order].astype(np.int64), load[order]))
     return out
-
-
-def _modes(view: _View, k: int, method: str, opts: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-k eigenvalues of K / tr K (k,), unit eigenvectors (n, k)), float64."""
-    n = view.parts[0][0].shape[0]
-    k = min(k, n)
-    if method == "exact":
-        if view.kernel == "gaussian":
-            kmat = spectra.gaussian_gram(_gauss_u(view.parts))
-        else:
-            kmat = _dot_gram(view.parts)
-        w, v = torch.linalg.eigh(kmat)
-        tr = torch.trace(kmat)
-        return w.flip(0)[:k] / tr, v.flip(1)[:, :k]
-    if method == "lanczos":
-        u = _gauss_u(view.parts)
-        if k > opts["top_k"]:
-            raise ValueError(f"k = {k} modes need top_k >= k for method='lanczos'")
-        vals, vecs = spectra.lanczos_top(u, opts["top_k"], vectors=True)
-        p = torch.as_tensor(vals[:k].copy(), dtype=torch.float64) / n
-        return p, torch.as_tensor(vecs[:, :k].copy(), dtype=torch.float64)
-    cov = _feature_cov(view, method, opts, gram_ok=False)
-    w, v = torch.linalg.eigh(cov)
-    k = min(k, len(w))
-    w, v = w.flip(0)[:k], v.flip(1)[:, :k]
-    if view.kernel == "gaussian":
-        u = _gauss_u(view.parts)
-        fmap = (
-            spectra.rff_map(u, opts["dim"], opts["seed"])
-            if method == "rff"
-            else spectra.nystrom_map(u, opts["dim"], opts["seed"])[0]
-        )
-    else:
-        fmap = spectra.dot_features(view.parts)
-    scale = 1.0 / w.clamp(min=torch.finfo(torch.float64).tiny).sqrt()
-    blocks = spectra.row_blocks(n, cov.shape[0])
-    vecs = torch.cat([(fmap(i0, i1).to(torch.float64) @ v) * scale for i0, i1 in blocks])
-    return w / torch.trace(cov), vecs

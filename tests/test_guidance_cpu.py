@@ -22,7 +22,7 @@ import torch
 import rkekernels as rk
 from rkekernels import reference as ref
 from rkekernels.ops import guidance_cpu, guidance_torch
-from rkekernels.ops.guidance import merge_states
+from rkekernels.ops.guidance_common import merge_states
 
 
 @pytest.fixture(autouse=True)

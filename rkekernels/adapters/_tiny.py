@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from . import encoders
+
 __all__ = [
     "TINY_PIPELINES",
     "tiny_call_kwargs",
@@ -197,179 +199,223 @@ _DIT_BLOCKS = dict(
 )
 
 
+def _sd(d: Any, name: str) -> Any:
+    """SD 1.5 / 2.x (v-prediction) and ControlNet SD: CLIP text encoder, UNet, DDIM."""
+    parts = dict(
+        vae=_vae(),
+        text_encoder=_clip(),
+        tokenizer=tiny_tokenizer(),
+        unet=_unet(WIDTH, v2=name == "sd2"),
+        scheduler=_ddim(prediction_type="v_prediction" if name == "sd2" else "epsilon"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if name == "controlnet":
+        parts["controlnet"] = _controlnet(WIDTH)
+        return d.StableDiffusionControlNetPipeline(**parts)
+    return d.StableDiffusionPipeline(**parts)
+
+
+def _sdxl(d: Any, name: str) -> Any:
+    """SDXL and ControlNet SDXL: two CLIP text encoders (the second with projection)."""
+    parts = dict(
+        vae=_vae(),
+        text_encoder=_clip(hidden=WIDTH // 2),
+        text_encoder_2=_clip(projection=True, hidden=WIDTH),
+        tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_tokenizer(),
+        unet=_unet(WIDTH + WIDTH // 2, sdxl=True),
+        scheduler=_ddim(),
+    )
+    if name == "controlnet_sdxl":
+        parts["controlnet"] = _controlnet(WIDTH + WIDTH // 2, sdxl=True)
+        return d.StableDiffusionXLControlNetPipeline(**parts)
+    return d.StableDiffusionXLPipeline(**parts)
+
+
+def _pixart(d: Any, name: str) -> Any:
+    """PixArt-Sigma / -Alpha: a PixArt transformer with a T5 text encoder."""
+    transformer = d.PixArtTransformer2DModel(
+        caption_channels=WIDTH,
+        cross_attention_dim=16,
+        norm_type="ada_norm_single",
+        norm_eps=1e-6,
+        **_DIT_BLOCKS,
+    ).eval()
+    cls = d.PixArtSigmaPipeline if name == "pixart_sigma" else d.PixArtAlphaPipeline
+    return cls(
+        tokenizer=tiny_tokenizer(bos=False),
+        text_encoder=_t5(),
+        vae=_vae(),
+        transformer=transformer,
+        scheduler=_ddim(),
+    )
+
+
+def _dit(d: Any, name: str) -> Any:
+    """DiT: a class-conditional transformer (no text encoder)."""
+    transformer = d.Transformer2DModel(norm_type="ada_norm_zero", **_DIT_BLOCKS).eval()
+    return d.DiTPipeline(transformer=transformer, vae=_vae(), scheduler=_ddim())
+
+
+def _kandinsky3(d: Any, name: str) -> Any:
+    """Kandinsky 3: its UNet, a MoVQ decoder and a T5 text encoder."""
+    unet = d.Kandinsky3UNet(
+        in_channels=4,
+        time_embedding_dim=4,
+        groups=2,
+        attention_head_dim=4,
+        layers_per_block=3,
+        block_out_channels=(32, 64),
+        cross_attention_dim=4,
+        encoder_hid_dim=WIDTH,
+    ).eval()
+    movq = d.VQModel(
+        block_out_channels=[32, 64],
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        in_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        norm_type="spatial",
+        num_vq_embeddings=12,
+        out_channels=3,
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        vq_embed_dim=4,
+    ).eval()
+    scheduler = d.DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=True,
+        thresholding=False,
+    )
+    return d.Kandinsky3Pipeline(
+        tokenizer=tiny_tokenizer(bos=False),
+        text_encoder=_t5(),
+        unet=unet,
+        scheduler=scheduler,
+        movq=movq,
+    )
+
+
+def _sd3(d: Any, name: str) -> Any:
+    """SD3: an MMDiT transformer, two CLIP encoders and a T5 one, flow matching."""
+    transformer = d.SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=WIDTH,
+        pooled_projection_dim=2 * WIDTH,
+        out_channels=4,
+    ).eval()
+    return d.StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=d.FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(blocks=1, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=_clip(projection=True),
+        tokenizer=tiny_tokenizer(),
+        text_encoder_2=_clip(projection=True),
+        tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=_t5(),
+        tokenizer_3=tiny_tokenizer(bos=False),
+    )
+
+
+def _flux(d: Any, name: str) -> Any:
+    """Flux: its transformer, a CLIP and a T5 encoder, flow matching."""
+    transformer = d.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=WIDTH,
+        pooled_projection_dim=WIDTH,
+        axes_dims_rope=[4, 4, 8],
+    ).eval()
+    return d.FluxPipeline(
+        scheduler=d.FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(latent_channels=1, blocks=1, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=_clip(),
+        tokenizer=tiny_tokenizer(),
+        text_encoder_2=_t5(),
+        tokenizer_2=tiny_tokenizer(bos=False),
+        transformer=transformer,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+
+
+def _cogvideox(d: Any, name: str) -> Any:
+    """CogVideoX: a 3-D transformer and video VAE with a T5 text encoder."""
+    transformer = d.CogVideoXTransformer3DModel(
+        num_attention_heads=4,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=WIDTH,
+        num_layers=1,
+        sample_width=2,
+        sample_height=2,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=TOKENS,
+    ).eval()
+    vae = d.AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    ).eval()
+    return d.CogVideoXPipeline(
+        tokenizer=tiny_tokenizer(bos=False),
+        text_encoder=_t5(),
+        vae=vae,
+        transformer=transformer,
+        scheduler=_ddim(),
+    )
+
+
+#: name -> builder(diffusers, name): the pipeline with its components, built in a fixed order
+#: (the order their random weights are drawn in after ``torch.manual_seed(0)``)
+_BUILDERS = {
+    "sd15": _sd,
+    "sd2": _sd,
+    "controlnet": _sd,
+    "sdxl": _sdxl,
+    "controlnet_sdxl": _sdxl,
+    "pixart_sigma": _pixart,
+    "pixart_alpha": _pixart,
+    "dit": _dit,
+    "kandinsky3": _kandinsky3,
+    "sd3": _sd3,
+    "flux": _flux,
+    "cogvideox": _cogvideox,
+}
+
+
 def _build(name: str) -> Any:
     import diffusers as d
 
     torch.manual_seed(0)
-    if name in ("sd15", "sd2", "controlnet"):
-        parts = dict(
-            vae=_vae(),
-            text_encoder=_clip(),
-            tokenizer=tiny_tokenizer(),
-            unet=_unet(WIDTH, v2=name == "sd2"),
-            scheduler=_ddim(prediction_type="v_prediction" if name == "sd2" else "epsilon"),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        if name == "controlnet":
-            parts["controlnet"] = _controlnet(WIDTH)
-            return d.StableDiffusionControlNetPipeline(**parts)
-        return d.StableDiffusionPipeline(**parts)
-    if name in ("sdxl", "controlnet_sdxl"):
-        parts = dict(
-            vae=_vae(),
-            text_encoder=_clip(hidden=WIDTH // 2),
-            text_encoder_2=_clip(projection=True, hidden=WIDTH),
-            tokenizer=tiny_tokenizer(),
-            tokenizer_2=tiny_tokenizer(),
-            unet=_unet(WIDTH + WIDTH // 2, sdxl=True),
-            scheduler=_ddim(),
-        )
-        if name == "controlnet_sdxl":
-            parts["controlnet"] = _controlnet(WIDTH + WIDTH // 2, sdxl=True)
-            return d.StableDiffusionXLControlNetPipeline(**parts)
-        return d.StableDiffusionXLPipeline(**parts)
-    if name in ("pixart_sigma", "pixart_alpha"):
-        transformer = d.PixArtTransformer2DModel(
-            caption_channels=WIDTH,
-            cross_attention_dim=16,
-            norm_type="ada_norm_single",
-            norm_eps=1e-6,
-            **_DIT_BLOCKS,
-        ).eval()
-        cls = d.PixArtSigmaPipeline if name == "pixart_sigma" else d.PixArtAlphaPipeline
-        return cls(
-            tokenizer=tiny_tokenizer(bos=False),
-            text_encoder=_t5(),
-            vae=_vae(),
-            transformer=transformer,
-            scheduler=_ddim(),
-        )
-    if name == "dit":
-        transformer = d.Transformer2DModel(norm_type="ada_norm_zero", **_DIT_BLOCKS).eval()
-        return d.DiTPipeline(transformer=transformer, vae=_vae(), scheduler=_ddim())
-    if name == "kandinsky3":
-        unet = d.Kandinsky3UNet(
-            in_channels=4,
-            time_embedding_dim=4,
-            groups=2,
-            attention_head_dim=4,
-            layers_per_block=3,
-            block_out_channels=(32, 64),
-            cross_attention_dim=4,
-            encoder_hid_dim=WIDTH,
-        ).eval()
-        movq = d.VQModel(
-            block_out_channels=[32, 64],
-            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            in_channels=3,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            norm_type="spatial",
-            num_vq_embeddings=12,
-            out_channels=3,
-            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-            vq_embed_dim=4,
-        ).eval()
-        scheduler = d.DDPMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            steps_offset=1,
-            beta_schedule="squaredcos_cap_v2",
-            clip_sample=True,
-            thresholding=False,
-        )
-        return d.Kandinsky3Pipeline(
-            tokenizer=tiny_tokenizer(bos=False),
-            text_encoder=_t5(),
-            unet=unet,
-            scheduler=scheduler,
-            movq=movq,
-        )
-    if name == "sd3":
-        transformer = d.SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=1,
-            in_channels=4,
-            num_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            caption_projection_dim=16,
-            joint_attention_dim=WIDTH,
-            pooled_projection_dim=2 * WIDTH,
-            out_channels=4,
-        ).eval()
-        return d.StableDiffusion3Pipeline(
-            transformer=transformer,
-            scheduler=d.FlowMatchEulerDiscreteScheduler(),
-            vae=_vae(blocks=1, use_quant_conv=False, use_post_quant_conv=False),
-            text_encoder=_clip(projection=True),
-            tokenizer=tiny_tokenizer(),
-            text_encoder_2=_clip(projection=True),
-            tokenizer_2=tiny_tokenizer(),
-            text_encoder_3=_t5(),
-            tokenizer_3=tiny_tokenizer(bos=False),
-        )
-    if name == "flux":
-        transformer = d.FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=4,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=WIDTH,
-            pooled_projection_dim=WIDTH,
-            axes_dims_rope=[4, 4, 8],
-        ).eval()
-        return d.FluxPipeline(
-            scheduler=d.FlowMatchEulerDiscreteScheduler(),
-            vae=_vae(latent_channels=1, blocks=1, use_quant_conv=False, use_post_quant_conv=False),
-            text_encoder=_clip(),
-            tokenizer=tiny_tokenizer(),
-            text_encoder_2=_t5(),
-            tokenizer_2=tiny_tokenizer(bos=False),
-            transformer=transformer,
-            image_encoder=None,
-            feature_extractor=None,
-        )
-    if name == "cogvideox":
-        transformer = d.CogVideoXTransformer3DModel(
-            num_attention_heads=4,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=4,
-            time_embed_dim=2,
-            text_embed_dim=WIDTH,
-            num_layers=1,
-            sample_width=2,
-            sample_height=2,
-            sample_frames=9,
-            patch_size=2,
-            temporal_compression_ratio=4,
-            max_text_seq_length=TOKENS,
-        ).eval()
-        vae = d.AutoencoderKLCogVideoX(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("CogVideoXDownBlock3D",) * 4,
-            up_block_types=("CogVideoXUpBlock3D",) * 4,
-            block_out_channels=(8, 8, 8, 8),
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=2,
-            temporal_compression_ratio=4,
-        ).eval()
-        return d.CogVideoXPipeline(
-            tokenizer=tiny_tokenizer(bos=False),
-            text_encoder=_t5(),
-            vae=vae,
-            transformer=transformer,
-            scheduler=_ddim(),
-        )
-    raise ValueError(f"unknown tiny pipeline {name!r}; known: {sorted(TINY_PIPELINES)}")
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown tiny pipeline {name!r}; known: {sorted(TINY_PIPELINES)}")
+    return _BUILDERS[name](d, name)
 
 
 def _controlnet(cross: int, sdxl: bool = False) -> Any:
@@ -406,8 +452,6 @@ def tiny_clip_encoder() -> Any:
     ``CLIPVisionModelWithProjection`` (16 x 16 input, 2 layers, width 32, D = 32)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from .encoders import load_encoder
-
     torch.manual_seed(0)
     cfg = CLIPVisionConfig(
         image_size=16,
@@ -418,7 +462,7 @@ def tiny_clip_encoder() -> Any:
         num_attention_heads=4,
         projection_dim=WIDTH,
     )
-    return load_encoder("clip", model=CLIPVisionModelWithProjection(cfg))
+    return encoders.load_encoder("clip", model=CLIPVisionModelWithProjection(cfg))
 
 
 def tiny_call_kwargs(

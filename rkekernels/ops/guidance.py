@@ -1,18 +1,20 @@
-"""Dispatch for `rkekernels.guidance_grad`: path and backend choice, the softmax state, the finish.
+"""Dispatch for `rkekernels.guidance_grad`: path and backend choice, the checks, the retries.
 
 `guidance_grad` validates its inputs into a `Problem` and calls `guide`, which chooses the path:
 the other objectives (algorithm="vendi", the cosine/linear kernels: ``ops.guidance_kernels``),
 the float64 direct-difference path (``ops.guidance_exact``: bandwidths past `EXACT_FROM`, or a
 fast path that overflowed on finite inputs), or the fast paths below (`fast_guide`). The
 per-backend files hold only the math of the bank pass, each with the same ``softmax_state``
-contract (state in, state out):
+contract (state in, state out); what they share (`Problem`, `batch_state`, `merge_states`,
+`finish`) is in ``ops.guidance_common``, which they import (re-exported here):
 
 - ``ops.guidance_cpu`` (CPU tensors, numba installed): the fused kernels of
-  ``ops.guidance_numba``, the whole call in compiled code (its own copy of the finish below, in
+  ``ops.guidance_numba``, the whole call in compiled code (its own copy of `finish`, in
   numba: a torch op costs ~40 us, a compiled loop ~20 on these sizes);
 - ``ops.guidance_torch``: two GEMMs per cached chunk of the bank (CPU without numba, CUDA with
   backend="torch");
-- ``ops.guidance_triton``: one kernel split over the bank (CUDA, or the interpreter).
+- ``ops.guidance_triton``: one kernel split over the bank (CUDA, or the interpreter; Triton
+  imported only when that backend runs).
 
 Math (SPEC section 2). With phi_a the features, row_const_a = ||phi_a||^2/s^2 + ||y_a||^2/s_c^2
 (an upper bound of every logit) and a softmax state (m, l, acc) over the entries::
@@ -30,11 +32,12 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
-from typing import Any, NamedTuple
 
 import torch
 
 from .._input import check_finite
+from . import guidance_cpu, guidance_exact, guidance_kernels, guidance_torch
+from .guidance_common import Problem, batch_state, finish, merge_states
 
 __all__ = [
     "EXACT_FROM",
@@ -49,8 +52,6 @@ __all__ = [
     "uses_numba",
 ]
 
-State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
 #: 1/s^2 (or 1/s_c^2) from which `guide` takes the float64 direct-difference path
 #: (`rkekernels.ops.guidance_exact`), per compute dtype: there the fast paths' logits carry a
 #: rounding error of eps (||a||^2 + ||b||^2) / s^2 of about 2e-3 nats (float32) or 4e-4 nats
@@ -59,60 +60,12 @@ State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 EXACT_FROM = {torch.float32: 1e4, torch.float64: 1e12}
 
 
-class Problem(NamedTuple):
-    """One `guidance_grad` call after its input checks: what every path of `guide` reads.
-
-    Immutable (a NamedTuple: built once per call, in well under a microsecond).
-
-    Attributes:
-        z: (b, D) flattened latents (detached; float32 or float64 as given).
-        normalize: phi = z / ||z|| (and the chain rule through it), else phi = z.
-        y: (b, m) prompt embeddings of the current samples (as given), or None.
-        bank: (n, D) bank features in any floating dtype; n may be 0.
-        bank_sq: (n,) cached ||f_j||^2 (a FeatureBank's, float64), or None.
-        bank_cond: (n, m) the bank's prompt embeddings; None exactly when ``y`` is.
-        bank_cond_sq: (n,) their cached squared norms, or None.
-        sigma: the feature bandwidth s as the caller gave it (checked: finite, > 0).
-        sigma_cond: the prompt bandwidth s_c as given, or None.
-        inv_s2: 1/s^2; inv_c2: 1/s_c^2 (0.0 without sigma_cond).
-        include_batch: the other b - 1 current samples count as entries.
-        out_dtype: the dtype of the result (z's): the float64 path checks that its gradient is
-            representable there.
-    """
-
-    z: torch.Tensor
-    normalize: bool
-    y: torch.Tensor | None
-    bank: torch.Tensor
-    bank_sq: torch.Tensor | None
-    bank_cond: torch.Tensor | None
-    bank_cond_sq: torch.Tensor | None
-    sigma: Any
-    sigma_cond: Any
-    inv_s2: float
-    inv_c2: float
-    include_batch: bool
-    out_dtype: torch.dtype
-
-    @property
-    def batch(self) -> bool:
-        """Whether the other current samples are entries (``include_batch`` and b > 1)."""
-        return self.include_batch and self.z.shape[0] > 1
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """float64 when z or the bank is float64, else float32."""
-        return torch.float64 if torch.float64 in (self.z.dtype, self.bank.dtype) else torch.float32
-
-
 def backend_module(backend: str) -> ModuleType:
     """The module whose ``softmax_state`` runs the bank pass for a resolved backend."""
     if backend == "triton":
-        from . import guidance_triton
+        from . import guidance_triton  # Triton: imported only when that backend runs
 
         return guidance_triton
-    from . import guidance_torch
-
     return guidance_torch
 
 
@@ -120,8 +73,6 @@ def uses_numba(backend: str, device: torch.device) -> bool:
     """Whether `guide` runs the fused numba kernel: backend "torch", CPU tensors, numba loads."""
     if backend != "torch" or device.type != "cpu":
         return False
-    from . import guidance_cpu
-
     return guidance_cpu.enabled()
 
 
@@ -189,8 +140,6 @@ def _other_objective(
     p: Problem, algorithm: str, kernel: str, sync: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """algorithm="vendi" or a dot kernel, its result checked like the fast paths'."""
-    from . import guidance_kernels
-
     g, log_s = guidance_kernels.guide(p, algorithm, kernel)
     if not sync:
         bad = ~torch.isfinite(g).all()
@@ -202,8 +151,6 @@ def _other_objective(
 
 def _exact(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 direct-difference path, its result checked against the output dtype."""
-    from . import guidance_exact
-
     g, log_s = guidance_exact.guide(p)
     dt = p.out_dtype
     big = float(g.abs().max()) if g.numel() else 0.0
@@ -264,8 +211,6 @@ def fast_guide(
     if backend == "triton" and auto and z.dtype == torch.float64:
         backend = "torch"
     if uses_numba(backend, z.device):  # numba: the whole computation in compiled code
-        from . import guidance_cpu
-
         g, log_s, ok = guidance_cpu.guide(p, z, y)
         # log S = -inf with entries present: every logit overflowed to -inf (finite inputs
         # too large for the compute dtype): not ok, the caller's exact path takes over
@@ -315,69 +260,3 @@ def fast_guide(
         good = torch.isfinite(checks).all() & ~torch.isinf(log_s).any()
         ok = bool(good & torch.isfinite(znorm).all()) if p.normalize else bool(good)
     return g, log_s, bool(ok)
-
-
-def batch_state(
-    phi: torch.Tensor,
-    y: torch.Tensor | None,
-    inv_s2: float,
-    inv_c2: float,
-    shift: torch.Tensor | None,
-) -> State:
-    """Softmax state of each sample against the other b - 1 (constants, self excluded).
-
-    With ``shift`` the state is taken relative to it (as the bank pass will be), else to the max.
-    """
-    logits = (phi @ phi.T) * (2.0 * inv_s2) - (phi * phi).sum(1) * inv_s2  # (b, b): [a, c]
-    if y is not None:
-        logits = logits + (y @ y.T) * (2.0 * inv_c2) - (y * y).sum(1) * inv_c2
-    eye = torch.eye(phi.shape[0], dtype=torch.bool, device=phi.device)
-    logits = logits.masked_fill(eye, -math.inf)
-    m = shift if shift is not None else logits.amax(1)
-    p = torch.exp(logits - m.unsqueeze(1))
-    return m, p.sum(1), p @ phi
-
-
-def merge_states(
-    m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, running: bool = True
-) -> State:
-    """One softmax state from the states of P disjoint sets of entries (online-softmax merge).
-
-    Args:
-        m: (P, b) each part's shift (its running max, or one common shift when not ``running``).
-        l: (P, b) and acc: (P, b, D) each part's sums relative to its own m (float64).
-        running: the parts have their own maxima; False: all share m[0] (then a plain sum).
-
-    Returns:
-        (m (b,), l (b,), acc (b, D)) relative to the largest m: l = sum_p exp(m_p - m) l_p, and
-        acc alike. A part that saw nothing (m = -inf, l = 0) weighs 0 (never exp(-inf + inf)).
-    """
-    if not running:
-        return m[0], l.sum(0), acc.sum(0)
-    top = m.amax(0)
-    w = torch.where(m == -math.inf, 0.0, torch.exp(m - top)).to(l.dtype)  # (P, b)
-    return top, (w * l).sum(0), (w.unsqueeze(2) * acc).sum(0)
-
-
-def finish(
-    phi: torch.Tensor,
-    y: torch.Tensor | None,
-    znorm: torch.Tensor | None,
-    m: torch.Tensor,
-    l: torch.Tensor,
-    acc: torch.Tensor,
-    row_const: torch.Tensor,
-    inv_s2: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad (b, D), log S (b,), values to check for NaN/Inf) from a softmax state."""
-    has = l > 0
-    l_safe = torch.where(has, l, torch.ones_like(l))
-    log_s = torch.where(has, (m - row_const) + torch.log(l_safe), torch.full_like(l, -math.inf))
-    g = (phi - acc / l_safe.unsqueeze(1)) * (2.0 * inv_s2)
-    g = torch.where(has.unsqueeze(1), g, torch.zeros_like(g))
-    if znorm is not None:  # chain rule through phi = z / ||z||: (I - u u^T) g / ||z||
-        g = (g - phi * (phi * g).sum(1, keepdim=True)) / znorm
-    checks = [phi.reshape(-1), g.reshape(-1), l, torch.where(has, log_s, 0.0)]
-    if y is not None:
-        checks.append(y.reshape(-1))
-    return g, log_s, torch.cat(checks)

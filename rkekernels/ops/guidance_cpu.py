@@ -29,7 +29,7 @@ Threads: the kernel releases the GIL; with ``torch.get_num_threads() > 1`` and a
 `MIN_ROWS_PER_THREAD_BYTES` per thread, the bank is cut into contiguous chunks (about
 `CHUNKS_PER_THREAD` per thread) that the calling thread and pool threads take in turn, each chunk
 into a state of its own; the states are merged in chunk order (as the Triton path merges its
-splits, with `rkekernels.ops.guidance.merge_states`), so the result does not depend on which
+splits, with `rkekernels.ops.guidance_common.merge_states`), so the result does not depend on which
 thread took which chunk. Taking chunks in turn rather than one equal part per thread matters
 right after a multi-threaded torch op: its OpenMP workers keep spinning on the other cores for
 milliseconds (libgomp's default wait policy), and a thread sharing a core with one of them runs at
@@ -51,7 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .guidance import Problem, merge_states
+from .guidance_common import Problem, merge_states
 
 __all__ = [
     "BLOCK_BYTES",
@@ -203,7 +203,7 @@ def guide(
     """`guidance_grad`'s whole computation for CPU tensors, after its input checks.
 
     Args:
-        p: the validated call (`rkekernels.ops.guidance.Problem`): the bank, its prompt
+        p: the validated call (`rkekernels.ops.guidance_common.Problem`): the bank, its prompt
             embeddings and cached norms (as `softmax_state`), the bandwidths and the flags.
         z: (b, D) ``p.z`` in the compute dtype (float32 or float64), CPU.
         y: (b, m) ``p.y`` in the compute dtype, or None.

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from .guidance import Problem
+from .guidance_common import Problem
 
 __all__ = ["CHUNK_ROWS", "guide"]
 

@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 
-from .guidance import Problem
+from .guidance_common import Problem
 
 __all__ = ["ALGORITHMS", "DEFAULT_DIM", "KERNELS", "check", "dot_rke_guide", "guide", "vendi_guide"]
 

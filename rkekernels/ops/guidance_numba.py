@@ -307,8 +307,8 @@ def prep(z, normalize, y, inv_s2, inv_c2, phi, znorm, phi2, y2, row_const):
 
 @_jit
 def finish(phi, znorm, normalize, m, l, acc, row_const, inv_s2, y, g, log_s):
-    """The gradient and log S from the softmax state (as `rkekernels.ops.guidance.finish`): returns
-    whether every input and result is finite (one flag for the caller's error path)."""
+    """The gradient and log S from the softmax state (as `rkekernels.ops.guidance_common.finish`):
+    returns whether every input and result is finite (one flag for the caller's error path)."""
     b, dim = phi.shape
     ok = True
     for a in range(b):

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .guidance import merge_states
+from .guidance_common import merge_states
 from .launch import launches_on_input
 from .scores_triton import check_device
 

@@ -37,6 +37,8 @@ from types import ModuleType
 
 import torch
 
+from . import score_and_grad, scores_torch
+
 __all__ = ["C_MAX", "backend_module", "inv_sq", "pair_sums", "prepare", "scale_of"]
 
 #: Largest c = 1/sigma^2 (in units of the scaled data) handed to the kernels, per working dtype:
@@ -51,11 +53,9 @@ C_MAX = {
 def backend_module(backend: str) -> ModuleType:
     """The module implementing ``forward_sums``/``backward_grads`` for a resolved backend."""
     if backend == "triton":
-        from . import scores_triton
+        from . import scores_triton  # Triton: imported only when that backend runs
 
         return scores_triton
-    from . import scores_torch
-
     return scores_torch
 
 
@@ -115,10 +115,8 @@ class _SumAndGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, sigma):
-        from .score_and_grad import sum_and_grad
-
         xc, a = prepare(x)
-        fx, grad = sum_and_grad(xc, inv_sq([sigma], a, _work(x))[0])
+        fx, grad = score_and_grad.sum_and_grad(xc, inv_sq([sigma], a, _work(x))[0])
         ctx.save_for_backward(grad, x)
         ctx.inv_a = 1.0 / a
         return fx.reshape(1)

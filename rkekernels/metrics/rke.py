@@ -1,4 +1,4 @@
-"""A streaming RKE metric: feed batches with ``update``, read the scores with ``compute``.
+"""The streaming RKE metric (`RKEMetric`): the running pair sums, updated batch by batch.
 
 The scores depend on the data only through three pair sums over all ordered pairs (SPEC 2)::
 
@@ -21,12 +21,8 @@ all-gathers the other ranks' stored features, the cross-rank blocks are split ov
 tile by tile, and one all-reduce adds everything. The result is the score of the union of all
 ranks' updates, the same on every rank; the local state is unchanged (updates may go on).
 
-`RKEMetric` is plain Python; `TorchMetricsRKE` is the same metric as a ``torchmetrics.Metric``
-(created on first access, so importing this module never requires torchmetrics).
-
-`VendiMetric` / `TorchMetricsVendi` stream the order-q Vendi score (and conditional Vendi)
-through random Fourier features: their states are feature covariances that simply add across
-batches and ranks (see `VendiMetric`).
+`_Stream` (the checks, the block sums, the sync, the result) is shared with
+`rkekernels.metrics.TorchMetricsRKE`.
 """
 
 from __future__ import annotations
@@ -36,26 +32,20 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._input import (
+from .. import _collectives as C
+from .._input import (
     as_tensor,
     check_matrix,
     check_same_device,
     check_same_rows,
-    check_sigma,
     check_sigmas,
     check_single_sigma,
 )
-from .ops import scores_torch
-from .ops.pair_sums import inv_sq
-from .scores import RKEEntropies, entropies_from_sums, scores_from_sums
+from ..ops import scores_torch
+from ..ops.pair_sums import inv_sq
+from ..scores import RKEEntropies, entropies_from_sums, scores_from_sums
 
-__all__ = [
-    "RKEMetric",
-    "RKEMetricResult",
-    "VendiMetric",
-    "VendiMetricResult",
-    "cross_pair_sums",
-]  # + TorchMetricsRKE, TorchMetricsVendi, lazily
+__all__ = ["RKEMetric", "RKEMetricResult", "cross_pair_sums"]
 
 _COALESCE = 16  # stored batches are concatenated into one block past this many
 
@@ -241,8 +231,6 @@ class _Stream:
 
     def global_sums(self, blocks_x, blocks_t, sums, group):
         """Collective: (global sums, global n, dtype) over every rank's stored blocks."""
-        from . import _collectives as C
-
         C.reset_comm()
         rank, world = C.rank_world(group)
         x = torch.cat(list(blocks_x)) if len(blocks_x) else None
@@ -314,9 +302,7 @@ class _Stream:
 def _sync_wanted(sync: bool, group: Any) -> bool:
     if not sync:
         return False
-    from ._collectives import is_distributed
-
-    return is_distributed(group)
+    return C.is_distributed(group)
 
 
 # --------------------------------------------------------------------------- the plain metric
@@ -446,372 +432,3 @@ class RKEMetric:
         if self._sums is not None:
             self._sums = self._sums.to(self.device)
         return self
-
-
-# --------------------------------------------------------------------------- Vendi by RFF
-
-
-class VendiMetricResult(NamedTuple):
-    """What `VendiMetric.compute` returns (0-dim float64 tensors).
-
-    Attributes:
-        vendi: Vendi_q(X) = exp(H_q(X)).
-        cond_vendi: exp(H_q(X, T) - H_q(T)), or None without prompt embeddings.
-        h_x, h_t, h_xt: the order-q entropies in nats (h_t, h_xt None without t).
-    """
-
-    vendi: torch.Tensor
-    cond_vendi: torch.Tensor | None
-    h_x: torch.Tensor
-    h_t: torch.Tensor | None
-    h_xt: torch.Tensor | None
-
-
-class _VendiCore:
-    """Shared by `VendiMetric` and `TorchMetricsVendi`: checks, features, covariances, result."""
-
-    def __init__(self, sigma: Any, sigma_t: Any, q: Any, dim: Any, seed: Any):
-        from .vendi import check_order
-
-        if sigma is None:
-            raise ValueError(
-                "sigma is None: a streaming metric needs a fixed bandwidth; pick one, e.g. "
-                "rkekernels.default_bandwidth(first_batch)"
-            )
-        self.sigma = check_sigma(sigma, "sigma")
-        self.sigma_t = check_sigma(sigma_t, "sigma_t") if sigma_t is not None else None
-        self.q = check_order(q)
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
-            raise ValueError(f"dim must be an even integer >= 2 (random features); got {dim!r}")
-        self.dim, self.seed = dim, int(seed)
-        self.stream = _Stream(self.sigma, self.sigma_t)  # the batch checks of RKEMetric
-
-    def check(self, x: Any, t: Any, width: tuple[int, int | None] | None, device: Any):
-        """The batch checks of `RKEMetric.update` against the widths seen so far.
-
-        Also: t is given exactly when the metric has a sigma_t, checked here at update time (a
-        rank holding the wrong number of covariances would otherwise fail inside the sync).
-        """
-        x, t = self.stream.check_batch(
-            x,
-            t,
-            width=width[0] if width else None,
-            t_width=width[1] if width else None,
-            has_t=(width[1] is not None) if width else None,
-            device=device,
-            dtype=None,
-        )
-        if (t is None) != (self.sigma_t is None):
-            raise ValueError("t must be given exactly when the metric has a sigma_t")
-        return x, t
-
-    def covariances(self, x: torch.Tensor, t: torch.Tensor | None) -> list[torch.Tensor]:
-        """[Phi_x^T Phi_x] (+ [Phi_t^T Phi_t, Phi_xt^T Phi_xt] with t), float64 (dim, dim)."""
-        from .ops import spectra
-
-        def cov(u: torch.Tensor, seed: int) -> torch.Tensor:
-            f = spectra.rff_map(u.double(), self.dim, seed)(0, u.shape[0])
-            return f.T @ f
-
-        with torch.no_grad():
-            out = [cov(x / self.sigma, self.seed)]
-            if t is not None:
-                joint = torch.cat([x / self.sigma, t / self.sigma_t], 1)  # Kx * Kt: one Gaussian
-                out += [cov(t / self.sigma_t, self.seed), cov(joint, self.seed)]
-        return out
-
-    def result(self, covs: Sequence[torch.Tensor], n: int) -> VendiMetricResult:
-        from .ops import spectra
-
-        if n == 0:
-            raise ValueError("compute() before any update: the metric holds no samples")
-
-        def h(c: torch.Tensor) -> torch.Tensor:
-            return spectra.renyi_entropy(spectra.spectrum_of_cov(c), self.q)
-
-        h_x = h(covs[0])
-        if len(covs) == 1:
-            return VendiMetricResult(h_x.exp(), None, h_x, None, None)
-        h_t, h_xt = h(covs[1]), h(covs[2])
-        return VendiMetricResult(h_x.exp(), (h_xt - h_t).exp(), h_x, h_t, h_xt)
-
-
-class VendiMetric:
-    """Streaming Vendi score (and conditional Vendi) with random Fourier features.
-
-    The Gaussian kernel k(a, b) = exp(-||a - b||^2 / (2 sigma^2)) is approximated by
-    phi(a).phi(b) with ``dim`` random Fourier features of a / sigma (`rkekernels.ops.spectra`,
-    the "rff" method of `rkekernels.vendi_score`); the non-zero eigenvalues of K / n are those
-    of the feature covariance C = (1/n) sum_i phi(x_i) phi(x_i)^T, so the state is
-    C_sum = sum_i phi(x_i) phi(x_i)^T (dim x dim, float64) and n: both add over batches and over
-    ranks (one all-reduce). Vendi_q = exp(H_q(eig(C_sum / tr C_sum))). Conditional: the joint
-    kernel Kx * Kt is the Gaussian kernel of [x / sigma, t / sigma_t] at bandwidth 1, so a
-    second and third covariance (of t and of the concatenation) give
-    CondVendi_q = exp(H_q(X, T) - H_q(T)). The result depends on ``seed`` only through the
-    random-feature error (about 1/sqrt(dim)); every rank must use the same seed and dim.
-
-    Args:
-        sigma: one bandwidth s > 0 for x.
-        sigma_t: bandwidth for prompt embeddings t (required when updates pass t).
-        q: the order (> 0; 1 is the Vendi score of vendi-score; math.inf allowed).
-        dim: number of random features (even); memory and all-reduce: 8 dim^2 bytes per state.
-        seed: the random features' seed (the same on every rank).
-        group, sync_on_compute: as in `RKEMetric`.
-
-    Example:
-        >>> import torch
-        >>> from rkekernels.metrics import VendiMetric
-        >>> m = VendiMetric(sigma=1.0, dim=2048)
-        >>> centres = torch.tensor([[0.0, 0.0], [50.0, 0.0], [0.0, 50.0]])
-        >>> for c in centres:
-        ...     m.update(c + 0.01 * torch.randn(20, 2))
-        >>> round(float(m.compute().vendi), 1)
-        3.0
-    """
-
-    def __init__(
-        self,
-        sigma: Any,
-        sigma_t: Any = None,
-        *,
-        q: float = 1.0,
-        dim: int = 1024,
-        seed: int = 0,
-        group: Any = None,
-        sync_on_compute: bool = True,
-    ):
-        self._core = _VendiCore(sigma, sigma_t, q, dim, seed)
-        self.group, self.sync_on_compute = group, bool(sync_on_compute)
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget every sample."""
-        self._covs: list[torch.Tensor] | None = None
-        self._n = 0
-        self._width: tuple[int, int | None] | None = None
-
-    def __len__(self) -> int:
-        """The number of samples seen on this rank."""
-        return self._n
-
-    def update(self, x: Any, t: Any = None) -> None:
-        """Add a batch (b, d) of samples and, with sigma_t, its (b, m) prompt embeddings.
-
-        Raises:
-            ValueError / TypeError: as `RKEMetric.update`.
-        """
-        x, t = self._core.check(x, t, self._width, None)
-        if x.shape[0] == 0:
-            return
-        covs = self._core.covariances(x, t)
-        if self._covs is None:
-            self._covs = covs
-            self._width = (x.shape[1], t.shape[1] if t is not None else None)
-        else:
-            self._covs = [a + b.to(a.device) for a, b in zip(self._covs, covs)]
-        self._n += x.shape[0]
-
-    def compute(self) -> VendiMetricResult:
-        """Vendi (and conditional Vendi) of every sample seen (all ranks' under distributed).
-
-        Collective under an initialised process group with ``sync_on_compute``: every rank
-        must call it, and every rank must have used the same kind of updates (with or without t).
-        """
-        covs, n = self._covs, self._n
-        if _sync_wanted(self.sync_on_compute, self.group):
-            from . import _collectives as C
-
-            dev = covs[0].device if covs is not None else torch.device("cpu")
-            comm = C.comm_device(self.group, dev)
-            k = 3 if self._core.sigma_t is not None else 1
-            dim = self._core.dim
-            flat = torch.zeros(k * dim * dim + 1, dtype=torch.float64, device=dev)
-            if covs is not None:
-                flat[:-1] = torch.cat([c.reshape(-1) for c in covs])
-            flat[-1] = float(n)
-            flat = C.all_reduce_sum(flat, self.group, comm)
-            n = round(float(flat[-1]))
-            covs = list(flat[:-1].reshape(k, dim, dim)) if n else None
-        if n == 0 or covs is None:
-            raise ValueError("compute() before any update: the metric holds no samples")
-        return self._core.result(covs, n)
-
-
-# --------------------------------------------------------------------------- torchmetrics
-
-
-def _make_torchmetrics_class() -> type:
-    from torchmetrics import Metric
-
-    class TorchMetricsRKE(Metric):
-        """`RKEMetric` as a ``torchmetrics.Metric``: the same streaming sums and results.
-
-        States: ``feats``/``conds`` (lists of the stored batches), ``sums`` (float64 running pair
-        sums), ``n``. Syncing across processes does not concatenate the sums (they would miss the
-        cross-rank pairs): it all-gathers the features and adds the cross-rank blocks, split over
-        the ranks (``dist_sync_fn`` is not used). ``forward`` returns the scores of the batch.
-
-        Args:
-            sigma, sigma_t: as `RKEMetric`.
-            **kwargs: torchmetrics options (``process_group``, ``sync_on_compute``, ...).
-
-        Example:
-            >>> import torch
-            >>> from rkekernels.metrics import TorchMetricsRKE
-            >>> m = TorchMetricsRKE(sigma=1.0)
-            >>> m.update(torch.tensor([[0.0], [100.0], [200.0]]))
-            >>> round(float(m.compute().rke), 4)
-            3.0
-        """
-
-        full_state_update = True
-        is_differentiable = False
-        higher_is_better = True
-
-        def __init__(self, sigma: Any, sigma_t: Any = None, **kwargs: Any):
-            super().__init__(**kwargs)
-            self._core = _Stream(sigma, sigma_t)
-            self.add_state("feats", default=[], dist_reduce_fx="cat")
-            self.add_state("conds", default=[], dist_reduce_fx="cat")
-            self.add_state("sums", default=self._core.zeros(), dist_reduce_fx="sum")
-            self.add_state("n", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
-            self._synced_dtype: torch.dtype | None = None
-            self._synced_with_t = False
-
-        def update(self, x: Any, t: Any = None) -> None:
-            """Add a batch (see `RKEMetric.update`)."""
-            first = self.feats[0] if len(self.feats) else None
-            x, t = self._core.check_batch(
-                x,
-                t,
-                width=first.shape[1] if first is not None else None,
-                t_width=self.conds[0].shape[1] if len(self.conds) else None,
-                has_t=(len(self.conds) > 0) if first is not None else None,
-                device=self.device,
-                dtype=first.dtype if first is not None else None,
-            )
-            if x.shape[0] == 0:
-                return
-            self.sums = self.sums + self._core.delta(self.feats, self.conds, x, t).to(
-                self.sums.device
-            )
-            self.feats.append(x)
-            if t is not None:
-                self.conds.append(t)
-            self.n = self.n + x.shape[0]
-            if len(self.feats) > _COALESCE:
-                self.feats = [torch.cat(list(self.feats))]
-                self.conds = [torch.cat(list(self.conds))] if len(self.conds) else []
-
-        def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any = None) -> None:
-            total, n, dtype, with_t = self._core.global_sums(
-                self.feats, self.conds, self.sums, process_group or self.process_group
-            )
-            self.sums = total
-            self.n = torch.tensor(n, dtype=torch.int64, device=self.n.device)
-            self._synced_dtype, self._synced_with_t = dtype, with_t
-
-        def compute(self) -> RKEMetricResult:
-            """The scores (see `RKEMetric.compute`)."""
-            n = int(self.n)
-            if n == 0:
-                raise ValueError("compute() before any update: the metric holds no samples")
-            if self._is_synced and self._synced_dtype is not None:
-                dtype, with_t = self._synced_dtype, self._synced_with_t
-            else:
-                dtype = self.feats[0].dtype
-                with_t = len(self.conds) > 0
-            return self._core.result(self.sums, n, dtype, with_t)
-
-    TorchMetricsRKE.__module__ = __name__
-    return TorchMetricsRKE
-
-
-def _make_torchmetrics_vendi() -> type:
-    from torchmetrics import Metric
-
-    class TorchMetricsVendi(Metric):
-        """`VendiMetric` as a ``torchmetrics.Metric``: covariance states reduced by "sum".
-
-        States ``cov_x`` (and ``cov_t``, ``cov_xt`` with sigma_t), each (dim, dim) float64, and
-        ``n``; torchmetrics' own sync (all-gather, then sum) gives the covariances of the union
-        of all ranks' samples, hence its exact random-feature Vendi.
-
-        Args:
-            sigma, sigma_t, q, dim, seed: as `VendiMetric`.
-            **kwargs: torchmetrics options.
-
-        Example:
-            >>> import torch
-            >>> from rkekernels.metrics import TorchMetricsVendi
-            >>> m = TorchMetricsVendi(sigma=1.0, dim=2048)
-            >>> m.update(torch.tensor([[0.0], [50.0], [100.0]]))
-            >>> round(float(m.compute().vendi), 2)
-            3.0
-        """
-
-        full_state_update = False
-        is_differentiable = False
-        higher_is_better = True
-
-        def __init__(
-            self,
-            sigma: Any,
-            sigma_t: Any = None,
-            *,
-            q: float = 1.0,
-            dim: int = 1024,
-            seed: int = 0,
-            **kwargs: Any,
-        ):
-            super().__init__(**kwargs)
-            self._core = _VendiCore(sigma, sigma_t, q, dim, seed)
-            zero = torch.zeros(dim, dim, dtype=torch.float64)
-            names = ["cov_x"] + (["cov_t", "cov_xt"] if sigma_t is not None else [])
-            for name in names:
-                self.add_state(name, default=zero.clone(), dist_reduce_fx="sum")
-            self._names = names
-            self.add_state("n", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
-            self._width: tuple[int, int | None] | None = None
-
-        def update(self, x: Any, t: Any = None) -> None:
-            """Add a batch (see `VendiMetric.update`)."""
-            x, t = self._core.check(x, t, self._width, self.device)
-            if x.shape[0] == 0:
-                return
-            self._width = (x.shape[1], t.shape[1] if t is not None else None)
-            for name, c in zip(self._names, self._core.covariances(x, t)):
-                setattr(self, name, getattr(self, name) + c.to(self.device))
-            self.n = self.n + x.shape[0]
-
-        def compute(self) -> VendiMetricResult:
-            """Vendi and conditional Vendi (see `VendiMetric.compute`)."""
-            return self._core.result([getattr(self, k) for k in self._names], int(self.n))
-
-    TorchMetricsVendi.__module__ = __name__
-    return TorchMetricsVendi
-
-
-#: the torchmetrics classes, built on first access: name -> (factory, the metric without
-#: torchmetrics)
-_TM_FACTORIES = {
-    "TorchMetricsRKE": (_make_torchmetrics_class, "RKEMetric"),
-    "TorchMetricsVendi": (_make_torchmetrics_vendi, "VendiMetric"),
-}
-_TM_BUILT: dict[str, type] = {}
-
-
-def __getattr__(name: str) -> Any:
-    """``TorchMetricsRKE`` and ``TorchMetricsVendi`` are built on first access (torchmetrics)."""
-    if name not in _TM_FACTORIES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if name not in _TM_BUILT:
-        make, plain = _TM_FACTORIES[name]
-        try:
-            _TM_BUILT[name] = make()
-        except ImportError as exc:
-            raise ImportError(
-                f"rkekernels.metrics.{name} needs torchmetrics: "
-                f"`pip install torchmetrics` (or use rkekernels.metrics.{plain})"
-            ) from exc
-    return _TM_BUILT[name]
