@@ -17,6 +17,7 @@ import torch
 from rkekernels import FeatureBank, GuidanceResult, features, guidance_grad
 from rkekernels import reference as ref
 from rkekernels.ops import guidance_cpu, guidance_torch
+from rkekernels.ops.guidance_common import BankSide
 from tests.conftest import TOL as RTOL
 from tests.conftest import rel
 
@@ -136,7 +137,7 @@ def test_shifted_and_running_max_states_agree(small_chunks, layout, sigma):
     bank = torch.randn(2 * CHUNK + 5, 40, generator=g, dtype=torch.float64)
     y, c = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(21, 6, generator=g)
     inv_s2, inv_c2 = 1 / sigma**2, 0.5
-    args = (phi, bank, None, y, c.double(), None, inv_s2, inv_c2)
+    args = (phi, y, BankSide(bank, None, c.double(), None, inv_s2, inv_c2))
     shift = (phi * phi).sum(1) * inv_s2 + (y * y).sum(1) * inv_c2
     impl = guidance_cpu if layout == "fused" else guidance_torch
     m1, l1, a1 = impl.softmax_state(*args)

@@ -22,7 +22,7 @@ import torch
 import rkekernels as rk
 from rkekernels import reference as ref
 from rkekernels.ops import guidance_cpu, guidance_torch
-from rkekernels.ops.guidance_common import merge_states
+from rkekernels.ops.guidance_common import BankSide, merge_states
 
 
 @pytest.fixture(autouse=True)
@@ -57,9 +57,8 @@ def state(phi, bank, y, c, *, sigma, shift, cached_norms, fused, inv_c2=0.4):
         if yy is not None:
             sh = sh + (yy * yy).sum(1) * inv_c2
     impl = guidance_cpu if fused else guidance_torch  # the kernel, or the chunked GEMMs
-    return impl.softmax_state(
-        phi, bank, bank_sq, yy, cc, cond_sq, inv_s2, inv_c2 if y is not None else 0.0, None, sh
-    )
+    side = BankSide(bank, bank_sq, cc, cond_sq, inv_s2, inv_c2 if y is not None else 0.0)
+    return impl.softmax_state(phi, yy, side, None, sh)
 
 
 def assert_same(got, want, rtol):

@@ -5,8 +5,9 @@ the other objectives (algorithm="vendi", the cosine/linear kernels: ``ops.guidan
 the float64 direct-difference path (``ops.guidance_exact``: bandwidths past `EXACT_FROM`, or a
 fast path that overflowed on finite inputs), or the fast paths below (`fast_guide`). The
 per-backend files hold only the math of the bank pass, each with the same ``softmax_state``
-contract (state in, state out); what they share (`Problem`, `batch_state`, `merge_states`,
-`finish`) is in ``ops.guidance_common``, which they import (re-exported here):
+contract (the current features, the bank side as one ``BankSide``; state in, state out); what
+they share (`Problem`, ``BankSide``, `batch_state`, `merge_states`, `finish`) is in
+``ops.guidance_common``, which they import (re-exported here but ``BankSide``):
 
 - ``ops.guidance_cpu`` (CPU tensors, numba installed): the fused kernels of
   ``ops.guidance_numba``, the whole call in compiled code (its own copy of `finish`, in
@@ -228,10 +229,10 @@ def fast_guide(
     # underflows; Triton: a running max in registers. Without the sync there is no retry: the
     # running max from the start.
     shift = row_const if backend == "torch" and sync else None
-    args = (phi, p.bank, p.bank_sq, y, bank_cond, p.bank_cond_sq, inv_s2, inv_c2)
+    side = p.bank_side
     # the other current samples first (a tiny b x b state), then the bank streams into it
     state = batch_state(phi, y, inv_s2, inv_c2, shift) if batch else None
-    m, l, acc = impl.softmax_state(*args, state, shift)
+    m, l, acc = impl.softmax_state(phi, y, side, state, shift)
     g, log_s, checks = finish(phi, y, znorm, m, l, acc, row_const, inv_s2)
     # every value the result rests on is finite (||z|| too: an overflowed norm gives phi = 0
     # and a finite, wrong gradient); an infinite prompt embedding can turn a logit into -inf
@@ -255,7 +256,7 @@ def fast_guide(
     ok, retry = torch.stack([ok, out_of_range]).tolist()
     if shift is not None and retry and entries:
         state = batch_state(phi, y, inv_s2, inv_c2, None) if batch else None
-        m, l, acc = impl.softmax_state(*args, state, None)
+        m, l, acc = impl.softmax_state(phi, y, side, state, None)
         g, log_s, checks = finish(phi, y, znorm, m, l, acc, row_const, inv_s2)
         good = torch.isfinite(checks).all() & ~torch.isinf(log_s).any()
         ok = bool(good & torch.isfinite(znorm).all()) if p.normalize else bool(good)

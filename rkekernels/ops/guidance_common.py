@@ -1,7 +1,8 @@
 """What the guidance backends share with their dispatcher (`rkekernels.ops.guidance`).
 
-The validated call (`Problem`) and the softmax state helpers: the batch's own state
-(`batch_state`), the online-softmax merge of the states of disjoint parts of the bank
+The validated call (`Problem`), the bank side of a bank pass (`BankSide`: what each backend's
+``softmax_state`` reads besides the current samples) and the softmax state helpers: the batch's
+own state (`batch_state`), the online-softmax merge of the states of disjoint parts of the bank
 (`merge_states`) and the gradient and log S from a state (`finish`). The dispatcher imports the
 backends; the backends import only this module (no import cycle).
 """
@@ -13,9 +14,37 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["Problem", "State", "batch_state", "finish", "merge_states"]
+__all__ = ["BankSide", "Problem", "State", "batch_state", "finish", "merge_states"]
 
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class BankSide(NamedTuple):
+    """The bank side of a bank pass: the argument every backend's ``softmax_state`` takes.
+
+    The same for all backends (``ops.guidance_torch``, ``ops.guidance_cpu``,
+    ``ops.guidance_triton``) and for every pass of one call; `Problem.bank_side` builds it.
+
+    Attributes:
+        bank: (n, D) bank features in any floating dtype (each backend reads the rows in the
+            compute dtype, a chunk or block at a time); n may be 0.
+        bank_sq: (n,) cached ||f_j||^2, or None to compute them from the rows.
+        bank_cond: (n, m) prompt embeddings of the bank (None iff the current samples have none).
+        bank_cond_sq: (n,) cached ||c_j||^2, or None to compute them from the rows.
+        inv_s2, inv_c2: 1/s^2 and 1/s_c^2.
+
+    Example:
+        >>> side = BankSide(torch.zeros(0, 3), None, None, None, 1.0, 0.0)
+        >>> side.bank.shape[0]
+        0
+    """
+
+    bank: torch.Tensor
+    bank_sq: torch.Tensor | None
+    bank_cond: torch.Tensor | None
+    bank_cond_sq: torch.Tensor | None
+    inv_s2: float
+    inv_c2: float
 
 
 class Problem(NamedTuple):
@@ -57,6 +86,13 @@ class Problem(NamedTuple):
     def batch(self) -> bool:
         """Whether the other current samples are entries (``include_batch`` and b > 1)."""
         return self.include_batch and self.z.shape[0] > 1
+
+    @property
+    def bank_side(self) -> BankSide:
+        """The bank, its prompt embeddings, cached norms and bandwidths, as `BankSide`."""
+        return BankSide(
+            self.bank, self.bank_sq, self.bank_cond, self.bank_cond_sq, self.inv_s2, self.inv_c2
+        )
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -51,7 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .guidance_common import Problem, merge_states
+from .guidance_common import BankSide, Problem, State, merge_states
 
 __all__ = [
     "BLOCK_BYTES",
@@ -161,22 +161,28 @@ def block_rows(dim: int, itemsize: int) -> int:
 
 def softmax_state(
     phi: torch.Tensor,
-    bank: torch.Tensor,
-    bank_sq: torch.Tensor | None,
     y: torch.Tensor | None,
-    bank_cond: torch.Tensor | None,
-    bank_cond_sq: torch.Tensor | None,
-    inv_s2: float,
-    inv_c2: float,
-    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    side: BankSide,
+    state: State | None = None,
     shift: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax state (m (b,), l (b,), acc (b, D)) of the guidance logits over ``bank``.
+) -> State:
+    """Softmax state (m (b,), l (b,), acc (b, D)) of the guidance logits over the bank.
 
     Same arguments, result and shift modes as `rkekernels.ops.guidance_torch.softmax_state`,
     for CPU tensors: phi float32 or float64 (the compute dtype); bank and prompt rows in any
     floating dtype and layout (rows that are not C-contiguous in the compute dtype are converted
     a chunk at a time).
+
+    Example (two bank rows, logits 2 * 0.6 - 1 and 2 * 0.8 - 1; the GEMM path agrees):
+        >>> from rkekernels.ops import guidance_torch
+        >>> phi = torch.tensor([[0.6, 0.8]])
+        >>> side = BankSide(torch.eye(2), None, None, None, 1.0, 0.0)
+        >>> m, l, acc = softmax_state(phi, None, side)
+        >>> m, l  # running max 0.6; l = exp(0.2 - 0.6) + 1
+        (tensor([0.6000]), tensor([1.6703], dtype=torch.float64))
+        >>> want = guidance_torch.softmax_state(phi, None, side)
+        >>> all(torch.allclose(a, w) for a, w in zip((m, l, acc), want))
+        True
     """
     b, dim = phi.shape
     running = shift is None
@@ -186,14 +192,11 @@ def softmax_state(
         m = shift.clone() if shift is not None else phi.new_full((b,), float("-inf"))
         l = phi.new_zeros((b,))
         acc = phi.new_zeros((b, dim))
-    if bank.shape[0] == 0:
+    if side.bank.shape[0] == 0:
         return m, l, acc
-    phi2 = _padded(_arr(phi * (2.0 * inv_s2)))
-    y2 = _padded(_arr(y * (2.0 * inv_c2))) if y is not None else None
-    m, l, acc = _fold(
-        phi2, y2, bank, bank_sq, bank_cond if y is not None else None, bank_cond_sq,
-        inv_s2, inv_c2, (_arr(m), _arr(l.double()), _arr(acc.double())), running,
-    )  # fmt: skip
+    phi2 = _padded(_arr(phi * (2.0 * side.inv_s2)))
+    y2 = _padded(_arr(y * (2.0 * side.inv_c2))) if y is not None else None
+    m, l, acc = _fold(phi2, y2, side, (_arr(m), _arr(l.double()), _arr(acc.double())), running)
     return torch.from_numpy(m), torch.from_numpy(l), torch.from_numpy(acc)
 
 
@@ -238,10 +241,7 @@ def guide(
             yn.shape[1] >= PAIR_MIN_DIM, 0, MAX_BLOCK_ROWS, _PAD,
         )  # fmt: skip
     if p.bank.shape[0] > 0:
-        state = _fold(
-            phi2, y2 if has_cond else None, p.bank, p.bank_sq, p.bank_cond if has_cond else None,
-            p.bank_cond_sq, inv_s2, inv_c2, state, True,
-        )  # fmt: skip
+        state = _fold(phi2, y2 if has_cond else None, p.bank_side, state, True)
     g, log_s = np.empty_like(zn), np.empty(b, dt)
     ok = k.finish(phi, znorm, normalize, *state, row_const, inv_s2, yn, g, log_s)
     return torch.from_numpy(g), torch.from_numpy(log_s), bool(ok)
@@ -282,22 +282,21 @@ def _arr(t: torch.Tensor) -> np.ndarray:
 def _fold(
     phi2: np.ndarray,
     y2: np.ndarray | None,
-    bank: torch.Tensor,
-    bank_sq: torch.Tensor | None,
-    bank_cond: torch.Tensor | None,
-    bank_cond_sq: torch.Tensor | None,
-    inv_s2: float,
-    inv_c2: float,
+    side: BankSide,
     state: tuple[np.ndarray, np.ndarray, np.ndarray],
     running: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fold the bank's rows into ``state`` (updated in place, or merged from thread parts)."""
+    """Fold the bank's rows into ``state`` (updated in place, or merged from thread parts);
+    without ``y2`` the bank's prompt embeddings and their norms are not read."""
+    bank, bank_sq, bank_cond, bank_cond_sq, inv_s2, inv_c2 = side
     stream = _kernels().stream
     b = phi2.shape[0]
     n, dim = bank.shape  # phi2's rows are padded (see _padded)
     dt = phi2.dtype
     cdt = torch.float64 if dt == np.float64 else torch.float32
     has_cond = y2 is not None
+    if not has_cond:
+        bank_cond = None
     empty2 = np.zeros((0, 0), dt)
     if y2 is None:
         y2 = np.zeros((b, 0), dt)

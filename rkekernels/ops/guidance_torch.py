@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import torch
 
+from .guidance_common import BankSide, State
+
 __all__ = [
     "CHUNK_ELEMENTS",
     "CHUNK_ROWS",
@@ -74,26 +76,20 @@ def chunk_rows(dim: int) -> int:
 
 def softmax_state(
     phi: torch.Tensor,
-    bank: torch.Tensor,
-    bank_sq: torch.Tensor | None,
     y: torch.Tensor | None,
-    bank_cond: torch.Tensor | None,
-    bank_cond_sq: torch.Tensor | None,
-    inv_s2: float,
-    inv_c2: float,
-    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    side: BankSide,
+    state: State | None = None,
     shift: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax state (m (b,), l (b,), acc (b, D)) of the logits above over ``bank``.
+) -> State:
+    """Softmax state (m (b,), l (b,), acc (b, D)) of the logits above over the bank.
 
     Args:
         phi: (b, D) current features, float32 or float64 (the compute dtype).
-        bank: (n, D) bank features in any floating dtype (upcast chunk by chunk); n may be 0.
-        bank_sq: (n,) cached ||f_j||^2, or None to compute them chunk by chunk.
         y: (b, m) prompt embeddings of the current samples, or None (unconditional).
-        bank_cond: (n, m) prompt embeddings of the bank (None iff ``y`` is None).
-        bank_cond_sq: (n,) cached ||c_j||^2, or None to compute them chunk by chunk.
-        inv_s2, inv_c2: 1/s^2 and 1/s_c^2.
+        side: the bank, its prompt embeddings (None iff ``y`` is None), cached squared norms
+            (None: computed chunk by chunk) and the bandwidths
+            (`rkekernels.ops.guidance_common.BankSide`); a bank in a narrower dtype than phi's
+            is upcast chunk by chunk.
         state: an initial state (m, l, acc) over other entries (state in, state out), whose
             acc may be updated in place; with ``shift`` its m must be ``shift``.
         shift: None for the running max, or (b,) fixed shifts m_a >= every logit (see above).
@@ -103,7 +99,15 @@ def softmax_state(
         summed across chunks in float64 (SPEC section 5: float32 results within 1e-5 up to
         n = 20,000; a float32 sum over the chunks drifted to 5.5e-5 there). An empty bank (and
         no state) gives l = 0, acc = 0 and m = -inf (or the shift).
+
+    Example:
+        >>> phi = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+        >>> side = BankSide(phi.clone(), None, None, None, 1.0, 0.0)
+        >>> m, l, acc = softmax_state(phi, None, side)  # one entry, logit 2 - 1 = 1
+        >>> float(m[0]), float(l[0]), acc.tolist()
+        (1.0, 1.0, [[1.0, 0.0]])
     """
+    bank, bank_sq, bank_cond, bank_cond_sq, inv_s2, inv_c2 = side
     cdt = phi.dtype
     wide = torch.float32 if phi.device.type == "mps" else torch.float64
     b, dim = phi.shape

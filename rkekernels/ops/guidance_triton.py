@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .guidance_common import merge_states
+from .guidance_common import BankSide, State, merge_states
 from .launch import launches_on_input
 from .scores_triton import check_device
 
@@ -235,25 +235,20 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 @launches_on_input
 def softmax_state(
     phi: torch.Tensor,
-    bank: torch.Tensor,
-    bank_sq: torch.Tensor | None,
     y: torch.Tensor | None,
-    bank_cond: torch.Tensor | None,
-    bank_cond_sq: torch.Tensor | None,
-    inv_s2: float,
-    inv_c2: float,
-    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    side: BankSide,
+    state: State | None = None,
     shift: None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> State:
     """Online-softmax state (m (b,), l (b,), acc (b, D)) over ``bank``, by the Triton kernel.
 
     Same arguments (``state``: an initial state merged in the combine; no fixed ``shift``: the
     kernel keeps a running max in registers, which costs nothing there) and result as
     ``ops.guidance_torch.softmax_state`` (m in phi's dtype; l and acc summed across the splits
-    in float64; each split sums its rows in the compute dtype); the cached squared norms
-    are not needed (the kernel computes them from the rows it loads anyway).
+    in float64; each split sums its rows in the compute dtype); the cached squared norms of
+    ``side`` are not read (the kernel computes them from the rows it loads anyway).
     """
-    del bank_sq, bank_cond_sq
+    bank, bank_cond, inv_s2, inv_c2 = side.bank, side.bank_cond, side.inv_s2, side.inv_c2
     check_device(phi)
     if shift is not None:
         raise ValueError("the Triton kernel keeps its running max in registers: shift must be None")
