@@ -2,6 +2,7 @@
 
 `_pair` is the one validation and bandwidth-resolution path of the Gaussian scores
 (`rkekernels.scores`), the order-q scores (`rkekernels.vendi`) and the evaluation helpers;
+`_shard` validates one rank's shard for the distributed scores (`rkekernels.distributed`);
 `bandwidth_from_tensor` is the default bandwidth (`rkekernels.default_bandwidth`) of a validated
 tensor, for the one-process and the distributed scores alike.
 """
@@ -172,3 +173,32 @@ def _pair(x: Any, t: Any, sigma: Any, sigma_t: Any, backend: Any):
     if tt is not None:
         st = bandwidth_from_tensor(tt) if sigma_t is None else check_single_sigma(sigma_t)
     return xt, tt, sigmas, many, st, resolved, torch_out
+
+
+def _shard_matrix(x: Any, name: str) -> torch.Tensor:
+    """A 2-D (n, d) finite float tensor; n = 0 is allowed here (an empty shard)."""
+    return check_matrix(as_tensor(x, name), name, allow_empty=True)
+
+
+def _shard(
+    x_local: Any, t_local: Any, sigma: Any, sigma_t: Any, with_t: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, list[float] | None, bool, float | None]:
+    """One rank's inputs of a distributed score, checked before any collective.
+
+    As `_pair`, but a shard may be empty and a bandwidth left None stays None (its default is
+    taken later, on the gathered global set). Returns (x, t or None, sigmas or None, many,
+    sigma_t or None).
+    """
+    xt = _shard_matrix(x_local, "x_local")
+    tt = None
+    if with_t:
+        if t_local is None:
+            raise ValueError("t_local is None: give this rank's prompt embeddings, shape (n, m)")
+        tt = _shard_matrix(t_local, "t_local")
+        check_same_device(x_local=xt, t_local=tt)
+        check_same_rows(xt, tt, "x_local", "t_local")
+    sigmas, many = check_sigmas(sigma, "sigma") if sigma is not None else (None, False)
+    st = None
+    if with_t and sigma_t is not None:
+        st = check_single_sigma(sigma_t)
+    return xt, tt, sigmas, many, st

@@ -50,19 +50,9 @@ import torch
 
 from . import _collectives as C
 from . import scores
-from ._bandwidth import bandwidth_from_tensor
+from ._bandwidth import _shard, _shard_matrix, bandwidth_from_tensor
 from ._collectives import is_distributed
-from ._input import (
-    as_tensor,
-    check_backend,
-    check_matrix,
-    check_same_device,
-    check_same_rows,
-    check_sigmas,
-    check_single_sigma,
-    is_torch,
-    to_output,
-)
+from ._input import check_backend, check_same_device, is_torch, to_output
 from .guidance import FeatureBank
 from .ops.pair_sums import backend_module, inv_sq
 from .scores import RKEEntropies, entropies_from_sums, scores_from_sums
@@ -76,35 +66,6 @@ __all__ = [
     "rke_score",
     "share_bank",
 ]
-
-# --------------------------------------------------------------------------- local validation
-
-
-def _local_matrix(x: Any, name: str) -> torch.Tensor:
-    """A 2-D (n, d) finite float tensor; n = 0 is allowed here (an empty shard)."""
-    return check_matrix(as_tensor(x, name), name, allow_empty=True)
-
-
-def _local_sigmas(sigma: Any, name: str) -> tuple[list[float] | None, bool]:
-    if sigma is None:
-        return None, False
-    return check_sigmas(sigma, name)
-
-
-def _prepare_local(x_local, t_local, sigma, sigma_t, with_t):
-    xt = _local_matrix(x_local, "x_local")
-    tt = None
-    if with_t:
-        if t_local is None:
-            raise ValueError("t_local is None: give this rank's prompt embeddings, shape (n, m)")
-        tt = _local_matrix(t_local, "t_local")
-        check_same_device(x_local=xt, t_local=tt)
-        check_same_rows(xt, tt, "x_local", "t_local")
-    sigmas, many = _local_sigmas(sigma, "sigma")
-    st = None
-    if with_t and sigma_t is not None:
-        st = check_single_sigma(sigma_t)
-    return xt, tt, sigmas, many, st
 
 
 def _one_process(score: str, x_local, t_local, sigma, sigma_t, backend):
@@ -129,7 +90,7 @@ def _global_pair_sums(x_local, t_local, sigma, sigma_t, group, with_t, want_fx, 
     xt = tt = None
     sigmas, many, st = None, False, None
     try:
-        xt, tt, sigmas, many, st = _prepare_local(x_local, t_local, sigma, sigma_t, with_t)
+        xt, tt, sigmas, many, st = _shard(x_local, t_local, sigma, sigma_t, with_t)
         backend = check_backend(backend, xt.device)
     except Exception as exc:  # raised after the exchange, so no other rank waits for this one
         err = exc
@@ -324,10 +285,10 @@ def _local_add(bank: Any, f: torch.Tensor, cond: torch.Tensor | None) -> None:
 
 
 def _commit_input(bank: Any, f: Any, cond: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    ft = _local_matrix(f, "f")
+    ft = _shard_matrix(f, "f")
     ct = None
     if cond is not None:
-        ct = _local_matrix(cond, "cond")
+        ct = _shard_matrix(cond, "cond")
         check_same_device(f=ft, cond=ct)
         if ct.shape[0] != ft.shape[0]:
             raise ValueError(

@@ -17,9 +17,9 @@ import torch.distributed as dist
 
 import rkekernels
 from benchmarks.common import spawn_ranks
+from rkekernels import _bandwidth, reference
 from rkekernels import _collectives as C
 from rkekernels import distributed as D
-from rkekernels import reference
 from rkekernels._input import triton_available
 from rkekernels.metrics import RKEMetric, VendiMetric
 from rkekernels.ops import scores_torch
@@ -370,18 +370,21 @@ def test_bad_input_one_process(call, exc, match):
 def test_bad_input_distributed_path_validation():
     """The local validation of the distributed path (it runs before any collective)."""
     cases = [
-        (lambda: D._prepare_local(torch.ones(4), None, 1.0, None, False), "2-D"),
-        (lambda: D._prepare_local(torch.ones(2, 2, 2), None, 1.0, None, False), "reshape"),
-        (lambda: D._prepare_local(torch.ones(3, 0), None, 1.0, None, False), "d = 0"),
-        (lambda: D._prepare_local(torch.ones(3, 2), None, float("nan"), None, False), "sigma"),
-        (lambda: D._prepare_local(torch.ones(3, 2), None, 1.0, None, True), "t_local is None"),
-        (lambda: D._prepare_local(torch.ones(3, 2), torch.ones(3, 1), 1.0, [1, 2], True), "single"),
-        (lambda: D._prepare_local(torch.ones(3, 2), torch.ones(2, 1), 1.0, 1.0, True), "rows"),
+        (lambda: _bandwidth._shard(torch.ones(4), None, 1.0, None, False), "2-D"),
+        (lambda: _bandwidth._shard(torch.ones(2, 2, 2), None, 1.0, None, False), "reshape"),
+        (lambda: _bandwidth._shard(torch.ones(3, 0), None, 1.0, None, False), "d = 0"),
+        (lambda: _bandwidth._shard(torch.ones(3, 2), None, float("nan"), None, False), "sigma"),
+        (lambda: _bandwidth._shard(torch.ones(3, 2), None, 1.0, None, True), "t_local is None"),
+        (
+            lambda: _bandwidth._shard(torch.ones(3, 2), torch.ones(3, 1), 1.0, [1, 2], True),
+            "single",
+        ),
+        (lambda: _bandwidth._shard(torch.ones(3, 2), torch.ones(2, 1), 1.0, 1.0, True), "rows"),
     ]
     for call, match in cases:
         with pytest.raises(ValueError, match=match):
             call()
-    xt, tt, sig, many, st = D._prepare_local(torch.zeros(0, 5), torch.zeros(0, 2), 1.0, 2.0, True)
+    xt, tt, sig, many, st = _bandwidth._shard(torch.zeros(0, 5), torch.zeros(0, 2), 1.0, 2.0, True)
     assert xt.shape == (0, 5) and tt.shape == (0, 2) and sig == [1.0] and st == 2.0
     assert not many
 
