@@ -141,7 +141,7 @@ def test_shifted_and_running_max_states_agree(small_chunks, layout, sigma):
     shift = (phi * phi).sum(1) * inv_s2 + (y * y).sum(1) * inv_c2
     impl = guidance_cpu if layout == "fused" else guidance_torch
     m1, l1, a1 = impl.softmax_state(*args)
-    m2, l2, a2 = impl.softmax_state(*args, None, shift)
+    m2, l2, a2 = impl.softmax_state(*args, shift=shift)
     assert torch.equal(m2, shift)
     assert torch.allclose(m1 + l1.log(), m2 + l2.log(), rtol=1e-12, atol=0)
     assert torch.allclose(a1 / l1[:, None], a2 / l2[:, None], rtol=1e-12, atol=1e-15)

@@ -58,7 +58,7 @@ def state(phi, bank, y, c, *, sigma, shift, cached_norms, fused, inv_c2=0.4):
             sh = sh + (yy * yy).sum(1) * inv_c2
     impl = guidance_cpu if fused else guidance_torch  # the kernel, or the chunked GEMMs
     side = BankSide(bank, bank_sq, cc, cond_sq, inv_s2, inv_c2 if y is not None else 0.0)
-    return impl.softmax_state(phi, yy, side, None, sh)
+    return impl.softmax_state(phi, yy, side, shift=sh)
 
 
 def assert_same(got, want, rtol):

@@ -37,8 +37,9 @@ half speed; with equal parts the call would wait for that thread. The dispatch
 (`rkekernels.ops.guidance.guide`, through its `fast_guide`: backend "torch" or "auto", CPU
 tensors) runs `guide` when numba loads (a dependency: see `available`) and `ENABLED` is true;
 otherwise the chunked-GEMM path of `guidance_torch` runs. `softmax_state` exposes the kernel's
-bank pass alone, with the same contract as the GEMM path's (the tests compare the two). The numba
-kernels themselves are in `rkekernels.ops.guidance_numba`, imported at the first call.
+bank pass alone, with the contract of the GEMM path's but no initial state (the tests compare
+the two). The numba kernels themselves are in `rkekernels.ops.guidance_numba`, imported at the
+first call.
 """
 
 from __future__ import annotations
@@ -160,18 +161,14 @@ def block_rows(dim: int, itemsize: int) -> int:
 
 
 def softmax_state(
-    phi: torch.Tensor,
-    y: torch.Tensor | None,
-    side: BankSide,
-    state: State | None = None,
-    shift: torch.Tensor | None = None,
+    phi: torch.Tensor, y: torch.Tensor | None, side: BankSide, shift: torch.Tensor | None = None
 ) -> State:
     """Softmax state (m (b,), l (b,), acc (b, D)) of the guidance logits over the bank.
 
-    Same arguments, result and shift modes as `rkekernels.ops.guidance_torch.softmax_state`,
-    for CPU tensors: phi float32 or float64 (the compute dtype); bank and prompt rows in any
-    floating dtype and layout (rows that are not C-contiguous in the compute dtype are converted
-    a chunk at a time).
+    Same arguments (but no initial state: `guide` folds the batch's own state in compiled code),
+    result and shift modes as `rkekernels.ops.guidance_torch.softmax_state`, for CPU tensors:
+    phi float32 or float64 (the compute dtype); bank and prompt rows in any floating dtype and
+    layout (rows that are not C-contiguous in the compute dtype are converted a chunk at a time).
 
     Example (two bank rows, logits 2 * 0.6 - 1 and 2 * 0.8 - 1; the GEMM path agrees):
         >>> from rkekernels.ops import guidance_torch
@@ -186,12 +183,9 @@ def softmax_state(
     """
     b, dim = phi.shape
     running = shift is None
-    if state is not None:
-        m, l, acc = (t.contiguous().clone() for t in state)
-    else:
-        m = shift.clone() if shift is not None else phi.new_full((b,), float("-inf"))
-        l = phi.new_zeros((b,))
-        acc = phi.new_zeros((b, dim))
+    m = shift.clone() if shift is not None else phi.new_full((b,), float("-inf"))
+    l = phi.new_zeros((b,))
+    acc = phi.new_zeros((b, dim))
     if side.bank.shape[0] == 0:
         return m, l, acc
     phi2 = _padded(_arr(phi * (2.0 * side.inv_s2)))
