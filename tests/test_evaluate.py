@@ -162,6 +162,7 @@ def test_report_is_written_whole_or_not_at_all(sets, tmp_path, capsys):
     assert code == 0, err
     files = sorted(p.name for p in out.iterdir())
     assert files == [
+        ".rkekernels-report",
         "crowded.png",
         "modes.png",
         "novel_modes.png",

@@ -17,6 +17,7 @@ stderr and exits with code 2, without a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Sequence
 
@@ -58,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         2
     """
     parser = _parser()
+    with contextlib.suppress(AttributeError, ValueError):  # a file name that is not UTF-8
+        sys.stdout.reconfigure(errors="backslashreplace")  # prints as \udcXX, never raises
     try:
         args = parser.parse_args(argv)
         if args.command is None:

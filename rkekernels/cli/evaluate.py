@@ -20,8 +20,9 @@ interval), vendi (order 1, Gaussian at sigma), modes ([{weight, files}]), the mo
 crowded samples (largest / smallest s_i = sum_j k(x_i, x_j)^2); with prompts cond_rke and
 cond_vendi; with a reference novelty (KEN), novel_modes and relative_rke. Several ``--sigma``
 give lists. ``--out DIR`` writes report.md with a grid of the top modes, the most and least
-crowded samples, a bandwidth sweep plot and results.json, into a temporary folder renamed to
-DIR at the end: a failure leaves nothing half-written.
+crowded samples, a bandwidth sweep plot and results.json into DIR, each file atomically. DIR
+must be new, empty or an earlier report's folder (checked before any work): a report never
+deletes or overwrites a file it did not write.
 
 Bad input (a folder with no images, an unreadable image, prompts that do not match, an unknown
 encoder, weights missing offline) prints one line and exits with code 2.
@@ -39,7 +40,7 @@ from typing import Any
 from .._errors import CLIError
 from ..evaluation import default_cache_dir, evaluate
 from ._common import positive
-from .report import fmt, write_report
+from .report import check_out_dir, fmt, write_report
 
 __all__ = ["add_arguments", "run"]
 
@@ -66,7 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--per-mode", type=int, default=8, help="files listed per mode")
     a("--unbiased", action="store_true", help="unbiased (off-diagonal) interval estimator")
     a("--json", action="store_true", help="print one JSON object")
-    a("--out", metavar="DIR", help="write a report (Markdown, figures, JSON) into DIR")
+    a(
+        "--out",
+        metavar="DIR",
+        help="write a report (Markdown, figures, JSON) into DIR: a new or empty folder, or "
+        "an earlier report's (only the report's own files are replaced)",
+    )
     a("--cache", metavar="DIR", help=f"embedding cache (default: {default_cache_dir()})")
     a("--no-cache", action="store_true", help="do not read or write the embedding cache")
     a("--batch-size", type=int, default=32, help="images per encoder batch")
@@ -86,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("top", "per_mode", "batch_size"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.out:  # before any work: a report never overwrites what it did not write
+        check_out_dir(args.out, [args.gen, args.reference, args.prompts])
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     cache = None if args.no_cache else (args.cache or "default")
     keep: dict = {}
@@ -109,13 +117,17 @@ def run(args: argparse.Namespace) -> int:
         progress=progress,
         _keep=keep if args.out else None,
     )
-    if args.out:
-        report = write_report(res, args.out, keep)
-        print(f"report: {report}", file=sys.stderr)
     if args.json:
         print(json.dumps(res))
     else:
         _print(res)
+    if args.out:  # after the scores: a failure here still leaves them printed
+        sys.stdout.flush()
+        try:
+            report = write_report(res, args.out, keep)
+        except OSError as exc:
+            raise CLIError(f"--out {args.out}: cannot write the report: {exc}") from None
+        print(f"report: {report}", file=sys.stderr)
     return 0
 
 

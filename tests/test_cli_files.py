@@ -1,0 +1,114 @@
+"""Files, folders and streams of the command line (issue 23 A.9, A2): ``--out`` never deletes or
+overwrites what the command did not write, caches are checked, odd files give one line."""
+
+import json
+import os
+
+import pytest
+
+from rkekernels.cli import main
+from tests.conftest import write_images
+
+
+def _run(capsys, *argv):
+    code = main([*map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _evaluate(capsys, gen, *argv):
+    return _run(capsys, "evaluate", gen, "--encoder", "pixels", "--no-progress", *argv)
+
+
+def _one_line_error(code, err, *needles):
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.fixture
+def gen(tmp_path):
+    write_images(tmp_path / "g", 6, clusters=2, size=8)
+    return tmp_path / "g"
+
+
+def test_out_keeps_what_it_did_not_write(gen, tmp_path, capsys):
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "thesis.tex").write_text("my thesis")
+    code, _, err = _evaluate(capsys, gen, "--no-cache", "--out", out)
+    _one_line_error(code, err, "not empty", str(out))
+    assert os.listdir(out) == ["thesis.tex"] and (out / "thesis.tex").read_text() == "my thesis"
+    # an existing file, GEN itself: refused before any work, nothing touched
+    f = tmp_path / "notes.txt"
+    f.write_text("keep")
+    code, _, err = _evaluate(capsys, gen, "--no-cache", "--out", f)
+    _one_line_error(code, err, "is a file")
+    assert f.read_text() == "keep"
+    code, _, err = _evaluate(capsys, gen, "--no-cache", "--out", gen)
+    _one_line_error(code, err, "is the input")
+    assert sorted(os.listdir(gen)) == [f"img_{i:03d}.png" for i in range(6)]
+
+
+def test_out_rewrites_its_own_report_only(gen, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "rep"
+    code, _, err = _evaluate(capsys, gen, "--no-cache", "--out", out, "--reference", gen)
+    assert code == 0, err
+    assert "novel_modes.png" in os.listdir(out)
+    (out / "mine.txt").write_text("mine")  # a user's file beside an earlier report
+    code, _, err = _evaluate(capsys, gen, "--no-cache", "--out", out)
+    assert code == 0, err
+    mine = [".rkekernels-report", "crowded.png", "mine.txt", "modes.png", "report.md"]
+    assert sorted(os.listdir(out)) == sorted([*mine, "results.json", "sweep.png"])
+    # the earlier report's novel_modes.png is gone, mine.txt stays, no temporary files
+    marker = json.loads((out / ".rkekernels-report").read_text())
+    assert "mine.txt" not in marker["files"] and "report.md" in marker["files"]
+    # `--out .`: the current folder is not empty and holds no report: one line
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _evaluate(capsys, gen, "--no-cache", "--out", ".")
+    _one_line_error(code, err, "not empty")
+    # an empty current folder works
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    code, _, err = _evaluate(capsys, gen, "--no-cache", "--out", ".")
+    assert code == 0, err
+    assert "report.md" in os.listdir(".")
+
+
+def test_out_not_writable_is_checked_before_encoding(gen, tmp_path, capsys, monkeypatch):
+    from rkekernels.evaluation import embeddings
+
+    def boom(*a, **k):
+        raise AssertionError("encoded although --out cannot be written")
+
+    monkeypatch.setattr(embeddings, "_embed_set", boom)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = _evaluate(capsys, gen, "--no-cache", "--out", blocker / "sub" / "rep")
+    _one_line_error(code, err, "is a file, not a folder")
+    assert sorted(os.listdir(tmp_path)) == ["file", "g"]
+
+
+def test_out_failing_late_prints_the_scores_and_leaves_nothing(gen, tmp_path, capsys, monkeypatch):
+    from rkekernels.cli import report
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "_sweep_plot", full)
+    code, out, err = _evaluate(capsys, gen, "--no-cache", "--out", tmp_path / "rep", "--json")
+    _one_line_error(code, err, "No space left")
+    assert json.loads(out)["n"] == 6  # the scores are printed anyway
+    assert sorted(os.listdir(tmp_path)) == ["g"]  # no half report, no .old folder
+
+
+def test_non_utf8_file_name_in_the_report(tmp_path, capsys):
+    g = tmp_path / "g"
+    write_images(g, 4, clusters=2, size=8)
+    os.rename(g / "img_000.png", os.fsencode(g) + b"/caf\xe9.png")
+    code, out, err = _evaluate(capsys, g, "--no-cache", "--out", tmp_path / "rep")
+    assert code == 0, err
+    assert "n = 4" in out  # printed, a name that is not UTF-8 included, without a traceback
+    text = (tmp_path / "rep" / "report.md").read_text(encoding="utf-8")
+    assert "caf\\udce9.png" in text
