@@ -112,3 +112,18 @@ def test_non_utf8_file_name_in_the_report(tmp_path, capsys):
     assert "n = 4" in out  # printed, a name that is not UTF-8 included, without a traceback
     text = (tmp_path / "rep" / "report.md").read_text(encoding="utf-8")
     assert "caf\\udce9.png" in text
+
+
+def test_report_inside_gen_and_hidden_files_are_not_scored(gen, capsys):
+    code, out, err = _evaluate(capsys, gen, "--no-cache", "--out", gen / "report", "--json")
+    assert code == 0, err
+    first = json.loads(out)
+    write_images(gen / ".thumbs", 2, size=8)
+    write_images(gen / "sub", 1, size=8, seed=3)
+    (gen / ".hidden.png").write_bytes((gen / "img_000.png").read_bytes())
+    code, out, err = _evaluate(capsys, gen, "--no-cache", "--out", gen / "report", "--json")
+    assert code == 0, err
+    again = json.loads(out)
+    assert first["n"] == 6 and again["n"] == 7  # sub/img_000.png only
+    files = {f for m in again["modes"] for f in m["files"]}
+    assert "sub/img_000.png" in files and not any(f.startswith(("report", ".")) for f in files)

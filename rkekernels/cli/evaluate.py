@@ -3,12 +3,13 @@
     rkekernels evaluate GEN [--reference REF] [--prompts FILE] [--encoder NAME] [--sigma S ...]
                         [--json] [--out DIR]
 
-GEN and REF are folders of images (png, jpg, jpeg, webp, bmp; read with Pillow, sorted by their
-path inside the folder) or embedding files (the formats of ``rkekernels score``: .npy, .npz,
-.pt/.pth, .safetensors; then "files" are row indices). Images are embedded with the chosen
-encoder (`rkekernels.adapters.encoders`, default ``dinov2``); embeddings are cached on disk,
-keyed by the encoder and each file's path, size and modification time, so a second run encodes
-nothing (it does not even load the model).
+GEN and REF are folders of images (png, jpg, jpeg, webp, bmp; read with Pillow, sorted by
+their path inside the folder; hidden entries and folders of earlier reports are left out) or
+embedding files (the formats of ``rkekernels score``: .npy, .npz, .pt/.pth, .safetensors; then
+"files" are row indices). Images are embedded with the chosen encoder
+(`rkekernels.adapters.encoders`, default ``dinov2``); embeddings are cached on disk, keyed by the
+encoder and each file's path, size and modification time, so a second run encodes nothing (it
+does not even load the model).
 
 ``--prompts`` gives one prompt per image: a .txt file (one per line, in sorted file order), a
 .csv with a file column (file/filename/image/path) and a prompt column (prompt/caption/text),

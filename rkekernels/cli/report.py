@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import CLIError
+from ..evaluation.inputs import REPORT_MARKER
 
 __all__ = ["MARKER", "REPORT_FILES", "check_out_dir", "fmt", "write_report"]
 
 #: the marker file of a report folder: JSON {"rkekernels_report": 1, "files": [...]}
-MARKER = ".rkekernels-report"
+MARKER = REPORT_MARKER  # GEN's listing skips folders holding it
 #: every file a report may write (and the only ones it ever replaces or removes)
 REPORT_FILES = frozenset(
     {"report.md", "results.json", "modes.png", "crowded.png", "novel_modes.png", "sweep.png"}

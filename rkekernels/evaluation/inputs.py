@@ -1,7 +1,8 @@
 """The inputs of the evaluation workbench: image folders or embedding files, and prompts.
 
 - `_Set(path)`: a folder of images (png, jpg, jpeg, webp, bmp; sorted by their path inside the
-  folder) or an embedding file (.npy, .npz, .pt/.pth, .safetensors; its rows are the samples).
+  folder; hidden entries and report folders left out) or an embedding file (.npy, .npz,
+  .pt/.pth, .safetensors; its rows are the samples).
 - `_read_prompts(path, gen)`: one prompt per sample of ``gen``: a .txt file (one per line, in
   sorted file order), a .csv matched by file name or in order, or prompt embeddings (n, m).
 
@@ -11,6 +12,7 @@ Bad input raises `rkekernels._errors.CLIError` with one line naming the file.
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import torch
@@ -18,10 +20,30 @@ import torch
 from .._errors import CLIError
 from .._files import as_matrix, load_array
 
-__all__ = ["EMBED_EXTS", "IMAGE_EXTS"]
+__all__ = ["EMBED_EXTS", "IMAGE_EXTS", "REPORT_MARKER"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+#: the marker file of a report folder (``rkekernels evaluate --out``); such folders are skipped
+REPORT_MARKER = ".rkekernels-report"
 EMBED_EXTS = (".npy", ".npz", ".pt", ".pth", ".safetensors")
+
+
+def _image_files(root: Path) -> list[Path]:
+    """The image files under ``root``, leaving out hidden entries (names starting with ".") and
+    the folders of reports (`REPORT_MARKER`): a report written inside GEN is not scored."""
+    found = []
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith(".") and not os.path.isfile(os.path.join(dirpath, d, REPORT_MARKER))
+        ]
+        found += [
+            Path(dirpath, f)
+            for f in files
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS
+        ]
+    return found
 
 
 class _Set:
@@ -33,10 +55,7 @@ class _Set:
         self.images: list[Path] | None = None
         self.matrix: torch.Tensor | None = None
         if p.is_dir():
-            files = sorted(
-                (f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS),
-                key=lambda f: f.relative_to(p).as_posix(),
-            )
+            files = sorted(_image_files(p), key=lambda f: f.relative_to(p).as_posix())
             if not files:
                 raise CLIError(
                     f"{p}: no images in this folder (looked for {', '.join(IMAGE_EXTS)})"
