@@ -77,12 +77,12 @@ def test_out_rewrites_its_own_report_only(gen, tmp_path, capsys, monkeypatch):
 
 
 def test_out_not_writable_is_checked_before_encoding(gen, tmp_path, capsys, monkeypatch):
-    from rkekernels.evaluation import embeddings
+    from rkekernels.adapters import encoders
 
     def boom(*a, **k):
         raise AssertionError("encoded although --out cannot be written")
 
-    monkeypatch.setattr(embeddings, "_embed_set", boom)
+    monkeypatch.setattr(encoders, "load_encoder", boom)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     code, _, err = _evaluate(capsys, gen, "--no-cache", "--out", blocker / "sub" / "rep")
@@ -127,3 +127,114 @@ def test_report_inside_gen_and_hidden_files_are_not_scored(gen, capsys):
     assert first["n"] == 6 and again["n"] == 7  # sub/img_000.png only
     files = {f for m in again["modes"] for f in m["files"]}
     assert "sub/img_000.png" in files and not any(f.startswith(("report", ".")) for f in files)
+
+
+def _evaluate_json(capsys, gen, *argv):
+    code, out, err = _evaluate(capsys, gen, "--json", *argv)
+    assert code == 0, err
+    return json.loads(out), err
+
+
+def test_cache_is_keyed_on_content_not_name_size_time(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_images(a, 4, clusters=1, size=8, seed=0)  # one colour: RKE near 1
+    write_images(b, 4, clusters=4, size=8, seed=1)  # four colours: RKE near 4
+    cache = tmp_path / "cache"
+    first, _ = _evaluate_json(capsys, a, "--cache", cache, "--sigma", "3")
+    st = {f.name: f.stat() for f in a.iterdir()}
+    for f in b.iterdir():  # `cp -p`: other images, same names, sizes made equal, same times
+        data = f.read_bytes()
+        (a / f.name).write_bytes(data)
+        os.utime(a / f.name, ns=(st[f.name].st_atime_ns, st[f.name].st_mtime_ns))
+    fresh, _ = _evaluate_json(capsys, b, "--no-cache", "--sigma", "3")
+    second, _ = _evaluate_json(capsys, a, "--cache", cache, "--sigma", "3")
+    assert second["cache"]["encoded"] == 4
+    assert second["rke"] == pytest.approx(fresh["rke"], rel=1e-6)
+    assert abs(second["rke"] - first["rke"]) > 1.0
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["short vector", "list", "1-tuple", "nan vector", "garbage bytes", "other shape"],
+)
+def test_damaged_cache_is_rebuilt_not_trusted(gen, tmp_path, capsys, damage):
+    import torch
+
+    cache = tmp_path / "cache"
+    first, _ = _evaluate_json(capsys, gen, "--cache", cache)
+    (file,) = list(cache.rglob("*.pt"))
+    obj = torch.load(file, weights_only=True)
+    if damage == "short vector":
+        obj["vectors"] = obj["vectors"][:, :-1]
+    elif damage == "list":
+        obj = [obj]
+    elif damage == "1-tuple":
+        obj = (obj["vectors"],)
+    elif damage == "nan vector":
+        obj["vectors"][2, 0] = float("nan")
+    elif damage == "other shape":
+        obj["vectors"] = obj["vectors"][:3]
+    if damage == "garbage bytes":
+        file.write_bytes(b"not a cache")
+    else:
+        torch.save(obj, file)
+    second, err = _evaluate_json(capsys, gen, "--cache", cache)
+    assert second["cache"]["encoded"] == 6 and second["rke"] == first["rke"], err
+    third, _ = _evaluate_json(capsys, gen, "--cache", cache)  # rebuilt
+    assert third["cache"]["cached"] == 6
+
+
+def test_cache_that_cannot_be_written_warns_once(gen, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    ref = tmp_path / "ref"
+    write_images(ref, 3, size=8, seed=5)
+    res, err = _evaluate_json(capsys, gen, "--cache", blocker, "--reference", ref)
+    assert res["n"] == 6 and res["cache"]["encoded"] == 9
+    assert err.count("warning") == 1 and "cannot write the embedding cache" in err, err
+    assert blocker.read_text() == "x"
+    # a read-only folder (root ignores chmod: simulate the failure)
+    import tempfile
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    res, err = _evaluate_json(capsys, gen, "--cache", tmp_path / "ro", "--reference", ref)
+    assert res["n"] == 6 and err.count("warning") == 1 and "Permission denied" in err
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height (8-bit grey) and holds no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    "name,data,needle",
+    [
+        ("big.png", _png_header(10_000, 10_000), "too many pixels"),  # past the warning limit
+        ("bomb.png", _png_header(40_000, 40_000), "too many pixels"),  # past PIL's hard limit
+        ("broken.png", b"\x89PNG broken", "cannot read it as an image"),
+    ],
+    ids=["10k-square", "bomb", "broken"],
+)
+def test_bad_images_are_one_line_before_the_encoder_loads(
+    gen, capsys, monkeypatch, name, data, needle
+):
+    from rkekernels.adapters import encoders
+
+    def boom(*a, **k):
+        raise AssertionError("the encoder was loaded before the images were checked")
+
+    monkeypatch.setattr(encoders, "load_encoder", boom)
+    (gen / name).write_bytes(data)
+    code, _, err = _evaluate(capsys, gen, "--no-cache")
+    _one_line_error(code, err, name, needle)

@@ -8,8 +8,9 @@ their path inside the folder; hidden entries and folders of earlier reports are 
 embedding files (the formats of ``rkekernels score``: .npy, .npz, .pt/.pth, .safetensors; then
 "files" are row indices). Images are embedded with the chosen encoder
 (`rkekernels.adapters.encoders`, default ``dinov2``); embeddings are cached on disk, keyed by the
-encoder and each file's path, size and modification time, so a second run encodes nothing (it
-does not even load the model).
+encoder and each file's content (blake2b of its bytes), so a second run encodes nothing (it does
+not even load the model). A damaged cache is rebuilt; a cache folder that cannot be written gives
+one warning and the run goes on without it.
 
 ``--prompts`` gives one prompt per image: a .txt file (one per line, in sorted file order), a
 .csv with a file column (file/filename/image/path) and a prompt column (prompt/caption/text),
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Any
 
 from .._errors import CLIError
@@ -98,7 +100,31 @@ def run(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     cache = None if args.no_cache else (args.cache or "default")
     keep: dict = {}
-    res = evaluate(
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        res = _evaluate(args, cache, progress, keep)
+    for w in caught:  # ours (a cache that cannot be written): one line each, once
+        if issubclass(w.category, RuntimeWarning):
+            print(f"rkekernels: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        _print(res)
+    if args.out:  # after the scores: a failure here still leaves them printed
+        sys.stdout.flush()
+        try:
+            report = write_report(res, args.out, keep)
+        except OSError as exc:
+            raise CLIError(f"--out {args.out}: cannot write the report: {exc}") from None
+        print(f"report: {report}", file=sys.stderr)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, cache, progress: bool, keep: dict) -> dict[str, Any]:
+    """`rkekernels.evaluation.evaluate` with the options of ``args``."""
+    return evaluate(
         args.gen,
         args.reference,
         args.prompts,
@@ -118,18 +144,6 @@ def run(args: argparse.Namespace) -> int:
         progress=progress,
         _keep=keep if args.out else None,
     )
-    if args.json:
-        print(json.dumps(res))
-    else:
-        _print(res)
-    if args.out:  # after the scores: a failure here still leaves them printed
-        sys.stdout.flush()
-        try:
-            report = write_report(res, args.out, keep)
-        except OSError as exc:
-            raise CLIError(f"--out {args.out}: cannot write the report: {exc}") from None
-        print(f"report: {report}", file=sys.stderr)
-    return 0
 
 
 def _print(res: dict[str, Any]) -> None:

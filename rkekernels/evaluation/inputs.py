@@ -12,7 +12,9 @@ Bad input raises `rkekernels._errors.CLIError` with one line naming the file.
 from __future__ import annotations
 
 import csv
+import io
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,6 +46,31 @@ def _image_files(root: Path) -> list[Path]:
             if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS
         ]
     return found
+
+
+def _check_image(path: Path, data: bytes) -> None:
+    """Check an image file's header (its ``data``) before any encoder loads: Pillow reads it,
+    verifies it (PNG chunk checksums) and its size is within ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL's
+    decompression-bomb warning is an error here), so no image is decoded past that bound.
+
+    Raises:
+        CLIError: one line naming the file.
+    """
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                im.verify()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise CLIError(
+            f"{path}: too many pixels (over PIL's limit of {Image.MAX_IMAGE_PIXELS:,}, a "
+            "possible decompression bomb); resize it or leave it out"
+        ) from None
+    except Exception as exc:  # any Pillow failure: not an image we can read
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CLIError(f"{path}: cannot read it as an image: {msg}") from None
 
 
 class _Set:

@@ -24,7 +24,7 @@ from .. import vendi
 from .._errors import CLIError
 from ..adapters import encoders
 from ..scores import cond_rke_score, default_bandwidth, rke_score
-from .embeddings import _embed_prompts, _embed_set, _encoder_key, _Encoders, default_cache_dir
+from .embeddings import _embed_prompts, _embed_sets, _encoder_key, _Encoders, default_cache_dir
 from .inputs import _read_prompts, _Set
 from .statistics import cond_rke_interval, ken_novelty, relative_rke, rke_interval, sample_sums
 
@@ -162,6 +162,7 @@ def evaluate(
                 out["modes_sigma"] = s0
     except (ValueError, TypeError) as exc:
         raise CLIError(str(exc).splitlines()[0]) from None
+    stats = {k: v for k, v in stats.items() if not k.startswith("_")}  # "_cache_off": internal
     out["cache"] = {**stats, "dir": str(root) if root is not None else None}
     if _keep is not None:  # what the report needs beyond the JSON
         _keep.update(x=x, gen=g, sigma=s0, sweep=_sweep(x, s0))
@@ -178,8 +179,7 @@ def _embed_all(gen, reference, prompts, opts, key, root, progress, stats):
         # float16 features differ from float32 ones in the last bits: cached apart
         ekey = _encoder_key(opts["encoder"], opts["encoder_model"], opts["pixels_size"])
         ekey += "|half" if opts["half"] else ""
-        x = _embed_set(g, enc, root, ekey, progress, stats)
-        y = _embed_set(r, enc, root, ekey, progress, stats) if r is not None else None
+        x, y = _embed_sets([g, r], enc, root, ekey, progress, stats)
         t = _embed_prompts(plist, enc, root, progress, stats) if plist is not None else None
     except encoders.EncoderUnavailableError as exc:
         raise CLIError(str(exc)) from None
