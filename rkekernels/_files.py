@@ -22,7 +22,10 @@ import torch
 from ._errors import CLIError
 from ._input import check_matrix
 
-__all__ = ["as_matrix", "load_array"]
+__all__ = ["FIGURE_SUFFIXES", "as_matrix", "figure_path", "load_array"]
+
+#: the figure formats a path may name (matplotlib's common ones)
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff")
 
 
 def _pick(arrays: dict[str, Any], key: str | None, path: Path) -> Any:
@@ -128,6 +131,42 @@ def load_array(path: str | os.PathLike, key: str | None = None):
     if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
         value = value.to(torch.float32)  # float16 / bfloat16 / float8: scored in float32
     return value
+
+
+def figure_path(path: str | os.PathLike, option: str, default_name: str) -> Path:
+    """Where a figure option (``compare --plot``, ``demo --out``) writes, checked before any work.
+
+    An existing folder gets ``default_name`` inside it. Otherwise the name must end in a figure
+    suffix (`FIGURE_SUFFIXES`): ``--plot README`` is refused rather than writing README.png
+    beside it, so the file replaced is always the one named. Missing parent folders are created
+    when the figure is saved; a parent that is a file is refused.
+
+    Raises:
+        CLIError: one line naming the option and the path.
+
+    Example:
+        >>> import tempfile
+        >>> from rkekernels._files import figure_path
+        >>> d = tempfile.mkdtemp()
+        >>> figure_path(d, "--out", "demo.png").name
+        'demo.png'
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / default_name
+    elif p.suffix.lower() not in FIGURE_SUFFIXES:
+        raise CLIError(
+            f"{option} {path}: name the file with its format, e.g. {path}.png "
+            f"({', '.join(FIGURE_SUFFIXES)}), or give an existing folder"
+        )
+    if p.is_dir():
+        raise CLIError(f"{option} {p}: is a folder, not a file")
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"{option} {path}: {parent} is a file, not a folder")
+    return p
 
 
 def as_matrix(value, path: str, flatten: bool):

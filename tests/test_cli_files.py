@@ -4,6 +4,7 @@ overwrites what the command did not write, caches are checked, odd files give on
 import json
 import os
 
+import numpy as np
 import pytest
 
 from rkekernels.cli import main
@@ -238,3 +239,36 @@ def test_bad_images_are_one_line_before_the_encoder_loads(
     (gen / name).write_bytes(data)
     code, _, err = _evaluate(capsys, gen, "--no-cache")
     _one_line_error(code, err, name, needle)
+
+
+def test_compare_plot_paths(tmp_path, capsys):
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).normal(size=(8, 2)))
+    base = ["compare", tmp_path / "a.npy", "--sweep", "3", "--json", "--plot"]
+    (tmp_path / "README.png").write_bytes(b"keep")
+    code, _, err = _run(capsys, *base, tmp_path / "README")
+    _one_line_error(code, err, "--plot", "README.png")  # refused: the suffix is required
+    assert (tmp_path / "README.png").read_bytes() == b"keep"
+    code, _, err = _run(capsys, *base, tmp_path)  # a folder: sweep.png inside it
+    assert code == 0, err
+    assert (tmp_path / "sweep.png").stat().st_size > 1000 and "sweep.png" in err
+    code, _, err = _run(capsys, *base, tmp_path / "new" / "deep" / "s.svg")  # parents created
+    assert code == 0, err
+    assert (tmp_path / "new" / "deep" / "s.svg").is_file()
+    code, _, err = _run(capsys, *base, tmp_path / "a.npy" / "s.png")
+    _one_line_error(code, err, "is a file, not a folder")
+
+
+def test_demo_out_paths(tmp_path, capsys, monkeypatch):
+    from rkekernels import demo
+
+    ran = []
+    monkeypatch.setattr(demo, "run", lambda cfg: ran.append(cfg.out) or 1 / 0)
+    (tmp_path / "figs").mkdir()
+    (tmp_path / "d.png").mkdir()
+    for given, used in (("figs", "figs/demo.png"), ("d.png", "d.png/demo.png")):
+        with pytest.raises(ZeroDivisionError):
+            main(["demo", "--out", str(tmp_path / given)])
+        assert ran.pop() == str(tmp_path / used)  # written where it says, inside the folder
+    code, _, err = _run(capsys, "demo", "--out", tmp_path / "fig")
+    _one_line_error(code, err, "--out", "fig.png")
+    assert not ran  # refused before the run
