@@ -272,3 +272,29 @@ def test_demo_out_paths(tmp_path, capsys, monkeypatch):
     code, _, err = _run(capsys, "demo", "--out", tmp_path / "fig")
     _one_line_error(code, err, "--out", "fig.png")
     assert not ran  # refused before the run
+
+
+def _cli(*argv, **kw):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "rkekernels", *map(str, argv)]
+    return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, **kw)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_full_disk_and_closed_pipe_on_stdout(tmp_path):
+    import subprocess
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(20, 3)))
+    with open("/dev/full", "w") as full:
+        p = _cli("score", tmp_path / "x.npy", "--json", stdout=full)
+        _, err = p.communicate(timeout=120)
+    err = err.decode()
+    assert p.returncode == 1 and len(err.strip().splitlines()) == 1, err
+    assert "cannot write the output" in err and "No space left" in err
+    p = _cli("score", tmp_path / "x.npy", "--json", stdout=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before anything is written
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 141 and err.decode() == ""
