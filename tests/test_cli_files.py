@@ -298,3 +298,39 @@ def test_full_disk_and_closed_pipe_on_stdout(tmp_path):
     p.stdout.close()  # the reader is gone before anything is written
     _, err = p.communicate(timeout=120)
     assert p.returncode == 141 and err.decode() == ""
+
+
+def test_npz_declared_size_is_checked_before_inflating(tmp_path, capsys, monkeypatch):
+    p = tmp_path / "z.npz"
+    np.savez_compressed(p, x=np.zeros((4096, 64)), y=np.ones((3, 2)))  # 2 MiB of zeros in x
+    assert p.stat().st_size < 20_000
+    inflated = []
+    real = np.lib.npyio.NpzFile.__getitem__
+    monkeypatch.setattr(
+        np.lib.npyio.NpzFile, "__getitem__", lambda s, k: inflated.append(k) or real(s, k)
+    )
+    code, _, err = _run(capsys, "score", p, "--key", "x", "--max-bytes", "1M")
+    _one_line_error(code, err, "z.npz", "'x'", "--max-bytes")
+    assert inflated == []  # refused from the zip header, nothing inflated
+    code, out, err = _run(capsys, "score", p, "--key", "y", "--max-bytes", "1M", "--json")
+    assert code == 0, err
+    assert inflated == ["y"]  # only the array asked for
+    code, out, err = _run(capsys, "score", p, "--key", "x", "--max-bytes", "4M", "--json")
+    assert code == 0 and json.loads(out)["rke"] == pytest.approx(1.0), err
+    code, _, err = _run(capsys, "compare", p, "--key", "x", "--max-bytes", "1M")
+    _one_line_error(code, err, "--max-bytes")
+    code, _, err = _evaluate(capsys, p, "--key", "x", "--max-bytes", "1M")
+    _one_line_error(code, err, "--max-bytes")
+    code, _, err = _run(capsys, "score", p, "--max-bytes", "lots")
+    _one_line_error(code, err, "not a size")
+
+
+def test_meta_tensor_and_0d_array(tmp_path, capsys):
+    import torch
+
+    torch.save(torch.empty(3, 2, device="meta"), tmp_path / "m.pt")
+    code, _, err = _run(capsys, "score", tmp_path / "m.pt")
+    _one_line_error(code, err, "m.pt", "meta tensor")
+    np.save(tmp_path / "z.npy", np.float64(3.0))
+    code, _, err = _run(capsys, "score", tmp_path / "z.npy")
+    _one_line_error(code, err, "got shape ()")

@@ -6,8 +6,9 @@ import argparse
 import math
 
 from .._errors import CLIError
+from .._files import byte_size
 
-__all__ = ["EXIT_BAD_INPUT", "PROG", "order", "positive"]
+__all__ = ["EXIT_BAD_INPUT", "PROG", "add_max_bytes", "order", "positive"]
 
 PROG = "rkekernels"
 EXIT_BAD_INPUT = 2
@@ -16,6 +17,17 @@ EXIT_BAD_INPUT = 2
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print the usage and exit; we keep one line
         raise CLIError(f"{message} (see `{self.prog} --help`)")
+
+
+def add_max_bytes(p: argparse.ArgumentParser) -> None:
+    """The ``--max-bytes`` option: how large a compressed .npz array may inflate."""
+    p.add_argument(
+        "--max-bytes",
+        type=byte_size,
+        metavar="SIZE",
+        help="largest array a compressed .npz may inflate to, checked before inflating "
+        "(e.g. 16G; default: 8 GiB or half the RAM, the smaller)",
+    )
 
 
 def positive(text: str) -> float:

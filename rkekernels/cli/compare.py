@@ -19,7 +19,7 @@ import numpy as np
 from .. import compare
 from .._errors import CLIError
 from .._files import as_matrix, figure_path, load_array
-from ._common import positive
+from ._common import add_max_bytes, positive
 
 __all__ = ["add_arguments", "run"]
 
@@ -52,6 +52,7 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--key", metavar="NAME", help="array name in .npz / .pt dict / .safetensors")
     c.add_argument("--flatten", action="store_true", help="reshape (n, ...) arrays to (n, d)")
     c.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    add_max_bytes(c)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     names = [str(p) for p in args.paths]
     if len(set(names)) != len(names):
         raise CLIError("compare: a file is given twice")
-    sets = {n: as_matrix(load_array(n, args.key), n, args.flatten) for n in names}
+    mb = args.max_bytes
+    sets = {n: as_matrix(load_array(n, args.key, max_bytes=mb), n, args.flatten) for n in names}
     widths = {v.shape[1] for v in sets.values()}
     if len(widths) > 1:
         raise CLIError(f"compare: the files have different widths d {sorted(widths)}")
@@ -70,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--sweep must be at least 2, got {args.sweep}")
     ref = None
     if args.reference is not None:
-        ref = as_matrix(load_array(args.reference, args.key), args.reference, args.flatten)
+        arr = load_array(args.reference, args.key, max_bytes=mb)
+        ref = as_matrix(arr, args.reference, args.flatten)
     first = ref if ref is not None else next(iter(sets.values()))
     try:
         if args.sweep:

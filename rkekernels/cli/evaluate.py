@@ -42,7 +42,7 @@ from typing import Any
 
 from .._errors import CLIError
 from ..evaluation import default_cache_dir, evaluate
-from ._common import positive
+from ._common import add_max_bytes, positive
 from .report import check_out_dir, fmt, write_report
 
 __all__ = ["add_arguments", "run"]
@@ -82,6 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--device", default="cpu", help="encoder device (cpu, cuda, ...)")
     a("--half", action="store_true", help="run the encoder in float16")
     a("--key", metavar="NAME", help="array name in multi-array embedding files")
+    add_max_bytes(p)
     a(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -141,6 +142,7 @@ def _evaluate(args: argparse.Namespace, cache, progress: bool, keep: dict) -> di
         device=args.device,
         half=args.half,
         key=args.key,
+        max_bytes=args.max_bytes,
         progress=progress,
         _keep=keep if args.out else None,
     )

@@ -76,7 +76,7 @@ def _check_image(path: Path, data: bytes) -> None:
 class _Set:
     """One input set: its items (image paths) or an embedding matrix, and display names."""
 
-    def __init__(self, path: str, *, key: str | None = None):
+    def __init__(self, path: str, *, key: str | None = None, max_bytes: int | None = None):
         p = Path(path)
         self.path = p
         self.images: list[Path] | None = None
@@ -90,7 +90,8 @@ class _Set:
             self.images = files
             self.names = [f.relative_to(p).as_posix() for f in files]
         elif p.suffix.lower() in EMBED_EXTS or p.exists():
-            self.matrix = as_matrix(load_array(p, key), str(p), flatten=False)
+            arr = load_array(p, key, max_bytes=max_bytes)
+            self.matrix = as_matrix(arr, str(p), flatten=False)
             self.names = list(range(self.matrix.shape[0]))
         else:
             raise CLIError(f"{p}: no such folder or file")
@@ -99,7 +100,7 @@ class _Set:
         return len(self.names)
 
 
-def _read_prompts(path: str, gen: _Set) -> list[str] | torch.Tensor:
+def _read_prompts(path: str, gen: _Set, max_bytes: int | None = None) -> list[str] | torch.Tensor:
     """Prompts for the samples of GEN: a list of strings in GEN's order, or an (n, m) matrix."""
     p = Path(path)
     if not p.is_file():
@@ -107,7 +108,7 @@ def _read_prompts(path: str, gen: _Set) -> list[str] | torch.Tensor:
     ext = p.suffix.lower()
     n = len(gen)
     if ext in EMBED_EXTS:
-        t = as_matrix(load_array(p), str(p), flatten=False)
+        t = as_matrix(load_array(p, max_bytes=max_bytes), str(p), flatten=False)
         if t.shape[0] != n:
             raise CLIError(f"{p}: has {t.shape[0]} prompt embeddings for {n} samples in {gen.path}")
         return t

@@ -72,6 +72,7 @@ def evaluate(
     half: bool = False,
     pixels_size: int = 32,
     key: str | None = None,
+    max_bytes: int | None = None,
     progress: bool = False,
     _keep: dict | None = None,
 ) -> dict[str, Any]:
@@ -98,7 +99,8 @@ def evaluate(
         cache_dir: embeddings cache ("default": `default_cache_dir`, None: no cache).
         batch_size, device, half, pixels_size: encoder options; the scores run on ``device``
             too (the Triton kernels for CUDA).
-        key: array name inside multi-array embedding files.
+        key: array name inside multi-array embedding files. max_bytes: the largest a
+            compressed .npz array may inflate to (`rkekernels._files.load_array`).
         progress: tqdm progress bars on stderr.
 
     Returns:
@@ -129,7 +131,7 @@ def evaluate(
         pixels_size=pixels_size,
     )
     stats = {"cached": 0, "encoded": 0}
-    g, x, y, t = _embed_all(gen, reference, prompts, opts, key, root, progress, stats)
+    g, x, y, t = _embed_all(gen, reference, prompts, opts, key, root, progress, stats, max_bytes)
     dev = torch.device(device)  # the scores run where the encoder ran (Triton on CUDA)
     x = x.float().to(dev)
     y = y.to(dev) if y is not None else None
@@ -169,12 +171,12 @@ def evaluate(
     return out
 
 
-def _embed_all(gen, reference, prompts, opts, key, root, progress, stats):
+def _embed_all(gen, reference, prompts, opts, key, root, progress, stats, max_bytes=None):
     """GEN's set and the features of GEN, REF and the prompts (None where not given)."""
     try:
-        g = _Set(gen, key=key)
-        r = _Set(reference, key=key) if reference is not None else None
-        plist = _read_prompts(prompts, g) if prompts is not None else None
+        g = _Set(gen, key=key, max_bytes=max_bytes)
+        r = _Set(reference, key=key, max_bytes=max_bytes) if reference is not None else None
+        plist = _read_prompts(prompts, g, max_bytes) if prompts is not None else None
         enc = _Encoders(opts)
         # float16 features differ from float32 ones in the last bits: cached apart
         ekey = _encoder_key(opts["encoder"], opts["encoder_model"], opts["pixels_size"])
