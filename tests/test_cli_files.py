@@ -334,3 +334,24 @@ def test_meta_tensor_and_0d_array(tmp_path, capsys):
     np.save(tmp_path / "z.npy", np.float64(3.0))
     code, _, err = _run(capsys, "score", tmp_path / "z.npy")
     _one_line_error(code, err, "got shape ()")
+
+
+def test_unbiased_changes_the_intervals_not_the_scores(tmp_path):
+    from rkekernels import cond_rke_score, rke_score
+    from rkekernels.evaluation import evaluate
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 3))
+    t = np.repeat(np.eye(3), 10, axis=0)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", t)
+    kw = dict(sigma=[1.0], sigma_t=0.5, cache_dir=None)
+    plain = evaluate(str(tmp_path / "x.npy"), prompts=str(tmp_path / "t.npy"), **kw)
+    unb = evaluate(str(tmp_path / "x.npy"), prompts=str(tmp_path / "t.npy"), unbiased=True, **kw)
+    plug = cond_rke_score(x, t, 1.0, 0.5)
+    for res in (plain, unb):  # the docstring's plug-in scores, whatever the interval
+        assert res["rke"] == pytest.approx(rke_score(x, 1.0), rel=1e-6)
+        assert res["cond_rke"] == pytest.approx(plug, rel=1e-6)
+    assert unb["cond_rke_interval"]["unbiased"] is True
+    assert unb["cond_rke_interval"]["estimate"] != pytest.approx(plug, rel=1e-3)
+    assert plain["cond_rke_interval"]["estimate"] == pytest.approx(plug, rel=1e-6)

@@ -189,7 +189,8 @@ def _summary(result: dict[str, Any], g) -> list[str]:
         cc = result["cond_rke_interval"]
         lines.append(
             f"- **conditional RKE** = {fmt(result['cond_rke'])} "
-            f"[{fmt(cc['low'])}; {fmt(cc['high'])}], conditional Vendi = "
+            + (f"(unbiased {fmt(cc['estimate'])}) " if cc.get("unbiased") else "")
+            + f"[{fmt(cc['low'])}; {fmt(cc['high'])}], conditional Vendi = "
             f"{fmt(result['cond_vendi'])} (prompt sigma = {fmt(result['sigma_t'])})"
         )
     if "novelty" in result:

@@ -219,13 +219,22 @@ def _score_prompts(out, x, t, arg, sigma_t, enough, level, unbiased) -> None:
     """The conditional RKE (with its interval) and conditional Vendi given the prompts t."""
     st = float(sigma_t) if sigma_t is not None else _default_sigma(t)
     out["sigma_t"] = st
+    # cond_rke is the plug-in score, as rke is; unbiased changes only the interval (and its
+    # own estimate, cond_rke_interval["estimate"])
     if enough:
         cci = cond_rke_interval(x, t, arg, st, level=level, unbiased=unbiased)
-        out["cond_rke"] = _py(cci.estimate)
-        out["cond_rke_interval"] = {"low": _py(cci.low), "high": _py(cci.high)}
+        plug = cci.estimate if not unbiased else cond_rke_score(x, t, arg, st)
+        out["cond_rke"] = _py(plug)
+        out["cond_rke_interval"] = {
+            "low": _py(cci.low),
+            "high": _py(cci.high),
+            "estimate": _py(cci.estimate),
+            "unbiased": unbiased,
+        }
     else:
         out["cond_rke"] = _py(cond_rke_score(x, t, arg, st))
-        out["cond_rke_interval"] = {"low": None, "high": None}
+        out["cond_rke_interval"] = {"low": None, "high": None, "estimate": None}
+        out["cond_rke_interval"]["unbiased"] = unbiased
     out["cond_vendi"] = _py(vendi.cond_vendi_score(x, t, 1.0, arg, st))
 
 
