@@ -355,3 +355,54 @@ def test_unbiased_changes_the_intervals_not_the_scores(tmp_path):
     assert unb["cond_rke_interval"]["unbiased"] is True
     assert unb["cond_rke_interval"]["estimate"] != pytest.approx(plug, rel=1e-3)
     assert plain["cond_rke_interval"]["estimate"] == pytest.approx(plug, rel=1e-6)
+
+
+@pytest.mark.parametrize("network", ["refused", "hangs", "offline", "no transformers"])
+def test_default_encoder_without_weights_is_one_line_before_loading(
+    gen, tmp_path, capsys, monkeypatch, network
+):
+    import importlib.util
+    import socket
+    import time
+
+    from rkekernels.adapters import encoders
+    from rkekernels.evaluation import embeddings
+
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(embeddings, "HUB_TIMEOUT_S", 0.3)
+    calls = []
+
+    def connect(addr, timeout=None):
+        calls.append((addr, timeout))
+        if network == "hangs":
+            time.sleep(3)
+        raise OSError("no network")
+
+    def boom(*a, **k):
+        raise AssertionError("the encoder was loaded")
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    monkeypatch.setattr(encoders, "load_encoder", boom)
+    if network == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if network == "no transformers":
+        real = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda n, *a: None if n == "transformers" else real(n, *a)
+        )
+    t0 = time.perf_counter()
+    code, _, err = _run(capsys, "evaluate", gen, "--no-cache", "--no-progress")
+    assert time.perf_counter() - t0 < 2.5
+    _one_line_error(code, err, "--encoder pixels")
+    if network == "no transformers":
+        assert "pip install -e '.[encoders]'" in err and "rkekernels[encoders]" in err
+        assert calls == []
+    elif network == "offline":
+        assert "hf download facebook/dinov2-large" in err and calls == []
+    else:
+        assert "not reachable" in err
+        assert len(calls) == 1 and calls[0][1] <= 3  # one attempt, no retries

@@ -27,7 +27,10 @@ must be new, empty or an earlier report's folder (checked before any work): a re
 deletes or overwrites a file it did not write.
 
 Bad input (a folder with no images, an unreadable image, prompts that do not match, an unknown
-encoder, weights missing offline) prints one line and exits with code 2.
+encoder, weights missing offline) prints one line and exits with code 2. Images are checked
+before any encoder loads; the weights of a hub encoder are looked up in the Hugging Face cache
+before transformers is imported, and when they are not there one connection to the hub (3 s at
+most, no retries) decides between downloading them and the one line.
 
 The scores come from `rkekernels.evaluation.evaluate`, the report from `rkekernels.cli.report`.
 """

@@ -10,8 +10,12 @@ Prompts are embedded with CLIP's text tower and cached by the hash of their text
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import socket
 import tempfile
+import threading
+import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Any
@@ -148,6 +152,70 @@ class _Cache:
                 os.unlink(tmp)
 
 
+#: the hint for a missing package, for an installed package and a source checkout alike
+INSTALL_HINT = (
+    "pip install 'rkekernels[encoders]' (in a source checkout: pip install -e '.[encoders]')"
+)
+HUB_TIMEOUT_S = 3.0  # the one connection attempt to the hub, when the weights are not cached
+
+
+def _hub_reachable(timeout: float | None = None) -> bool:
+    """One TCP connection to the Hugging Face endpoint ($HF_ENDPOINT), name lookup included,
+    bounded by ``timeout`` seconds (None: `HUB_TIMEOUT_S`); no retries."""
+    timeout = HUB_TIMEOUT_S if timeout is None else timeout
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    ok: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=attempt, daemon=True)  # the name lookup has no timeout
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
+def _check_weights(name: str, model: Any) -> None:
+    """Before transformers is imported: say in one line why a hub encoder cannot load here.
+
+    For "clip" / "dinov2" with hub weights (not a local folder): transformers must be installed,
+    and the weights must be in the Hugging Face cache (``huggingface_hub.try_to_load_from_cache``)
+    or, unless HF_HUB_OFFLINE is set, the hub must answer one connection attempt within
+    `HUB_TIMEOUT_S` seconds. Otherwise `EncoderUnavailableError` names ``--encoder pixels``
+    (which needs no weights).
+    """
+    if name not in ("clip", "dinov2") or (model is not None and not isinstance(model, str)):
+        return
+    if model is not None and os.path.isdir(model):
+        return
+    if importlib.util.find_spec("transformers") is None:
+        raise encoders.EncoderUnavailableError(
+            f"encoder {name!r} needs transformers: {INSTALL_HINT}; or use --encoder pixels "
+            "(no weights needed)"
+        )
+    mid = model or encoders.DEFAULT_MODELS[name]
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return
+    if isinstance(try_to_load_from_cache(mid, "config.json"), str):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    if not offline and _hub_reachable():
+        return  # not cached, but the hub answers: transformers downloads them
+    why = "offline (HF_HUB_OFFLINE)" if offline else "the hub is not reachable"
+    raise encoders.EncoderUnavailableError(
+        f"no weights for encoder {name!r} ({mid!r}) in the Hugging Face cache and {why}; "
+        f"download them once with network access (`hf download {mid}`), pass a local folder "
+        "with --encoder-model, or use --encoder pixels (works offline)"
+    )
+
+
 class _Encoders:
     """Loads the image / text encoders only when something is not in the cache."""
 
@@ -159,6 +227,7 @@ class _Encoders:
     def image(self):
         if self._image is None:
             o = self.opts
+            _check_weights(o["encoder"], o["encoder_model"])
             self._image = encoders.load_encoder(
                 o["encoder"],
                 model=o["encoder_model"],
@@ -179,6 +248,7 @@ class _Encoders:
                 model = o["text_model"]
                 if model is None and o["encoder"] == "clip":
                     model = o["encoder_model"]
+                _check_weights("clip", model)
                 self._text = encoders.load_text_encoder(
                     model, batch_size=o["batch_size"], device=o["device"], half=o["half"]
                 )
