@@ -406,3 +406,37 @@ def test_default_encoder_without_weights_is_one_line_before_loading(
     else:
         assert "not reachable" in err
         assert len(calls) == 1 and calls[0][1] <= 3  # one attempt, no retries
+
+
+def test_every_help_shows_every_default():
+    import argparse
+
+    from rkekernels.cli import _parser
+
+    top = _parser()
+    (sub,) = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
+    checked = 0
+    for name, p in sub.choices.items():
+        fmt = p._get_formatter()
+        for action in p._actions:
+            d = action.default
+            if not action.option_strings or d in (None, False, argparse.SUPPRESS):
+                continue
+            shown = fmt._expand_help(action)
+            assert str(d) in shown, f"{name} {action.option_strings[0]}: {shown!r}"
+            assert str(d) in " ".join(p.format_help().split())
+            checked += 1
+    assert checked >= 25
+    ev = " ".join(sub.choices["evaluate"].format_help().split())
+    for opt in ("--top TOP", "--per-mode PER_MODE", "--batch-size BATCH_SIZE"):
+        assert opt in ev
+    assert "images per encoder batch (default: 32)" in ev and "(default: 8)" in ev
+
+
+def test_non_finite_input_names_the_first_bad_row(tmp_path, capsys):
+    x = np.ones((10, 3))
+    x[7, 2] = np.inf
+    x[9, 0] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    code, _, err = _run(capsys, "score", tmp_path / "x.npy")
+    _one_line_error(code, err, "2 non-finite entries, first at row 7")

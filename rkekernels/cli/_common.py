@@ -14,7 +14,24 @@ PROG = "rkekernels"
 EXIT_BAD_INPUT = 2
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to every option whose help does not already show its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if not action.option_strings or d is None or d is False or d is argparse.SUPPRESS:
+            return text
+        if "%(default)" in text or ("default" in text and str(d) in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # argparse would print the usage and exit; we keep one line
         raise CLIError(f"{message} (see `{self.prog} --help`)")
 
