@@ -10,9 +10,12 @@ own so that the command line (`rkekernels.cli`) and the evaluation workbench
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import pickle
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,17 @@ import torch
 from ._errors import CLIError
 from ._input import check_matrix
 
-__all__ = ["as_matrix", "load_array"]
+__all__ = [
+    "FIGURE_SUFFIXES",
+    "as_matrix",
+    "byte_size",
+    "default_max_bytes",
+    "figure_path",
+    "load_array",
+]
+
+#: the figure formats a path may name (matplotlib's common ones)
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff")
 
 
 def _pick(arrays: dict[str, Any], key: str | None, path: Path) -> Any:
@@ -37,13 +50,63 @@ def _pick(arrays: dict[str, Any], key: str | None, path: Path) -> Any:
     raise CLIError(f"{path}: holds several arrays {sorted(arrays)}; choose one with --key NAME")
 
 
-def load_array(path: str | os.PathLike, key: str | None = None):
+def default_max_bytes() -> int:
+    """The largest array a compressed .npz may inflate to by default: 8 GiB, or half the RAM
+    when that is less (``--max-bytes`` raises it)."""
+    limit = 8 << 30
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        return limit
+    return min(limit, ram // 2) if ram > 0 else limit
+
+
+def byte_size(text: str) -> int:
+    """An argparse type: a number of bytes, with an optional K, M, G or T suffix (powers of 1024).
+
+    Example:
+        >>> from rkekernels._files import byte_size
+        >>> byte_size("16G"), byte_size("1000")
+        (17179869184, 1000)
+    """
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = 1
+    if t and t[-1] in "KMGT":
+        scale = 1 << (10 * ("KMGT".index(t[-1]) + 1))
+        t = t[:-1]
+    try:
+        v = float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 16G, 500M)") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return int(v * scale)
+
+
+def _npz_member(p: Path, key: str | None, max_bytes: int | None) -> Any:
+    """One array of an .npz, its declared (uncompressed) size checked before it is inflated."""
+    limit = default_max_bytes() if max_bytes is None else max_bytes
+    with zipfile.ZipFile(p) as z:
+        sizes = {i.filename.removesuffix(".npy"): i.file_size for i in z.infolist()}
+    name = _pick({k: k for k in sizes}, key, p)
+    if sizes[name] > limit:
+        raise CLIError(
+            f"{p}: array {name!r} inflates to {sizes[name]:,} bytes, over the limit of "
+            f"{limit:,}; raise it with --max-bytes if this is intended"
+        )
+    with np.load(p, allow_pickle=False) as data:
+        return data[name]
+
+
+def load_array(path: str | os.PathLike, key: str | None = None, *, max_bytes: int | None = None):
     """Load one (n, ...) array from .npy, .npz, .pt/.pth or .safetensors as a torch tensor.
 
     Args:
         path: the file.
         key: name of the array inside an .npz, a dict saved in .pt, or a .safetensors file;
             None picks the only array.
+        max_bytes: the largest size a compressed .npz member may inflate to, checked from the
+            zip header before inflating (None: `default_max_bytes`).
 
     Returns:
         torch.Tensor on the CPU.
@@ -71,8 +134,7 @@ def load_array(path: str | os.PathLike, key: str | None = None):
                 raise CLIError(f"{p}: --key applies to .npz, .pt and .safetensors files only")
             value = np.load(p, allow_pickle=False)
         elif ext == ".npz":
-            with np.load(p, allow_pickle=False) as data:
-                value = _pick({k: data[k] for k in data.files}, key, p)
+            value = _npz_member(p, key, max_bytes)
         elif ext in (".pt", ".pth"):
             with warnings.catch_warnings():  # torch's warnings about the pickle: not for users
                 warnings.simplefilter("ignore")
@@ -116,9 +178,12 @@ def load_array(path: str | os.PathLike, key: str | None = None):
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise CLIError(f"{p}: has non-numeric dtype {value.dtype}; need real numbers")
-        value = torch.from_numpy(np.ascontiguousarray(value))
+        # a 0-d array stays 0-d (ascontiguousarray would make it 1-d)
+        value = torch.from_numpy(value if value.flags.c_contiguous else np.ascontiguousarray(value))
     if not isinstance(value, torch.Tensor):
         raise CLIError(f"{p}: holds a {type(value).__name__}, not a tensor")
+    if value.is_meta:
+        raise CLIError(f"{p}: holds a meta tensor (a shape without data); save the real tensor")
     if value.layout != torch.strided:
         raise CLIError(f"{p}: holds a {value.layout} (sparse) tensor; save it dense (to_dense())")
     if value.is_quantized:
@@ -128,6 +193,42 @@ def load_array(path: str | os.PathLike, key: str | None = None):
     if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
         value = value.to(torch.float32)  # float16 / bfloat16 / float8: scored in float32
     return value
+
+
+def figure_path(path: str | os.PathLike, option: str, default_name: str) -> Path:
+    """Where a figure option (``compare --plot``, ``demo --out``) writes, checked before any work.
+
+    An existing folder gets ``default_name`` inside it. Otherwise the name must end in a figure
+    suffix (`FIGURE_SUFFIXES`): ``--plot README`` is refused rather than writing README.png
+    beside it, so the file replaced is always the one named. Missing parent folders are created
+    when the figure is saved; a parent that is a file is refused.
+
+    Raises:
+        CLIError: one line naming the option and the path.
+
+    Example:
+        >>> import tempfile
+        >>> from rkekernels._files import figure_path
+        >>> d = tempfile.mkdtemp()
+        >>> figure_path(d, "--out", "demo.png").name
+        'demo.png'
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / default_name
+    elif p.suffix.lower() not in FIGURE_SUFFIXES:
+        raise CLIError(
+            f"{option} {path}: name the file with its format, e.g. {path}.png "
+            f"({', '.join(FIGURE_SUFFIXES)}), or give an existing folder"
+        )
+    if p.is_dir():
+        raise CLIError(f"{option} {p}: is a folder, not a file")
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"{option} {path}: {parent} is a file, not a folder")
+    return p
 
 
 def as_matrix(value, path: str, flatten: bool):

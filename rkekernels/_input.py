@@ -147,8 +147,12 @@ def check_finite(x: torch.Tensor, name: str) -> None:
     rows = max(1, (1 << 22) // max(1, xd[0].numel())) if xd.dim() else 1
     parts = xd.split(rows) if xd.dim() else (xd,)
     if not bool(torch.stack([torch.isfinite(p).all() for p in parts]).all()):
-        n_bad = int((~torch.isfinite(xd)).sum())
-        raise ValueError(f"{name} contains NaN or Inf ({n_bad} non-finite entries)")
+        bad = ~torch.isfinite(xd)
+        n_bad = int(bad.sum())
+        where = ""
+        if xd.dim():  # the first row (along the first dimension) holding one
+            where = f", first at row {int(bad.reshape(bad.shape[0], -1).any(1).nonzero()[0, 0])}"
+        raise ValueError(f"{name} contains NaN or Inf ({n_bad} non-finite entries{where})")
 
 
 def check_matrix(

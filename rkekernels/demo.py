@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ._errors import CLIError
+from ._files import figure_path
 from .adapters.kdiffusion import guided_denoiser
 from .sampling import DiversityGuidance
 from .scores import cond_rke_score, rke_score
@@ -547,7 +548,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--batch", type=int, default=d.batch, help="batch size of the batched guided run")
     a("--dim", type=int, default=d.dim, help="latent dimension (2, or more: an embedded plane)")
-    a("--out", default=d.out, help="PNG path ('' for no figure)")
+    a(
+        "--out",
+        default=d.out,
+        help="figure path ending in .png (.pdf, .svg, ...), or an existing folder to write "
+        "demo.png into; '' for no figure",
+    )
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -561,6 +567,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
         parser = argparse.ArgumentParser(prog="rkekernels demo")
         add_arguments(parser)
         args = parser.parse_args(args)
+    if args.out:  # before the run: a folder gets demo.png, a name needs its suffix
+        args.out = str(figure_path(args.out, "--out", "demo.png"))
     fields = DemoConfig.__dataclass_fields__
     cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields})
     try:

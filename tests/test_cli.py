@@ -166,7 +166,7 @@ def _bad_files(tmp_path, x, t):
         (["junk.pt"], "junk.pt: cannot read it as .pt"),
         (["x.csv"], "unsupported file type '.csv'"),
         (["list.pt"], "holds a list, not a tensor"),
-        (["nan.npy"], "nan.npy contains NaN or Inf (1 non-finite entries)"),
+        (["nan.npy"], "nan.npy contains NaN or Inf (1 non-finite entries, first at row 3)"),
         (["vec.npy"], "vec.npy must be 2-D (n, d); got shape (60,): save it as (n, d)"),
         (["img.npy"], "img.npy must be 2-D (n, d); got shape (60, 5, 1): use --flatten"),
         (["empty.npy"], "empty.npy is empty (n = 0)"),

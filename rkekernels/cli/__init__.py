@@ -17,6 +17,9 @@ stderr and exits with code 2, without a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import sys
 from collections.abc import Sequence
 
@@ -32,6 +35,21 @@ __all__ = ["BENCH_SCRIPTS", "load_array", "main", "score_files"]
 
 #: the subcommands, in the order ``rkekernels --help`` lists them
 COMMANDS = {"demo": demo, "score": score, "compare": compare, "evaluate": evaluate, "bench": bench}
+
+
+#: exit code after a closed pipe on stdout (128 + SIGPIPE, as a shell reports it)
+EXIT_BROKEN_PIPE = 141
+_WRITE_ERRORS = {errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT}
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the buffered rest is not flushed again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (captured in tests)
+        pass
 
 
 def _parser() -> _Parser:
@@ -50,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rkekernels`` console script; returns the exit code.
 
     0 on success, 2 on bad input or usage (one line on stderr, no traceback), 1 when a benchmark
-    script fails.
+    script fails or the output cannot be written (one line: a full disk), 141 (quietly) when the
+    reader of stdout closed the pipe (``... | head``).
 
     Example:
         >>> from rkekernels.cli import main
@@ -58,12 +77,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         2
     """
     parser = _parser()
+    with contextlib.suppress(AttributeError, ValueError):  # a file name that is not UTF-8
+        sys.stdout.reconfigure(errors="backslashreplace")  # prints as \udcXX, never raises
     try:
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_BAD_INPUT
-        return COMMANDS[args.command].run(args)
+        code = COMMANDS[args.command].run(args)
+        sys.stdout.flush()  # a full disk shows here, not at exit
+        return code
+    except BrokenPipeError:  # `rkekernels ... | head`: the reader is gone, nothing to say
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        if exc.filename is not None or exc.errno not in _WRITE_ERRORS:
+            raise
+        _drop_stdout()
+        print(f"{PROG}: error: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except CLIError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -6,16 +6,45 @@ import argparse
 import math
 
 from .._errors import CLIError
+from .._files import byte_size
 
-__all__ = ["EXIT_BAD_INPUT", "PROG", "order", "positive"]
+__all__ = ["EXIT_BAD_INPUT", "PROG", "add_max_bytes", "order", "positive"]
 
 PROG = "rkekernels"
 EXIT_BAD_INPUT = 2
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to every option whose help does not already show its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if not action.option_strings or d is None or d is False or d is argparse.SUPPRESS:
+            return text
+        if "%(default)" in text or ("default" in text and str(d) in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # argparse would print the usage and exit; we keep one line
         raise CLIError(f"{message} (see `{self.prog} --help`)")
+
+
+def add_max_bytes(p: argparse.ArgumentParser) -> None:
+    """The ``--max-bytes`` option: how large a compressed .npz array may inflate."""
+    p.add_argument(
+        "--max-bytes",
+        type=byte_size,
+        metavar="SIZE",
+        help="largest array a compressed .npz may inflate to, checked before inflating "
+        "(e.g. 16G; default: 8 GiB or half the RAM, the smaller)",
+    )
 
 
 def positive(text: str) -> float:

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 import numpy as np
 
 from .. import compare
 from .._errors import CLIError
-from .._files import as_matrix, load_array
-from ._common import positive
+from .._files import as_matrix, figure_path, load_array
+from ._common import add_max_bytes, positive
 
 __all__ = ["add_arguments", "run"]
 
@@ -40,11 +41,18 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
         "the first PATH)",
     )  # fmt: skip
     c.add_argument("--sweep", type=int, metavar="N", help="score over N bandwidths instead")
-    c.add_argument("--plot", metavar="FILE", help="with --sweep: save the curves (matplotlib)")
+    c.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="with --sweep: save the curves (matplotlib) to FILE, named with its format "
+        "(.png, .pdf, .svg, ...; an existing FILE is replaced), or into an existing folder "
+        "as sweep.png",
+    )
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--key", metavar="NAME", help="array name in .npz / .pt dict / .safetensors")
     c.add_argument("--flatten", action="store_true", help="reshape (n, ...) arrays to (n, d)")
     c.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    add_max_bytes(c)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,17 +60,20 @@ def run(args: argparse.Namespace) -> int:
     names = [str(p) for p in args.paths]
     if len(set(names)) != len(names):
         raise CLIError("compare: a file is given twice")
-    sets = {n: as_matrix(load_array(n, args.key), n, args.flatten) for n in names}
+    mb = args.max_bytes
+    sets = {n: as_matrix(load_array(n, args.key, max_bytes=mb), n, args.flatten) for n in names}
     widths = {v.shape[1] for v in sets.values()}
     if len(widths) > 1:
         raise CLIError(f"compare: the files have different widths d {sorted(widths)}")
     if args.plot and not args.sweep:
         raise CLIError("--plot needs --sweep N")
+    plot = figure_path(args.plot, "--plot", "sweep.png") if args.plot else None
     if args.sweep is not None and args.sweep < 2:
         raise CLIError(f"--sweep must be at least 2, got {args.sweep}")
     ref = None
     if args.reference is not None:
-        ref = as_matrix(load_array(args.reference, args.key), args.reference, args.flatten)
+        arr = load_array(args.reference, args.key, max_bytes=mb)
+        ref = as_matrix(arr, args.reference, args.flatten)
     first = ref if ref is not None else next(iter(sets.values()))
     try:
         if args.sweep:
@@ -74,11 +85,15 @@ def run(args: argparse.Namespace) -> int:
                 "sigma": [float(s) for s in grid],
                 "rke": {n: [float(r) for r in c.rke] for n, c in curves.items()},
             }
-            if args.plot:
+            if plot is not None:
                 try:
-                    compare.plot_sweep(curves, args.plot, title="RKE against a shared sigma")
+                    plot.parent.mkdir(parents=True, exist_ok=True)
+                    compare.plot_sweep(curves, plot, title="RKE against a shared sigma")
                 except ImportError as exc:
                     raise CLIError(str(exc)) from None
+                except OSError as exc:
+                    raise CLIError(f"--plot {plot}: cannot write it: {exc}") from None
+                print(f"figure: {plot}", file=sys.stderr)
         else:
             res = compare.rke_scores(sets, args.sigma, reference=ref, backend=args.backend)
             out = {"sigma": res.sigma, "rke": res.scores}

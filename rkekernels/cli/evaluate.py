@@ -3,12 +3,14 @@
     rkekernels evaluate GEN [--reference REF] [--prompts FILE] [--encoder NAME] [--sigma S ...]
                         [--json] [--out DIR]
 
-GEN and REF are folders of images (png, jpg, jpeg, webp, bmp; read with Pillow, sorted by their
-path inside the folder) or embedding files (the formats of ``rkekernels score``: .npy, .npz,
-.pt/.pth, .safetensors; then "files" are row indices). Images are embedded with the chosen
-encoder (`rkekernels.adapters.encoders`, default ``dinov2``); embeddings are cached on disk,
-keyed by the encoder and each file's path, size and modification time, so a second run encodes
-nothing (it does not even load the model).
+GEN and REF are folders of images (png, jpg, jpeg, webp, bmp; read with Pillow, sorted by
+their path inside the folder; hidden entries and folders of earlier reports are left out) or
+embedding files (the formats of ``rkekernels score``: .npy, .npz, .pt/.pth, .safetensors; then
+"files" are row indices). Images are embedded with the chosen encoder
+(`rkekernels.adapters.encoders`, default ``dinov2``); embeddings are cached on disk, keyed by the
+encoder and each file's content (blake2b of its bytes), so a second run encodes nothing (it does
+not even load the model). A damaged cache is rebuilt; a cache folder that cannot be written gives
+one warning and the run goes on without it.
 
 ``--prompts`` gives one prompt per image: a .txt file (one per line, in sorted file order), a
 .csv with a file column (file/filename/image/path) and a prompt column (prompt/caption/text),
@@ -20,11 +22,15 @@ interval), vendi (order 1, Gaussian at sigma), modes ([{weight, files}]), the mo
 crowded samples (largest / smallest s_i = sum_j k(x_i, x_j)^2); with prompts cond_rke and
 cond_vendi; with a reference novelty (KEN), novel_modes and relative_rke. Several ``--sigma``
 give lists. ``--out DIR`` writes report.md with a grid of the top modes, the most and least
-crowded samples, a bandwidth sweep plot and results.json, into a temporary folder renamed to
-DIR at the end: a failure leaves nothing half-written.
+crowded samples, a bandwidth sweep plot and results.json into DIR, each file atomically. DIR
+must be new, empty or an earlier report's folder (checked before any work): a report never
+deletes or overwrites a file it did not write.
 
 Bad input (a folder with no images, an unreadable image, prompts that do not match, an unknown
-encoder, weights missing offline) prints one line and exits with code 2.
+encoder, weights missing offline) prints one line and exits with code 2. Images are checked
+before any encoder loads; the weights of a hub encoder are looked up in the Hugging Face cache
+before transformers is imported, and when they are not there one connection to the hub (3 s at
+most, no retries) decides between downloading them and the one line.
 
 The scores come from `rkekernels.evaluation.evaluate`, the report from `rkekernels.cli.report`.
 """
@@ -34,12 +40,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Any
 
 from .._errors import CLIError
 from ..evaluation import default_cache_dir, evaluate
-from ._common import positive
-from .report import fmt, write_report
+from ._common import add_max_bytes, positive
+from .report import check_out_dir, fmt, write_report
 
 __all__ = ["add_arguments", "run"]
 
@@ -66,13 +73,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--per-mode", type=int, default=8, help="files listed per mode")
     a("--unbiased", action="store_true", help="unbiased (off-diagonal) interval estimator")
     a("--json", action="store_true", help="print one JSON object")
-    a("--out", metavar="DIR", help="write a report (Markdown, figures, JSON) into DIR")
+    a(
+        "--out",
+        metavar="DIR",
+        help="write a report (Markdown, figures, JSON) into DIR: a new or empty folder, or "
+        "an earlier report's (only the report's own files are replaced)",
+    )
     a("--cache", metavar="DIR", help=f"embedding cache (default: {default_cache_dir()})")
     a("--no-cache", action="store_true", help="do not read or write the embedding cache")
     a("--batch-size", type=int, default=32, help="images per encoder batch")
     a("--device", default="cpu", help="encoder device (cpu, cuda, ...)")
     a("--half", action="store_true", help="run the encoder in float16")
     a("--key", metavar="NAME", help="array name in multi-array embedding files")
+    add_max_bytes(p)
     a(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -86,10 +99,36 @@ def run(args: argparse.Namespace) -> int:
     for name in ("top", "per_mode", "batch_size"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.out:  # before any work: a report never overwrites what it did not write
+        check_out_dir(args.out, [args.gen, args.reference, args.prompts])
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     cache = None if args.no_cache else (args.cache or "default")
     keep: dict = {}
-    res = evaluate(
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        res = _evaluate(args, cache, progress, keep)
+    for w in caught:  # ours (a cache that cannot be written): one line each, once
+        if issubclass(w.category, RuntimeWarning):
+            print(f"rkekernels: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        _print(res)
+    if args.out:  # after the scores: a failure here still leaves them printed
+        sys.stdout.flush()
+        try:
+            report = write_report(res, args.out, keep)
+        except OSError as exc:
+            raise CLIError(f"--out {args.out}: cannot write the report: {exc}") from None
+        print(f"report: {report}", file=sys.stderr)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, cache, progress: bool, keep: dict) -> dict[str, Any]:
+    """`rkekernels.evaluation.evaluate` with the options of ``args``."""
+    return evaluate(
         args.gen,
         args.reference,
         args.prompts,
@@ -106,17 +145,10 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         half=args.half,
         key=args.key,
+        max_bytes=args.max_bytes,
         progress=progress,
         _keep=keep if args.out else None,
     )
-    if args.out:
-        report = write_report(res, args.out, keep)
-        print(f"report: {report}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(res))
-    else:
-        _print(res)
-    return 0
 
 
 def _print(res: dict[str, Any]) -> None:

@@ -1,21 +1,36 @@
 """The report of ``rkekernels evaluate --out DIR``: report.md, results.json and the figures.
 
-`write_report` writes them from the result of `rkekernels.evaluation.evaluate` (and what it kept
-for the report: the set and the bandwidth sweep) into a temporary folder renamed to DIR at the
-end, so a failure leaves nothing half-written. The figures (matplotlib, Pillow) are a grid of the
-top modes, the most and least crowded samples, the novel modes and the bandwidth sweep.
+`check_out_dir` checks DIR before any work: a new folder, an empty one, or one holding an
+earlier report (its marker file `MARKER`), writable, and not an input. `write_report` writes
+the report's own files (`REPORT_FILES`) from the result of `rkekernels.evaluation.evaluate` (and
+what it kept for the report: the set and the bandwidth sweep), each atomically (a temporary
+file renamed over its name); nothing else in DIR is ever deleted or overwritten. The figures
+(matplotlib, Pillow) are a grid of the top modes, the most and least crowded samples, the novel
+modes and the bandwidth sweep.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
+import secrets
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fmt", "write_report"]
+from .._errors import CLIError
+from ..evaluation.inputs import REPORT_MARKER
+
+__all__ = ["MARKER", "REPORT_FILES", "check_out_dir", "fmt", "write_report"]
+
+#: the marker file of a report folder: JSON {"rkekernels_report": 1, "files": [...]}
+MARKER = REPORT_MARKER  # GEN's listing skips folders holding it
+#: every file a report may write (and the only ones it ever replaces or removes)
+REPORT_FILES = frozenset(
+    {"report.md", "results.json", "modes.png", "crowded.png", "novel_modes.png", "sweep.png"}
+)
 
 
 def fmt(v: Any) -> str:
@@ -29,30 +44,107 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def write_report(result: dict[str, Any], out_dir: str | os.PathLike, keep: dict) -> Path:
-    """Write report.md, results.json and the figures into ``out_dir``, all or nothing.
+def check_out_dir(out_dir: str | os.PathLike, inputs: Sequence[Any] = ()) -> Path:
+    """Check, before any work, that a report may be written into ``out_dir``; return its path.
 
-    Everything is written to a temporary folder beside ``out_dir``, then renamed to it (an
-    existing ``out_dir`` is replaced only once the new report is complete).
+    A report never deletes or overwrites a file it did not write: ``out_dir`` must be a new
+    folder, an empty one, or one that holds an earlier report (its marker file `MARKER` lists
+    the files that report wrote). It must not be one of the ``inputs`` (GEN, REF, the prompt
+    file), and it must be writable: a probe file is created and removed there (or in the
+    nearest existing parent folder), so nothing is left behind.
+
+    Raises:
+        CLIError: one line saying why (the command exits with code 2).
+
+    Example:
+        >>> import tempfile
+        >>> from rkekernels.cli.report import check_out_dir
+        >>> check_out_dir(tempfile.mkdtemp() + "/report").name
+        'report'
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out}: is a file, not a folder; give a new or empty folder")
+    for i in inputs:
+        if i is not None and Path(i).exists() and Path(i).resolve() == out.resolve():
+            raise CLIError(f"--out {out}: is the input {i}; give another folder for the report")
+    if out.is_dir():
+        if any(True for _ in os.scandir(out)) and not (out / MARKER).is_file():
+            raise CLIError(
+                f"--out {out}: the folder is not empty and holds no earlier rkekernels report; "
+                "give a new or empty folder (a report never overwrites what it did not write)"
+            )
+        probe = out
+    else:
+        probe = out.absolute().parent
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            raise CLIError(f"--out {out}: {probe} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".rkekernels-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise CLIError(f"--out {out}: cannot write into {probe}: {exc.strerror or exc}") from None
+    return out
+
+
+def _earlier_files(out: Path) -> set[str]:
+    """The files an earlier report in ``out`` wrote (from its marker; only the report's names)."""
+    try:
+        listed = json.loads((out / MARKER).read_text(encoding="utf-8"))["files"]
+        return {f for f in listed if f in REPORT_FILES}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _write_text(path: Path, text: str) -> None:
+    # a file name that is not valid UTF-8 (surrogate escapes from the file system) is written
+    # as \udcXX instead of failing
+    with open(path, "w", encoding="utf-8", errors="backslashreplace") as f:
+        f.write(text)
+
+
+def _write_marker(out: Path, files: set[str], stage) -> None:
+    tmp = stage(MARKER)
+    _write_text(tmp, json.dumps({"rkekernels_report": 1, "files": sorted(files)}) + "\n")
+    os.replace(tmp, out / MARKER)
+
+
+def write_report(result: dict[str, Any], out_dir: str | os.PathLike, keep: dict) -> Path:
+    """Write report.md, results.json and the figures into ``out_dir``, each file atomically.
+
+    Only the report's own files (`REPORT_FILES`) are written, and listed in the marker file
+    `MARKER`; nothing else in ``out_dir`` is touched. Each file is rendered under a temporary
+    name in ``out_dir``, then renamed over its final name (``os.replace``); a failure removes
+    the temporary files (and ``out_dir`` if this call created it and it is still empty). Files
+    of an earlier report that this one does not write (novel_modes.png without a reference)
+    are removed. The folder is checked first by `check_out_dir`.
 
     Args:
         result: the dict of `rkekernels.evaluation.evaluate`.
-        out_dir: the report folder.
+        out_dir: the report folder (created with its parents when missing).
         keep: the dict passed as ``evaluate(..., _keep=keep)`` (the set, sigma, the sweep).
 
     Returns:
         The path of report.md.
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a report is an ordinary folder
+    out = check_out_dir(out_dir)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(4)
+    staged: dict[str, Path] = {}
+
+    def stage(name: str) -> Path:
+        stem, suffix = os.path.splitext(name)
+        staged[name] = out / f".{stem}.tmp-{token}{suffix}"  # the suffix tells matplotlib
+        return staged[name]
+
     try:
         lines = _summary(result, keep["gen"])
-        lines += _figures(result, keep["gen"], tmp)
-        _sweep_plot(keep["sweep"], keep["sigma"], tmp / "sweep.png")
+        lines += _figures(result, keep["gen"], stage)
+        _sweep_plot(keep["sweep"], keep["sigma"], stage("sweep.png"))
         lines += ["## Bandwidth sweep", "", "![bandwidth sweep](sweep.png)", ""]
         lines += ["## Modes", "", "| mode | weight | files |", "| --- | --- | --- |"]
         for i, m in enumerate(result["modes"]):
@@ -60,24 +152,23 @@ def write_report(result: dict[str, Any], out_dir: str | os.PathLike, keep: dict)
             lines.append(f"| {i + 1} | {m['weight']:.4f} | {files} |")
         body = json.dumps({**result, "sweep": keep["sweep"]}, indent=2)
         lines += ["", "## Results (JSON)", "", "```json", body, "```", ""]
-        (tmp / "results.json").write_text(body + "\n")
-        (tmp / "report.md").write_text("\n".join(lines))
-        _replace(tmp, out)
+        _write_text(stage("results.json"), body + "\n")
+        _write_text(stage("report.md"), "\n".join(lines))
+        earlier, written = _earlier_files(out), set(staged)
+        _write_marker(out, earlier | written, stage)  # first: from now on a report's folder
+        for name in written:
+            os.replace(staged.pop(name), out / name)
+        for name in earlier - written:
+            (out / name).unlink(missing_ok=True)
+        _write_marker(out, written, stage)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty
         raise
     return out / "report.md"
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``out``, moving an existing ``out`` away first."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "report")
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _summary(result: dict[str, Any], g) -> list[str]:
@@ -98,7 +189,8 @@ def _summary(result: dict[str, Any], g) -> list[str]:
         cc = result["cond_rke_interval"]
         lines.append(
             f"- **conditional RKE** = {fmt(result['cond_rke'])} "
-            f"[{fmt(cc['low'])}; {fmt(cc['high'])}], conditional Vendi = "
+            + (f"(unbiased {fmt(cc['estimate'])}) " if cc.get("unbiased") else "")
+            + f"[{fmt(cc['low'])}; {fmt(cc['high'])}], conditional Vendi = "
             f"{fmt(result['cond_vendi'])} (prompt sigma = {fmt(result['sigma_t'])})"
         )
     if "novelty" in result:
@@ -116,8 +208,8 @@ def _summary(result: dict[str, Any], g) -> list[str]:
     return lines
 
 
-def _figures(result: dict[str, Any], g, tmp: Path) -> list[str]:
-    """The image grids (modes, crowded samples, novel modes) into ``tmp``; their sections."""
+def _figures(result: dict[str, Any], g, stage) -> list[str]:
+    """The image grids (modes, crowded samples, novel modes), at ``stage(name)``; their sections."""
     images = g.images
     if images is None:
         return ["(embedding input: modes list row indices, see results.json)", ""]
@@ -128,7 +220,7 @@ def _figures(result: dict[str, Any], g, tmp: Path) -> list[str]:
         for i, m in enumerate(result["modes"])
         if m["files"]
     ]
-    _grid(rows, tmp / "modes.png", cols)
+    _grid(rows, stage("modes.png"), cols)
     lines = [
         "## Top modes",
         "",
@@ -142,7 +234,7 @@ def _figures(result: dict[str, Any], g, tmp: Path) -> list[str]:
         ("most\ncrowded", [by_name[c["file"]] for c in result["most_crowded"]]),
         ("least\ncrowded", [by_name[c["file"]] for c in result["least_crowded"]]),
     ]
-    _grid(crowd, tmp / "crowded.png", max(1, len(result["most_crowded"])))
+    _grid(crowd, stage("crowded.png"), max(1, len(result["most_crowded"])))
     lines += [
         "## Most and least crowded samples",
         "",
@@ -157,7 +249,7 @@ def _figures(result: dict[str, Any], g, tmp: Path) -> list[str]:
             for i, m in enumerate(result["novel_modes"])
             if m["files"]
         ]
-        _grid(rows, tmp / "novel_modes.png", cols)
+        _grid(rows, stage("novel_modes.png"), cols)
         lines += ["## Novel modes (KEN)", "", "![novel modes](novel_modes.png)", ""]
     return lines
 

@@ -26,7 +26,7 @@ import torch
 from .. import scores, vendi
 from .._errors import CLIError
 from .._files import as_matrix, load_array
-from ._common import order, positive
+from ._common import add_max_bytes, order, positive
 
 __all__ = ["add_arguments", "run", "score_files"]
 
@@ -76,6 +76,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--cond-key", metavar="NAME", help="array name in the --cond file")
     s.add_argument("--flatten", action="store_true", help="reshape (n, ...) arrays to (n, d)")
     s.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    add_max_bytes(s)
     s.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -130,6 +131,7 @@ def score_files(
     order: float = 2.0,
     kernel: str = "gaussian",
     method: str = "auto",
+    max_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Compute the scores of an embedding file (and its prompt embeddings) with the public API.
 
@@ -150,6 +152,7 @@ def score_files(
         progress: progress bar on stderr (None: when n >= 20,000).
         order: the order q > 0 (``math.inf`` included); kernel: "gaussian", "cosine" or
             "linear" (no sigma); method: see `rkekernels.vendi_score`.
+        max_bytes: the largest a compressed .npz array may inflate to (`load_array`).
 
     Returns:
         dict with rke, sigma and, with ``cond``, cond_rke, h_x, h_t, h_xt, h_x_given_t,
@@ -168,7 +171,7 @@ def score_files(
         >>> round(score_files(p, sigma=[1.0])["rke"], 6)
         3.0
     """
-    x, t = _load_pair(path, cond, key, cond_key, flatten)
+    x, t = _load_pair(path, cond, key, cond_key, flatten, max_bytes)
     n = x.shape[0]
     order_q = 2.0 if order is None else order
     try:
@@ -193,12 +196,12 @@ def score_files(
     return out
 
 
-def _load_pair(path, cond, key, cond_key, flatten):
+def _load_pair(path, cond, key, cond_key, flatten, max_bytes=None):
     """The samples (n, d) and the prompt embeddings (n, m) or None, read and checked."""
-    x = as_matrix(load_array(path, key), str(path), flatten)
+    x = as_matrix(load_array(path, key, max_bytes=max_bytes), str(path), flatten)
     t = None
     if cond is not None:
-        t = as_matrix(load_array(cond, cond_key), str(cond), flatten)
+        t = as_matrix(load_array(cond, cond_key, max_bytes=max_bytes), str(cond), flatten)
         if t.shape[0] != x.shape[0]:
             raise CLIError(
                 f"{path} has n = {x.shape[0]} rows but {cond} has n = {t.shape[0]}; "
@@ -347,6 +350,7 @@ def run(args: argparse.Namespace) -> int:
         order=args.order,
         kernel=args.kernel,
         method=args.method,
+        max_bytes=args.max_bytes,
     )
     if args.json:
         keys = ["rke", "vendi", "sigma"]

@@ -1,7 +1,8 @@
 """The inputs of the evaluation workbench: image folders or embedding files, and prompts.
 
 - `_Set(path)`: a folder of images (png, jpg, jpeg, webp, bmp; sorted by their path inside the
-  folder) or an embedding file (.npy, .npz, .pt/.pth, .safetensors; its rows are the samples).
+  folder; hidden entries and report folders left out) or an embedding file (.npy, .npz,
+  .pt/.pth, .safetensors; its rows are the samples).
 - `_read_prompts(path, gen)`: one prompt per sample of ``gen``: a .txt file (one per line, in
   sorted file order), a .csv matched by file name or in order, or prompt embeddings (n, m).
 
@@ -11,6 +12,9 @@ Bad input raises `rkekernels._errors.CLIError` with one line naming the file.
 from __future__ import annotations
 
 import csv
+import io
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,25 +22,67 @@ import torch
 from .._errors import CLIError
 from .._files import as_matrix, load_array
 
-__all__ = ["EMBED_EXTS", "IMAGE_EXTS"]
+__all__ = ["EMBED_EXTS", "IMAGE_EXTS", "REPORT_MARKER"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+#: the marker file of a report folder (``rkekernels evaluate --out``); such folders are skipped
+REPORT_MARKER = ".rkekernels-report"
 EMBED_EXTS = (".npy", ".npz", ".pt", ".pth", ".safetensors")
+
+
+def _image_files(root: Path) -> list[Path]:
+    """The image files under ``root``, leaving out hidden entries (names starting with ".") and
+    the folders of reports (`REPORT_MARKER`): a report written inside GEN is not scored."""
+    found = []
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith(".") and not os.path.isfile(os.path.join(dirpath, d, REPORT_MARKER))
+        ]
+        found += [
+            Path(dirpath, f)
+            for f in files
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS
+        ]
+    return found
+
+
+def _check_image(path: Path, data: bytes) -> None:
+    """Check an image file's header (its ``data``) before any encoder loads: Pillow reads it,
+    verifies it (PNG chunk checksums) and its size is within ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL's
+    decompression-bomb warning is an error here), so no image is decoded past that bound.
+
+    Raises:
+        CLIError: one line naming the file.
+    """
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                im.verify()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise CLIError(
+            f"{path}: too many pixels (over PIL's limit of {Image.MAX_IMAGE_PIXELS:,}, a "
+            "possible decompression bomb); resize it or leave it out"
+        ) from None
+    except Exception as exc:  # any Pillow failure: not an image we can read
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CLIError(f"{path}: cannot read it as an image: {msg}") from None
 
 
 class _Set:
     """One input set: its items (image paths) or an embedding matrix, and display names."""
 
-    def __init__(self, path: str, *, key: str | None = None):
+    def __init__(self, path: str, *, key: str | None = None, max_bytes: int | None = None):
         p = Path(path)
         self.path = p
         self.images: list[Path] | None = None
         self.matrix: torch.Tensor | None = None
         if p.is_dir():
-            files = sorted(
-                (f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS),
-                key=lambda f: f.relative_to(p).as_posix(),
-            )
+            files = sorted(_image_files(p), key=lambda f: f.relative_to(p).as_posix())
             if not files:
                 raise CLIError(
                     f"{p}: no images in this folder (looked for {', '.join(IMAGE_EXTS)})"
@@ -44,7 +90,8 @@ class _Set:
             self.images = files
             self.names = [f.relative_to(p).as_posix() for f in files]
         elif p.suffix.lower() in EMBED_EXTS or p.exists():
-            self.matrix = as_matrix(load_array(p, key), str(p), flatten=False)
+            arr = load_array(p, key, max_bytes=max_bytes)
+            self.matrix = as_matrix(arr, str(p), flatten=False)
             self.names = list(range(self.matrix.shape[0]))
         else:
             raise CLIError(f"{p}: no such folder or file")
@@ -53,7 +100,7 @@ class _Set:
         return len(self.names)
 
 
-def _read_prompts(path: str, gen: _Set) -> list[str] | torch.Tensor:
+def _read_prompts(path: str, gen: _Set, max_bytes: int | None = None) -> list[str] | torch.Tensor:
     """Prompts for the samples of GEN: a list of strings in GEN's order, or an (n, m) matrix."""
     p = Path(path)
     if not p.is_file():
@@ -61,7 +108,7 @@ def _read_prompts(path: str, gen: _Set) -> list[str] | torch.Tensor:
     ext = p.suffix.lower()
     n = len(gen)
     if ext in EMBED_EXTS:
-        t = as_matrix(load_array(p), str(p), flatten=False)
+        t = as_matrix(load_array(p, max_bytes=max_bytes), str(p), flatten=False)
         if t.shape[0] != n:
             raise CLIError(f"{p}: has {t.shape[0]} prompt embeddings for {n} samples in {gen.path}")
         return t

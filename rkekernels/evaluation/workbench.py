@@ -24,7 +24,7 @@ from .. import vendi
 from .._errors import CLIError
 from ..adapters import encoders
 from ..scores import cond_rke_score, default_bandwidth, rke_score
-from .embeddings import _embed_prompts, _embed_set, _encoder_key, _Encoders, default_cache_dir
+from .embeddings import _embed_prompts, _embed_sets, _encoder_key, _Encoders, default_cache_dir
 from .inputs import _read_prompts, _Set
 from .statistics import cond_rke_interval, ken_novelty, relative_rke, rke_interval, sample_sums
 
@@ -72,6 +72,7 @@ def evaluate(
     half: bool = False,
     pixels_size: int = 32,
     key: str | None = None,
+    max_bytes: int | None = None,
     progress: bool = False,
     _keep: dict | None = None,
 ) -> dict[str, Any]:
@@ -98,7 +99,8 @@ def evaluate(
         cache_dir: embeddings cache ("default": `default_cache_dir`, None: no cache).
         batch_size, device, half, pixels_size: encoder options; the scores run on ``device``
             too (the Triton kernels for CUDA).
-        key: array name inside multi-array embedding files.
+        key: array name inside multi-array embedding files. max_bytes: the largest a
+            compressed .npz array may inflate to (`rkekernels._files.load_array`).
         progress: tqdm progress bars on stderr.
 
     Returns:
@@ -129,7 +131,7 @@ def evaluate(
         pixels_size=pixels_size,
     )
     stats = {"cached": 0, "encoded": 0}
-    g, x, y, t = _embed_all(gen, reference, prompts, opts, key, root, progress, stats)
+    g, x, y, t = _embed_all(gen, reference, prompts, opts, key, root, progress, stats, max_bytes)
     dev = torch.device(device)  # the scores run where the encoder ran (Triton on CUDA)
     x = x.float().to(dev)
     y = y.to(dev) if y is not None else None
@@ -162,24 +164,24 @@ def evaluate(
                 out["modes_sigma"] = s0
     except (ValueError, TypeError) as exc:
         raise CLIError(str(exc).splitlines()[0]) from None
+    stats = {k: v for k, v in stats.items() if not k.startswith("_")}  # "_cache_off": internal
     out["cache"] = {**stats, "dir": str(root) if root is not None else None}
     if _keep is not None:  # what the report needs beyond the JSON
         _keep.update(x=x, gen=g, sigma=s0, sweep=_sweep(x, s0))
     return out
 
 
-def _embed_all(gen, reference, prompts, opts, key, root, progress, stats):
+def _embed_all(gen, reference, prompts, opts, key, root, progress, stats, max_bytes=None):
     """GEN's set and the features of GEN, REF and the prompts (None where not given)."""
     try:
-        g = _Set(gen, key=key)
-        r = _Set(reference, key=key) if reference is not None else None
-        plist = _read_prompts(prompts, g) if prompts is not None else None
+        g = _Set(gen, key=key, max_bytes=max_bytes)
+        r = _Set(reference, key=key, max_bytes=max_bytes) if reference is not None else None
+        plist = _read_prompts(prompts, g, max_bytes) if prompts is not None else None
         enc = _Encoders(opts)
         # float16 features differ from float32 ones in the last bits: cached apart
         ekey = _encoder_key(opts["encoder"], opts["encoder_model"], opts["pixels_size"])
         ekey += "|half" if opts["half"] else ""
-        x = _embed_set(g, enc, root, ekey, progress, stats)
-        y = _embed_set(r, enc, root, ekey, progress, stats) if r is not None else None
+        x, y = _embed_sets([g, r], enc, root, ekey, progress, stats)
         t = _embed_prompts(plist, enc, root, progress, stats) if plist is not None else None
     except encoders.EncoderUnavailableError as exc:
         raise CLIError(str(exc)) from None
@@ -217,13 +219,22 @@ def _score_prompts(out, x, t, arg, sigma_t, enough, level, unbiased) -> None:
     """The conditional RKE (with its interval) and conditional Vendi given the prompts t."""
     st = float(sigma_t) if sigma_t is not None else _default_sigma(t)
     out["sigma_t"] = st
+    # cond_rke is the plug-in score, as rke is; unbiased changes only the interval (and its
+    # own estimate, cond_rke_interval["estimate"])
     if enough:
         cci = cond_rke_interval(x, t, arg, st, level=level, unbiased=unbiased)
-        out["cond_rke"] = _py(cci.estimate)
-        out["cond_rke_interval"] = {"low": _py(cci.low), "high": _py(cci.high)}
+        plug = cci.estimate if not unbiased else cond_rke_score(x, t, arg, st)
+        out["cond_rke"] = _py(plug)
+        out["cond_rke_interval"] = {
+            "low": _py(cci.low),
+            "high": _py(cci.high),
+            "estimate": _py(cci.estimate),
+            "unbiased": unbiased,
+        }
     else:
         out["cond_rke"] = _py(cond_rke_score(x, t, arg, st))
-        out["cond_rke_interval"] = {"low": None, "high": None}
+        out["cond_rke_interval"] = {"low": None, "high": None, "estimate": None}
+        out["cond_rke_interval"]["unbiased"] = unbiased
     out["cond_vendi"] = _py(vendi.cond_vendi_score(x, t, 1.0, arg, st))
 
 
