@@ -207,6 +207,34 @@ def test_pool_prompt_embeds_and_bad_input():
     assert isinstance(cb, SparkeCallback) and torch.equal(cb.cond, pe.mean(1))
 
 
+def test_pool_prompt_embeds_collapses_per_frame_copies():
+    # issue 23 B: AnimateDiff repeats each prompt embedding once per frame (repeat_interleave):
+    # b * frames rows, [negative, positive] * frames under classifier-free guidance
+    g = torch.Generator().manual_seed(0)
+    neg, pos = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    frames = 5
+    plain = pool_prompt_embeds(pos, 2, cfg=False, mask=mask)
+    for cfg in (False, None):
+        got = pool_prompt_embeds(
+            pos.repeat_interleave(frames, 0), 2, cfg, mask=mask.repeat_interleave(frames, 0)
+        )
+        assert torch.equal(got, plain)
+    doubled = torch.cat([neg, pos]).repeat_interleave(frames, 0)
+    got = pool_prompt_embeds(doubled, 2, True, mask=torch.cat([mask, mask]).repeat_interleave(5, 0))
+    assert torch.equal(got, plain)
+    # frames differ: no copies to collapse
+    with pytest.raises(ValueError, match="pass cond"):
+        pool_prompt_embeds(torch.randn(10, 3, 4, generator=g), 2, cfg=False)
+    # one prompt twice under CFG, cfg unknown: [n, n, p, p] * frames also reads as b blocks
+    # of 2 * frames equal rows ([n, p]): refused, never the negative prompt
+    same = torch.cat([neg[:1], neg[:1], pos[:1], pos[:1]]).repeat_interleave(frames, 0)
+    with pytest.raises(ValueError, match="pass cond"):
+        pool_prompt_embeds(same, 2, cfg=None)
+    want = pool_prompt_embeds(pos[:1].expand(2, 3, 4), 2, cfg=False)
+    assert torch.equal(pool_prompt_embeds(same, 2, cfg=True), want)
+
+
 def test_friendly_import_error_without_diffusers(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     monkeypatch.setitem(sys.modules, "diffusers.callbacks", None)

@@ -8,7 +8,13 @@ from typing import Any
 
 import torch
 
-from .cond import DENOISERS, class_label_cond, pool_prompt_embeds
+from .cond import (
+    DENOISERS,
+    _collapse_repeats,
+    _repeat_groups,
+    class_label_cond,
+    pool_prompt_embeds,
+)
 
 
 class _Capture:
@@ -164,6 +170,12 @@ def capture_cond(
         )
     mask, how = seen["mask"], "encoder_attention_mask"
     if not (isinstance(mask, torch.Tensor) and mask.shape == tokens.shape[:2]):
+        mask, how = None, None
+    # one copy per frame (AnimateDiff): one row per sample of the denoiser's batch
+    g = _repeat_groups(tokens, b, cfg, seen["rows"])
+    tokens = _collapse_repeats(tokens, g)
+    mask = None if mask is None else _collapse_repeats(mask, g)
+    if how is None:
         mask, how = _tokenizer_mask(pipe, prompt, tokens, b), "tokenizer mask"
     if mask is None:
         how = "all tokens"
