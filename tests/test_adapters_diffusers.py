@@ -235,6 +235,35 @@ def test_pool_prompt_embeds_collapses_per_frame_copies():
     assert torch.equal(pool_prompt_embeds(same, 2, cfg=True), want)
 
 
+def _captured(**kwargs):
+    """A `_Capture` that saw one denoiser call of 2 latents with these keyword arguments."""
+    from rkekernels.adapters.diffusers.capture import _Capture
+
+    capture = _Capture()
+    capture(None, (torch.zeros(2, 4, 8, 8),), kwargs)
+    return capture
+
+
+def test_kandinsky22_image_embeds_but_no_ip_adapter_list():
+    # issue 23 B: Kandinsky 2.2's decoders call their UNet with encoder_hidden_states=None and
+    # added_cond_kwargs={"image_embeds": (b, m)} (2b rows [negative, positive] under CFG);
+    # SDXL with an IP-Adapter passes a list under the same key, which is no prompt embedding
+    from rkekernels.adapters.diffusers.capture import capture_cond
+
+    g = torch.Generator().manual_seed(0)
+    neg, emb = torch.randn(2, 6, generator=g), torch.randn(2, 6, generator=g)
+    want = emb / emb.norm(dim=1, keepdim=True)
+    for cfg, rows in ((False, emb), (True, torch.cat([neg, emb]))):
+        pipe, notes = SimpleNamespace(do_classifier_free_guidance=cfg), []
+        capture = _captured(encoder_hidden_states=None, added_cond_kwargs={"image_embeds": rows})
+        got = capture_cond(pipe, capture, 2, None, None, notes.append)
+        assert torch.allclose(got, want) and notes == ["added_cond_kwargs['image_embeds']"]
+    for bad in ([emb], emb[:, None]):
+        capture = _captured(encoder_hidden_states=None, added_cond_kwargs={"image_embeds": bad})
+        with pytest.raises(ValueError, match="pass cond"):
+            capture_cond(SimpleNamespace(), capture, 2, None, None, print)
+
+
 def test_friendly_import_error_without_diffusers(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     monkeypatch.setitem(sys.modules, "diffusers.callbacks", None)

@@ -34,6 +34,7 @@ class _Capture:
             )
         )
         added = kwargs.get("added_cond_kwargs") or {}
+        image = added.get("image_embeds")  # IP-Adapter passes a list here: not taken
         self.seen = {
             "rows": None if sample is None else int(sample.shape[0]),
             "class_labels": kwargs.get("class_labels"),
@@ -52,6 +53,9 @@ class _Capture:
             ),
             "tokens": kwargs.get("encoder_hidden_states"),
             "mask": kwargs.get("encoder_attention_mask"),
+            "image_embeds": (
+                image if isinstance(image, torch.Tensor) and image.dim() == 2 else None
+            ),
         }
 
 
@@ -164,9 +168,13 @@ def capture_cond(
         return pool_prompt_embeds(seen["pooled"], b, cfg)
     tokens = seen["tokens"]
     if not isinstance(tokens, torch.Tensor):
+        if seen["image_embeds"] is not None:  # Kandinsky 2.2's decoders: the only conditioning
+            note("added_cond_kwargs['image_embeds']")
+            return pool_prompt_embeds(seen["image_embeds"], b, cfg)
         raise ValueError(
             f"sparke found no prompt embeddings for {type(pipe).__name__} (its denoiser got "
-            "no encoder_hidden_states, pooled embeddings or class_labels); pass cond=(b, m)"
+            "no encoder_hidden_states, pooled or image embeddings or class_labels); pass "
+            "cond=(b, m)"
         )
     mask, how = seen["mask"], "encoder_attention_mask"
     if not (isinstance(mask, torch.Tensor) and mask.shape == tokens.shape[:2]):
