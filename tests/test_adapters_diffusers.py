@@ -264,6 +264,24 @@ def test_kandinsky22_image_embeds_but_no_ip_adapter_list():
             capture_cond(SimpleNamespace(), capture, 2, None, None, print)
 
 
+def test_qwenimage_encoder_hidden_states_mask_is_read():
+    # issue 23 B: QwenImage hands its transformer encoder_hidden_states_mask (None when no
+    # token is padding), not encoder_attention_mask
+    from rkekernels.adapters.diffusers.capture import capture_cond
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 4, 6, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    pipe = SimpleNamespace(do_classifier_free_guidance=False)
+    for m, want in ((mask, pool_prompt_embeds(tokens, 2, mask=mask)), (None, None)):
+        notes = []
+        capture = _captured(encoder_hidden_states=tokens, encoder_hidden_states_mask=m)
+        got = capture_cond(pipe, capture, 2, None, ["a dog", "a cat"], notes.append)
+        want = pool_prompt_embeds(tokens, 2) if want is None else want  # None: all tokens
+        assert torch.allclose(got, want)
+        assert notes == ["encoder_hidden_states (encoder_hidden_states_mask)"]
+
+
 def test_friendly_import_error_without_diffusers(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     monkeypatch.setitem(sys.modules, "diffusers.callbacks", None)

@@ -16,6 +16,9 @@ from .cond import (
     pool_prompt_embeds,
 )
 
+#: the token masks a denoiser may be called with, tried in this order
+MASK_KWARGS = ("encoder_attention_mask", "encoder_hidden_states_mask")
+
 
 class _Capture:
     """Forward pre-hook on the denoiser: keeps the conditioning of its first call per step."""
@@ -34,6 +37,11 @@ class _Capture:
             )
         )
         added = kwargs.get("added_cond_kwargs") or {}
+        mask_from = next(
+            (k for k in MASK_KWARGS if isinstance(kwargs.get(k), torch.Tensor)),
+            # QwenImage passes encoder_hidden_states_mask=None when no token is padding
+            "encoder_hidden_states_mask" if "encoder_hidden_states_mask" in kwargs else None,
+        )
         image = added.get("image_embeds")  # IP-Adapter passes a list here: not taken
         self.seen = {
             "rows": None if sample is None else int(sample.shape[0]),
@@ -52,7 +60,8 @@ class _Capture:
                 else "added_cond_kwargs['text_embeds']"
             ),
             "tokens": kwargs.get("encoder_hidden_states"),
-            "mask": kwargs.get("encoder_attention_mask"),
+            "mask": kwargs.get(mask_from) if mask_from else None,
+            "mask_from": mask_from,
             "image_embeds": (
                 image if isinstance(image, torch.Tensor) and image.dim() == 2 else None
             ),
@@ -176,8 +185,8 @@ def capture_cond(
             "no encoder_hidden_states, pooled or image embeddings or class_labels); pass "
             "cond=(b, m)"
         )
-    mask, how = seen["mask"], "encoder_attention_mask"
-    if not (isinstance(mask, torch.Tensor) and mask.shape == tokens.shape[:2]):
+    mask, how = seen["mask"], seen["mask_from"]
+    if mask is not None and mask.shape != tokens.shape[:2]:
         mask, how = None, None
     # one copy per frame (AnimateDiff): one row per sample of the denoiser's batch
     g = _repeat_groups(tokens, b, cfg, seen["rows"])
@@ -185,7 +194,7 @@ def capture_cond(
     mask = None if mask is None else _collapse_repeats(mask, g)
     if how is None:
         mask, how = _tokenizer_mask(pipe, prompt, tokens, b), "tokenizer mask"
-    if mask is None:
+    if mask is None and how != "encoder_hidden_states_mask":
         how = "all tokens"
     note(f"encoder_hidden_states ({how})")
     return pool_prompt_embeds(tokens, b, cfg, mask=mask)
