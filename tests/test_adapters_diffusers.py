@@ -282,6 +282,32 @@ def test_qwenimage_encoder_hidden_states_mask_is_read():
         assert notes == ["encoder_hidden_states (encoder_hidden_states_mask)"]
 
 
+def test_tokens_past_the_tokenizer_length_are_no_prompt():
+    # issue 23 B: Stable Audio hands its transformer [text tokens, start s, end s] and no mask;
+    # a prompt as long as the tokenizer (8 here) fills every text token, and the two seconds
+    # embeddings after the text are no part of the prompt
+    from rkekernels.adapters._tiny import WIDTH, tiny_tokenizer
+    from rkekernels.adapters.diffusers.capture import capture_cond
+
+    tok = tiny_tokenizer(bos=False)
+    pipe = SimpleNamespace(
+        do_classifier_free_guidance=False,
+        tokenizer=tok,
+        text_encoder=SimpleNamespace(config=SimpleNamespace(d_model=WIDTH)),
+    )
+    prompts = ["a photo of the big red dog on the beach", "a small house"]
+    text = tok(prompts, padding="max_length", max_length=8, truncation=True).attention_mask
+    mask = torch.nn.functional.pad(torch.tensor(text), (0, 2))  # the seconds tokens: 0
+    assert mask[0, :8].all() and not mask[1, :8].all()
+    tokens = torch.randn(2, 10, WIDTH, generator=torch.Generator().manual_seed(0))
+    notes = []
+    got = capture_cond(
+        pipe, _captured(encoder_hidden_states=tokens), 2, None, prompts, notes.append
+    )
+    assert torch.allclose(got, pool_prompt_embeds(tokens, 2, mask=mask))
+    assert notes == ["encoder_hidden_states (tokenizer mask)"]
+
+
 def test_friendly_import_error_without_diffusers(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     monkeypatch.setitem(sys.modules, "diffusers.callbacks", None)

@@ -85,6 +85,8 @@ def _tokenizer_mask(
 
     Rows follow diffusers' layout: each prompt repeated ``num_images_per_prompt`` times in a row,
     then (classifier-free guidance) the same mask for the negative half, which is not used.
+    Tokens past the tokenizer's ``model_max_length`` are not the prompt's (Stable Audio appends
+    its start/end-seconds embeddings to the text tokens): they count as padding.
     """
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -99,10 +101,12 @@ def _tokenizer_mask(
         )
         if tok is None or hidden != width:
             continue
-        m = tok(prompt, padding="max_length", max_length=length, truncation=True)
+        n = min(length, getattr(tok, "model_max_length", None) or length)
+        m = tok(prompt, padding="max_length", max_length=n, truncation=True)
         m = torch.as_tensor(m["attention_mask"], device=tokens.device)
-        if m.shape[1] != length:
+        if m.shape[1] != n:
             continue
+        m = torch.nn.functional.pad(m, (0, length - n))
         per, extra = divmod(batch_size, m.shape[0])
         if per < 1 or extra or rows not in (batch_size, 2 * batch_size):
             return None
