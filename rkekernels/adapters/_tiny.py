@@ -642,7 +642,13 @@ def tiny_clip_encoder() -> Any:
 
 def tiny_image_embeds(b: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed (image_embeds, negative_image_embeds), each (b, 32), for ``kandinsky22``
-    (standing in for its prior's output; the same for every seed of `tiny_call_kwargs`)."""
+    (standing in for its prior's output; the same for every seed of `tiny_call_kwargs`).
+
+    Example:
+        >>> from rkekernels.adapters._tiny import tiny_image_embeds
+        >>> [tuple(e.shape) for e in tiny_image_embeds(2)]
+        [(2, 32), (2, 32)]
+    """
     g = torch.Generator().manual_seed(1234)
     return torch.randn(b, WIDTH, generator=g), torch.randn(b, WIDTH, generator=g)
 
