@@ -22,7 +22,8 @@ from rkekernels.adapters.diffusers import sparke
 
 
 def _output(out) -> torch.Tensor:
-    return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images).float()
+    x = next(getattr(out, k) for k in ("frames", "audios", "images") if hasattr(out, k))
+    return torch.as_tensor(x).float()
 
 
 def measure(name: str, mode: str) -> dict:

@@ -207,6 +207,107 @@ def test_pool_prompt_embeds_and_bad_input():
     assert isinstance(cb, SparkeCallback) and torch.equal(cb.cond, pe.mean(1))
 
 
+def test_pool_prompt_embeds_collapses_per_frame_copies():
+    # issue 23 B: AnimateDiff repeats each prompt embedding once per frame (repeat_interleave):
+    # b * frames rows, [negative, positive] * frames under classifier-free guidance
+    g = torch.Generator().manual_seed(0)
+    neg, pos = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    frames = 5
+    plain = pool_prompt_embeds(pos, 2, cfg=False, mask=mask)
+    for cfg in (False, None):
+        got = pool_prompt_embeds(
+            pos.repeat_interleave(frames, 0), 2, cfg, mask=mask.repeat_interleave(frames, 0)
+        )
+        assert torch.equal(got, plain)
+    doubled = torch.cat([neg, pos]).repeat_interleave(frames, 0)
+    got = pool_prompt_embeds(doubled, 2, True, mask=torch.cat([mask, mask]).repeat_interleave(5, 0))
+    assert torch.equal(got, plain)
+    # frames differ: no copies to collapse
+    with pytest.raises(ValueError, match="pass cond"):
+        pool_prompt_embeds(torch.randn(10, 3, 4, generator=g), 2, cfg=False)
+    # one prompt twice under CFG, cfg unknown: [n, n, p, p] * frames also reads as b blocks
+    # of 2 * frames equal rows ([n, p]): refused, never the negative prompt
+    same = torch.cat([neg[:1], neg[:1], pos[:1], pos[:1]]).repeat_interleave(frames, 0)
+    with pytest.raises(ValueError, match="pass cond"):
+        pool_prompt_embeds(same, 2, cfg=None)
+    want = pool_prompt_embeds(pos[:1].expand(2, 3, 4), 2, cfg=False)
+    assert torch.equal(pool_prompt_embeds(same, 2, cfg=True), want)
+
+
+def _captured(**kwargs):
+    """A `_Capture` that saw one denoiser call of 2 latents with these keyword arguments."""
+    from rkekernels.adapters.diffusers.capture import _Capture
+
+    capture = _Capture()
+    capture(None, (torch.zeros(2, 4, 8, 8),), kwargs)
+    return capture
+
+
+def test_kandinsky22_image_embeds_but_no_ip_adapter_list():
+    # issue 23 B: Kandinsky 2.2's decoders call their UNet with encoder_hidden_states=None and
+    # added_cond_kwargs={"image_embeds": (b, m)} (2b rows [negative, positive] under CFG);
+    # SDXL with an IP-Adapter passes a list under the same key, which is no prompt embedding
+    from rkekernels.adapters.diffusers.capture import capture_cond
+
+    g = torch.Generator().manual_seed(0)
+    neg, emb = torch.randn(2, 6, generator=g), torch.randn(2, 6, generator=g)
+    want = emb / emb.norm(dim=1, keepdim=True)
+    for cfg, rows in ((False, emb), (True, torch.cat([neg, emb]))):
+        pipe, notes = SimpleNamespace(do_classifier_free_guidance=cfg), []
+        capture = _captured(encoder_hidden_states=None, added_cond_kwargs={"image_embeds": rows})
+        got = capture_cond(pipe, capture, 2, None, None, notes.append)
+        assert torch.allclose(got, want) and notes == ["added_cond_kwargs['image_embeds']"]
+    for bad in ([emb], emb[:, None]):
+        capture = _captured(encoder_hidden_states=None, added_cond_kwargs={"image_embeds": bad})
+        with pytest.raises(ValueError, match="pass cond"):
+            capture_cond(SimpleNamespace(), capture, 2, None, None, print)
+
+
+def test_qwenimage_encoder_hidden_states_mask_is_read():
+    # issue 23 B: QwenImage hands its transformer encoder_hidden_states_mask (None when no
+    # token is padding), not encoder_attention_mask
+    from rkekernels.adapters.diffusers.capture import capture_cond
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 4, 6, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    pipe = SimpleNamespace(do_classifier_free_guidance=False)
+    for m, want in ((mask, pool_prompt_embeds(tokens, 2, mask=mask)), (None, None)):
+        notes = []
+        capture = _captured(encoder_hidden_states=tokens, encoder_hidden_states_mask=m)
+        got = capture_cond(pipe, capture, 2, None, ["a dog", "a cat"], notes.append)
+        want = pool_prompt_embeds(tokens, 2) if want is None else want  # None: all tokens
+        assert torch.allclose(got, want)
+        assert notes == ["encoder_hidden_states (encoder_hidden_states_mask)"]
+
+
+def test_tokens_past_the_tokenizer_length_are_no_prompt():
+    # issue 23 B: Stable Audio hands its transformer [text tokens, start s, end s] and no mask;
+    # a prompt as long as the tokenizer (8 here) fills every text token, and the two seconds
+    # embeddings after the text are no part of the prompt
+    from rkekernels.adapters._tiny import WIDTH, tiny_tokenizer
+    from rkekernels.adapters.diffusers.capture import capture_cond
+
+    tok = tiny_tokenizer(bos=False)
+    pipe = SimpleNamespace(
+        do_classifier_free_guidance=False,
+        tokenizer=tok,
+        text_encoder=SimpleNamespace(config=SimpleNamespace(d_model=WIDTH)),
+    )
+    prompts = ["a photo of the big red dog on the beach", "a small house"]
+    text = tok(prompts, padding="max_length", max_length=8, truncation=True).attention_mask
+    mask = torch.nn.functional.pad(torch.tensor(text), (0, 2))  # the seconds tokens: 0
+    assert mask[0, :8].all() and not mask[1, :8].all()
+    tokens = torch.randn(2, 10, WIDTH, generator=torch.Generator().manual_seed(0))
+    notes = []
+    got = capture_cond(
+        pipe, _captured(encoder_hidden_states=tokens), 2, None, prompts, notes.append
+    )
+    assert torch.allclose(got, pool_prompt_embeds(tokens, 2, mask=mask))
+    assert notes == ["encoder_hidden_states (tokenizer mask)"]
+
+
 def test_friendly_import_error_without_diffusers(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     monkeypatch.setitem(sys.modules, "diffusers.callbacks", None)

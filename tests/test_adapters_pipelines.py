@@ -9,12 +9,19 @@ import pytest
 import torch
 
 from rkekernels import DiversityGuidance, features
-from rkekernels.adapters._tiny import TINY_PIPELINES, TOKENS, tiny_call_kwargs, tiny_pipeline
+from rkekernels.adapters._tiny import (
+    TINY_PIPELINES,
+    TOKENS,
+    tiny_call_kwargs,
+    tiny_image_embeds,
+    tiny_pipeline,
+)
 from rkekernels.adapters.diffusers import SparkeError, sparke, sparke_callback
 
 B = 2
 SLOW = {"kandinsky3", "controlnet", "controlnet_sdxl"}  # > ~1.5 s for the three modes
 ROUTE = {
+    "stable_audio": "scheduler.step",
     "pixart_sigma": "scheduler.step",
     "pixart_alpha": "scheduler.step",
     "dit": "scheduler.step",
@@ -24,6 +31,12 @@ SOURCE = {
     "sd2": "encoder_hidden_states (tokenizer mask)",
     "controlnet": "encoder_hidden_states (tokenizer mask)",
     "cogvideox": "encoder_hidden_states (tokenizer mask)",
+    "img2img": "encoder_hidden_states (tokenizer mask)",
+    "inpaint": "encoder_hidden_states (tokenizer mask)",
+    "animatediff": "encoder_hidden_states (tokenizer mask)",  # one copy per frame: collapsed
+    "stable_audio": "encoder_hidden_states (tokenizer mask)",  # its 2 seconds tokens left out
+    "qwenimage": "encoder_hidden_states (encoder_hidden_states_mask)",
+    "kandinsky22": "added_cond_kwargs['image_embeds']",
     "sdxl": "added_cond_kwargs['text_embeds']",
     "controlnet_sdxl": "added_cond_kwargs['text_embeds']",
     "sd3": "pooled_projections",
@@ -53,7 +66,13 @@ def expected_cond(name, pipe):
     if name == "dit":
         return torch.nn.functional.one_hot(torch.tensor([1, 2]), 1000).float()
     kw = {"do_classifier_free_guidance": False}
-    if name in ("sd15", "sd2", "controlnet", "cogvideox"):
+    if name == "kandinsky22":
+        return _unit(tiny_image_embeds(B)[0])
+    if name == "qwenimage":
+        pe, mask = pipe.encode_prompt(PROMPTS, max_sequence_length=4 * TOKENS)
+        assert (mask == 0).any()  # the prompts' lengths differ, so the mask matters
+        return _unit(_masked_mean(pe.float(), mask))
+    if name in ("sd15", "sd2", "controlnet", "cogvideox", "img2img", "inpaint", "animatediff"):
         if name == "cogvideox":
             pe, _ = pipe.encode_prompt(PROMPTS, max_sequence_length=TOKENS, **kw)
         else:
@@ -61,6 +80,12 @@ def expected_cond(name, pipe):
         mask = pipe.tokenizer(PROMPTS, padding="max_length", max_length=TOKENS).attention_mask
         mask = torch.tensor(mask)
         assert (mask == 0).any()  # some padding, so the mask matters
+        return _unit(_masked_mean(pe.float(), mask))
+    if name == "stable_audio":  # (b, TOKENS, m) text tokens, before the 2 seconds tokens
+        pe = pipe.encode_prompt(PROMPTS, "cpu", False)
+        mask = pipe.tokenizer(PROMPTS, padding="max_length", max_length=TOKENS).attention_mask
+        mask = torch.tensor(mask)
+        assert (mask == 0).any()
         return _unit(_masked_mean(pe.float(), mask))
     if name in ("sdxl", "controlnet_sdxl"):
         return _unit(pipe.encode_prompt(PROMPTS, device="cpu", **kw)[2].float())
@@ -81,7 +106,7 @@ def expected_cond(name, pipe):
 
 def _latents(out):
     """The latents (or, for DiT, the decoded images) a call returned."""
-    x = out.frames if hasattr(out, "frames") else out.images
+    x = next(getattr(out, k) for k in ("frames", "audios", "images") if hasattr(out, k))
     return torch.as_tensor(x).float()
 
 
@@ -122,6 +147,38 @@ def test_sparke_in_every_pipeline(name, mode):
     assert "step" not in vars(pipe.scheduler)
     denoiser = getattr(pipe, "transformer", None) or pipe.unet
     assert not denoiser._forward_pre_hooks
+
+
+def _first_cond(pipe, name, **call):
+    guide = DiversityGuidance(1.0, sigma_cond=0.5, scale=0.2)
+    with sparke(pipe, guide) as session:
+        pipe(**{**tiny_call_kwargs(name), **call})
+    return guide.bank.cond, session.cond_source
+
+
+def test_stable_audio_pools_its_text_tokens_only():
+    # issue 23 B: Stable Audio hands its transformer [text tokens, start s, end s] and no mask;
+    # a prompt longer than the tokenizer fills every text token, and the two seconds
+    # embeddings after them are no part of the prompt
+    pipe = tiny_pipeline("stable_audio")
+    long = ["a photo of the big red dog on the beach in the snow", "a small house in the city"]
+    cond, source = _first_cond(pipe, "stable_audio", prompt=long)
+    pe = pipe.encode_prompt(long, "cpu", False)  # (b, TOKENS, m), padding zeroed
+    tok = pipe.tokenizer(long, padding="max_length", max_length=TOKENS, truncation=True)
+    mask = torch.tensor(tok.attention_mask)
+    assert mask[0].all() and not mask[1].all()
+    assert source == "encoder_hidden_states (tokenizer mask)"
+    assert torch.allclose(cond, _unit(_masked_mean(pe.float(), mask)), atol=1e-5)
+
+
+def test_qwenimage_prompts_of_one_length_pass_no_mask():
+    # QwenImage passes encoder_hidden_states_mask=None when no token is padding: all tokens
+    pipe = tiny_pipeline("qwenimage")
+    same = ["a photo of a dog", "a photo of a cat"]
+    cond, source = _first_cond(pipe, "qwenimage", prompt=same)
+    pe, mask = pipe.encode_prompt(same, max_sequence_length=4 * TOKENS)
+    assert mask is None and source == "encoder_hidden_states (encoder_hidden_states_mask)"
+    assert torch.allclose(cond, _unit(pe.float().mean(1)), atol=1e-5)
 
 
 def test_dit_cfg_keeps_the_doubled_batch_consistent():
@@ -292,7 +349,17 @@ def test_the_docs_example_prints_the_support_table(capsys):
 
 # ------------------------------------------------------------------ encoder features
 
-VAE_PIPELINES = [n for n in TINY_PIPELINES if n not in ("sd2", "pixart_alpha", "controlnet_sdxl")]
+VAE_PIPELINES = [
+    "sd15",
+    "sdxl",
+    "controlnet",
+    "pixart_sigma",
+    "dit",
+    "kandinsky3",
+    "sd3",
+    "flux",
+    "cogvideox",
+]
 
 
 @pytest.mark.parametrize(

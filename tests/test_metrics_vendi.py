@@ -78,3 +78,31 @@ def test_prompts_required_from_the_first_update():
     m.update(x[:5], t[:5])
     with pytest.raises(ValueError, match="has no sigma_t"):
         VendiMetric(1.0, dim=128).update(x[:5], t[:5])
+
+
+def test_torchmetrics_vendi_reset_forgets_the_width():
+    # issue 23 A.3: reset() must forget the width, as VendiMetric.reset() does; forward (which
+    # resets internally to score the batch) must still refuse a batch of another width
+    pytest.importorskip("torchmetrics")
+    from rkekernels.metrics import TorchMetricsVendi
+
+    x, t = _data()
+    tm = TorchMetricsVendi(1.0, 0.5, dim=128, seed=5)
+    plain = VendiMetric(1.0, 0.5, dim=128, seed=5)
+    for m in (tm, plain):
+        m.update(x[:10], t[:10])
+        m.reset()
+        m.update(x[:10, :2], t[:10, :1])  # a new width after the reset is accepted
+        with pytest.raises(ValueError, match="same width"):
+            m.update(x[:10], t[:10])
+    torch.testing.assert_close(tm.compute().vendi, plain.compute().vendi, rtol=1e-12, atol=0)
+    tm.forward(x[10:20, :2], t[10:20, :1])  # forward keeps the width it holds
+    with pytest.raises(ValueError, match="same width"):
+        tm.forward(x[:10], t[:10])
+    assert int(tm.n) == 20
+    with pytest.raises(ValueError, match="same width"):
+        tm.update(x[:10], t[:10])
+    tm.reset()
+    tm.forward(x[:10], t[:10])  # a forward after a reset sets the width
+    with pytest.raises(ValueError, match="same width"):
+        tm.update(x[:10, :2], t[:10, :1])

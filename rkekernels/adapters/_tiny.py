@@ -24,6 +24,7 @@ __all__ = [
     "TINY_PIPELINES",
     "tiny_call_kwargs",
     "tiny_clip_encoder",
+    "tiny_image_embeds",
     "tiny_pipeline",
     "tiny_tokenizer",
 ]
@@ -49,6 +50,12 @@ TINY_PIPELINES = {
     "sd3": "StableDiffusion3Pipeline",
     "flux": "FluxPipeline",
     "cogvideox": "CogVideoXPipeline",
+    "img2img": "StableDiffusionImg2ImgPipeline",
+    "inpaint": "StableDiffusionInpaintPipeline",
+    "animatediff": "AnimateDiffPipeline",
+    "kandinsky22": "KandinskyV22Pipeline",
+    "qwenimage": "QwenImagePipeline",
+    "stable_audio": "StableAudioPipeline",
 }
 
 
@@ -200,7 +207,8 @@ _DIT_BLOCKS = dict(
 
 
 def _sd(d: Any, name: str) -> Any:
-    """SD 1.5 / 2.x (v-prediction) and ControlNet SD: CLIP text encoder, UNet, DDIM."""
+    """SD 1.5 / 2.x (v-prediction), ControlNet SD, SD img2img and inpainting: CLIP text
+    encoder, UNet, DDIM."""
     parts = dict(
         vae=_vae(),
         text_encoder=_clip(),
@@ -214,6 +222,10 @@ def _sd(d: Any, name: str) -> Any:
     if name == "controlnet":
         parts["controlnet"] = _controlnet(WIDTH)
         return d.StableDiffusionControlNetPipeline(**parts)
+    if name == "img2img":
+        return d.StableDiffusionImg2ImgPipeline(**parts)
+    if name == "inpaint":  # a 4-channel UNet: the pipeline blends the masked latents itself
+        return d.StableDiffusionInpaintPipeline(**parts)
     return d.StableDiffusionPipeline(**parts)
 
 
@@ -259,19 +271,9 @@ def _dit(d: Any, name: str) -> Any:
     return d.DiTPipeline(transformer=transformer, vae=_vae(), scheduler=_ddim())
 
 
-def _kandinsky3(d: Any, name: str) -> Any:
-    """Kandinsky 3: its UNet, a MoVQ decoder and a T5 text encoder."""
-    unet = d.Kandinsky3UNet(
-        in_channels=4,
-        time_embedding_dim=4,
-        groups=2,
-        attention_head_dim=4,
-        layers_per_block=3,
-        block_out_channels=(32, 64),
-        cross_attention_dim=4,
-        encoder_hid_dim=WIDTH,
-    ).eval()
-    movq = d.VQModel(
+def _movq(d: Any) -> Any:
+    """The MoVQ decoder of Kandinsky 2.2 and 3 (spatial norms: 32 groups, so 32 channels)."""
+    return d.VQModel(
         block_out_channels=[32, 64],
         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
         in_channels=3,
@@ -284,6 +286,21 @@ def _kandinsky3(d: Any, name: str) -> Any:
         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
         vq_embed_dim=4,
     ).eval()
+
+
+def _kandinsky3(d: Any, name: str) -> Any:
+    """Kandinsky 3: its UNet, a MoVQ decoder and a T5 text encoder."""
+    unet = d.Kandinsky3UNet(
+        in_channels=4,
+        time_embedding_dim=4,
+        groups=2,
+        attention_head_dim=4,
+        layers_per_block=3,
+        block_out_channels=(32, 64),
+        cross_attention_dim=4,
+        encoder_hid_dim=WIDTH,
+    ).eval()
+    movq = _movq(d)
     scheduler = d.DDPMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -391,6 +408,158 @@ def _cogvideox(d: Any, name: str) -> Any:
     )
 
 
+def _animatediff(d: Any, name: str) -> Any:
+    """AnimateDiff: the SD UNet turned into a UNetMotionModel by a tiny MotionAdapter."""
+    adapter = d.MotionAdapter(
+        block_out_channels=(8, 16),
+        motion_layers_per_block=1,
+        motion_norm_num_groups=2,
+        motion_num_attention_heads=2,
+        motion_max_seq_length=8,
+    )
+    return d.AnimateDiffPipeline(
+        vae=_vae(),
+        text_encoder=_clip(),
+        tokenizer=tiny_tokenizer(),
+        unet=_unet(WIDTH),
+        motion_adapter=adapter,
+        scheduler=_ddim(),
+        feature_extractor=None,
+        image_encoder=None,
+    )
+
+
+def _kandinsky22(d: Any, name: str) -> Any:
+    """Kandinsky 2.2's decoder: a UNet conditioned on an image embedding only, MoVQ, DDPM."""
+    unet = d.UNet2DConditionModel(
+        in_channels=4,
+        out_channels=8,  # learned variance
+        addition_embed_type="image",
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        encoder_hid_dim=WIDTH,
+        encoder_hid_dim_type="image_proj",
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        resnet_time_scale_shift="scale_shift",
+        class_embed_type=None,
+        norm_num_groups=4,
+    ).eval()
+    scheduler = d.DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        beta_schedule="linear",
+        clip_sample=False,
+        variance_type="learned_range",
+    )
+    return d.KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=_movq(d))
+
+
+def _qwenimage(d: Any, name: str) -> Any:
+    """QwenImage: its transformer and video-style VAE, a Qwen2.5-VL text encoder (random,
+    vocabulary of `tiny_tokenizer`), flow matching."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    transformer = d.QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=WIDTH // 2,
+        axes_dims_rope=(2, 2, 4),
+    ).eval()
+    vae = d.AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).eval()
+    text = dict(
+        vocab_size=_vocab_size(),
+        hidden_size=WIDTH // 2,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        rope_parameters={"mrope_section": [1, 1, 2], "rope_type": "default", "rope_theta": 1e6},
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    vision = dict(depth=1, hidden_size=8, intermediate_size=8, num_heads=2, out_hidden_size=16)
+    encoder = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(text_config=text, vision_config=vision)
+    ).eval()
+    tok = tiny_tokenizer(bos=False)
+    tok.model_max_length = 10**6  # the pipeline pads to the longest prompt, no further
+    pipe = d.QwenImagePipeline(
+        scheduler=d.FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=encoder,
+        tokenizer=tok,
+        transformer=transformer,
+    )
+    # the hidden states dropped: the template before the prompt, as this tokenizer splits it
+    # (34 tokens for Qwen's own tokenizer)
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(tok(prefix, add_special_tokens=False).input_ids)
+    return pipe
+
+
+def _stable_audio(d: Any, name: str) -> Any:
+    """Stable Audio: its DiT, an Oobleck VAE, a T5 text encoder and the projection model."""
+    transformer = d.StableAudioDiTModel(
+        sample_size=4,
+        in_channels=3,
+        num_layers=1,
+        attention_head_dim=4,
+        num_attention_heads=2,
+        num_key_value_attention_heads=2,
+        out_channels=3,
+        cross_attention_dim=4,
+        time_proj_dim=8,
+        global_states_input_dim=2 * WIDTH,  # [start, end] seconds embeddings
+        cross_attention_input_dim=WIDTH,
+    ).eval()
+    vae = d.AutoencoderOobleck(
+        encoder_hidden_size=6,
+        downsampling_ratios=[1, 2],
+        decoder_channels=3,
+        decoder_input_channels=3,
+        audio_channels=2,
+        channel_multiples=[2, 4],
+        sampling_rate=4,
+    ).eval()
+    projection = d.StableAudioProjectionModel(
+        text_encoder_dim=WIDTH, conditioning_dim=WIDTH, min_value=0, max_value=32
+    ).eval()
+    # the pipeline's own CosineDPMSolverMultistepScheduler needs torchsde: its deterministic
+    # EDM sibling (same sigmas and v-prediction)
+    scheduler = d.EDMDPMSolverMultistepScheduler(
+        solver_order=2,
+        prediction_type="v_prediction",
+        sigma_data=1.0,
+        sigma_schedule="exponential",
+    )
+    return d.StableAudioPipeline(
+        vae=vae,
+        text_encoder=_t5(),
+        projection_model=projection,
+        tokenizer=tiny_tokenizer(bos=False),
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+
+
 #: name -> builder(diffusers, name): the pipeline with its components, built in a fixed order
 #: (the order their random weights are drawn in after ``torch.manual_seed(0)``)
 _BUILDERS = {
@@ -406,6 +575,12 @@ _BUILDERS = {
     "sd3": _sd3,
     "flux": _flux,
     "cogvideox": _cogvideox,
+    "img2img": _sd,
+    "inpaint": _sd,
+    "animatediff": _animatediff,
+    "kandinsky22": _kandinsky22,
+    "qwenimage": _qwenimage,
+    "stable_audio": _stable_audio,
 }
 
 
@@ -465,6 +640,19 @@ def tiny_clip_encoder() -> Any:
     return encoders.load_encoder("clip", model=CLIPVisionModelWithProjection(cfg))
 
 
+def tiny_image_embeds(b: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed (image_embeds, negative_image_embeds), each (b, 32), for ``kandinsky22``
+    (standing in for its prior's output; the same for every seed of `tiny_call_kwargs`).
+
+    Example:
+        >>> from rkekernels.adapters._tiny import tiny_image_embeds
+        >>> [tuple(e.shape) for e in tiny_image_embeds(2)]
+        [(2, 32), (2, 32)]
+    """
+    g = torch.Generator().manual_seed(1234)
+    return torch.randn(b, WIDTH, generator=g), torch.randn(b, WIDTH, generator=g)
+
+
 def tiny_call_kwargs(
     name: str, *, cfg: bool = False, seed: int = 0, prompts: Any = None, steps: int = 2
 ) -> dict[str, Any]:
@@ -479,6 +667,11 @@ def tiny_call_kwargs(
     kw: dict[str, Any] = dict(num_inference_steps=steps, generator=g, output_type="latent")
     if name == "dit":
         kw.update(class_labels=[1, 2], guidance_scale=4.0 if cfg else 1.0, output_type="np")
+        return kw
+    if name == "kandinsky22":  # prompt-free: the prior's image embeddings (fixed here)
+        emb, neg = tiny_image_embeds(len(prompts))
+        kw.update(image_embeds=emb, negative_image_embeds=neg, height=16, width=16)
+        kw["guidance_scale"] = 4.0 if cfg else 1.0
         return kw
     kw["prompt"] = list(prompts)
     scale = 5.0 if cfg else 1.0
@@ -497,8 +690,22 @@ def tiny_call_kwargs(
         kw.update(height=16, width=16)
     elif name == "cogvideox":
         kw.update(height=16, width=16, num_frames=5, max_sequence_length=TOKENS)
+    elif name == "animatediff":
+        kw.update(height=16, width=16, num_frames=3)
+    elif name == "qwenimage":  # true CFG with a negative prompt, as Flux
+        # no shorter than the template's end (its padding mask then matters)
+        kw.update(height=16, width=16, max_sequence_length=4 * TOKENS, true_cfg_scale=scale)
+        del kw["guidance_scale"]
+        if cfg:
+            kw["negative_prompt"] = ["bad quality"] * len(prompts)
+    elif name == "stable_audio":  # 4 latent frames of the tiny DiT: 2 s at 4 Hz
+        kw["audio_end_in_s"] = 2.0
     else:
         kw.update(height=16, width=16)
     if name.startswith("controlnet"):
         kw["image"] = torch.zeros(len(prompts), 3, 16, 16)
+    elif name in ("img2img", "inpaint"):  # strength 1: both steps run
+        kw.update(image=torch.full((len(prompts), 3, 16, 16), 0.5), strength=1.0)
+        if name == "inpaint":
+            kw["mask_image"] = torch.ones(len(prompts), 1, 16, 16)
     return kw

@@ -162,6 +162,25 @@ def _make_torchmetrics_vendi() -> type:
                 setattr(self, name, getattr(self, name) + c.to(self.device))
             self.n = self.n + x.shape[0]
 
+        def reset(self) -> None:
+            """Forget every sample and the width (as `VendiMetric.reset`)."""
+            super().reset()
+            self._width = None
+
+        def forward(self, x: Any, t: Any = None) -> VendiMetricResult:
+            """Add a batch and return its own scores (torchmetrics' ``forward``).
+
+            torchmetrics resets the metric to score the batch alone: the batch is checked
+            against the width held before, and that width is kept.
+            """
+            width = self._width
+            self._core.check(x, t, width, self.device)
+            try:
+                return super().forward(x, t)
+            finally:
+                if width is not None:
+                    self._width = width
+
         def compute(self) -> VendiMetricResult:
             """Vendi and conditional Vendi (see `VendiMetric.compute`)."""
             return self._core.result([getattr(self, k) for k in self._names], int(self.n))

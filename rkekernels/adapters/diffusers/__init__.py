@@ -33,9 +33,16 @@ Prompt embeddings for conditional guidance (``guidance.sigma_cond`` set), in thi
    ``add_text_embeds`` of its callbacks).
 4. The token embeddings ``encoder_hidden_states`` (the ``prompt_embeds``), averaged over the
    tokens that are not padding: the mask is the denoiser's ``encoder_attention_mask`` (PixArt,
-   Kandinsky 3), else the attention mask of the pipeline's tokenizer applied to the call's
-   ``prompt`` (SD 1.5/2.x, ControlNet SD, CogVideoX), else (``prompt_embeds`` passed without a
-   prompt) all tokens.
+   Kandinsky 3) or ``encoder_hidden_states_mask`` (QwenImage, which passes None when no token
+   is padding: all tokens then), else the attention mask of the pipeline's tokenizer applied
+   to the call's ``prompt`` (SD 1.5/2.x and their img2img/inpainting, ControlNet SD,
+   AnimateDiff, CogVideoX, Stable Audio; tokens past the tokenizer's length, Stable Audio's
+   start/end-seconds embeddings, count as padding), else (``prompt_embeds`` passed without a
+   prompt) all tokens. Rows repeated once per frame (AnimateDiff: b * frames rows for a
+   denoiser batch of b) are collapsed to one per sample first.
+5. With no token embeddings, a 2-D ``added_cond_kwargs["image_embeds"]`` (Kandinsky 2.2's
+   decoders, whose only conditioning is the prior's image embedding). The list an IP-Adapter
+   passes under that key is not taken.
 
 Embeddings with 2b rows for b latents come from classifier-free guidance: the second half is the
 conditional one (diffusers concatenates ``[negative, positive]``; DiT's class labels are

@@ -8,7 +8,16 @@ from typing import Any
 
 import torch
 
-from .cond import DENOISERS, class_label_cond, pool_prompt_embeds
+from .cond import (
+    DENOISERS,
+    _collapse_repeats,
+    _repeat_groups,
+    class_label_cond,
+    pool_prompt_embeds,
+)
+
+#: the token masks a denoiser may be called with, tried in this order
+MASK_KWARGS = ("encoder_attention_mask", "encoder_hidden_states_mask")
 
 
 class _Capture:
@@ -28,6 +37,12 @@ class _Capture:
             )
         )
         added = kwargs.get("added_cond_kwargs") or {}
+        mask_from = next(
+            (k for k in MASK_KWARGS if isinstance(kwargs.get(k), torch.Tensor)),
+            # QwenImage passes encoder_hidden_states_mask=None when no token is padding
+            "encoder_hidden_states_mask" if "encoder_hidden_states_mask" in kwargs else None,
+        )
+        image = added.get("image_embeds")  # IP-Adapter passes a list here: not taken
         self.seen = {
             "rows": None if sample is None else int(sample.shape[0]),
             "class_labels": kwargs.get("class_labels"),
@@ -45,7 +60,11 @@ class _Capture:
                 else "added_cond_kwargs['text_embeds']"
             ),
             "tokens": kwargs.get("encoder_hidden_states"),
-            "mask": kwargs.get("encoder_attention_mask"),
+            "mask": kwargs.get(mask_from) if mask_from else None,
+            "mask_from": mask_from,
+            "image_embeds": (
+                image if isinstance(image, torch.Tensor) and image.dim() == 2 else None
+            ),
         }
 
 
@@ -66,6 +85,8 @@ def _tokenizer_mask(
 
     Rows follow diffusers' layout: each prompt repeated ``num_images_per_prompt`` times in a row,
     then (classifier-free guidance) the same mask for the negative half, which is not used.
+    Tokens past the tokenizer's ``model_max_length`` are not the prompt's (Stable Audio appends
+    its start/end-seconds embeddings to the text tokens): they count as padding.
     """
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -80,10 +101,12 @@ def _tokenizer_mask(
         )
         if tok is None or hidden != width:
             continue
-        m = tok(prompt, padding="max_length", max_length=length, truncation=True)
+        n = min(length, getattr(tok, "model_max_length", None) or length)
+        m = tok(prompt, padding="max_length", max_length=n, truncation=True)
         m = torch.as_tensor(m["attention_mask"], device=tokens.device)
-        if m.shape[1] != length:
+        if m.shape[1] != n:
             continue
+        m = torch.nn.functional.pad(m, (0, length - n))
         per, extra = divmod(batch_size, m.shape[0])
         if per < 1 or extra or rows not in (batch_size, 2 * batch_size):
             return None
@@ -158,14 +181,24 @@ def capture_cond(
         return pool_prompt_embeds(seen["pooled"], b, cfg)
     tokens = seen["tokens"]
     if not isinstance(tokens, torch.Tensor):
+        if seen["image_embeds"] is not None:  # Kandinsky 2.2's decoders: the only conditioning
+            note("added_cond_kwargs['image_embeds']")
+            return pool_prompt_embeds(seen["image_embeds"], b, cfg)
         raise ValueError(
             f"sparke found no prompt embeddings for {type(pipe).__name__} (its denoiser got "
-            "no encoder_hidden_states, pooled embeddings or class_labels); pass cond=(b, m)"
+            "no encoder_hidden_states, pooled or image embeddings or class_labels); pass "
+            "cond=(b, m)"
         )
-    mask, how = seen["mask"], "encoder_attention_mask"
-    if not (isinstance(mask, torch.Tensor) and mask.shape == tokens.shape[:2]):
+    mask, how = seen["mask"], seen["mask_from"]
+    if mask is not None and mask.shape != tokens.shape[:2]:
+        mask, how = None, None
+    # one copy per frame (AnimateDiff): one row per sample of the denoiser's batch
+    g = _repeat_groups(tokens, b, cfg, seen["rows"])
+    tokens = _collapse_repeats(tokens, g)
+    mask = None if mask is None else _collapse_repeats(mask, g)
+    if how is None:
         mask, how = _tokenizer_mask(pipe, prompt, tokens, b), "tokenizer mask"
-    if mask is None:
+    if mask is None and how != "encoder_hidden_states_mask":
         how = "all tokens"
     note(f"encoder_hidden_states ({how})")
     return pool_prompt_embeds(tokens, b, cfg, mask=mask)

@@ -22,6 +22,46 @@ class SparkeError(RuntimeError):
     """A guided pipeline call that SPARKE could not reach (the message says why and what to do)."""
 
 
+def _blocks_equal(x: torch.Tensor, groups: int) -> bool:
+    """Whether x's rows are ``groups`` consecutive blocks of r > 1 equal rows each."""
+    rows = x.shape[0]
+    if groups < 1 or rows % groups or rows == groups:
+        return False
+    y = x.reshape(groups, rows // groups, *x.shape[1:])
+    return torch.equal(y, y[:, :1].expand_as(y))
+
+
+def _repeat_groups(
+    x: torch.Tensor, batch_size: int, cfg: bool | None, groups: int | None = None
+) -> int | None:
+    """The row count x collapses to when its rows are copies repeated in consecutive blocks.
+
+    AnimateDiff repeats each prompt embedding once per frame (``repeat_interleave``): b * frames
+    rows, 2 * b * frames under classifier-free guidance. Returns g when the rows are g blocks of
+    equal rows, where g is ``groups`` (the denoiser's batch, when known), else b or 2b as
+    ``cfg`` says (both tried when it is None: exactly one must fit); None when x already has b
+    or 2b rows, or no (single) g fits.
+    """
+    rows = x.shape[0]
+    if rows in (batch_size, 2 * batch_size):
+        return None
+    if groups is not None:
+        candidates = [groups]
+    elif cfg is None:
+        candidates = [batch_size, 2 * batch_size]
+    else:
+        candidates = [2 * batch_size if cfg else batch_size]
+    fits = [g for g in candidates if _blocks_equal(x, g)]
+    return fits[0] if len(fits) == 1 else None
+
+
+def _collapse_repeats(x: torch.Tensor, groups: int | None) -> torch.Tensor:
+    """The first row of each of ``groups`` consecutive blocks of x (x itself for None)."""
+    if groups is None:
+        return x
+    return x.reshape(groups, x.shape[0] // groups, *x.shape[1:])[:, 0]
+
+
 def _conditional_half(
     x: torch.Tensor, batch_size: int, cfg: bool | None, what: str
 ) -> torch.Tensor:
@@ -55,8 +95,10 @@ def pool_prompt_embeds(
     is all zero gives zero); (rows, m) embeddings (pooled ones) are kept. Rows are matched to
     the b latents by their count: b rows are used as they are, 2b rows come from classifier-free
     guidance and the second (conditional) half is used, as diffusers concatenates
-    ``[negative, positive]``. With ``normalize`` each row is divided by its L2 norm (a zero row
-    stays zero).
+    ``[negative, positive]``. Rows repeated in consecutive equal blocks (AnimateDiff's one copy
+    per frame, b * frames or 2b * frames rows) are first collapsed to one row per block, and
+    the mask with them. With ``normalize`` each row is divided by its L2
+    norm (a zero row stays zero).
 
     Args:
         prompt_embeds: (rows, tokens, m) or (rows, m) embeddings from the pipeline.
@@ -89,17 +131,17 @@ def pool_prompt_embeds(
         raise ValueError(
             f"prompt_embeds must be (rows, tokens, m) or (rows, m); got shape {tuple(pe.shape)}"
         )
-    pe = _conditional_half(pe, batch_size, cfg, "prompt_embeds").float()
+    if pe.dim() == 3 and mask is not None and mask.shape != pe.shape[:2]:
+        raise ValueError(
+            f"mask must be (rows, tokens) = {tuple(pe.shape[:2])}, got {tuple(mask.shape)}"
+        )
+    g = _repeat_groups(pe, batch_size, cfg)  # per-frame copies (AnimateDiff): one row each
+    pe = _conditional_half(_collapse_repeats(pe, g), batch_size, cfg, "prompt_embeds").float()
     if pe.dim() == 3:
         if mask is None:
             pe = pe.mean(dim=1)
         else:
-            if mask.shape != prompt_embeds.shape[:2]:
-                raise ValueError(
-                    f"mask must be (rows, tokens) = {tuple(prompt_embeds.shape[:2])}, "
-                    f"got {tuple(mask.shape)}"
-                )
-            m = _conditional_half(mask, batch_size, cfg, "mask").to(pe)
+            m = _conditional_half(_collapse_repeats(mask, g), batch_size, cfg, "mask").to(pe)
             pe = (pe * m[..., None]).sum(dim=1) / m.sum(dim=1, keepdim=True).clamp_min(1.0)
     return _unit(pe) if normalize else pe
 

@@ -25,7 +25,9 @@ class SparkeSession:
         route: ``"callback_on_step_end"`` or ``"scheduler.step"``: how calls are guided.
         cond_source: where the last call's prompt embeddings came from (``"cond"``,
             ``"class_labels"``, ``"pooled_projections"``, ``"added_cond_kwargs['text_embeds']"``,
+            ``"added_cond_kwargs['image_embeds']"``,
             ``"encoder_hidden_states (encoder_attention_mask)"``,
+            ``"encoder_hidden_states (encoder_hidden_states_mask)"``,
             ``"encoder_hidden_states (tokenizer mask)"``, ``"encoder_hidden_states (all tokens)"``),
             or None (unconditional).
         steps: how many steps the hook saw in the last call; calls: guided calls so far.
