@@ -62,6 +62,7 @@ Needs diffusers (``pip install diffusers`` or ``pip install rkekernels[diffusers
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -270,10 +271,10 @@ class SparkeCallback(PipelineCallback):
         )
 
     def _cond_for(self, pipeline: Any, kwargs: dict, latents: torch.Tensor) -> Any:
+        if self.cond is not None and self.guidance.sigma_cond != math.inf:
+            return self.cond.to(latents.device)  # sigma_cond=None: conditional from here on
         if not self.guidance.conditional:
             return None
-        if self.cond is not None:
-            return self.cond.to(latents.device)
         cfg = getattr(pipeline, "do_classifier_free_guidance", None)
         cfg = None if cfg is None else bool(cfg)
         b = latents.shape[0]
@@ -569,11 +570,11 @@ class SparkeSession:
 
     def _cond(self, pipe: Any, capture: _Capture, b: int, state: dict) -> torch.Tensor | None:
         g = self.guidance
+        if self.cond is not None and g.sigma_cond != math.inf:
+            self.cond_source = "cond"  # sigma_cond=None: conditional from here on
+            return self.cond
         if not g.conditional:
             return None
-        if self.cond is not None:
-            self.cond_source = "cond"
-            return self.cond
         seen = capture.seen
         if seen is None:  # no denoiser call since the last step: keep the last embeddings
             if state["cond"] is not None:
