@@ -84,7 +84,7 @@ AUTO_MIN_ROWS = 64
 
 #: The default step size, schedule window: the knee of the frontier benchmark
 #: (``python -m benchmarks.bench_frontier``; docs/choosing_guidance.md).
-DEFAULT_SCALE = 0.05
+DEFAULT_SCALE = 0.1
 DEFAULT_START = 0.0
 DEFAULT_STOP = 1.0
 
