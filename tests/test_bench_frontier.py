@@ -58,7 +58,7 @@ def test_measures():
     )
     r, v = bf.within_class(torch.tensor([[0.0], [0.0], [5.0], [9.0]]), [0, 0, 1, 1], 1.0)
     assert r == pytest.approx(1.5, rel=1e-3) and v == pytest.approx(1.5, rel=1e-3)
-    assert bf.real_sigma(torch.arange(12.0)[:, None], k=2) == pytest.approx(2.0)
+    assert bf.real_sigma(torch.arange(12.0)[:, None], k=3) == pytest.approx(2.0)
 
 
 def test_denoiser_and_methods_run_untrained():
