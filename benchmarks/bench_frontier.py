@@ -455,10 +455,84 @@ def prompt_leak(model: Denoiser, seed: int = 0, n: int = 8) -> tuple[float, floa
     return moved[0], moved[1]
 
 
+def timing(rounds: int = 7, quick: bool = False) -> list[dict]:
+    """Cost per sampler step of each method against the plain denoiser, interleaved.
+
+    The tuning model of each kind, a batch of 8 (4 when conditional) at sigma = 1, against a
+    bank of 128 committed samples (160 conditional, 16 per class) for SPARKE / Vendi with the
+    default settings; per round every candidate is timed (the median of 20 calls) right after
+    the plain denoiser, and the ratio is the median over rounds of the two times.
+    """
+    rows = []
+    sigmas = get_sigmas_karras(STEPS, SIGMA_MIN, SIGMA_MAX)
+    for mname in ("uncond", "cond"):
+        cfg = MODELS[mname]
+        model = train(cfg, 2500 if quick else 4000)
+        cond = cfg["kind"] == "cond"
+        gen = torch.Generator().manual_seed(0)
+        b = 4 if cond else 8
+        lab = torch.full((b,), 3) if cond else None
+        kw = {"cond": lab} if cond else {}
+        bank = torch.randn(160 if cond else 128, 64, generator=gen)
+        bank_lab = torch.arange(160) % 10
+        cands = {}
+        for kind, extra in (("sparke", {}), ("vendi", {"algorithm": "vendi"})):
+            g = rk.DiversityGuidance(**extra)
+            g.commit(bank, model.embed(bank_lab) if cond else None)
+            cands[kind] = guided_denoiser(
+                model, g, cond=model.embed(lab) if cond else None, sigmas=sigmas
+            )
+        cands["particle"] = ParticleGuidance(model, 0.1)
+        if cond:
+            cands["cads"] = CADS(model, model.embed, sigmas, 1.0)
+        x = torch.randn(b, 64, generator=gen)
+        s = torch.ones(b)
+
+        def per_call(fn, x=x, s=s, kw=kw) -> float:
+            times = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    fn(x, s, **kw)
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times) * 1e3
+
+        for fn in cands.values():  # warm-up (compilation, caches)
+            per_call(fn)
+        res = {k: [] for k in cands}
+        base = []
+        for _ in range(rounds):
+            for k, fn in cands.items():
+                t_base = per_call(model)
+                res[k].append((per_call(fn), t_base))
+                base.append(t_base)
+        rows.append(
+            dict(
+                model=mname,
+                method="none",
+                setting="timing",
+                step_ms=statistics.median(base),
+                cost=1.0,
+            )
+        )
+        for k, v in res.items():
+            rows.append(
+                dict(
+                    model=mname,
+                    method=k,
+                    setting="timing" + (" (defaults)" if k in ("sparke", "vendi") else ""),
+                    step_ms=statistics.median(t for t, _ in v),
+                    cost=statistics.median(t / tb for t, tb in v),
+                )
+            )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = parser(__doc__, "the two tuning models, fewer training steps, a reduced sweep, 1 seed")
     ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
     ap.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3)")
+    ap.add_argument("--timing", action="store_true", help="only the interleaved cost per step")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # small ops: OpenMP barriers cost more than they give
     quick = args.quick
@@ -479,6 +553,13 @@ def main(argv: list[str] | None = None) -> None:
         ],
         echo=True,
     )
+    if args.timing:
+        rep = Report(
+            RESULTS, name + "_timing", "Cost per sampler step (interleaved)", COLUMNS, echo=True
+        )
+        for row in timing(quick=quick):
+            rep.add(**row)
+        return
     clf = classifier()
     t_start = time.perf_counter()
     for mname in names:
@@ -509,6 +590,9 @@ def main(argv: list[str] | None = None) -> None:
                 seeds=seeds,
                 **agg,
             )
+    if not args.models:
+        for row in timing(quick=quick):
+            rep.add(**row)
     print(f"total {time.perf_counter() - t_start:.0f} s")
     plot(rep.rows, name)
 
