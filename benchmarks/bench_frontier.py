@@ -13,7 +13,9 @@ al. 2022), trained with the EDM loss for a fixed number of steps (about a minute
 - ``cond``: a class-conditional model (a learned class embedding is its condition);
 - ``uncond-B``, ``cond-B``: held-out models for the defaults (another seed, width and depth; the
   unconditional one with three other dominant classes). The defaults of `DiversityGuidance` were
-  chosen on ``uncond`` / ``cond`` and are measured as they stand on these two.
+  chosen on ``uncond`` / ``cond`` and are measured as they stand on these two: ``uncond-B`` over
+  the full sweep, ``cond-B`` with unguided, the defaults and each peer near its knee
+  (`heldout_methods`).
 
 Sampling: 30 Karras steps (sigma 10 -> 0.01, rho 7), Euler (`rkekernels.toy.sample_euler`).
 SPARKE and Vendi guidance go through `rkekernels.adapters.kdiffusion.guided_denoiser`, the
@@ -31,7 +33,8 @@ Measures (all against the real digits; one shared bandwidth for the scores, the 
 10-NN distance of the real data):
 
 - ``eff_classes``: exp of the entropy of the predicted-class histogram (classifier: an MLP
-  trained here on the digits, about 98% held-out accuracy);
+  trained here on the first 1,500 digits for 600 steps: 92% accuracy on the other 297, other
+  writers; a limit of these numbers);
 - ``rke`` / ``vendi``: RKE and order-1 Vendi of all samples; ``rke_within`` /
   ``vendi_within``: the mean over classes (the requested class when conditional, the predicted
   one otherwise, classes with >= 2 samples) of the score of that class's samples;
@@ -40,11 +43,16 @@ Measures (all against the real digits; one shared bandwidth for the scores, the 
   that class, averaged);
 - ``consistency``: the fraction classified as the requested class (conditional);
 - ``step_ms``, ``cost``: the wall time of one sampler step (the denoiser call plus the method),
-  and its ratio to the plain denoiser's step timed in the same process.
+  and its ratio to the plain denoiser's step, averaged over whole runs (noisy on a shared
+  machine); the rows with setting "timing" are the interleaved probe `timing` (run last, or
+  alone with ``--timing``, which writes bench_frontier_timing.* unless ``--append``);
+- ``moved_match``, ``moved_unrelated`` (the conditional defaults): `prompt_leak`.
 
-Each setting is run with 3 seeds (noise, CADS noise); the CSV holds the mean (and for the main
-measures the standard deviation over the seeds). The frontier plots show diversity against
-precision. ``--quick``: the two tuning models trained for fewer steps, a reduced sweep and one
+Each setting is run with 3 seeds (0, 1, 2: noise, CADS noise); the CSV holds the mean (and for
+the main measures the population standard deviation over the seeds). The novelty term of
+`DiversityGuidance` is not swept: `guided_denoiser` does not apply it. About 40 minutes on 2
+shared cores (Vendi guidance dominates: it re-decomposes its covariance at every step). The
+frontier plots show diversity against precision. ``--quick``: the two tuning models trained for fewer steps, a reduced sweep and one
 seed; writes bench_frontier_quick.{csv,md} (never over the committed full results).
 """
 
@@ -424,6 +432,20 @@ def methods(conditional: bool, quick: bool) -> list[Method]:
     return out
 
 
+def heldout_methods(conditional: bool) -> list[Method]:
+    """The held-out models' check: unguided, the defaults, and each peer near its knee."""
+    out = [
+        Method("none", "-"),
+        Method("sparke", "defaults"),
+        Method("sparke", "scale=0.3", scale=0.3),
+    ]
+    out.append(Method("vendi", "scale=0.3", algorithm="vendi", scale=0.3))
+    out += [Method("particle", f"alpha={a}", alpha=a) for a in (0.03, 0.1)]
+    if conditional:
+        out.append(Method("cads", "s=1.0", s=1.0))
+    return out
+
+
 def prompt_leak(model: Denoiser, seed: int = 0, n: int = 8) -> tuple[float, float]:
     """How far `DiversityGuidance()` moves a sample of a matching and of an unrelated class.
 
@@ -533,6 +555,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
     ap.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3)")
     ap.add_argument("--timing", action="store_true", help="only the interleaved cost per step")
+    ap.add_argument(
+        "--append", action="store_true", help="keep the rows already in the CSV, add these"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # small ops: OpenMP barriers cost more than they give
     quick = args.quick
@@ -540,6 +565,8 @@ def main(argv: list[str] | None = None) -> None:
     names = args.models.split(",") if args.models else (["uncond", "cond"] if quick else MODELS)
     seeds = args.seeds or (1 if quick else 3)
     name = "bench_frontier_quick" if quick else "bench_frontier"
+    if args.timing and not args.append:
+        name += "_timing"  # never over the sweep's CSV
     real, real_y = digits()
     sigma = real_sigma(real)
     rep = Report(
@@ -553,12 +580,16 @@ def main(argv: list[str] | None = None) -> None:
         ],
         echo=True,
     )
+    if args.append and (RESULTS / f"{name}.csv").exists():
+        import csv
+
+        with open(RESULTS / f"{name}.csv") as fh:
+            for row in csv.DictReader(fh):
+                rep.rows.append({c: _num(row.get(c, "")) for c in COLUMNS})
     if args.timing:
-        rep = Report(
-            RESULTS, name + "_timing", "Cost per sampler step (interleaved)", COLUMNS, echo=True
-        )
         for row in timing(quick=quick):
             rep.add(**row)
+        plot(rep.rows, name)
         return
     clf = classifier()
     t_start = time.perf_counter()
@@ -567,7 +598,8 @@ def main(argv: list[str] | None = None) -> None:
         model = train(cfg, train_steps)
         conditional = cfg["kind"] == "cond"
         base_ms = None
-        for m in methods(conditional, quick):
+        todo = heldout_methods(conditional) if mname.endswith("-B") else methods(conditional, quick)
+        for m in todo:
             rows, step = [], []
             for seed in range(seeds):
                 x, lab, sps = run(model, m, seed, conditional)
@@ -597,6 +629,13 @@ def main(argv: list[str] | None = None) -> None:
     plot(rep.rows, name)
 
 
+def _num(v: str) -> Any:
+    try:
+        return float(v) if v != "" else float("nan")
+    except ValueError:
+        return v
+
+
 def plot(rows: list[dict], name: str) -> None:
     """Frontier plots: diversity against precision, one panel per model."""
     import matplotlib
@@ -604,6 +643,7 @@ def plot(rows: list[dict], name: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if not str(r["setting"]).startswith("timing")]
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
     colours = dict(none="k", sparke="C0", vendi="C2", particle="C1", cads="C3")
