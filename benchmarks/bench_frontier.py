@@ -52,8 +52,9 @@ Each setting is run with 3 seeds (0, 1, 2: noise, CADS noise); the CSV holds the
 the main measures the population standard deviation over the seeds). The novelty term of
 `DiversityGuidance` is not swept: `guided_denoiser` does not apply it. About 40 minutes on 2
 shared cores (Vendi guidance dominates: it re-decomposes its covariance at every step). The
-frontier plots show diversity against precision. ``--quick``: the two tuning models trained for fewer steps, a reduced sweep and one
-seed; writes bench_frontier_quick.{csv,md} (never over the committed full results).
+frontier plots show diversity against precision. ``--quick``: the two tuning models trained for
+fewer steps, a reduced sweep and one seed; writes bench_frontier_quick.{csv,md,png} (never over
+the committed full results).
 """
 
 from __future__ import annotations
