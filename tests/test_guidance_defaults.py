@@ -115,3 +115,21 @@ def test_auto_cond_needs_cond_once_seen():
     with pytest.raises(ValueError, match="cond is required"):
         g.apply(torch.randn(2, 3))
     assert "sigma_cond=auto" in repr(g)
+
+
+@pytest.mark.slow  # importing diffusers and building the tiny DiT: ~30 s alone, shared in a run
+def test_diffusers_adapters_take_the_defaults():
+    pytest.importorskip("diffusers")
+    from rkekernels.adapters._tiny import tiny_call_kwargs, tiny_pipeline
+    from rkekernels.adapters.diffusers import sparke
+
+    pipe = tiny_pipeline("dit")
+    plain = DiversityGuidance()
+    with sparke(pipe, plain):
+        pipe(**tiny_call_kwargs("dit", seed=0))
+    assert len(plain.bank) > 0 and not plain.conditional and plain._auto["sigma"] > 0.0
+    given = DiversityGuidance()
+    b = len(plain.bank)
+    with sparke(pipe, given, cond=torch.eye(3)[:1].expand(b, 3)):  # a given cond: prompt-aware
+        pipe(**tiny_call_kwargs("dit", seed=0))
+    assert given.conditional and given.bank.cond is not None
