@@ -293,12 +293,13 @@ class DiversityGuidance:
         """True when the guidance is prompt-aware now.
 
         A finite ``sigma_cond``: always. ``sigma_cond=None`` (automatic): from the first `apply`,
-        `grad` or `commit` that is given a cond on (then every later call needs one, and a bank
-        already filled without prompts refuses it). ``sigma_cond=math.inf``: never (a given
+        `grad` or `commit` that is given a cond on, or once the bank holds prompt embeddings
+        (e.g. loaded by ``bank.load_state_dict``); then every later call needs a cond, and a
+        bank already filled without prompts refuses one. ``sigma_cond=math.inf``: never (a given
         cond is accepted and ignored).
         """
-        if self.sigma_cond is None:
-            return self._cond_seen
+        if self.sigma_cond is None:  # a bank loaded with prompts counts as a cond seen
+            return self._cond_seen or self.bank.cond_dim is not None
         return math.isfinite(self.sigma_cond)
 
     @property
@@ -345,7 +346,7 @@ class DiversityGuidance:
         """
         if self.sigma_cond == math.inf:
             return None
-        if self.sigma_cond is None and not self._cond_seen:
+        if self.sigma_cond is None and not self.conditional:
             if cond is None:
                 return None
             if len(self.bank) and self.bank.cond is None:

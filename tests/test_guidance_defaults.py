@@ -115,6 +115,12 @@ def test_auto_cond_needs_cond_once_seen():
     with pytest.raises(ValueError, match="cond is required"):
         g.apply(torch.randn(2, 3))
     assert "sigma_cond=auto" in repr(g)
+    loaded = DiversityGuidance()  # a bank loaded with prompts makes it prompt-aware too
+    assert not loaded.conditional
+    loaded.bank.load_state_dict(g.bank.state_dict())
+    assert loaded.conditional
+    with pytest.raises(ValueError, match="cond is required"):
+        loaded.apply(torch.randn(2, 3))
 
 
 @pytest.mark.slow  # importing diffusers and building the tiny DiT: ~30 s alone, shared in a run
