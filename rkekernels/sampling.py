@@ -40,7 +40,17 @@ from ._input import BACKENDS, as_tensor, check_backend, check_sigma
 from .guidance import FeatureBank, GuidanceResult, features, guidance_grad
 from .ops import guidance_kernels
 
-__all__ = ["OBJECTIVES", "PROMPT_FADE_TAU", "STEP_RULES", "DiversityGuidance"]
+__all__ = [
+    "AUTO_KNN",
+    "AUTO_MIN_ROWS",
+    "DEFAULT_SCALE",
+    "DEFAULT_START",
+    "DEFAULT_STOP",
+    "OBJECTIVES",
+    "PROMPT_FADE_TAU",
+    "STEP_RULES",
+    "DiversityGuidance",
+]
 
 #: "log": -grad log S (SPEC, the paper's direction). "log1p": -grad log(1 + 2 S), the log of the
 #: actual rise 2 S + 1 of CondRKE's denominator: the same direction times 2S / (1 + 2S) in [0, 1].
@@ -60,6 +70,36 @@ STEP_RULES = ("prompt_fade", "paper")
 #: w_j <= 1e-3 give f <= 0.02 (at most 2% of a matching prompt's step). On unit-normalised text
 #: embeddings with sigma_cond = 0.45, w_j = 0.05 is a cosine similarity of 0.70.
 PROMPT_FADE_TAU = 0.05
+
+
+#: ``sigma=None``: the feature bandwidth is the median distance from a row to its AUTO_KNN-th
+#: nearest neighbour, over the bank's rows and the batch's own (features as the bank stores
+#: them; at most 1,000 bank rows, drawn with a fixed seed).
+AUTO_KNN = 3
+
+#: While the bank holds fewer rows than this, the automatic bandwidths are recomputed at every
+#: guided step from the bank plus the current batch (O((n + b)^2) on n < 64 rows); from then
+#: on they are cached and refreshed when the bank's size has doubled (or shrunk: a cleared or
+#: reloaded bank), so O(rows) work now and then.
+AUTO_MIN_ROWS = 64
+
+#: The default step size and schedule window: the knee of the frontier benchmark
+#: (``python -m benchmarks.bench_frontier``; docs/choosing_guidance.md): the largest scale of
+#: the sweep within 5% of unguided k-NN precision on both tuning models (learned digit
+#: denoisers, ``guided_denoiser``'s raw step); a window 0.2-0.7 was no better at equal precision.
+DEFAULT_SCALE = 0.1
+DEFAULT_START = 0.0
+DEFAULT_STOP = 1.0
+
+#: ``sigma_cond=None`` with two or more distinct prompts: sigma_cond = (smallest distance
+#: between two distinct prompts) / AUTO_COND_DIV, so a distinct prompt has weight
+#: w = k^2 <= exp(-AUTO_COND_DIV^2) = exp(-9) ~ 1.2e-4.
+AUTO_COND_DIV = 3.0
+
+#: ``sigma_cond=None`` with a single distinct prompt: sigma_cond = AUTO_COND_UNIT x the RMS
+#: norm of the prompt embeddings (0.3 on unit-normalised embeddings, where orthogonal prompts
+#: get w = exp(-2 / 0.09) ~ 2e-10); all-zero prompts: 1.0 (every prompt equal, weight 1).
+AUTO_COND_UNIT = 0.3
 
 
 def _check_unit(value: Any, name: str) -> float:
@@ -93,13 +133,25 @@ class DiversityGuidance:
     no gradient is computed and latents come back untouched.
 
     Args:
-        sigma: bandwidth s of the kernel on features (> 0). For unit-normalised latents the
-            paper's s_c = 0.6 to 0.8 corresponds to ``sigma = sqrt(2) * s_c`` ~ 0.85 to 1.1.
-        sigma_cond: bandwidth of the kernel on prompt embeddings; set it for prompt-aware
-            (conditional) guidance, then every `apply`/`commit` needs ``cond``.
-        scale: step size relative to ||z_a|| (finite; the paper uses 0.02 to 0.4). 0 disables.
+        sigma: bandwidth s of the kernel on features (> 0), or None (default): automatic, the
+            median 3rd-nearest-neighbour distance of the bank's rows and the batch's own,
+            read at each guided step and refreshed as the bank grows (`bandwidths`). For
+            unit-normalised latents the paper's s_c = 0.6 to 0.8 corresponds to
+            ``sigma = sqrt(2) * s_c`` ~ 0.85 to 1.1.
+        sigma_cond: bandwidth of the kernel on prompt embeddings. None (default): automatic;
+            the guidance becomes prompt-aware (`conditional`) at the first ``cond`` it is
+            given, and from then on every `apply`/`commit` needs one; sigma_cond is then the
+            smallest distance between distinct prompts / 3 (another prompt weighs <= 1.2e-4),
+            or 0.3 x the prompts' RMS norm while there is one prompt (`bandwidths`). A number:
+            prompt-aware from the start (cond required). ``math.inf``: prompts ignored (the
+            prompt kernel is 1; a cond is accepted and unused).
+        scale: step size (finite, >= 0; 0 disables): relative to ||z_a|| in `apply` (the paper
+            uses 0.02 to 0.4), the raw score-space weight in `guided_denoiser`. Default
+            `DEFAULT_SCALE` = 0.1, the knee of the frontier benchmark (docs: "Choosing a
+            guidance").
         every: guide every ``every``-th call (int >= 1).
-        start, stop: progress window, 0 <= start <= stop <= 1.
+        start, stop: progress window, 0 <= start <= stop <= 1 (defaults 0 and 1: a window
+            gave no better trade-off on the frontier).
         capacity: bank size (int >= 1); the oldest entries go first.
         normalize: features divide each flattened sample by its L2 norm.
         include_batch: the other samples of the batch count as bank entries.
@@ -151,13 +203,13 @@ class DiversityGuidance:
 
     def __init__(
         self,
-        sigma: float,
+        sigma: float | None = None,
         *,
         sigma_cond: float | None = None,
-        scale: float = 0.05,
+        scale: float = DEFAULT_SCALE,
         every: int = 1,
-        start: float = 0.0,
-        stop: float = 1.0,
+        start: float = DEFAULT_START,
+        stop: float = DEFAULT_STOP,
         capacity: int = 10_000,
         normalize: bool = True,
         include_batch: bool = True,
@@ -185,8 +237,17 @@ class DiversityGuidance:
         if step_rule not in STEP_RULES:
             raise ValueError(f"step_rule must be one of {STEP_RULES}, got {step_rule!r}")
         self.step_rule = step_rule
-        self.sigma = check_sigma(sigma, "sigma")
-        self.sigma_cond = None if sigma_cond is None else check_sigma(sigma_cond, "sigma_cond")
+        self.sigma = None if sigma is None else check_sigma(sigma, "sigma")
+        if sigma_cond is None or (
+            isinstance(sigma_cond, float | int)
+            and not isinstance(sigma_cond, bool)
+            and sigma_cond == math.inf
+        ):
+            self.sigma_cond = None if sigma_cond is None else math.inf
+        else:
+            self.sigma_cond = check_sigma(sigma_cond, "sigma_cond")
+        self._cond_seen = False  # sigma_cond=None: becomes conditional at the first cond
+        self._auto: dict[str, Any] = {}  # cached automatic bandwidths (see `bandwidths`)
         if isinstance(scale, bool) or not isinstance(scale, int | float | np.integer | np.floating):
             raise TypeError(f"scale must be a finite float, got {type(scale).__name__}")
         if not math.isfinite(float(scale)) or float(scale) < 0.0:
@@ -228,8 +289,17 @@ class DiversityGuidance:
 
     @property
     def conditional(self) -> bool:
-        """True when the guidance is prompt-aware (``sigma_cond`` is set)."""
-        return self.sigma_cond is not None
+        """True when the guidance is prompt-aware now.
+
+        A finite ``sigma_cond``: always. ``sigma_cond=None`` (automatic): from the first `apply`,
+        `grad` or `commit` that is given a cond on, or once the bank holds prompt embeddings
+        (e.g. loaded by ``bank.load_state_dict``); then every later call needs a cond, and a
+        bank already filled without prompts refuses one. ``sigma_cond=math.inf``: never (a given
+        cond is accepted and ignored).
+        """
+        if self.sigma_cond is None:  # a bank loaded with prompts counts as a cond seen
+            return self._cond_seen or self.bank.cond_dim is not None
+        return math.isfinite(self.sigma_cond)
 
     @property
     def windowed(self) -> bool:
@@ -268,19 +338,34 @@ class DiversityGuidance:
     # ------------------------------------------------------------------ guidance
 
     def _cond(self, cond: Any, b: int, device: torch.device) -> torch.Tensor | None:
-        """Check ``cond`` against the mode; return (b, m) embeddings or None."""
-        if not self.conditional:
-            if cond is not None:
-                raise ValueError(
-                    "cond was given but sigma_cond is None: set sigma_cond for prompt-aware "
-                    "guidance, or leave cond out"
-                )
+        """Check ``cond`` against the mode; return (b, m) embeddings or None.
+
+        ``sigma_cond=math.inf`` ignores cond; ``sigma_cond=None`` turns conditional at the
+        first cond (unless the bank already holds rows without prompts).
+        """
+        if self.sigma_cond == math.inf:
             return None
+        if self.sigma_cond is None and not self.conditional:
+            if cond is None:
+                return None
+            if len(self.bank) and self.bank.cond is None:
+                raise ValueError(
+                    "cond was given but the bank already holds samples committed without cond; "
+                    "pass cond from the first batch on, or build the DiversityGuidance with "
+                    "sigma_cond=math.inf to ignore prompts"
+                )
+            c = self._cond_tensor(cond, b, device)
+            self._cond_seen = True
+            return c
         if cond is None:
             raise ValueError(
                 f"cond is required: this guidance is conditional (sigma_cond={self.sigma_cond}); "
                 "pass one prompt embedding per sample, shape (b, m)"
             )
+        return self._cond_tensor(cond, b, device)
+
+    @staticmethod
+    def _cond_tensor(cond: Any, b: int, device: torch.device) -> torch.Tensor:
         c = as_tensor(cond, "cond", device=None if isinstance(cond, torch.Tensor) else device)
         if c.dim() == 1:
             c = c[None]
@@ -297,6 +382,122 @@ class DiversityGuidance:
                 "per sample (or a single one for all)"
             )
         return c
+
+    def bandwidths(self, feats: Any = None, cond: Any = None) -> tuple[float, float | None]:
+        """The (sigma, sigma_cond) the next guided step uses: the given ones, or automatic.
+
+        ``sigma=None``: the median distance from a row to its `AUTO_KNN`-th nearest neighbour
+        (k = min(3, rows - 1)), over the bank's rows (at most 1,000, drawn with a fixed seed)
+        and the batch's own ``feats`` (the features of the current latents, as the bank stores
+        them), so guidance works from the first batch on. Degenerate rows: fewer than 2 rows
+        (nothing to push against, S is empty) give 1.0; all rows equal give their RMS norm
+        (1.0 for zero rows).
+
+        ``sigma_cond=None`` (once conditional): the smallest distance between two distinct
+        prompts of the bank and the batch, divided by `AUTO_COND_DIV` (3), so another prompt
+        weighs at most exp(-9) ~ 1.2e-4; with a single distinct prompt, `AUTO_COND_UNIT` (0.3)
+        times the prompts' RMS norm (0.3 on unit-normalised embeddings); zero embeddings 1.0.
+        Prompts closer than 1e-6 times their RMS norm count as one. None when unconditional;
+        ``math.inf``: None (prompt kernel 1, prompts ignored).
+
+        Both are computed afresh at every guided step while the bank holds fewer than
+        `AUTO_MIN_ROWS` (64) rows; then cached, and refreshed when the bank has doubled in
+        size, when it shrinks (cleared, or replaced by ``bank.load_state_dict``) or when the
+        batch brings a prompt not seen at the last refresh. Explicit values are returned as
+        given (`rkekernels.guidance_grad` itself always takes explicit bandwidths).
+
+        Args:
+            feats: (b, D) the batch's features (`rkekernels.features` of the latents, or of
+                ``feature_fn(latents)``), or None (the bank's rows only).
+            cond: (b, m) the batch's prompt embeddings, or None.
+
+        Example:
+            >>> import torch
+            >>> from rkekernels import DiversityGuidance
+            >>> g = DiversityGuidance(normalize=False)
+            >>> g.commit(torch.tensor([[0.0], [1.0], [3.0], [6.0]]))
+            >>> g.bandwidths()      # 3rd-NN distances 6, 5, 3, 6: median (the lower middle) 5
+            (5.0, None)
+        """
+        n = len(self.bank)
+        auto_s, auto_c = self.sigma is None, self.sigma_cond is None and self.conditional
+        if not (auto_s or auto_c):
+            return float(self.sigma), (self.sigma_cond if self.conditional else None)
+        cache = self._auto
+        fresh = (
+            not cache
+            or n < AUTO_MIN_ROWS
+            or n < cache["rows"]
+            or n >= 2 * cache["rows"]
+            or (auto_c and cache.get("sigma_cond") is None)
+        )
+        if auto_c and not fresh and cond is not None:
+            fresh = not self._known_prompts(torch.as_tensor(cond), cache["prompts"])
+        if fresh:
+            cache = self._auto = self._compute_bandwidths(feats, cond, auto_s, auto_c)
+        sigma = cache["sigma"] if auto_s else float(self.sigma)
+        sigma_cond = cache["sigma_cond"] if auto_c else self.sigma_cond
+        return sigma, (sigma_cond if self.conditional else None)
+
+    def refresh(self) -> None:
+        """Forget the cached automatic bandwidths (the next guided step recomputes them)."""
+        self._auto = {}
+
+    @staticmethod
+    def _known_prompts(c: torch.Tensor, prompts: torch.Tensor) -> bool:
+        c = c.reshape(-1, c.shape[-1]).to(prompts)
+        tol = 1e-6 * float(prompts.pow(2).sum(1).mean().sqrt()) + 1e-30
+        return bool((torch.cdist(c, prompts).amin(1) <= tol).all())
+
+    def _sample_rows(self, t: torch.Tensor) -> torch.Tensor:
+        if t.shape[0] <= 1000:
+            return t
+        gen = torch.Generator().manual_seed(0)
+        return t[torch.randperm(t.shape[0], generator=gen)[:1000].to(t.device)]
+
+    def _compute_bandwidths(self, feats: Any, cond: Any, auto_s: bool, auto_c: bool) -> dict:
+        n = len(self.bank)
+        out: dict[str, Any] = {"rows": n, "sigma": None, "sigma_cond": None}
+        if auto_s:
+            rows = [self._sample_rows(self.bank.features)] if n else []
+            if feats is not None:
+                rows.append(torch.as_tensor(feats).detach().reshape(len(feats), -1))
+            x = (
+                torch.cat([r.to(device=rows[0].device, dtype=torch.float64) for r in rows])
+                if rows
+                else torch.zeros(0, 1, dtype=torch.float64)
+            )
+            if x.shape[0] < 2:
+                sig = 1.0
+            else:
+                d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+                d.fill_diagonal_(math.inf)
+                k = min(AUTO_KNN, x.shape[0] - 1)
+                sig = float(d.kthvalue(k, dim=1).values.median())
+                if not sig > 0.0:
+                    sig = float(x.pow(2).sum(1).mean().sqrt()) or 1.0
+            out["sigma"] = sig
+        if auto_c:
+            rows = [self._sample_rows(self.bank.cond)] if n and self.bank.cond is not None else []
+            if cond is not None:
+                c = torch.as_tensor(cond).detach()
+                rows.append(c.reshape(-1, c.shape[-1]))
+            p = torch.cat([r.to(device=rows[0].device, dtype=torch.float64) for r in rows])
+            rms = float(p.pow(2).sum(1).mean().sqrt())
+            p = torch.unique(p, dim=0)
+            if p.shape[0] > 1:
+                d = torch.cdist(p, p, compute_mode="donot_use_mm_for_euclid_dist")
+                d.fill_diagonal_(math.inf)
+                tol = 1e-6 * rms
+                dmin = float(d[d > tol].min()) if bool((d > tol).any()) else 0.0
+            else:
+                dmin = 0.0
+            if dmin > 0.0:
+                out["sigma_cond"] = dmin / AUTO_COND_DIV
+            else:
+                out["sigma_cond"] = AUTO_COND_UNIT * rms if rms > 0.0 else 1.0
+            out["prompts"] = p
+        return out
 
     @staticmethod
     def _latents(latents: Any) -> torch.Tensor:
@@ -337,10 +538,19 @@ class DiversityGuidance:
         """
         latents = self._latents(latents)
         cond = self._cond(cond, latents.shape[0], latents.device)
+        if self.feature_fn is None and (self.sigma is None or self.sigma_cond is None):
+            feats = (
+                features(latents.detach(), normalize=self.normalize) if self.sigma is None else None
+            )
+            sigma, sigma_cond = self.bandwidths(feats, cond)
+        elif self.feature_fn is None:
+            sigma, sigma_cond = self.bandwidths()
+        else:
+            sigma = sigma_cond = None  # resolved below, on feature_fn's output
         kwargs = dict(
             cond=cond,
-            sigma=self.sigma,
-            sigma_cond=self.sigma_cond,
+            sigma=sigma,
+            sigma_cond=sigma_cond,
             normalize=self.normalize,
             include_batch=self.include_batch,
             backend=self.backend,
@@ -362,6 +572,8 @@ class DiversityGuidance:
                     "feature_fn output does not depend on the latents through autograd "
                     "(was it computed under torch.no_grad() or detached?)"
                 )
+            feats = features(f.detach(), normalize=self.normalize) if self.sigma is None else None
+            kwargs["sigma"], kwargs["sigma_cond"] = self.bandwidths(feats, cond)
             res = guidance_grad(f.detach(), self.bank, **kwargs)
             (gz,) = torch.autograd.grad(
                 f, z, grad_outputs=res.grad.to(f.dtype).reshape(f.shape), allow_unused=True
@@ -407,6 +619,9 @@ class DiversityGuidance:
         """
         if self.step_rule == "paper" or not self.conditional:
             return None
+        sigma_cond = self.sigma_cond
+        if sigma_cond is None:  # automatic: the value of the last guided step (or fresh)
+            sigma_cond = self._auto.get("sigma_cond") or self.bandwidths(None, cond)[1]
         c = as_tensor(cond, "cond")
         c = c[None] if c.dim() == 1 else c
         rows = c.shape[0] if b is None else b
@@ -422,7 +637,7 @@ class DiversityGuidance:
             inner = torch.cdist(c, c, compute_mode=exact) ** 2
             inner.fill_diagonal_(math.inf)
             d2 = torch.minimum(d2, inner.amin(dim=1))
-        log_w = -d2 / self.sigma_cond**2
+        log_w = -d2 / sigma_cond**2
         fade = torch.exp(log_w - math.log(PROMPT_FADE_TAU)).clamp(max=1.0)
         return torch.where(torch.isinf(d2), torch.ones_like(fade), fade)
 
@@ -492,7 +707,7 @@ class DiversityGuidance:
         latents = self._latents(latents)
         k = self.calls if step is None else step
         selected = self.active(k, progress)
-        if self.conditional == (cond is None):  # missing or unexpected cond
+        if self.conditional == (cond is None):  # missing cond, or a first / ignored one
             self._cond(cond, latents.shape[0], latents.device)  # raises the named error
         if not selected or (self.scale == 0.0 and self.novelty is None):
             self.calls = k + 1
@@ -540,6 +755,8 @@ class DiversityGuidance:
 
     def __repr__(self) -> str:
         cond = "" if self.sigma_cond is None else f", sigma_cond={self.sigma_cond}"
+        if self.sigma_cond is None and self.conditional:
+            cond = ", sigma_cond=auto"
         return (
             f"DiversityGuidance(sigma={self.sigma}{cond}, scale={self.scale}, "
             f"every={self.every}, start={self.start}, stop={self.stop}, bank={len(self.bank)})"

@@ -200,8 +200,10 @@ def test_pool_prompt_embeds_and_bad_input():
         pool_prompt_embeds(torch.zeros(2, 3, 4, 5), 2, cfg=False)
     with pytest.raises(TypeError, match="guidance must be"):
         sparke_callback("guide")
-    with pytest.raises(ValueError, match="sigma_cond is None"):
-        sparke_callback(DiversityGuidance(1.0), cond=torch.zeros(2, 3))
+    filled = DiversityGuidance(1.0)
+    filled.commit(torch.ones(1, 4))
+    with pytest.raises(ValueError, match="committed without cond"):
+        sparke_callback(filled, cond=torch.zeros(2, 3))
     # token-level cond is pooled once
     cb = sparke_callback(DiversityGuidance(1.0, sigma_cond=1.0), cond=pe)
     assert isinstance(cb, SparkeCallback) and torch.equal(cb.cond, pe.mean(1))

@@ -181,7 +181,8 @@ def test_bad_input():
         guided_denoiser(3, guide)
     with pytest.raises(TypeError, match=r"guidance must be a rkekernels\.DiversityGuidance"):
         guided_denoiser(lambda x, s: x, object())
-    with pytest.raises(ValueError, match="sigma_cond is None"):
+    guide.commit(torch.ones(1, 3))
+    with pytest.raises(ValueError, match="committed without cond"):
         guided_denoiser(lambda x, s: x, guide, cond=torch.ones(2, 3))
     with pytest.raises(ValueError, match="cond is required"):
         guided_denoiser(lambda x, s: x, DiversityGuidance(1.0, sigma_cond=1.0))

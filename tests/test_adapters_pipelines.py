@@ -273,8 +273,10 @@ def test_sparke_bad_input_and_nesting():
     with pytest.raises(TypeError, match="guidance must be"):
         with sparke(pipe, "guide"):
             pass
-    with pytest.raises(ValueError, match="sigma_cond is None"):
-        with sparke(pipe, DiversityGuidance(1.0), cond=torch.zeros(2, 3)):
+    filled = DiversityGuidance(1.0)
+    filled.commit(torch.ones(1, 4))
+    with pytest.raises(ValueError, match="committed without cond"):
+        with sparke(pipe, filled, cond=torch.zeros(2, 3)):
             pass
     with pytest.raises(TypeError, match="with a scheduler"):
         with sparke(object(), DiversityGuidance(1.0)):

@@ -355,9 +355,10 @@ def test_bad_cond_and_latents():
         cond_guide.commit(z)
     with pytest.raises(ValueError, match="cond is required"):
         cond_guide.grad(z)
-    with pytest.raises(ValueError, match="sigma_cond is None"):
+    plain.commit(z)  # sigma_cond=None: a cond after prompt-less rows is refused
+    with pytest.raises(ValueError, match="committed without cond"):
         plain.apply(z, torch.randn(2, 4))
-    with pytest.raises(ValueError, match="sigma_cond is None"):
+    with pytest.raises(ValueError, match="committed without cond"):
         plain.commit(z, torch.randn(2, 4))
     with pytest.raises(ValueError, match="cond has 3 rows but latents has 2"):
         cond_guide.apply(z, torch.randn(3, 4))

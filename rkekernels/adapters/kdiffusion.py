@@ -72,7 +72,7 @@ class GuidedDenoiser:
         check_adapter_guidance(guidance, cond)
         if cond is None and guidance.conditional:
             raise ValueError(
-                "cond is required: the guidance is conditional (sigma_cond is set); pass (b, m) "
+                "cond is required: the guidance is conditional (guidance.conditional); pass (b, m) "
                 "prompt embeddings or a callable cond(**model_kwargs) -> (b, m)"
             )
         if sigmas is not None and progress is not None:
@@ -173,7 +173,10 @@ def guided_denoiser(
         guidance: a `rkekernels.DiversityGuidance` (bandwidths, scale, schedule, bank).
         cond: prompt embeddings (b, m) or (m,) for conditional guidance, or a callable
             ``cond(**kw) -> (b, m)`` given the model's keyword arguments (e.g. to map the
-            sampler's ``extra_args`` to embeddings). Required iff ``guidance.sigma_cond`` is set.
+            sampler's ``extra_args`` to embeddings). Required when ``guidance.conditional`` (an
+            explicit ``sigma_cond``, or an automatic one that has seen a cond); with the
+            default ``sigma_cond=None`` a cond given here makes the guidance prompt-aware;
+            with ``sigma_cond=math.inf`` it is ignored.
         sigmas: the sampler's noise schedule (steps + 1,), to place each call on the schedule.
         progress: alternatively, a callable ``sigma -> progress in [0, 1]``.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -58,10 +59,10 @@ class SparkeCallback(PipelineCallback):
         )
 
     def _cond_for(self, pipeline: Any, kwargs: dict, latents: torch.Tensor) -> Any:
+        if self.cond is not None and self.guidance.sigma_cond != math.inf:
+            return self.cond.to(latents.device)  # sigma_cond=None: conditional from here on
         if not self.guidance.conditional:
             return None
-        if self.cond is not None:
-            return self.cond.to(latents.device)
         cfg = getattr(pipeline, "do_classifier_free_guidance", None)
         cfg = None if cfg is None else bool(cfg)
         b = latents.shape[0]

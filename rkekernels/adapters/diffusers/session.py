@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -137,11 +138,11 @@ class SparkeSession:
     # ---------------------------------------------------------------- helpers
 
     def _cond(self, pipe: Any, capture: _Capture, b: int, state: dict) -> torch.Tensor | None:
+        if self.cond is not None and self.guidance.sigma_cond != math.inf:
+            self.cond_source = "cond"  # sigma_cond=None: conditional from here on
+            return self.cond
         if not self.guidance.conditional:
             return None
-        if self.cond is not None:
-            self.cond_source = "cond"
-            return self.cond
         return capture_cond(pipe, capture, b, state["cond"], state["prompt"], self._note)
 
     def _note(self, source: str) -> None:
