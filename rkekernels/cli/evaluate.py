@@ -166,10 +166,8 @@ def _print(res: dict[str, Any], null_draws: int) -> None:
         print(f"RKE{lab}   = {fmt(at('rke', i))}  {est}[{low}; {high}]")
         print(f"Vendi{lab} = {fmt(at('vendi', i))}")
         if "cond_rke" in res:
-            cc = res["cond_rke_interval"]
             print(
-                f"cond RKE{lab} = {fmt(at('cond_rke', i))}  [{fmt(_at(cc['low'], i))}; "
-                f"{fmt(_at(cc['high'], i))}]  cond Vendi = {fmt(at('cond_vendi', i))}"
+                f"cond RKE{lab} = {fmt(at('cond_rke', i))}  cond Vendi = {fmt(at('cond_vendi', i))}"
             )
         if "relative_rke" in res:
             print(f"relative RKE{lab} = {fmt(at('relative_rke', i))}")

@@ -228,6 +228,7 @@ def _sweep_plot(sweep: dict, s0: float, path: Path, ref: dict | None = None) -> 
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ax.fill_between(sweep["sigma"], sweep["low"], sweep["high"], alpha=0.25, label="RKE 95% CI")
@@ -239,6 +240,12 @@ def _sweep_plot(sweep: dict, s0: float, path: Path, ref: dict | None = None) -> 
     ax.axvline(s0, color="grey", lw=0.8, ls=":", label=f"chosen sigma = {s0:.3g}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
+    ax.set_xticks(sweep["sigma"][::2])  # sigma x 2^(-2 .. 2)
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("bandwidth sigma")
     ax.set_ylabel("effective number of modes")
     ax.legend(fontsize=8)
