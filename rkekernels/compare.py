@@ -26,10 +26,13 @@ class SharedScores(NamedTuple):
     Attributes:
         sigma: the one bandwidth every set was scored with.
         scores: {name: RKE} in the order given (names "0", "1", ... for a sequence of sets).
+        sigma_from: where sigma came from: "given", "reference" (`default_bandwidth` of the
+            ``reference`` set or array) or "first" (`default_bandwidth` of the first set).
     """
 
     sigma: float
     scores: dict[str, float]
+    sigma_from: str = "given"
 
 
 class BandwidthSweep(NamedTuple):
@@ -59,6 +62,9 @@ def rke_scores(
 ) -> SharedScores:
     """RKE of several sets at ONE shared bandwidth, so that the scores compare.
 
+    Every comparison shares one bandwidth by construction: the result states it (``sigma``) and
+    where it came from (``sigma_from``).
+
     RKE(X_s) = n_s^2 / sum_ij k_sigma(x_i, x_j)^2 for every set s, with the same sigma: the one
     given, else `default_bandwidth` of the reference set (a name or index into ``sets``, or an
     array of its own; default: the first set, e.g. the real data).
@@ -72,7 +78,8 @@ def rke_scores(
         backend: as in `rke_score`.
 
     Returns:
-        SharedScores(sigma, scores): scores as floats by name.
+        SharedScores(sigma, scores, sigma_from): scores as floats by name; sigma_from says
+        where the shared sigma came from ("given", "reference" or "first").
 
     Raises:
         ValueError / TypeError: as `rke_score`, naming the set; sets (or a reference array)
@@ -85,10 +92,11 @@ def rke_scores(
         >>> [round(rkekernels.rke_score(v), 2) for v in (tight, wide)]  # own defaults: alike
         [18.54, 18.84]
         >>> res = rkekernels.rke_scores({"tight": tight, "wide": wide})  # sigma from "tight"
-        >>> round(res.sigma, 2), {k: round(v, 2) for k, v in res.scores.items()}
-        (1.03, {'tight': 18.54, 'wide': 92.59})
+        >>> round(res.sigma, 2), {k: round(v, 2) for k, v in res.scores.items()}, res.sigma_from
+        (1.03, {'tight': 18.54, 'wide': 92.59}, 'first')
     """
     named = _named(sets)
+    sigma_from = "given" if sigma is not None else "first" if reference is None else "reference"
     if sigma is not None:
         sigma = _one_sigma(sigma)
     prepared = {}
@@ -129,7 +137,7 @@ def rke_scores(
             scores[name] = float(rke_score(x, sigma, backend=backend))
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"set {name!r}: {exc}") from None
-    return SharedScores(float(sigma), scores)
+    return SharedScores(float(sigma), scores, sigma_from)
 
 
 def _one_sigma(sigma: Any) -> float:

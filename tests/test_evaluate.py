@@ -74,7 +74,9 @@ def test_images_prompts_reference_json(sets, tiny_encoder_dirs, tmp_path, capsys
     paths = sorted((sets / "gen").glob("*.png"))
     x = enc.encode(paths)
     y = enc.encode(sorted((sets / "ref").glob("*.png")))
-    s = res["sigma"]
+    s = res["sigma"]  # REF's default bandwidth: runs against one reference share it
+    assert res["sigma_from"] == "reference"
+    assert s == pytest.approx(rkekernels.default_bandwidth(y), rel=1e-5)
     assert res["rke"] == pytest.approx(float(rkekernels.rke_score(x, s)), rel=1e-5)
     assert res["vendi"] == pytest.approx(float(rkekernels.vendi_score(x, 1.0, s)), rel=1e-5)
     assert res["relative_rke"] == pytest.approx(float(evaluation.relative_rke(x, y, s)), rel=1e-5)
@@ -89,7 +91,8 @@ def test_images_prompts_reference_json(sets, tiny_encoder_dirs, tmp_path, capsys
     assert all(c["file"] in names for c in res["most_crowded"]) and crowd == sorted(crowd)[::-1]
     assert 1.0 <= res["least_crowded"][0]["s"] <= crowd[-1]
     # CSV rows in another order, matched by file name: the same conditional scores
-    csv = _json(capsys, sets / "gen", "--prompts", sets / "prompts.csv", *common)
+    # (at the same sigma: without --reference GEN's own default would be used)
+    csv = _json(capsys, sets / "gen", "--prompts", sets / "prompts.csv", "--sigma", str(s), *common)
     assert csv["cond_rke"] == pytest.approx(res["cond_rke"], rel=1e-6)
     assert csv["cache"]["encoded"] == 0  # GEN came from the cache
     # several bandwidths give lists

@@ -37,9 +37,16 @@ def test_tutorial_setup_and_first_commands(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     for line in (
         "cond RKE = 3.488  cond Vendi = 4.228",
-        "novelty (KEN) = 0.7731  relative RKE = 5.471",
+        "relative RKE = 5.471",
+        "novelty (KEN) = 0.7731",
+        "novelty p: n/a (the null needs a reference of at least 2 n = 48 samples; it has 24)",
     ):
         assert line in out and line in text
+    # against a reference without --sigma: GEN at REF's default bandwidth
+    cmd = "rkekernels evaluate gen --encoder pixels --reference ref"
+    assert main([*cmd.split()[1:], "--no-progress", "--no-cache"]) == 0
+    got = [ln.rstrip() for ln in capsys.readouterr().out.strip().splitlines()]
+    assert got == _console(text, cmd)
     assert (
         main(
             [

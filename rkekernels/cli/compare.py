@@ -2,9 +2,10 @@
 
     rkekernels compare PATH [PATH ...] [--sigma S | --reference PATH] [--sweep N [--plot FILE]]
 
-One bandwidth for all files (--sigma, else `default_bandwidth` of --reference or of the first
-file) makes the scores comparable (`rkekernels.rke_scores`); --sweep N scores each file over N
-shared bandwidths (`rkekernels.rke_sweep`) and --plot FILE draws the curves.
+One bandwidth for all files, by construction (--sigma, else `default_bandwidth` of --reference
+or of the first file), makes the scores comparable (`rkekernels.rke_scores`); the output states
+sigma and where it came from (``sigma_from``: given, reference or first). --sweep N scores each
+file over N shared bandwidths (`rkekernels.rke_sweep`) and --plot FILE draws the curves.
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
             curves = {n: compare.rke_sweep(v, grid, backend=args.backend) for n, v in sets.items()}
             out = {
                 "sigma": [float(s) for s in grid],
+                "sigma_from": "given"
+                if args.sigma is not None
+                else ("reference" if ref is not None else "first"),
                 "rke": {n: [float(r) for r in c.rke] for n, c in curves.items()},
             }
             if plot is not None:
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"figure: {plot}", file=sys.stderr)
         else:
             res = compare.rke_scores(sets, args.sigma, reference=ref, backend=args.backend)
-            out = {"sigma": res.sigma, "rke": res.scores}
+            out = {"sigma": res.sigma, "sigma_from": res.sigma_from, "rke": res.scores}
     except (TypeError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     return _print(out, args, names)
@@ -111,7 +115,10 @@ def _print(out: dict[str, Any], args: argparse.Namespace, names: list[str]) -> i
             raise CLIError("a score is not finite; this is a bug, please report it") from None
         return 0
     src = (
-        "given" if args.sigma is not None else f"default_bandwidth of {args.reference or names[0]}"
+        "given"
+        if args.sigma is not None
+        else f"from {'the reference' if args.reference else 'the first file'} "
+        f"{args.reference or names[0]}: its default_bandwidth"
     )
     if args.sweep:
         print(f"RKE at {len(out['sigma'])} shared bandwidths ({src} sets the grid)")

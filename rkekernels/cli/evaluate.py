@@ -1,7 +1,11 @@
 """``rkekernels evaluate``: score folders of generated images as researchers do.
 
     rkekernels evaluate GEN [--reference REF] [--prompts FILE] [--encoder NAME] [--sigma S ...]
-                        [--json] [--out DIR]
+                        [--null-draws N] [--seed S] [--json] [--out DIR]
+
+One bandwidth for every comparison: with --reference and no --sigma, GEN is scored at REF's
+`default_bandwidth`, so runs against one reference share sigma and compare (``sigma_from`` in
+the JSON and the first printed line say where sigma came from: reference, generated or given).
 
 GEN and REF are folders of images (png, jpg, jpeg, webp, bmp; read with Pillow, sorted by
 their path inside the folder; hidden entries and folders of earlier reports are left out) or
@@ -20,11 +24,14 @@ embedded with CLIP's text tower whatever the image encoder is (``--text-model``)
 The result (``--json`` prints it as one object) holds n, sigma, encoder, rke (with a jackknife
 interval), vendi (order 1, Gaussian at sigma), modes ([{weight, files}]), the most and least
 crowded samples (largest / smallest s_i = sum_j k(x_i, x_j)^2); with prompts cond_rke and
-cond_vendi; with a reference novelty (KEN), novel_modes and relative_rke. Several ``--sigma``
-give lists. ``--out DIR`` writes report.md with a grid of the top modes, the most and least
-crowded samples, a bandwidth sweep plot and results.json into DIR, each file atomically. DIR
-must be new, empty or an earlier report's folder (checked before any work): a report never
-deletes or overwrites a file it did not write.
+cond_vendi; with a reference novelty (KEN), novel_modes, relative_rke and the novelty null
+(novelty_null {mean, std, draws} and novelty_p: KEN of --null-draws reference splits, when REF
+holds at least twice as many samples as GEN). Only modes that hold samples are listed, each with
+its sigma. Several ``--sigma`` give lists, and every printed value names its sigma. ``--out DIR``
+writes report.md with a grid of the top modes, the most and least crowded samples, a bandwidth
+sweep plot and results.json into DIR, each file atomically. DIR must be new, empty or an
+earlier report's folder (checked before any work): a report never deletes or overwrites a file
+it did not write.
 
 Bad input (a folder with no images, an unreadable image, prompts that do not match, an unknown
 encoder, weights missing offline) prints one line and exits with code 2. Images are checked
@@ -72,6 +79,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--top", type=int, default=8, help="number of modes reported")
     a("--per-mode", type=int, default=8, help="files listed per mode")
     a("--unbiased", action="store_true", help="unbiased (off-diagonal) interval estimator")
+    a(
+        "--null-draws",
+        type=int,
+        default=199,
+        metavar="N",
+        help="novelty null: reference splits "
+        "(default 199, p >= 0.005; 0: off; needs a reference of >= 2x the set)",
+    )
+    a("--seed", type=int, default=0, metavar="S", help="seed of the novelty null's splits")
     a("--json", action="store_true", help="print one JSON object")
     a(
         "--out",
@@ -99,6 +115,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("top", "per_mode", "batch_size"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.null_draws < 0:
+        raise CLIError(
+            f"--null-draws must be >= 0 (0 turns the novelty null off); got {args.null_draws}"
+        )
     if args.out:  # before any work: a report never overwrites what it did not write
         check_out_dir(args.out, [args.gen, args.reference, args.prompts])
     progress = sys.stderr.isatty() if args.progress is None else args.progress
@@ -115,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res))
     else:
-        _print(res)
+        _print(res, args.null_draws)
     if args.out:  # after the scores: a failure here still leaves them printed
         sys.stdout.flush()
         try:
@@ -147,22 +167,69 @@ def _evaluate(args: argparse.Namespace, cache, progress: bool, keep: dict) -> di
         key=args.key,
         max_bytes=args.max_bytes,
         progress=progress,
+        null_draws=args.null_draws,
+        seed=args.seed,
         _keep=keep if args.out else None,
     )
 
 
-def _print(res: dict[str, Any]) -> None:
+_FROM = {
+    "given": "given",
+    "reference": "from the reference: its default_bandwidth",
+    "generated": "from GEN: its default_bandwidth (give --reference to share one)",
+}
+
+
+def _print(res: dict[str, Any], null_draws: int) -> None:
+    """The console summary; with several --sigma every value is printed with its sigma."""
+    sig = res["sigma"] if isinstance(res["sigma"], list) else [res["sigma"]]
+    many = isinstance(res["sigma"], list)
+
+    def at(key, i):  # the value of ``key`` at the i-th sigma
+        return res[key][i] if many else res[key]
+
+    print(f"n = {res['n']}  encoder = {res['encoder']}  sigma = {fmt(res['sigma'])}  "
+          f"({_FROM[res['sigma_from']]})")  # fmt: skip
     ci = res["rke_interval"]
-    print(f"n = {res['n']}  encoder = {res['encoder']}  sigma = {fmt(res['sigma'])}")
-    how = f"unbiased {fmt(ci['estimate'])} " if ci["unbiased"] else ""
-    print(f"RKE   = {fmt(res['rke'])}  {how}[{fmt(ci['low'])}; {fmt(ci['high'])}]")
-    print(f"Vendi = {fmt(res['vendi'])}")
-    if "cond_rke" in res:
-        print(f"cond RKE = {fmt(res['cond_rke'])}  cond Vendi = {fmt(res['cond_vendi'])}")
+    for i, s in enumerate(sig):
+        lab = f" (sigma {fmt(s)})" if many else ""
+        est = f"unbiased {fmt(_at(ci['estimate'], i))} " if ci["unbiased"] else ""
+        low, high = fmt(_at(ci["low"], i)), fmt(_at(ci["high"], i))
+        print(f"RKE{lab}   = {fmt(at('rke', i))}  {est}[{low}; {high}]")
+        print(f"Vendi{lab} = {fmt(at('vendi', i))}")
+        if "cond_rke" in res:
+            print(
+                f"cond RKE{lab} = {fmt(at('cond_rke', i))}  cond Vendi = {fmt(at('cond_vendi', i))}"
+            )
+        if "relative_rke" in res:
+            print(f"relative RKE{lab} = {fmt(at('relative_rke', i))}")
     if "novelty" in res:
-        print(f"novelty (KEN) = {res['novelty']:.4g}  relative RKE = {fmt(res['relative_rke'])}")
+        _print_novelty(res, null_draws, f", sigma {fmt(sig[0])}" if many else "")
     for i, m in enumerate(res["modes"][:5]):
         files = ", ".join(str(f) for f in m["files"][:4])
-        print(f"mode {i + 1}: weight {m['weight']:.3f}  {files}")
+        print(f"mode {i + 1} (sigma {fmt(m['sigma'])}): weight {m['weight']:.3f}  {files}")
     c = res["cache"]
     print(f"embeddings: {c['encoded']} encoded, {c['cached']} from the cache")
+
+
+def _at(v, i):
+    return v[i] if isinstance(v, list) else v
+
+
+def _print_novelty(res: dict[str, Any], null_draws: int, lab: str) -> None:
+    """KEN, its null and p-value (or why there is none)."""
+    print(f"novelty (KEN{lab}) = {res['novelty']:.4g}")
+    null = res.get("novelty_null")
+    if null is not None:
+        print(
+            f"novelty null: {null['mean']:.4g} +- {null['std']:.2g} over {null['draws']} "
+            f"reference splits; p = {res['novelty_p']:.3g} (KEN against {res['m'] - res['n']} "
+            "reference samples, the null's size)"
+        )
+    elif null_draws == 0:
+        print("novelty p: off (--null-draws 0)")
+    else:
+        print(
+            f"novelty p: n/a (the null needs a reference of at least 2 n = {2 * res['n']} "
+            f"samples; it has {res['m']})"
+        )

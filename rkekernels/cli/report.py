@@ -144,13 +144,14 @@ def write_report(result: dict[str, Any], out_dir: str | os.PathLike, keep: dict)
     try:
         lines = _summary(result, keep["gen"])
         lines += _figures(result, keep["gen"], stage)
-        _sweep_plot(keep["sweep"], keep["sigma"], stage("sweep.png"))
+        ref_sweep = keep.get("ref_sweep")
+        _sweep_plot(keep["sweep"], keep["sigma"], stage("sweep.png"), ref_sweep)
         lines += ["## Bandwidth sweep", "", "![bandwidth sweep](sweep.png)", ""]
-        lines += ["## Modes", "", "| mode | weight | files |", "| --- | --- | --- |"]
-        for i, m in enumerate(result["modes"]):
-            files = ", ".join(f"`{f}`" for f in m["files"])
-            lines.append(f"| {i + 1} | {m['weight']:.4f} | {files} |")
-        body = json.dumps({**result, "sweep": keep["sweep"]}, indent=2)
+        lines += _modes_table(result["modes"])
+        sweeps = {"sweep": keep["sweep"]}
+        if ref_sweep is not None:
+            sweeps["reference_sweep"] = ref_sweep
+        body = json.dumps({**result, **sweeps}, indent=2)
         lines += ["", "## Results (JSON)", "", "```json", body, "```", ""]
         _write_text(stage("results.json"), body + "\n")
         _write_text(stage("report.md"), "\n".join(lines))
@@ -172,32 +173,52 @@ def write_report(result: dict[str, Any], out_dir: str | os.PathLike, keep: dict)
 
 
 def _summary(result: dict[str, Any], g) -> list[str]:
-    """The head of report.md: the set, the bandwidth and the scores with their intervals."""
+    """The head of report.md: the set, the bandwidth and the scores with their intervals (one
+    line per sigma with several, each labelled with its sigma)."""
     ci = result["rke_interval"]
+    many = isinstance(result["sigma"], list)
+    sigmas = result["sigma"] if many else [result["sigma"]]
+
+    def at(v, i):
+        return v[i] if isinstance(v, list) else v
+
     lines = [
         "# rkekernels evaluate report",
         "",
         f"- set: `{g.path}` (n = {result['n']}, features d = {result['d']}, "
         f"encoder `{result['encoder']}`)",
-        f"- bandwidth sigma = {fmt(result['sigma'])}",
-        f"- **RKE** (order 2) = {fmt(result['rke'])}, {int(100 * ci['level'])}% interval "
-        + (f"of the unbiased estimate {fmt(ci['estimate'])} " if ci["unbiased"] else "")
-        + f"[{fmt(ci['low'])}; {fmt(ci['high'])}]",
-        f"- **Vendi** (order 1) = {fmt(result['vendi'])}",
+        f"- bandwidth sigma = {fmt(result['sigma'])} (sigma_from: {result['sigma_from']})",
     ]
-    if "cond_rke" in result:
-        cc = result["cond_rke_interval"]
-        lines.append(
-            f"- **conditional RKE** = {fmt(result['cond_rke'])} "
-            + (f"(unbiased {fmt(cc['estimate'])}) " if cc.get("unbiased") else "")
-            + f"[{fmt(cc['low'])}; {fmt(cc['high'])}], conditional Vendi = "
-            f"{fmt(result['cond_vendi'])} (prompt sigma = {fmt(result['sigma_t'])})"
-        )
+    for i, s in enumerate(sigmas):
+        lab = f" at sigma {fmt(s)}" if many else ""
+        lines += [
+            f"- **RKE** (order 2){lab} = {fmt(at(result['rke'], i))}, "
+            f"{int(100 * ci['level'])}% interval "
+            + (f"of the unbiased estimate {fmt(at(ci['estimate'], i))} " if ci["unbiased"] else "")
+            + f"[{fmt(at(ci['low'], i))}; {fmt(at(ci['high'], i))}]",
+            f"- **Vendi** (order 1){lab} = {fmt(at(result['vendi'], i))}",
+        ]
+        if "cond_rke" in result:
+            cc = result["cond_rke_interval"]
+            lines.append(
+                f"- **conditional RKE**{lab} = {fmt(at(result['cond_rke'], i))} "
+                + (f"(unbiased {fmt(at(cc['estimate'], i))}) " if cc.get("unbiased") else "")
+                + f"[{fmt(at(cc['low'], i))}; {fmt(at(cc['high'], i))}], conditional Vendi = "
+                f"{fmt(at(result['cond_vendi'], i))} (prompt sigma = {fmt(result['sigma_t'])})"
+            )
+        if "relative_rke" in result:
+            lines.append(f"- relative RKE{lab} = {fmt(at(result['relative_rke'], i))}")
     if "novelty" in result:
+        null, p = result.get("novelty_null"), result.get("novelty_p")
         lines.append(
-            f"- **novelty** (KEN) = {fmt(result['novelty'])} (novel mass "
-            f"{fmt(result['novel_mass'])}), relative RKE = {fmt(result['relative_rke'])} "
-            f"against m = {result['m']} reference samples"
+            f"- **novelty** (KEN) at sigma {fmt(sigmas[0])} = {fmt(result['novelty'])} (novel "
+            f"mass {fmt(result['novel_mass'])}) against m = {result['m']} reference samples"
+            + (
+                f"; null {null['mean']:.4g} +- {null['std']:.2g} over {null['draws']} "
+                f"reference splits, p = {p:.3g}"
+                if null is not None
+                else "; no null (it needs --null-draws > 0 and m >= 2 n)"
+            )
         )
     lines += [
         "",
@@ -216,7 +237,10 @@ def _figures(result: dict[str, Any], g, stage) -> list[str]:
     cols = max(1, min(8, max((len(m["files"]) for m in result["modes"]), default=1)))
     by_name = dict(zip(g.names, images))
     rows = [
-        (f"mode {i + 1}\nw={m['weight']:.3f}", [by_name[f] for f in m["files"]])
+        (
+            f"mode {i + 1}\nw={m['weight']:.3f}\nsigma {fmt(m['sigma'])}",
+            [by_name[f] for f in m["files"]],
+        )
         for i, m in enumerate(result["modes"])
         if m["files"]
     ]
@@ -280,18 +304,40 @@ def _grid(rows: list[tuple[str, list[Path]]], path: Path, cols: int) -> None:
     plt.close(fig)
 
 
-def _sweep_plot(sweep: dict, s0: float, path: Path) -> None:
+def _modes_table(modes: list[dict[str, Any]]) -> list[str]:
+    """The modes section: the modes that hold samples (the result lists no others), with sigma."""
+    lines = ["## Modes", "", "| mode | sigma | weight | files |", "| --- | --- | --- | --- |"]
+    for i, m in enumerate(modes):
+        files = ", ".join(f"`{f}`" for f in m["files"])
+        lines.append(f"| {i + 1} | {fmt(m['sigma'])} | {m['weight']:.4f} | {files} |")
+    return lines
+
+
+def _sweep_plot(sweep: dict, s0: float, path: Path, ref: dict | None = None) -> None:
+    """RKE (with its interval) and Vendi against sigma, log-log; the reference's curves beside
+    the generated set's; the chosen sigma marked."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ax.fill_between(sweep["sigma"], sweep["low"], sweep["high"], alpha=0.25, label="RKE 95% CI")
-    ax.plot(sweep["sigma"], sweep["rke"], "o-", label="RKE (order 2)")
-    ax.plot(sweep["sigma"], sweep["vendi"], "s--", label="Vendi (order 1)")
-    ax.axvline(s0, color="grey", lw=0.8, ls=":", label=f"sigma = {s0:.3g}")
+    ax.plot(sweep["sigma"], sweep["rke"], "o-", color="C0", label="RKE (order 2)")
+    ax.plot(sweep["sigma"], sweep["vendi"], "s--", color="C1", label="Vendi (order 1)")
+    if ref is not None:
+        ax.plot(ref["sigma"], ref["rke"], "o:", color="C2", label="reference RKE")
+        ax.plot(ref["sigma"], ref["vendi"], "s:", color="C3", label="reference Vendi")
+    ax.axvline(s0, color="grey", lw=0.8, ls=":", label=f"chosen sigma = {s0:.3g}")
     ax.set_xscale("log")
+    ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
+    ax.set_xticks(sweep["sigma"][::2])  # sigma x 2^(-2 .. 2)
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("bandwidth sigma")
     ax.set_ylabel("effective number of modes")
     ax.legend(fontsize=8)

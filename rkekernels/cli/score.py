@@ -48,8 +48,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         nargs="+",
         action="extend",
         metavar="S",
-        help="bandwidth(s) for the samples (default: default_bandwidth, the plateau of the "
-        "score curve); several values give one row each",
+        help="bandwidth(s) for the samples (default: default_bandwidth, the median pairwise "
+        "distance / 2.5); several values give one row each",
     )
     s.add_argument(
         "--sigma-cond",
@@ -288,6 +288,10 @@ def _score_order_q(x, t, sigma, sigma_cond, q, kernel, method) -> dict[str, Any]
     return out
 
 
+#: how `default_bandwidth` chose sigma, as ``score`` prints it
+_RULE = "default_bandwidth: median distance / 2.5"
+
+
 def _fmt(v: float) -> str:
     return f"{v:.6g}"
 
@@ -302,10 +306,10 @@ def _print_scores(res: dict[str, Any], args) -> None:
     q = f"{float(res['order']):g}"
     print(f"kernel {res['kernel']}, order q = {q}, method {res['method']}")
     if res["kernel"] == "gaussian":
-        how = "default_bandwidth (plateau of the score curve)" if sig_default else "given"
+        how = _RULE if sig_default else "given"
         print(f"bandwidth sigma      = {', '.join(_fmt(s) for s in sigmas)}  ({how})")
     if args.cond is not None and res["kernel"] == "gaussian":
-        how = "default_bandwidth (plateau of the score curve)" if cond_default else "given"
+        how = _RULE if cond_default else "given"
         print(f"bandwidth sigma_cond = {_fmt(res['sigma_cond'])}  ({how})")
     cols = [("sigma", "sigma")] if res["kernel"] == "gaussian" else []
     cols += [("rke", "RKE")] if "rke" in res else [("vendi", f"Vendi_{q}")]

@@ -1,4 +1,4 @@
-"""Evaluation beyond one number: per-sample sums, confidence intervals, novelty against a reference.
+"""Evaluation beyond one number: per-sample sums, confidence intervals, two-set similarity.
 
 Gaussian kernel k_s(a, b) = exp(-||a - b||^2 / (2 s^2)) as everywhere in the library (SPEC 2).
 
@@ -10,11 +10,9 @@ Gaussian kernel k_s(a, b) = exp(-||a - b||^2 / (2 s^2)) as everywhere in the lib
   the unbiased (U-statistic, off-diagonal) estimator.
 - `relative_rke`: n m / sum_ij k(x_i, y_j)^2 over the cross pairs (exact, streamed): the inverse
   mean cross similarity of two sets.
-- `ken_novelty`: KEN (Zhang, Jalali, Farnia, ICML 2024), the entropy of the novel modes of X
-  with respect to a reference Y, with the samples of each novel mode.
 
-The modes of one set and its Vendi scores are `rkekernels.vendi_modes` / `vendi_score`; KEN's
-novel modes use the same `rkekernels.vendi.Mode` type.
+KEN novelty against a reference (`ken_novelty`, with its null) is `rkekernels.evaluation.novelty`;
+the modes of one set and its Vendi scores are `rkekernels.vendi_modes` / `vendi_score`.
 """
 
 from __future__ import annotations
@@ -24,25 +22,17 @@ import math
 from statistics import NormalDist
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
-from .._input import as_tensor, check_matrix, check_same_device, check_sigma, is_torch, to_output
+from .._input import as_tensor, check_matrix, check_same_device, is_torch, to_output
 from ..metrics import cross_pair_sums  # the streamed A x B block sums
-from ..ops import scores_torch, spectra
+from ..ops import scores_torch
 from ..scores import _pair, _resolve_sigma
-from ..vendi import Mode
-
-#: ken_novelty(method="auto") solves the dense eigenproblem up to n + m rows, else uses RFF
-AUTO_EXACT_MAX = 4096
 
 __all__ = [
-    "AUTO_EXACT_MAX",
     "Interval",
-    "Novelty",
     "SampleSums",
     "cond_rke_interval",
-    "ken_novelty",
     "relative_rke",
     "rke_interval",
     "sample_sums",
@@ -78,24 +68,6 @@ class Interval(NamedTuple):
     high: Any
     se_log: Any
     level: float
-
-
-class Novelty(NamedTuple):
-    """`ken_novelty`: the KEN score and the novel modes of X with respect to Y.
-
-    Attributes:
-        score: KEN = -sum_{l > 0} l log(l / L) over the positive eigenvalues l of
-            Lambda_X - eta Lambda_Y, L their sum; 0 when X brings nothing new, higher = more novel.
-        novel_mass: L, the total weight of the novel modes.
-        eigenvalues: all eigenvalues, descending (numpy float64).
-        modes: the top novel modes (positive eigenvalues) as `rkekernels.vendi.Mode`
-            (weight = eigenvalue, members = the X samples most in the mode, loadings).
-    """
-
-    score: float
-    novel_mass: float
-    eigenvalues: np.ndarray
-    modes: list[Mode]
 
 
 # --------------------------------------------------------------------------- per-sample sums
@@ -425,152 +397,3 @@ def relative_rke(x: Any, y: Any, sigma: Any = None):
     k = len(sigmas)
     val = xt.shape[0] * yt.shape[0] / out[:k]
     return to_output(val.to(xt.dtype), torch_out, many)
-
-
-# --------------------------------------------------------------------------- modes
-
-
-def _gauss(a: torch.Tensor, b: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Dense float64 k_s(a_i, b_j) (the eigen-problems below need the matrix anyway)."""
-    na, nb = scores_torch.sq_norms(a), scores_torch.sq_norms(b)
-    negd = scores_torch.neg_sqdist(a, na, b, nb, False)
-    return negd.mul_(0.5 / (sigma * sigma)).exp_()
-
-
-def _top_modes(vals: torch.Tensor, vecs: torch.Tensor, n: int, top: int, per_mode: int):
-    """Modes from eigenpairs (descending) over the first n entries (the X samples).
-
-    Only eigenvalues above round-off (1e-12 of the largest) count. A mode's members are the
-    samples with the largest positive entries (the sign of an eigenvector is arbitrary: it is
-    chosen so that the X part sums to > 0), loadings their share of the X part's squared norm.
-    """
-    modes = []
-    tol = 1e-12 * max(1.0, float(vals.abs().max())) if vals.numel() else 0.0
-    for k in range(min(top, vals.shape[0])):
-        if float(vals[k]) <= tol:
-            break
-        v = vecs[:n, k]
-        if float(v.sum()) < 0:
-            v = -v
-        load = v * v / (v * v).sum().clamp_min(1e-300)
-        order = torch.argsort(v, descending=True)[: min(per_mode, n)]
-        order = order[v[order] > 0]
-        modes.append(Mode(float(vals[k]), order.cpu().numpy(), load[order].cpu().numpy()))
-    return modes
-
-
-def _check_counts(top: Any, per_mode: Any) -> None:
-    for name, v in (("top", top), ("per_mode", per_mode)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
-
-
-def ken_novelty(
-    x: Any,
-    y: Any,
-    sigma: Any = None,
-    *,
-    eta: float = 1.0,
-    top: int = 8,
-    per_mode: int = 16,
-    method: str = "auto",
-    dim: int = 4096,
-    seed: int = 0,
-) -> Novelty:
-    """KEN: the entropy of the modes of X that Y (the reference) lacks, with those modes' samples.
-
-    Zhang, Jalali, Farnia, "An Interpretable Evaluation of Entropy-based Novelty of Generative
-    Models", ICML 2024. With kernel covariances Lambda_X = (1/n) sum phi(x_i) phi(x_i)^T and
-    Lambda_Y alike, the novel modes are the eigenvectors of Lambda_X - eta Lambda_Y with positive
-    eigenvalues l > 0, and, with L = sum l::
-
-        KEN = L * H(l / L) = -sum_{l > 0} l log(l / L)
-
-    Its non-zero eigenvalues are those of the (n + m) x (n + m) matrix D G, with
-    G = [[Kxx/n, sqrt(eta/(nm)) Kxy], [sqrt(eta/(nm)) Kyx, eta Kyy/m]], D = diag(1_n, -1_m)
-    (the paper's fused matrix; a general float64 eigensolver: the route through G^(1/2) would
-    lose ~1e-8 to the square roots of G's round-off eigenvalues). The X entries of an
-    eigenvector are the projections of the samples onto that mode; a mode's samples are the X
-    rows with the largest entries. X equal to Y in distribution gives KEN near 0; higher means
-    more novel.
-
-    Methods: "exact" is the dense (n + m)^2 float64 eigenproblem above (O((n + m)^3)); "rff"
-    works in ``dim`` random Fourier features phi of the kernel (`rkekernels.ops.spectra`, the
-    FKEA route): Lambda_X - eta Lambda_Y = Phi_x^T Phi_x / n - eta Phi_y^T Phi_y / m is a
-    symmetric dim x dim matrix (O((n + m) dim^2 + dim^3)), its eigenvalues approximate KEN's
-    (error about 1/sqrt(dim)) and Phi_x w gives the samples' projections on each mode; "auto":
-    exact up to n + m = 4,096, else rff.
-
-    Args:
-        x: (n, d) generated samples. y: (m, d) reference samples (same encoder).
-        sigma: one bandwidth; None: the default bandwidth of x.
-        eta: the weight of the reference (1 in the paper).
-        top: how many novel modes to return. per_mode: samples of X listed per mode.
-        method: "auto", "exact" or "rff". dim, seed: the random features (rff).
-
-    Returns:
-        Novelty(score, novel_mass, eigenvalues, modes).
-
-    Example:
-        >>> import numpy as np
-        >>> from rkekernels.evaluation import ken_novelty
-        >>> ref = np.array([[0.0], [0.0], [100.0], [100.0]])
-        >>> gen = np.array([[0.0], [100.0], [200.0], [200.0]])  # half of it is a new mode
-        >>> nov = ken_novelty(gen, ref, sigma=1.0, top=1, per_mode=2)
-        >>> round(nov.novel_mass, 3), sorted(nov.modes[0].members.tolist())
-        (0.5, [2, 3])
-        >>> round(ken_novelty(ref, ref, sigma=1.0).score, 6)
-        0.0
-    """
-    _check_counts(top, per_mode)
-    eta = check_sigma(eta, "eta")  # a finite positive number
-    xt, yt, sigmas, many, _ = _two_sets(x, y, sigma)
-    if many and len(sigmas) > 1:
-        raise ValueError("ken_novelty takes one bandwidth sigma, not a sequence")
-    s = sigmas[0]
-    n, m = xt.shape[0], yt.shape[0]
-    if method not in ("auto", "exact", "rff"):
-        raise ValueError(f"method must be 'auto', 'exact' or 'rff'; got {method!r}")
-    if method == "auto":
-        method = "exact" if n + m <= AUTO_EXACT_MAX else "rff"
-    both = torch.cat([xt, yt]).detach().double()
-    (bc,) = _centred(both)
-    if method == "rff":
-        return _ken_rff(bc, n, s, eta, top, per_mode, dim, seed)
-    g = _gauss(bc, bc, s)
-    scale = torch.cat(
-        [torch.full((n,), 1.0 / math.sqrt(n)), torch.full((m,), math.sqrt(eta / m))]
-    ).to(g)
-    d = torch.cat([torch.ones(n), -torch.ones(m)]).to(g)
-    fused = (d * scale)[:, None] * g * scale[None, :]  # D G
-    cvals, cvecs = torch.linalg.eig(fused)
-    # real spectrum (similar to a symmetric matrix); an eigenvector's phase is arbitrary: rotate
-    # each so that its largest entry is real, then keep the real part
-    big = cvecs.gather(0, cvecs.abs().argmax(0, keepdim=True))
-    cvecs = cvecs * (big.conj() / big.abs())
-    order = torch.argsort(cvals.real, descending=True)
-    vals, vecs = cvals.real[order], cvecs.real[:, order]
-    return _novelty(vals, vecs, n, top, per_mode)
-
-
-def _novelty(vals: torch.Tensor, vecs: torch.Tensor, n: int, top: int, per_mode: int) -> Novelty:
-    """KEN from the eigenpairs (descending), the X rows of ``vecs`` first."""
-    pos = vals[vals > 1e-12 * max(1.0, float(vals.abs().max()))]
-    mass = float(pos.sum()) if pos.numel() else 0.0
-    # each term -l log(l / L) >= 0 (l <= L): max() only turns -0.0 into 0.0
-    score = max(0.0, float(-(pos * torch.log(pos / mass)).sum())) if pos.numel() else 0.0
-    return Novelty(score, mass, vals.cpu().numpy(), _top_modes(vals, vecs, n, top, per_mode))
-
-
-def _ken_rff(bc, n, sigma, eta, top, per_mode, dim, seed) -> Novelty:
-    """KEN in random Fourier features: eigh of Phi_x^T Phi_x / n - eta Phi_y^T Phi_y / m."""
-
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
-        raise ValueError(f"dim must be an integer >= 2 (random features); got {dim!r}")
-    m = bc.shape[0] - n
-    phi = spectra.rff_map(bc / sigma, dim, int(seed))(0, bc.shape[0])
-    px, py = phi[:n], phi[n:]
-    diff = px.T @ px / n - eta * (py.T @ py) / m
-    vals, w = torch.linalg.eigh(diff)
-    vals, w = vals.flip(0), w.flip(1)
-    return _novelty(vals, px @ w, n, top, per_mode)

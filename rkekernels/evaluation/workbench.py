@@ -4,12 +4,20 @@
 (cached on disk), then computes the scores of ``rkekernels evaluate``; the command line prints
 its result (``--json``) and writes the report from it (`rkekernels.cli.report`).
 
-The result holds n, d, encoder, encoder_model, sigma, rke (with a jackknife interval,
-``rke_interval``), vendi (order 1, Gaussian at sigma), modes ([{weight, files}]), the most and
-least crowded samples (largest / smallest s_i = sum_j k(x_i, x_j)^2); with prompts sigma_t,
-cond_rke (with ``cond_rke_interval``) and cond_vendi; with a reference m, relative_rke, novelty
-(KEN), novel_mass and novel_modes; and cache ({cached, encoded, dir}). Several sigmas give lists
-(modes and novelty at the first one: ``modes_sigma``, ``novelty_sigma``).
+One bandwidth for every comparison, by construction: with a reference and no ``sigma``, GEN is
+scored at the reference's `default_bandwidth` (two runs against one reference then share sigma
+and compare); without a reference at GEN's own; ``sigma_from`` says which ("reference",
+"generated" or "given").
+
+The result holds n, d, encoder, encoder_model, sigma, sigma_from, rke (with a jackknife interval,
+``rke_interval``), vendi (order 1, Gaussian at sigma), modes ([{sigma, weight, files}], only
+modes that hold samples), the most and least crowded samples (largest / smallest
+s_i = sum_j k(x_i, x_j)^2); with prompts sigma_t, cond_rke (with ``cond_rke_interval``) and
+cond_vendi; with a reference m, relative_rke, novelty (KEN), novel_mass, novel_modes, and
+novelty_null ({mean, std, draws}) with novelty_p (the null of `ken_novelty`; None when the
+reference holds fewer than 2 n samples or null_draws = 0); and cache ({cached, encoded, dir}).
+Several sigmas give lists (modes and novelty at the first one: ``modes_sigma``,
+``novelty_sigma``).
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ from ..adapters import encoders
 from ..scores import cond_rke_score, default_bandwidth, rke_score
 from .embeddings import _embed_prompts, _embed_sets, _encoder_key, _Encoders, default_cache_dir
 from .inputs import _read_prompts, _Set
-from .statistics import cond_rke_interval, ken_novelty, relative_rke, rke_interval, sample_sums
+from .novelty import ken_novelty
+from .statistics import cond_rke_interval, relative_rke, rke_interval, sample_sums
 
 __all__ = ["evaluate"]
 
@@ -44,11 +53,27 @@ def _py(v: Any) -> Any:
     return v
 
 
-def _modes_json(modes, names, per_mode: int) -> list[dict[str, Any]]:
+def _modes_json(modes, names, per_mode: int, sigma: float) -> list[dict[str, Any]]:
+    """The modes that hold samples (an eigenvector with no positive entry has none), each with
+    the bandwidth it was found at."""
     return [
-        {"weight": float(m.weight), "files": [names[int(i)] for i in m.members[:per_mode]]}
+        {
+            "sigma": sigma,
+            "weight": float(m.weight),
+            "files": [names[int(i)] for i in m.members[:per_mode]],
+        }
         for m in modes
+        if len(m.members)
     ]
+
+
+def _pick_sigma(sigma, x, y) -> tuple[list[float], str]:
+    """The bandwidths and where they came from: given, REF's default, or GEN's default."""
+    if sigma:
+        return [float(s) for s in sigma], "given"
+    if y is not None:
+        return [_default_sigma(y)], "reference"
+    return [_default_sigma(x)], "generated"
 
 
 def evaluate(
@@ -74,6 +99,8 @@ def evaluate(
     key: str | None = None,
     max_bytes: int | None = None,
     progress: bool = False,
+    null_draws: int = 199,
+    seed: int = 0,
     _keep: dict | None = None,
 ) -> dict[str, Any]:
     """Evaluate a folder of generated images (or an embedding file); the ``--json`` object.
@@ -91,7 +118,8 @@ def evaluate(
         encoder: "dinov2" (default), "clip", "inception" or "pixels".
         encoder_model: weights (hub id or local folder) for the encoder; None: its default.
         text_model: CLIP weights for the prompts (None: the clip encoder's, else the default).
-        sigma: bandwidth(s); None: the default bandwidth of GEN's features. Several give lists.
+        sigma: bandwidth(s); None: the default bandwidth of REF's features when a reference is
+            given (so runs against one reference share it), else of GEN's. Several give lists.
         sigma_t: prompt bandwidth (None: the default bandwidth of the prompt embeddings).
         top, per_mode: how many modes, and files listed per mode. crowded: how many samples
             in the most / least crowded lists.
@@ -102,6 +130,11 @@ def evaluate(
         key: array name inside multi-array embedding files. max_bytes: the largest a
             compressed .npz array may inflate to (`rkekernels._files.load_array`).
         progress: tqdm progress bars on stderr.
+        null_draws, seed: the novelty null (`ken_novelty`): KEN of ``null_draws`` reference
+            subsets of n samples against the rest, and the p-value of the observed KEN
+            (computed against m - n reference samples, the null's size). Needs m >= 2 n
+            (else novelty_null and novelty_p are None); 0 turns it off. Cost: ``null_draws``
+            eigenvalue problems of the reference's size (see `ken_novelty`).
 
     Returns:
         A JSON-ready dict (the keys are listed in the module docstring).
@@ -115,8 +148,8 @@ def evaluate(
         >>> p = os.path.join(tempfile.mkdtemp(), "x.npy")
         >>> np.save(p, np.repeat(np.eye(3) * 100.0, 4, axis=0))  # 3 far-apart modes
         >>> res = evaluate(p, sigma=[1.0], cache_dir=None)
-        >>> round(res["rke"], 6), [len(m["files"]) for m in res["modes"][:3]]
-        (3.0, [4, 4, 4])
+        >>> round(res["rke"], 6), res["sigma_from"], [len(m["files"]) for m in res["modes"]]
+        (3.0, 'given', [4, 4, 4])
     """
     root = default_cache_dir() if cache_dir == "default" else cache_dir
     if encoder not in encoders.ENCODERS:
@@ -141,14 +174,17 @@ def evaluate(
             f"{reference}: features of width {y.shape[1]}, {gen}: width {x.shape[1]}; "
             "embed both sets with the same encoder"
         )
+    if isinstance(null_draws, bool) or not isinstance(null_draws, int) or null_draws < 0:
+        raise CLIError(f"null_draws must be an integer >= 0; got {null_draws!r}")
     many = sigma is not None and len(sigma) > 1
-    sigmas = [float(s) for s in sigma] if sigma else [_default_sigma(x)]
+    sigmas, sigma_from = _pick_sigma(sigma, x, y)
     out: dict[str, Any] = {
         "n": x.shape[0],
         "d": int(x.shape[1]),
         "encoder": encoder if g.matrix is None else "embeddings",
         "encoder_model": (encoder_model or "default") if g.matrix is None else None,
         "sigma": sigmas if many else sigmas[0],
+        "sigma_from": sigma_from,
     }
     arg = sigmas if many else sigmas[0]
     s0 = sigmas[0]
@@ -159,7 +195,8 @@ def evaluate(
             if t is not None:
                 _score_prompts(out, x, t.float(), arg, sigma_t, enough, level, unbiased)
             if y is not None:
-                _score_reference(out, x, y.float(), g.names, arg, s0, many, top, per_mode)
+                null = (null_draws, seed)
+                _score_reference(out, x, y.float(), g.names, arg, s0, many, top, per_mode, null)
             if many:
                 out["modes_sigma"] = s0
     except (ValueError, TypeError) as exc:
@@ -167,7 +204,8 @@ def evaluate(
     stats = {k: v for k, v in stats.items() if not k.startswith("_")}  # "_cache_off": internal
     out["cache"] = {**stats, "dir": str(root) if root is not None else None}
     if _keep is not None:  # what the report needs beyond the JSON
-        _keep.update(x=x, gen=g, sigma=s0, sweep=_sweep(x, s0))
+        ref_sweep = _sweep(y.float(), s0) if y is not None else None
+        _keep.update(x=x, gen=g, sigma=s0, sweep=_sweep(x, s0), ref_sweep=ref_sweep)
     return out
 
 
@@ -207,7 +245,7 @@ def _score_set(out, x, names, arg, s0, enough, top, per_mode, crowded, level, un
     if ci is not None and not unbiased:
         out["rke"] = _py(ci.estimate)
     out["vendi"] = _py(vendi.vendi_score(x, 1.0, arg))
-    out["modes"] = _modes_json(vendi.vendi_modes(x, min(top, n), s0), names, per_mode)
+    out["modes"] = _modes_json(vendi.vendi_modes(x, min(top, n), s0), names, per_mode, s0)
     sums = sample_sums(x, sigma=s0).x
     order = torch.argsort(sums, descending=True).tolist()
     k = min(crowded, n)
@@ -238,14 +276,21 @@ def _score_prompts(out, x, t, arg, sigma_t, enough, level, unbiased) -> None:
     out["cond_vendi"] = _py(vendi.cond_vendi_score(x, t, 1.0, arg, st))
 
 
-def _score_reference(out, x, y, names, arg, s0, many, top, per_mode) -> None:
-    """Relative RKE and KEN novelty (with the novel modes) of x against the reference y."""
-    out["m"] = int(y.shape[0])
+def _score_reference(out, x, y, names, arg, s0, many, top, per_mode, null) -> None:
+    """Relative RKE and KEN novelty (with the novel modes and its null) of x against y."""
+    draws, seed = null
+    n, m = x.shape[0], y.shape[0]
+    out["m"] = int(m)
     out["relative_rke"] = _py(relative_rke(x, y, arg))
-    nov = ken_novelty(x, y, s0, top=top, per_mode=per_mode)
+    draws = draws if m >= 2 * n else 0  # the null needs reference subsets of n and the rest
+    nov = ken_novelty(x, y, s0, top=top, per_mode=per_mode, null_draws=draws, seed=seed)
     out["novelty"] = nov.score
     out["novel_mass"] = nov.novel_mass
-    out["novel_modes"] = _modes_json(nov.modes, names, per_mode)
+    out["novelty_null"] = (
+        {"mean": nov.null_mean, "std": nov.null_std, "draws": draws} if draws else None
+    )
+    out["novelty_p"] = nov.p_value
+    out["novel_modes"] = _modes_json(nov.modes, names, per_mode, s0)
     if many:
         out["novelty_sigma"] = s0
 
