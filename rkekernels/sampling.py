@@ -140,7 +140,8 @@ class DiversityGuidance:
             ``sigma = sqrt(2) * s_c`` ~ 0.85 to 1.1.
         sigma_cond: bandwidth of the kernel on prompt embeddings. None (default): automatic;
             the guidance becomes prompt-aware (`conditional`) at the first ``cond`` it is
-            given, and from then on every `apply`/`commit` needs one; sigma_cond is then the
+            given (the diffusers adapters capture the pipeline's own prompt embeddings,
+            wherever it has some), and from then on every `apply`/`commit` needs one; sigma_cond is then the
             smallest distance between distinct prompts / 3 (another prompt weighs <= 1.2e-4),
             or 0.3 x the prompts' RMS norm while there is one prompt (`bandwidths`). A number:
             prompt-aware from the start (cond required). ``math.inf``: prompts ignored (the
