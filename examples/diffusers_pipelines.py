@@ -1,8 +1,9 @@
 """`sparke(pipe, guidance)` in every supported diffusers pipeline, on tiny local pipelines.
 
 Builds each pipeline of `rkekernels.adapters._tiny` (random weights, nothing downloaded) and
-runs two guided calls of 2 images, 2 steps each, in three modes: (a) unconditional,
-(b) prompt-aware with ``cond`` pooled from the pipeline's prompt embeddings, (c) (b) plus
+runs two guided calls of 2 images, 2 steps each, in three modes: (a) unconditional
+(``sigma_cond=math.inf``), (b) prompt-aware with ``cond`` pooled from the pipeline's prompt
+embeddings (the default automatic ``sigma_cond=None``), (c) (b) with ``sigma_cond=0.5`` plus
 classifier-free guidance. It prints, per pipeline and mode: how the pipeline is guided, where
 ``cond`` came from, the bank size after each call, and the largest change of the second call's
 latents against the same call unguided (same seed). The docs' support table comes from it::
@@ -13,6 +14,7 @@ latents against the same call unguided (same seed). The docs' support table come
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
@@ -30,8 +32,9 @@ def measure(name: str, mode: str) -> dict:
     """Two guided calls of ``tiny_pipeline(name)`` in ``mode`` ("a", "b" or "c")."""
     pipe = tiny_pipeline(name)
     cfg = mode == "c"
-    # scale=0.2 is larger than the default 0.05, so the change shows after 2 steps
-    guide = DiversityGuidance(1.0, sigma_cond=None if mode == "a" else 0.5, scale=0.2)
+    # scale=0.2 is larger than the default 0.1, so the change shows after 2 steps
+    sigma_cond = {"a": math.inf, "b": None, "c": 0.5}[mode]
+    guide = DiversityGuidance(1.0, sigma_cond=sigma_cond, scale=0.2)
     sizes = []
     with sparke(pipe, guide) as session:
         for seed in range(2):

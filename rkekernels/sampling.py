@@ -140,11 +140,13 @@ class DiversityGuidance:
             ``sigma = sqrt(2) * s_c`` ~ 0.85 to 1.1.
         sigma_cond: bandwidth of the kernel on prompt embeddings. None (default): automatic;
             the guidance becomes prompt-aware (`conditional`) at the first ``cond`` it is
-            given, and from then on every `apply`/`commit` needs one; sigma_cond is then the
-            smallest distance between distinct prompts / 3 (another prompt weighs <= 1.2e-4),
-            or 0.3 x the prompts' RMS norm while there is one prompt (`bandwidths`). A number:
-            prompt-aware from the start (cond required). ``math.inf``: prompts ignored (the
-            prompt kernel is 1; a cond is accepted and unused).
+            given (the diffusers adapters capture the pipeline's own prompt embeddings,
+            wherever it has some), and from then on every `apply`/`commit` needs one;
+            sigma_cond is then the smallest distance between distinct prompts / 3 (another
+            prompt weighs <= 1.2e-4), or 0.3 x the prompts' RMS norm while there is one prompt
+            (`bandwidths`). A number: prompt-aware from the start (cond required).
+            ``math.inf``: prompts ignored (the prompt kernel is 1; a cond is accepted and
+            unused).
         scale: step size (finite, >= 0; 0 disables): relative to ||z_a|| in `apply` (the paper
             uses 0.02 to 0.4), the raw score-space weight in `guided_denoiser`. Default
             `DEFAULT_SCALE` = 0.1, the knee of the frontier benchmark (docs: "Choosing a

@@ -2,6 +2,7 @@
 (nothing downloaded), plus the optional-dependency behaviour."""
 
 import importlib
+import math
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -57,7 +58,7 @@ def _run(pipe, embeds, seed, callback=None, guidance_scale=1.0, output_type="lat
 
 
 def test_scale_zero_equals_unguided_and_bank_grows(pipe, embeds):
-    guide = DiversityGuidance(1.0, scale=0.0)
+    guide = DiversityGuidance(1.0, sigma_cond=math.inf, scale=0.0)  # prompts ignored
     cb = sparke_callback(guide)
     assert isinstance(cb, diffusers.callbacks.PipelineCallback)
     assert cb.tensor_inputs == ["latents"]
@@ -69,7 +70,7 @@ def test_scale_zero_equals_unguided_and_bank_grows(pipe, embeds):
 
 
 def test_guidance_moves_later_images_and_banks_every_image(pipe, embeds):
-    guide = DiversityGuidance(1.0, scale=0.1, include_batch=False)
+    guide = DiversityGuidance(1.0, sigma_cond=math.inf, scale=0.1, include_batch=False)
     cb = sparke_callback(guide)
     outs = []
     for i, seed in enumerate((0, 1, 2)):
@@ -88,7 +89,8 @@ def test_guidance_moves_later_images_and_banks_every_image(pipe, embeds):
 
 
 def test_batch_members_repel_each_other(pipe, embeds):
-    guide = DiversityGuidance(1.0, scale=0.1, include_batch=True)
+    # unconditional: the two prompts differ, so prompt-aware guidance would barely move them
+    guide = DiversityGuidance(1.0, sigma_cond=math.inf, scale=0.1, include_batch=True)
     plain = _run(pipe, embeds, 0)
     guided = _run(pipe, embeds, 0, sparke_callback(guide))
     assert torch.isfinite(guided).all()
@@ -105,6 +107,53 @@ def test_conditional_with_explicit_cond(pipe, embeds):
     guided = _run(pipe, embeds, 1, cb)
     assert not torch.allclose(plain, guided, atol=1e-3)
     assert torch.allclose(guide.bank.cond, torch.cat([cond, cond]))
+
+
+def test_default_sigma_cond_captures_prompt_embeds(pipe, embeds):
+    # issue 24: DiversityGuidance() (sigma_cond=None) is prompt-aware on the pipeline's own
+    # prompt embeddings from the first batch on; sigma_cond=math.inf ignores them
+    guide = DiversityGuidance(include_batch=False)
+    cb = sparke_callback(guide)
+    assert cb.tensor_inputs == ["latents", "prompt_embeds"]  # SD reads them from the callback
+    _run(pipe, embeds, 0, cb)
+    assert guide.conditional
+    plain = _run(pipe, embeds, 1)
+    guided = _run(pipe, embeds, 1, cb)
+    assert not torch.allclose(plain, guided, atol=1e-3)
+    pooled = embeds.mean(dim=1)
+    pooled = pooled / pooled.norm(dim=1, keepdim=True)
+    assert torch.allclose(guide.bank.cond, torch.cat([pooled, pooled]), atol=1e-6)
+    ignored = DiversityGuidance(sigma_cond=math.inf)
+    cb = sparke_callback(ignored)
+    assert cb.tensor_inputs == ["latents"]
+    _run(pipe, embeds, 0, cb)
+    assert not ignored.conditional and ignored.bank.cond is None
+    # a bank filled without prompts stays unconditional (its rows have no prompt to weigh)
+    filled = DiversityGuidance()
+    filled.commit(torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(4)))
+    cb = sparke_callback(filled)
+    assert cb.tensor_inputs == ["latents"]
+    _run(pipe, embeds, 0, cb)
+    assert not filled.conditional and len(filled.bank) == 2 * B
+
+
+def test_default_sigma_cond_without_prompt_embeds():
+    # a pipeline that offers no prompt embeddings to callbacks is guided unconditionally;
+    # one that offers them but did not hand them over is told how to pass them
+    lat = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(1))
+    guide = DiversityGuidance()
+    cb = sparke_callback(guide)
+    bare = SimpleNamespace(num_timesteps=2, _callback_tensor_inputs=["latents", "image_embeds"])
+    out = cb(bare, 0, None, {"latents": lat})["latents"]
+    assert not torch.equal(out, lat)  # the batch members repel each other
+    cb(bare, 1, None, {"latents": out})
+    assert len(guide.bank) == 2 and guide.bank.cond is None and not guide.conditional
+    texty = SimpleNamespace(num_timesteps=2, _callback_tensor_inputs=["latents", "prompt_embeds"])
+    cb = sparke_callback(DiversityGuidance())
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        cb(texty, 0, None, {"latents": lat})
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        sparke_callback(DiversityGuidance(sigma_cond=0.5))(bare, 0, None, {"latents": lat})
 
 
 def test_conditional_with_pooled_prompt_embeds(pipe, embeds):

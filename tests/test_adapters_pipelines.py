@@ -1,9 +1,11 @@
 """`sparke(pipe, guidance)` in every supported diffusers pipeline, built tiny and locally
 (`rkekernels.adapters._tiny`: random weights, 2 steps, 8x8 latents or smaller; nothing is
-downloaded), in the three modes: (a) unconditional, (b) prompt-aware with cond pooled from the
-pipeline's prompt embeddings, (c) (b) plus classifier-free guidance."""
+downloaded), in the three modes: (a) unconditional (``sigma_cond=math.inf``: prompts ignored),
+(b) prompt-aware with cond pooled from the pipeline's prompt embeddings (the default automatic
+``sigma_cond=None``), (c) (b) with an explicit ``sigma_cond`` plus classifier-free guidance."""
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -122,7 +124,8 @@ def test_sparke_in_every_pipeline(name, mode):
     pipe = tiny_pipeline(name)
     cls = type(pipe)
     cfg = mode == "c"
-    guide = DiversityGuidance(1.0, sigma_cond=None if mode == "a" else 0.5, scale=0.2)
+    sigma_cond = {"a": math.inf, "b": None, "c": 0.5}[mode]
+    guide = DiversityGuidance(1.0, sigma_cond=sigma_cond, scale=0.2)
     outs = []
     with sparke(pipe, guide) as session:
         for seed in range(2):
@@ -138,8 +141,8 @@ def test_sparke_in_every_pipeline(name, mode):
         assert torch.allclose(guide.bank.features[B:], features(outs[1]), atol=1e-5)
     if mode == "a":
         assert guide.bank.cond is None and session.cond_source is None
-    else:
-        assert session.cond_source == SOURCE[name]
+    else:  # (b): captured by the automatic sigma_cond, prompt-aware from the first call
+        assert guide.conditional and session.cond_source == SOURCE[name]
         want = expected_cond(name, pipe)
         assert torch.allclose(guide.bank.cond, torch.cat([want, want]), atol=1e-5)
     # nothing is left behind
@@ -147,6 +150,71 @@ def test_sparke_in_every_pipeline(name, mode):
     assert "step" not in vars(pipe.scheduler)
     denoiser = getattr(pipe, "transformer", None) or pipe.unet
     assert not denoiser._forward_pre_hooks
+
+
+def test_default_guidance_is_prompt_aware_on_the_captured_prompts():
+    # issue 24: sparke(pipe, DiversityGuidance()) captures the pipeline's prompt embeddings
+    pipe = tiny_pipeline("sd15")
+    guide = DiversityGuidance()
+    outs = []
+    with sparke(pipe, guide) as session:
+        for seed in range(2):
+            outs.append(_latents(pipe(**tiny_call_kwargs("sd15", seed=seed))))
+            assert guide.conditional and session.cond_source == SOURCE["sd15"]
+    want = expected_cond("sd15", pipe)
+    assert torch.allclose(guide.bank.cond, torch.cat([want, want]), atol=1e-5)
+    assert guide.bandwidths()[1] is not None  # an automatic sigma_cond is in use
+    plain = _latents(pipe(**tiny_call_kwargs("sd15", seed=1)))
+    for a in range(B):
+        assert (outs[1][a] - plain[a]).abs().max() > 1e-3
+    # a bank filled without prompts stays unconditional; sigma_cond=math.inf captures nothing
+    filled = DiversityGuidance()
+    filled.commit(torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    for guide in (filled, DiversityGuidance(sigma_cond=math.inf)):
+        with sparke(pipe, guide) as session:
+            pipe(**tiny_call_kwargs("sd15"))
+        assert session.cond_source is None and guide.bank.cond is None
+        assert not guide.conditional and session.steps == 2
+
+
+def _tiny_ddim():
+    """An unconditional DDIM pipeline (its UNet gets the sample and the timestep only)."""
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=100))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_unconditional_pipeline_stays_unconditional():
+    pipe = _tiny_ddim()
+
+    def call(seed):
+        g = torch.Generator().manual_seed(seed)
+        out = pipe(batch_size=B, num_inference_steps=2, output_type="np", generator=g)
+        return torch.as_tensor(out.images)
+
+    guide = DiversityGuidance(scale=0.2)  # sigma_cond=None: no prompts here, no error
+    with sparke(pipe, guide) as session:
+        outs = [call(seed) for seed in range(2)]
+    assert session.route == "scheduler.step" and session.cond_source is None
+    assert len(guide.bank) == 2 * B and guide.bank.cond is None and not guide.conditional
+    plain = call(1)
+    assert (outs[1] - plain).abs().amax() > 1e-3  # guided
+    with pytest.raises(ValueError, match="found no prompt embeddings"):
+        with sparke(pipe, DiversityGuidance(sigma_cond=0.5)):  # an explicit one needs prompts
+            call(0)
 
 
 def _first_cond(pipe, name, **call):

@@ -130,10 +130,15 @@ def test_diffusers_adapters_take_the_defaults():
     from rkekernels.adapters.diffusers import sparke
 
     pipe = tiny_pipeline("dit")
-    plain = DiversityGuidance()
-    with sparke(pipe, plain):
+    plain = DiversityGuidance()  # captures DiT's class labels: prompt-aware on them
+    with sparke(pipe, plain) as session:
         pipe(**tiny_call_kwargs("dit", seed=0))
-    assert len(plain.bank) > 0 and not plain.conditional and plain._auto["sigma"] > 0.0
+    assert len(plain.bank) > 0 and plain._auto["sigma"] > 0.0 and plain._auto["sigma_cond"] > 0.0
+    assert plain.conditional and session.cond_source == "class_labels"
+    ignored = DiversityGuidance(sigma_cond=math.inf)
+    with sparke(pipe, ignored) as session:
+        pipe(**tiny_call_kwargs("dit", seed=0))
+    assert not ignored.conditional and ignored.bank.cond is None and session.cond_source is None
     given = DiversityGuidance()
     b = len(plain.bank)
     with sparke(pipe, given, cond=torch.eye(3)[:1].expand(b, 3)):  # a given cond: prompt-aware

@@ -20,7 +20,12 @@ committed with their ``cond``. A call during which the hook never ran raises `Sp
 the reason and the fix (a schedule that selects no step, or ``scale=0``, is not an error: the
 hook ran). Everything is restored when the ``with`` block exits, also after an exception.
 
-Prompt embeddings for conditional guidance (``guidance.sigma_cond`` set), in this order:
+Prompt embeddings. With the default ``sigma_cond=None`` (automatic) they are captured whenever
+the pipeline has prompt conditioning, and the guidance is prompt-aware from the first batch; a
+pipeline without any (DDPM, DDIM) is guided unconditionally, and so is a guidance whose bank
+already holds rows committed without prompts. A finite ``sigma_cond`` requires them;
+``sigma_cond=math.inf`` ignores prompts and captures nothing. ``session.cond_source`` says what
+was used (None: unconditional). They are taken in this order:
 
 1. ``cond`` given to `sparke` (or `sparke_callback`): used as given, (b, m), (m,) or token
    embeddings (b, tokens, m), mean-pooled.

@@ -10,6 +10,7 @@ from diffusers.callbacks import PipelineCallback
 
 from ...sampling import DiversityGuidance
 from .._checks import check_adapter_guidance
+from .capture import auto_capture
 from .cond import MASK_INPUTS, POOLED_INPUTS, _fixed_cond, pool_prompt_embeds
 
 
@@ -17,8 +18,7 @@ class SparkeCallback(PipelineCallback):
     """A diffusers `PipelineCallback` that applies a `DiversityGuidance` at every step end.
 
     Build it with `sparke_callback`. ``tensor_inputs`` is ``["latents"]``, plus
-    ``"prompt_embeds"`` (or the ``pooled`` input) when the guidance is conditional and no
-    ``cond`` was given.
+    ``"prompt_embeds"`` (or the ``pooled`` input) while it is `capturing`.
 
     Attributes:
         guidance: the `DiversityGuidance` (its bank grows by one batch per pipeline call).
@@ -44,9 +44,19 @@ class SparkeCallback(PipelineCallback):
         self.pooled = pooled
 
     @property
+    def capturing(self) -> bool:
+        """Whether the callback takes prompt embeddings from the pipeline: no ``cond`` was
+        given and the guidance is conditional, or its ``sigma_cond`` is automatic (None) and its
+        bank is empty or holds prompts (`sparke_callback`'s "Prompts")."""
+        g = self.guidance
+        if self.cond is not None or g.sigma_cond == math.inf:
+            return False
+        return g.conditional or auto_capture(g)
+
+    @property
     def tensor_inputs(self) -> list[str]:
         """The pipeline tensors this callback reads (and may return)."""
-        if self.guidance.conditional and self.cond is None:
+        if self.capturing:
             return ["latents", self.pooled or "prompt_embeds"]
         return ["latents"]
 
@@ -61,8 +71,14 @@ class SparkeCallback(PipelineCallback):
     def _cond_for(self, pipeline: Any, kwargs: dict, latents: torch.Tensor) -> Any:
         if self.cond is not None and self.guidance.sigma_cond != math.inf:
             return self.cond.to(latents.device)  # sigma_cond=None: conditional from here on
-        if not self.guidance.conditional:
+        if not self.capturing:
             return None
+        want = self.pooled or "prompt_embeds"
+        if not self.guidance.conditional and all(
+            kwargs.get(n) is None for n in (want, *POOLED_INPUTS)
+        ):  # automatic sigma_cond: a pipeline without prompt embeddings stays unconditional
+            if want not in (getattr(pipeline, "_callback_tensor_inputs", None) or ()):
+                return None
         cfg = getattr(pipeline, "do_classifier_free_guidance", None)
         cfg = None if cfg is None else bool(cfg)
         b = latents.shape[0]
@@ -109,14 +125,29 @@ def sparke_callback(
     `sparke` does this for every pipeline (also those without callbacks) and checks that the
     guidance ran; use the callback where you pass callbacks yourself.
 
+    Prompts, with no ``cond`` given, by ``guidance.sigma_cond``:
+
+    - None (the default, automatic): the callback asks for ``prompt_embeds`` (or ``pooled``) in
+      its ``tensor_inputs`` and the guidance is prompt-aware from the first step that gets them.
+      A pipeline without them (none in its ``_callback_tensor_inputs``: Kandinsky 2.2's decoder,
+      an unconditional pipeline) is guided unconditionally, without an error; a pipeline that
+      has them but was not asked to hand them over raises the error that names
+      ``callback_on_step_end_tensor_inputs``. A pipeline that checks ``tensor_inputs`` against
+      its own list and has no ``prompt_embeds`` there (Stable Video Diffusion) refuses the
+      callback: use ``sigma_cond=math.inf`` or `sparke` there. A bank that already holds rows
+      committed without prompts keeps the guidance unconditional (``tensor_inputs`` is then
+      ``["latents"]``).
+    - a number: prompt-aware; a missing ``prompt_embeds`` is an error.
+    - ``math.inf``: prompts ignored; ``tensor_inputs`` is ``["latents"]``.
+
     Args:
         guidance: a `rkekernels.DiversityGuidance` (schedule, scale, bank).
         cond: prompt embeddings for conditional guidance: (b, m), (m,) (one for all images)
             or token embeddings (b, tokens, m), mean-pooled; used as given otherwise. None:
-            when the guidance is conditional, taken at each step from the callback arguments
-            (`pool_prompt_embeds`): a pooled ``pooled_prompt_embeds`` / ``add_text_embeds``
-            where the pipeline hands one over, else ``prompt_embeds`` averaged over the tokens
-            of its ``prompt_attention_mask`` / ``attention_mask`` (all tokens without one).
+            taken at each step from the callback arguments (`pool_prompt_embeds`): a pooled
+            ``pooled_prompt_embeds`` / ``add_text_embeds`` where the pipeline hands one over,
+            else ``prompt_embeds`` averaged over the tokens of its ``prompt_attention_mask`` /
+            ``attention_mask`` (all tokens without one); see "Prompts".
         normalize_cond: divide pooled embeddings by their L2 norm (default), so ``sigma_cond``
             is on the scale of unit vectors.
         pooled: ask the pipeline for its pooled text embedding instead of ``prompt_embeds``:
@@ -129,9 +160,9 @@ def sparke_callback(
 
     Raises:
         TypeError: guidance is not a DiversityGuidance.
-        ValueError: cond given for an unconditional guidance; at run time a tensor the pipeline
-            did not hand over (the message names ``callback_on_step_end_tensor_inputs``) and
-            the errors of `DiversityGuidance.apply`.
+        ValueError: cond given to a guidance whose bank holds rows committed without cond; at
+            run time a tensor the pipeline did not hand over (the message names
+            ``callback_on_step_end_tensor_inputs``) and the errors of `DiversityGuidance.apply`.
 
     Example:
         >>> import torch
@@ -140,13 +171,15 @@ def sparke_callback(
         >>> from rkekernels.adapters.diffusers import sparke_callback
         >>> guide = DiversityGuidance(sigma=1.0, scale=0.1)
         >>> cb = sparke_callback(guide)        # pipe(..., callback_on_step_end=cb)
-        >>> cb.tensor_inputs
-        ['latents']
-        >>> pipe = SimpleNamespace(num_timesteps=2, do_classifier_free_guidance=False)
+        >>> cb.tensor_inputs                   # sigma_cond=None: prompts wherever there are any
+        ['latents', 'prompt_embeds']
+        >>> pipe = SimpleNamespace(            # a pipeline without prompts: unconditional
+        ...     num_timesteps=2, do_classifier_free_guidance=False, _callback_tensor_inputs=[]
+        ... )
         >>> lat = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
         >>> for i in range(2):                 # what the pipeline does after each step
         ...     lat = cb(pipe, i, None, {"latents": lat})["latents"]
-        >>> len(guide.bank)
-        3
+        >>> len(guide.bank), guide.conditional, cb.tensor_inputs
+        (3, False, ['latents'])
     """
     return SparkeCallback(guidance, cond, normalize_cond=normalize_cond, pooled=pooled)

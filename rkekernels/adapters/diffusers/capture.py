@@ -129,6 +129,34 @@ def undouble(latents: torch.Tensor, capture: _Capture) -> tuple[torch.Tensor, bo
     return latents, False
 
 
+def auto_capture(guidance: Any) -> bool:
+    """Whether an automatic ``sigma_cond`` (None) may still turn prompt-aware on captured
+    prompts: its bank is empty or already holds prompt embeddings. A bank holding rows committed
+    without prompts keeps the guidance unconditional (prompts cannot be added to it later)."""
+    return guidance.sigma_cond is None and (
+        len(guidance.bank) == 0 or guidance.bank.cond is not None
+    )
+
+
+def has_prompt_cond(capture: _Capture) -> bool:
+    """Whether the denoiser's last call carried conditioning that `capture_cond` can take:
+    class labels, a 2-D pooled embedding, token embeddings or a 2-D ``image_embeds``.
+
+    False for an unconditional pipeline (DDPM, DDIM, LDM: the UNet gets the sample and the
+    timestep only) and before the denoiser's first call.
+    """
+    seen = capture.seen
+    if seen is None:
+        return False
+    pooled = seen["pooled"]
+    return (
+        seen["class_labels"] is not None
+        or (pooled is not None and pooled.dim() == 2)
+        or isinstance(seen["tokens"], torch.Tensor)
+        or seen["image_embeds"] is not None
+    )
+
+
 def capture_cond(
     pipe: Any,
     capture: _Capture,

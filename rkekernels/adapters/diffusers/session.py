@@ -12,7 +12,7 @@ import torch
 
 from ...sampling import DiversityGuidance
 from .._checks import check_adapter_guidance
-from .capture import _Capture, _prompt_of, capture_cond, undouble
+from .capture import _Capture, _prompt_of, auto_capture, capture_cond, has_prompt_cond, undouble
 from .cond import DENOISERS, SparkeError, _fixed_cond
 from .decoded import DecodedFeatures, _image_size
 from .routes import scheduler_step, step_end_callback
@@ -30,7 +30,8 @@ class SparkeSession:
             ``"encoder_hidden_states (encoder_attention_mask)"``,
             ``"encoder_hidden_states (encoder_hidden_states_mask)"``,
             ``"encoder_hidden_states (tokenizer mask)"``, ``"encoder_hidden_states (all tokens)"``),
-            or None (unconditional).
+            or None (unconditional: ``sigma_cond=math.inf``, or an automatic ``sigma_cond`` on
+            a pipeline without prompt conditioning or a bank filled without prompts).
         steps: how many steps the hook saw in the last call; calls: guided calls so far.
     """
 
@@ -138,11 +139,17 @@ class SparkeSession:
     # ---------------------------------------------------------------- helpers
 
     def _cond(self, pipe: Any, capture: _Capture, b: int, state: dict) -> torch.Tensor | None:
-        if self.cond is not None and self.guidance.sigma_cond != math.inf:
+        """This step's prompt embeddings, or None (unconditional); see `sparke`'s "Prompts"."""
+        guidance = self.guidance
+        if guidance.sigma_cond == math.inf:  # prompts ignored: nothing is captured
+            return None
+        if self.cond is not None:
             self.cond_source = "cond"  # sigma_cond=None: conditional from here on
             return self.cond
-        if not self.guidance.conditional:
-            return None
+        if not guidance.conditional and not (
+            auto_capture(guidance) and (state["cond"] is not None or has_prompt_cond(capture))
+        ):
+            return None  # nothing to capture, or a bank filled without prompts
         return capture_cond(pipe, capture, b, state["cond"], state["prompt"], self._note)
 
     def _note(self, source: str) -> None:
@@ -161,23 +168,39 @@ def sparke(pipe: Any, guidance: DiversityGuidance, *, cond: Any = None) -> Itera
     wrapper of ``pipe.scheduler.step``) and commits its final latents (and their ``cond``) to
     ``guidance.bank``: b images per call, pushed away from every earlier one. The pipeline is
     not forked; its class, scheduler and denoiser are restored on exit, also after an exception.
-    Where ``cond`` comes from when the guidance is conditional: see the module docstring (the
-    pipeline's pooled embedding, else a mask-aware mean of its token embeddings, else DiT's
-    class labels as one-hot vectors).
+
+    Prompts: with no ``cond`` given, the prompt embeddings are captured from what the pipeline
+    hands its denoiser (the package docstring: class labels as one-hot vectors, else the pooled
+    text embedding, else a mask-aware mean of the token embeddings, else Kandinsky 2.2's image
+    embedding), by ``guidance.sigma_cond``:
+
+    - None (the default, automatic): captured whenever the pipeline has prompt conditioning,
+      and the guidance is prompt-aware from the first step of the first call. A pipeline without
+      any (DDPM, DDIM, LDM: the denoiser gets the sample and the timestep only) is guided
+      unconditionally, without an error. A bank that already holds rows committed without
+      prompts (an earlier unconditional call, ``guidance.commit(latents)``) keeps the guidance
+      unconditional: its rows have no prompt to weigh (start a new guidance, or pass ``cond``,
+      which then raises the "committed without cond" error).
+    - a number: prompt-aware; captured, and a pipeline without prompt conditioning is an error.
+    - ``math.inf``: prompts ignored, nothing is captured (a ``cond`` given is unused).
+
+    ``session.cond_source`` tells where the last call's embeddings came from (None when the
+    call was unconditional).
 
     Args:
         pipe: a diffusers pipeline (any ``DiffusionPipeline`` with a ``scheduler``).
         guidance: a `rkekernels.DiversityGuidance` (bandwidths, scale, schedule, bank).
         cond: fixed prompt embeddings (b, m), (m,) or (b, tokens, m) (mean-pooled) for every
-            call; None: taken from each call (conditional guidance) or not used.
+            call; None: captured from each call as "Prompts" says (or not used).
 
     Yields:
         A `SparkeSession` (``.route``, ``.cond_source``, ``.steps``, ``.calls``).
 
     Raises:
         TypeError: guidance is not a DiversityGuidance; pipe has no scheduler.
-        ValueError: cond given for an unconditional guidance; the pipe is already inside
-            `sparke`; at run time, prompt embeddings that cannot be matched to the latents.
+        ValueError: cond given to a guidance whose bank holds rows committed without cond;
+            the pipe is already inside `sparke`; at run time, prompt embeddings that cannot be
+            matched to the latents, or none at all for a finite ``sigma_cond``.
         SparkeError: a call during which the guidance never ran (the message says why).
 
     Example:
@@ -186,13 +209,13 @@ def sparke(pipe: Any, guidance: DiversityGuidance, *, cond: Any = None) -> Itera
         >>> from rkekernels.adapters._tiny import tiny_pipeline
         >>> from rkekernels.adapters.diffusers import sparke
         >>> pipe = tiny_pipeline("dit")                       # random weights, 8x8 latents
-        >>> guide = DiversityGuidance(sigma=1.0, sigma_cond=0.5, scale=0.1)
+        >>> guide = DiversityGuidance()      # automatic: prompt-aware on the captured labels
         >>> with sparke(pipe, guide) as session:
         ...     for seed in range(2):
         ...         _ = pipe(class_labels=[1, 2], num_inference_steps=2, output_type="latent",
         ...                  generator=torch.Generator().manual_seed(seed))
-        >>> len(guide.bank), session.route, session.cond_source
-        (4, 'scheduler.step', 'class_labels')
+        >>> len(guide.bank), session.route, session.cond_source, guide.conditional
+        (4, 'scheduler.step', 'class_labels', True)
         >>> type(pipe).__name__, "step" in vars(pipe.scheduler)   # restored
         ('DiTPipeline', False)
     """
