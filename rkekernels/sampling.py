@@ -1,30 +1,10 @@
 """`DiversityGuidance`: SPARKE guidance for any sampler, as a schedule plus one update rule.
 
-For a batch of b latents z_a being sampled, the bank of earlier samples f_1..f_n (features) with
-prompt embeddings c_j, and the current prompt embeddings y_a (SPEC section 2)::
-
-    S(z_a)  = sum_j w_j k_s(phi(z_a), f_j)^2,       w_j = k_sc(y_a, c_j)^2  (1 when unconditional)
-    g_a     = -grad_{z_a} log S(z_a)                (`rkekernels.guidance_grad`)
-    z_a    <- z_a + f_a * scale * ||z_a|| / ||g_a|| * g_a   (the rescaled step; g_a = 0: no move)
-
-with f_a = 1 for ``step_rule="paper"`` (the published step) and, by default
-(``step_rule="prompt_fade"``), ``f_a = min(1, max_j w_j / 0.05)``: a sample whose prompt is
-unrelated to every entry of S barely moves, one with a matching prompt takes the paper's step.
-
-Minimising S maximises the conditional RKE diversity of the bank plus the new sample. A
-``feature_fn`` (for example an image encoder applied to the decoded prediction) replaces phi's
-input: S is then evaluated on ``feature_fn(z)`` and the gradient is carried back to z by one
-vector-Jacobian product (the only autograd in the library).
-
-The schedule: `apply` is called once per sampler step with the sampler's ``progress`` in [0, 1]
-(0 = first step, e.g. ``step_index / num_steps``). Call number k (0-based, counted since the last
-`commit` or `reset`, or given explicitly as ``step=k``) is guided iff::
-
-    k % every == 0   and   start <= progress <= stop
-
-so ``every=10`` guides calls 0, 10, 20, ... and ``start``/``stop`` keep a window of the
-trajectory. After the last step, `commit` puts the finished samples into the bank (and restarts
-the count for the next batch).
+Each guided step moves every sample of the batch along g_a = -grad log S(z_a), the direction
+that raises the conditional RKE diversity of the bank plus the new sample
+(`rkekernels.guidance_grad`, SPEC section 2), by the paper's rescaled step; `commit` puts the
+finished samples into the bank. The settings, the automatic bandwidths, the prompt fade and the
+rescaled step are in `rkekernels.guidance_defaults`; the class docstring gives the schedule.
 """
 
 from __future__ import annotations
@@ -33,11 +13,32 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from ._input import BACKENDS, as_tensor, check_backend, check_sigma
 from .guidance import FeatureBank, GuidanceResult, features, guidance_grad
+from .guidance_defaults import (
+    AUTO_KNN,
+    AUTO_MIN_ROWS,
+    DEFAULT_SCALE,
+    DEFAULT_START,
+    DEFAULT_STOP,
+    OBJECTIVES,
+    PROMPT_FADE_TAU,
+    STEP_RULES,
+    auto_sigma,
+    auto_sigma_cond,
+    check_choice,
+    check_count,
+    check_latents,
+    check_scale,
+    check_sigma_cond,
+    check_unit,
+    known_prompts,
+    objective_fade,
+    prompt_fade,
+    rescaled_step,
+)
 from .ops import guidance_kernels
 
 __all__ = [
@@ -51,66 +52,6 @@ __all__ = [
     "STEP_RULES",
     "DiversityGuidance",
 ]
-
-#: "log": -grad log S (SPEC, the paper's direction). "log1p": -grad log(1 + 2 S), the log of the
-#: actual rise 2 S + 1 of CondRKE's denominator: the same direction times 2S / (1 + 2S) in [0, 1].
-#: Only the gradient's length differs, so under `DiversityGuidance.apply`'s rescaled step (which
-#: divides by ||g||) the two are the same; they differ only where the step is not rescaled
-#: (`guided_denoiser`'s raw score-space scale). The factor is small wherever S is small, which
-#: is the case for an unrelated prompt but also for a matching prompt whose sample is merely far
-#: from the bank: it is not a prompt fade (that is ``step_rule="prompt_fade"``).
-OBJECTIVES = ("log", "log1p")
-
-#: "prompt_fade" (default): the step is multiplied by f = min(1, max_j w_j / PROMPT_FADE_TAU),
-#: w_j = k_sc(y, c_j)^2 the prompt-side weights of the entries of S; "paper": the published
-#: step (f = 1).
-STEP_RULES = ("prompt_fade", "paper")
-
-#: tau of the prompt fade: some prompt weight w_j >= 0.05 gives the paper's step exactly; all
-#: w_j <= 1e-3 give f <= 0.02 (at most 2% of a matching prompt's step). On unit-normalised text
-#: embeddings with sigma_cond = 0.45, w_j = 0.05 is a cosine similarity of 0.70.
-PROMPT_FADE_TAU = 0.05
-
-
-#: ``sigma=None``: the feature bandwidth is the median distance from a row to its AUTO_KNN-th
-#: nearest neighbour, over the bank's rows and the batch's own (features as the bank stores
-#: them; at most 1,000 bank rows, drawn with a fixed seed).
-AUTO_KNN = 3
-
-#: While the bank holds fewer rows than this, the automatic bandwidths are recomputed at every
-#: guided step from the bank plus the current batch (O((n + b)^2) on n < 64 rows); from then
-#: on they are cached and refreshed when the bank's size has doubled (or shrunk: a cleared or
-#: reloaded bank), so O(rows) work now and then.
-AUTO_MIN_ROWS = 64
-
-#: The default step size and schedule window: the knee of the frontier benchmark
-#: (``python -m benchmarks.bench_frontier``; docs/choosing_guidance.md): the largest scale of
-#: the sweep within 5% of unguided k-NN precision on both tuning models (learned digit
-#: denoisers, ``guided_denoiser``'s raw step); a window 0.2-0.7 was no better at equal precision.
-DEFAULT_SCALE = 0.1
-DEFAULT_START = 0.0
-DEFAULT_STOP = 1.0
-
-#: ``sigma_cond=None`` with two or more distinct prompts: sigma_cond = (smallest distance
-#: between two distinct prompts) / AUTO_COND_DIV, so a distinct prompt has weight
-#: w = k^2 <= exp(-AUTO_COND_DIV^2) = exp(-9) ~ 1.2e-4.
-AUTO_COND_DIV = 3.0
-
-#: ``sigma_cond=None`` with a single distinct prompt: sigma_cond = AUTO_COND_UNIT x the RMS
-#: norm of the prompt embeddings (0.3 on unit-normalised embeddings, where orthogonal prompts
-#: get w = exp(-2 / 0.09) ~ 2e-10); all-zero prompts: 1.0 (every prompt equal, weight 1).
-AUTO_COND_UNIT = 0.3
-
-
-def _check_unit(value: Any, name: str) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.detach().cpu().item()
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v) or not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    return v
 
 
 class DiversityGuidance:
@@ -165,12 +106,10 @@ class DiversityGuidance:
             `grad`'s length changes, per sample, so the two are the same under `apply`'s
             rescaled step and differ in `guided_denoiser`'s raw step only (see `OBJECTIVES`).
         step_rule: "prompt_fade" (default) or "paper". With conditional guidance,
-            "prompt_fade" multiplies each sample's step by
-            ``f_a = min(1, max_j w_aj / PROMPT_FADE_TAU)`` (tau = 0.05), ``w_aj = k_sc(y_a,
-            c_j)^2`` over the entries of S (the bank and, with include_batch, the other samples
-            of the batch), so a sample whose prompt is unrelated to everything in S barely moves
-            (all w <= 1e-3: at most 2% of a matching prompt's step) and any w >= tau gives the
-            paper's step exactly. "paper": the published step. Unconditional: the same (w = 1).
+            "prompt_fade" multiplies each sample's step by f_a = min(1, max_j w_aj / 0.05)
+            (`rkekernels.guidance_defaults.prompt_fade`), so a sample whose prompt is unrelated
+            to everything in S barely moves (all w <= 1e-3: at most 2% of a matching prompt's
+            step). "paper": the published step. Unconditional: the same (w = 1).
         novelty: an optional novelty term (`rkekernels.guidance_novelty.novelty_guidance`): on every
             selected step, after the diversity step, the samples also move away from its
             reference bank, with its own scale.
@@ -233,43 +172,19 @@ class DiversityGuidance:
                 f"rkekernels.guidance_novelty.novelty_guidance, got {type(novelty).__name__}"
             )
         self.novelty = novelty
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        self.objective = objective
-        if step_rule not in STEP_RULES:
-            raise ValueError(f"step_rule must be one of {STEP_RULES}, got {step_rule!r}")
-        self.step_rule = step_rule
+        self.objective = check_choice(objective, OBJECTIVES, "objective")
+        self.step_rule = check_choice(step_rule, STEP_RULES, "step_rule")
         self.sigma = None if sigma is None else check_sigma(sigma, "sigma")
-        if sigma_cond is None or (
-            isinstance(sigma_cond, float | int)
-            and not isinstance(sigma_cond, bool)
-            and sigma_cond == math.inf
-        ):
-            self.sigma_cond = None if sigma_cond is None else math.inf
-        else:
-            self.sigma_cond = check_sigma(sigma_cond, "sigma_cond")
+        self.sigma_cond = check_sigma_cond(sigma_cond)
         self._cond_seen = False  # sigma_cond=None: becomes conditional at the first cond
         self._auto: dict[str, Any] = {}  # cached automatic bandwidths (see `bandwidths`)
-        if isinstance(scale, bool) or not isinstance(scale, int | float | np.integer | np.floating):
-            raise TypeError(f"scale must be a finite float, got {type(scale).__name__}")
-        if not math.isfinite(float(scale)) or float(scale) < 0.0:
-            raise ValueError(
-                f"scale must be finite and >= 0 (a negative step reduces diversity), got {scale!r}"
-            )
-        self.scale = float(scale)
-        if isinstance(every, bool) or not isinstance(every, int | np.integer):
-            raise TypeError(f"every must be an int >= 1, got {type(every).__name__}")
-        if every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
-        self.every = int(every)
-        self.start = _check_unit(start, "start")
-        self.stop = _check_unit(stop, "stop")
+        self.scale = check_scale(scale)
+        self.every = check_count(every, "every")
+        self.start = check_unit(start, "start")
+        self.stop = check_unit(stop, "stop")
         if self.start > self.stop:
             raise ValueError(f"start must be <= stop, got start={start!r}, stop={stop!r}")
-        if isinstance(capacity, bool) or not isinstance(capacity, int | np.integer):
-            raise TypeError(f"capacity must be an int >= 1, got {type(capacity).__name__}")
-        if capacity < 1:
-            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+        capacity = check_count(capacity, "capacity")
         for name, flag in (("normalize", normalize), ("include_batch", include_batch)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
@@ -330,7 +245,7 @@ class DiversityGuidance:
                     f"(start={self.start}, stop={self.stop}); pass progress in [0, 1]"
                 )
             return True
-        p = _check_unit(progress, "progress")
+        p = check_unit(progress, "progress")
         return self.start <= p <= self.stop
 
     def reset(self) -> None:
@@ -388,25 +303,15 @@ class DiversityGuidance:
     def bandwidths(self, feats: Any = None, cond: Any = None) -> tuple[float, float | None]:
         """The (sigma, sigma_cond) the next guided step uses: the given ones, or automatic.
 
-        ``sigma=None``: the median distance from a row to its `AUTO_KNN`-th nearest neighbour
-        (k = min(3, rows - 1)), over the bank's rows (at most 1,000, drawn with a fixed seed)
-        and the batch's own ``feats`` (the features of the current latents, as the bank stores
-        them), so guidance works from the first batch on. Degenerate rows: fewer than 2 rows
-        (nothing to push against, S is empty) give 1.0; all rows equal give their RMS norm
-        (1.0 for zero rows).
-
-        ``sigma_cond=None`` (once conditional): the smallest distance between two distinct
-        prompts of the bank and the batch, divided by `AUTO_COND_DIV` (3), so another prompt
-        weighs at most exp(-9) ~ 1.2e-4; with a single distinct prompt, `AUTO_COND_UNIT` (0.3)
-        times the prompts' RMS norm (0.3 on unit-normalised embeddings); zero embeddings 1.0.
-        Prompts closer than 1e-6 times their RMS norm count as one. None when unconditional;
-        ``math.inf``: None (prompt kernel 1, prompts ignored).
-
-        Both are computed afresh at every guided step while the bank holds fewer than
-        `AUTO_MIN_ROWS` (64) rows; then cached, and refreshed when the bank has doubled in
-        size, when it shrinks (cleared, or replaced by ``bank.load_state_dict``) or when the
-        batch brings a prompt not seen at the last refresh. Explicit values are returned as
-        given (`rkekernels.guidance_grad` itself always takes explicit bandwidths).
+        ``sigma=None``: `rkekernels.guidance_defaults.auto_sigma` (the median distance to the
+        3rd nearest neighbour) over the bank's rows and the batch's own ``feats``, so guidance
+        works from the first batch on. ``sigma_cond=None`` (once conditional):
+        `rkekernels.guidance_defaults.auto_sigma_cond` (the smallest distance between distinct
+        prompts / 3, so another prompt weighs at most 1.2e-4). None when unconditional or for
+        ``sigma_cond=math.inf`` (prompt kernel 1). Computed afresh at every guided step while
+        the bank holds fewer than `AUTO_MIN_ROWS` (64) rows; then cached, and refreshed when the
+        bank has doubled, when it shrinks (cleared, or ``bank.load_state_dict``) or when a batch
+        brings a new prompt. Explicit values are returned as given.
 
         Args:
             feats: (b, D) the batch's features (`rkekernels.features` of the latents, or of
@@ -434,7 +339,7 @@ class DiversityGuidance:
             or (auto_c and cache.get("sigma_cond") is None)
         )
         if auto_c and not fresh and cond is not None:
-            fresh = not self._known_prompts(torch.as_tensor(cond), cache["prompts"])
+            fresh = not known_prompts(torch.as_tensor(cond), cache["prompts"])
         if fresh:
             cache = self._auto = self._compute_bandwidths(feats, cond, auto_s, auto_c)
         sigma = cache["sigma"] if auto_s else float(self.sigma)
@@ -445,73 +350,29 @@ class DiversityGuidance:
         """Forget the cached automatic bandwidths (the next guided step recomputes them)."""
         self._auto = {}
 
-    @staticmethod
-    def _known_prompts(c: torch.Tensor, prompts: torch.Tensor) -> bool:
-        c = c.reshape(-1, c.shape[-1]).to(prompts)
-        tol = 1e-6 * float(prompts.pow(2).sum(1).mean().sqrt()) + 1e-30
-        return bool((torch.cdist(c, prompts).amin(1) <= tol).all())
-
-    def _sample_rows(self, t: torch.Tensor) -> torch.Tensor:
-        if t.shape[0] <= 1000:
-            return t
-        gen = torch.Generator().manual_seed(0)
-        return t[torch.randperm(t.shape[0], generator=gen)[:1000].to(t.device)]
-
     def _compute_bandwidths(self, feats: Any, cond: Any, auto_s: bool, auto_c: bool) -> dict:
         n = len(self.bank)
         out: dict[str, Any] = {"rows": n, "sigma": None, "sigma_cond": None}
         if auto_s:
-            rows = [self._sample_rows(self.bank.features)] if n else []
+            rows = [self.bank.features] if n else []
             if feats is not None:
-                rows.append(torch.as_tensor(feats).detach().reshape(len(feats), -1))
-            x = (
-                torch.cat([r.to(device=rows[0].device, dtype=torch.float64) for r in rows])
-                if rows
-                else torch.zeros(0, 1, dtype=torch.float64)
-            )
-            if x.shape[0] < 2:
-                sig = 1.0
-            else:
-                d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
-                d.fill_diagonal_(math.inf)
-                k = min(AUTO_KNN, x.shape[0] - 1)
-                sig = float(d.kthvalue(k, dim=1).values.median())
-                if not sig > 0.0:
-                    sig = float(x.pow(2).sum(1).mean().sqrt()) or 1.0
-            out["sigma"] = sig
+                f = torch.as_tensor(feats).detach()
+                f = f.reshape(len(f), -1)
+                if n and f.shape[1] != self.bank.features.shape[1]:
+                    raise ValueError(
+                        f"bank holds features of width {self.bank.features.shape[1]} but the "
+                        f"latents' features have width {f.shape[1]}; both must come from the "
+                        "same feature map"
+                    )
+                rows.append(f)
+            out["sigma"] = auto_sigma(rows)
         if auto_c:
-            rows = [self._sample_rows(self.bank.cond)] if n and self.bank.cond is not None else []
+            rows = [self.bank.cond] if n and self.bank.cond is not None else []
             if cond is not None:
                 c = torch.as_tensor(cond).detach()
                 rows.append(c.reshape(-1, c.shape[-1]))
-            p = torch.cat([r.to(device=rows[0].device, dtype=torch.float64) for r in rows])
-            rms = float(p.pow(2).sum(1).mean().sqrt())
-            p = torch.unique(p, dim=0)
-            if p.shape[0] > 1:
-                d = torch.cdist(p, p, compute_mode="donot_use_mm_for_euclid_dist")
-                d.fill_diagonal_(math.inf)
-                tol = 1e-6 * rms
-                dmin = float(d[d > tol].min()) if bool((d > tol).any()) else 0.0
-            else:
-                dmin = 0.0
-            if dmin > 0.0:
-                out["sigma_cond"] = dmin / AUTO_COND_DIV
-            else:
-                out["sigma_cond"] = AUTO_COND_UNIT * rms if rms > 0.0 else 1.0
-            out["prompts"] = p
+            out["sigma_cond"], out["prompts"] = auto_sigma_cond(rows)
         return out
-
-    @staticmethod
-    def _latents(latents: Any) -> torch.Tensor:
-        if not isinstance(latents, torch.Tensor):
-            raise TypeError(f"latents must be a torch tensor, got {type(latents).__name__}")
-        if latents.dim() < 1 or latents.shape[0] == 0:
-            raise ValueError(
-                f"latents must be (b, ...) with b >= 1 samples; got shape {tuple(latents.shape)}"
-            )
-        if not latents.is_floating_point():
-            raise TypeError(f"latents must be floating point, got {latents.dtype}")
-        return latents
 
     def grad(self, latents: torch.Tensor, cond: Any = None) -> GuidanceResult:
         """The raw diversity gradient against the bank, without schedule or scale.
@@ -538,7 +399,7 @@ class DiversityGuidance:
             >>> g.grad(torch.tensor([[0.5, 0.0]])).grad    # (2/s^2) (z - f): away from the bank
             tensor([[1., 0.]])
         """
-        latents = self._latents(latents)
+        latents = check_latents(latents)
         cond = self._cond(cond, latents.shape[0], latents.device)
         if self.feature_fn is None and (self.sigma is None or self.sigma_cond is None):
             feats = (
@@ -560,7 +421,9 @@ class DiversityGuidance:
             kernel=self.kernel,
         )
         if self.feature_fn is None:
-            return self._fade(guidance_grad(latents.detach(), self.bank, **kwargs))
+            return objective_fade(
+                self.objective, guidance_grad(latents.detach(), self.bank, **kwargs)
+            )
         with torch.enable_grad():
             z = latents.detach().requires_grad_(True)
             f = self.feature_fn(z)
@@ -582,16 +445,7 @@ class DiversityGuidance:
             )
         if gz is None:
             gz = torch.zeros_like(latents)
-        return self._fade(GuidanceResult(gz.detach(), res.log_s))
-
-    def _fade(self, res: GuidanceResult) -> GuidanceResult:
-        """objective="log1p": -grad log(1 + 2S) = 2S / (1 + 2S) * (-grad log S), per sample."""
-        if self.objective == "log":
-            return res
-        log_s = torch.as_tensor(res.log_s)
-        grad = torch.as_tensor(res.grad)
-        fade = torch.sigmoid(log_s.to(grad.dtype) + math.log(2.0))
-        return GuidanceResult(grad * fade.reshape(-1, *([1] * (grad.dim() - 1))), res.log_s)
+        return objective_fade(self.objective, GuidanceResult(gz.detach(), res.log_s))
 
     def step_fade(self, cond: Any, b: int | None = None) -> torch.Tensor | None:
         """The prompt fade f_a of each sample's step, or None where the step is not faded.
@@ -624,24 +478,8 @@ class DiversityGuidance:
         sigma_cond = self.sigma_cond
         if sigma_cond is None:  # automatic: the value of the last guided step (or fresh)
             sigma_cond = self._auto.get("sigma_cond") or self.bandwidths(None, cond)[1]
-        c = as_tensor(cond, "cond")
-        c = c[None] if c.dim() == 1 else c
-        rows = c.shape[0] if b is None else b
-        cdt = torch.float64 if c.dtype == torch.float64 else torch.float32
-        c = (c.expand(rows, -1) if c.shape[0] == 1 else c).to(cdt)
-        exact = "donot_use_mm_for_euclid_dist"  # no cancellation for nearly equal prompts
-        d2 = torch.full((rows,), math.inf, device=c.device, dtype=cdt)
-        bank_cond = self.bank.cond
-        if bank_cond is not None and len(self.bank):
-            bc = bank_cond.to(device=c.device, dtype=cdt)
-            d2 = torch.cdist(c, bc, compute_mode=exact).amin(dim=1) ** 2
-        if self.include_batch and rows > 1:
-            inner = torch.cdist(c, c, compute_mode=exact) ** 2
-            inner.fill_diagonal_(math.inf)
-            d2 = torch.minimum(d2, inner.amin(dim=1))
-        log_w = -d2 / sigma_cond**2
-        fade = torch.exp(log_w - math.log(PROMPT_FADE_TAU)).clamp(max=1.0)
-        return torch.where(torch.isinf(d2), torch.ones_like(fade), fade)
+        bank_cond = self.bank.cond if len(self.bank) else None
+        return prompt_fade(as_tensor(cond, "cond"), bank_cond, sigma_cond, self.include_batch, b)
 
     def update(
         self, latents: torch.Tensor, grad: torch.Tensor, fade: torch.Tensor | None = None
@@ -661,17 +499,7 @@ class DiversityGuidance:
             tensor([[3.0000, 6.5000],
                     [1.0000, 0.0000]])
         """
-        b = latents.shape[0]
-        cdt = torch.float64 if latents.dtype == torch.float64 else torch.float32
-        with torch.no_grad():
-            z = latents.detach().reshape(b, -1).to(cdt)
-            g = grad.detach().reshape(b, -1).to(device=z.device, dtype=cdt)
-            gn = g.norm(dim=1, keepdim=True)
-            direction = torch.where(gn > 0, g / gn, torch.zeros_like(g))
-            if fade is not None:
-                direction = direction * fade.to(device=z.device, dtype=cdt).reshape(b, 1)
-            out = z + (self.scale * z.norm(dim=1, keepdim=True)) * direction
-        return out.to(latents.dtype).reshape(latents.shape)
+        return rescaled_step(latents, grad, self.scale, fade)
 
     def apply(
         self,
@@ -706,7 +534,7 @@ class DiversityGuidance:
             >>> [g.apply(z) is z for _ in range(4)]   # calls 1 and 3 skipped
             [False, True, False, True]
         """
-        latents = self._latents(latents)
+        latents = check_latents(latents)
         k = self.calls if step is None else step
         selected = self.active(k, progress)
         if self.conditional == (cond is None):  # missing cond, or a first / ignored one
@@ -747,7 +575,7 @@ class DiversityGuidance:
             >>> len(g.bank)                                         # capacity 3: oldest gone
             3
         """
-        latents = self._latents(latents)
+        latents = check_latents(latents)
         cond = self._cond(cond, latents.shape[0], latents.device)
         with torch.no_grad():
             x = latents if self.feature_fn is None else self.feature_fn(latents)

@@ -9,7 +9,7 @@ import torch
 
 from rkekernels import DiversityGuidance
 from rkekernels.adapters.kdiffusion import guided_denoiser
-from rkekernels.sampling import AUTO_COND_DIV, AUTO_MIN_ROWS, DEFAULT_SCALE
+from rkekernels.guidance_defaults import AUTO_COND_DIV, AUTO_MIN_ROWS, DEFAULT_SCALE
 from rkekernels.toy import GaussianMixture, PromptWorld, get_sigmas_karras, sample_euler
 
 
@@ -144,3 +144,12 @@ def test_diffusers_adapters_take_the_defaults():
     with sparke(pipe, given, cond=torch.eye(3)[:1].expand(b, 3)):  # a given cond: prompt-aware
         pipe(**tiny_call_kwargs("dit", seed=0))
     assert given.conditional and given.bank.cond is not None
+
+
+def test_automatic_sigma_refuses_latents_of_another_width():
+    """With sigma=None the bandwidth is computed before guidance_grad's checks: latents of
+    another width than the bank's get the same clear error (was a raw torch RuntimeError)."""
+    g = DiversityGuidance()
+    g.commit(torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"width 4 .* width 5"):
+        g.apply(torch.randn(2, 5))
