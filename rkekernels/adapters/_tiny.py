@@ -13,20 +13,25 @@ Names: see `TINY_PIPELINES`. Needs diffusers and transformers (the ``diffusers``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import torch
 
+from ..sampling import DiversityGuidance
 from . import encoders
 from ._tiny_families import _BUILDERS
 from ._tiny_parts import TOKENS, WIDTH, tiny_tokenizer
 
 __all__ = [
     "TINY_PIPELINES",
+    "TinyRun",
     "tiny_call_kwargs",
     "tiny_clip_encoder",
+    "tiny_guided_run",
     "tiny_image_embeds",
+    "tiny_output",
     "tiny_pipeline",
     "tiny_tokenizer",
 ]
@@ -167,3 +172,61 @@ def tiny_call_kwargs(
         if name == "inpaint":
             kw["mask_image"] = torch.ones(len(prompts), 1, 16, 16)
     return kw
+
+
+def tiny_output(out: Any) -> torch.Tensor:
+    """What a call of a tiny pipeline returned, as a float tensor: its ``frames``, ``audios`` or
+    ``images`` (the final latents under ``output_type="latent"``; DiT's decoded images)."""
+    x = next(getattr(out, k) for k in ("frames", "audios", "images") if hasattr(out, k))
+    return torch.as_tensor(x).float()
+
+
+@dataclass
+class TinyRun:
+    """What `tiny_guided_run` saw.
+
+    Attributes:
+        guide: the `DiversityGuidance` (its bank holds every guided sample).
+        session: the `sparke` session (``.route``, ``.cond_source``, ...), closed.
+        outputs: `tiny_output` of each guided call (seeds 0, 1, ...).
+        banks, steps: the bank size and the session's step count after each guided call.
+        plain: the last call again, unguided (same seed).
+    """
+
+    guide: DiversityGuidance
+    session: Any
+    outputs: list[torch.Tensor]
+    banks: list[int]
+    steps: list[int]
+    plain: torch.Tensor
+
+
+def tiny_guided_run(name: str, mode: str, calls: int = 2) -> TinyRun:
+    """``calls`` calls of ``tiny_pipeline(name)`` inside ``sparke``, then the last one unguided.
+
+    Modes: "a" unconditional guidance, "b" prompt-aware (``sigma_cond=0.5``: cond pooled from
+    the pipeline's prompt embeddings), "c" as "b" with classifier-free guidance. The guidance
+    has ``scale=0.2`` (the default is 0.05) so that its change shows after 2 steps; the calls
+    are `tiny_call_kwargs` with seeds 0, 1, ...
+
+    Example:
+        >>> from rkekernels.adapters._tiny import tiny_guided_run
+        >>> run = tiny_guided_run("dit", "a")
+        >>> run.banks, run.session.route
+        ([2, 4], 'scheduler.step')
+    """
+    from .diffusers import sparke
+
+    if mode not in ("a", "b", "c"):
+        raise ValueError(f"mode must be 'a', 'b' or 'c', got {mode!r}")
+    pipe = tiny_pipeline(name)
+    cfg = mode == "c"
+    guide = DiversityGuidance(1.0, sigma_cond=None if mode == "a" else 0.5, scale=0.2)
+    outputs, banks, steps = [], [], []
+    with sparke(pipe, guide) as session:
+        for seed in range(calls):
+            outputs.append(tiny_output(pipe(**tiny_call_kwargs(name, cfg=cfg, seed=seed))))
+            banks.append(len(guide.bank))
+            steps.append(session.steps)
+    plain = tiny_output(pipe(**tiny_call_kwargs(name, cfg=cfg, seed=calls - 1)))
+    return TinyRun(guide, session, outputs, banks, steps, plain)
