@@ -21,8 +21,7 @@ import torch
 
 from ..sampling import DiversityGuidance
 from . import encoders
-from ._tiny_families import _BUILDERS
-from ._tiny_parts import TOKENS, WIDTH, tiny_tokenizer
+from ._tiny_models import _BUILDERS, TOKENS, WIDTH, _clip_vision, tiny_tokenizer
 
 __all__ = [
     "TINY_PIPELINES",
@@ -88,19 +87,8 @@ def tiny_pipeline(name: str) -> Any:
 def tiny_clip_encoder() -> Any:
     """A CLIP image encoder (`rkekernels.adapters.encoders.load_encoder`) on a random-weight
     ``CLIPVisionModelWithProjection`` (16 x 16 input, 2 layers, width 32, D = 32)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     torch.manual_seed(0)
-    cfg = CLIPVisionConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=WIDTH,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        projection_dim=WIDTH,
-    )
-    return encoders.load_encoder("clip", model=CLIPVisionModelWithProjection(cfg))
+    return encoders.load_encoder("clip", model=_clip_vision())
 
 
 def tiny_image_embeds(b: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
