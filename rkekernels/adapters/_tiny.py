@@ -3,10 +3,12 @@
 For the tests and the documentation examples of `rkekernels.adapters.diffusers.sparke`: each
 pipeline has the real diffusers classes with the smallest configurations that run (a few
 thousand parameters, 8x8 latents, text encoders of width 32 with 8 tokens), and tokenizers built
-from a word-level vocabulary written here. Outputs are noise; the point is the data flow.
+from a word-level vocabulary (the configurations: `rkekernels.adapters._tiny_models`). Outputs
+are noise; the point is the data flow.
 
     pipe = tiny_pipeline("sd15")
     pipe(**tiny_call_kwargs("sd15", cfg=True, seed=0))
+    run = tiny_guided_run("sd15", "b")  # two calls inside sparke, then one unguided
 
 Names: see `TINY_PIPELINES`. Needs diffusers and transformers (the ``diffusers`` extra).
 """
