@@ -14,41 +14,23 @@ latents against the same call unguided (same seed). The docs' support table come
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
-from rkekernels import DiversityGuidance
-from rkekernels.adapters._tiny import TINY_PIPELINES, tiny_call_kwargs, tiny_pipeline
-from rkekernels.adapters.diffusers import sparke
-
-
-def _output(out) -> torch.Tensor:
-    x = next(getattr(out, k) for k in ("frames", "audios", "images") if hasattr(out, k))
-    return torch.as_tensor(x).float()
+from rkekernels.adapters._tiny import TINY_PIPELINES, tiny_guided_run
 
 
 def measure(name: str, mode: str) -> dict:
     """Two guided calls of ``tiny_pipeline(name)`` in ``mode`` ("a", "b" or "c")."""
-    pipe = tiny_pipeline(name)
-    cfg = mode == "c"
-    # scale=0.2 is larger than the default 0.1, so the change shows after 2 steps
-    sigma_cond = {"a": math.inf, "b": None, "c": 0.5}[mode]
-    guide = DiversityGuidance(1.0, sigma_cond=sigma_cond, scale=0.2)
-    sizes = []
-    with sparke(pipe, guide) as session:
-        for seed in range(2):
-            guided = _output(pipe(**tiny_call_kwargs(name, cfg=cfg, seed=seed)))
-            sizes.append(len(guide.bank))
-    plain = _output(pipe(**tiny_call_kwargs(name, cfg=cfg, seed=1)))
+    run = tiny_guided_run(name, mode)
     return {
         "pipeline": TINY_PIPELINES[name],
         "name": name,
         "mode": mode,
-        "route": session.route,
-        "cond": session.cond_source or "-",
-        "bank": sizes,
-        "change": float((guided - plain).abs().amax()),
+        "route": run.session.route,
+        "cond": run.session.cond_source or "-",
+        "bank": run.banks,
+        "change": float((run.outputs[-1] - run.plain).abs().amax()),
     }
 
 

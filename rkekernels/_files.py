@@ -10,8 +10,6 @@ own so that the command line (`rkekernels.cli`) and the evaluation workbench
 
 from __future__ import annotations
 
-import argparse
-import math
 import os
 import pickle
 import warnings
@@ -28,7 +26,6 @@ from ._input import check_matrix
 __all__ = [
     "FIGURE_SUFFIXES",
     "as_matrix",
-    "byte_size",
     "default_max_bytes",
     "figure_path",
     "load_array",
@@ -59,28 +56,6 @@ def default_max_bytes() -> int:
     except (AttributeError, ValueError, OSError):  # not a POSIX system
         return limit
     return min(limit, ram // 2) if ram > 0 else limit
-
-
-def byte_size(text: str) -> int:
-    """An argparse type: a number of bytes, with an optional K, M, G or T suffix (powers of 1024).
-
-    Example:
-        >>> from rkekernels._files import byte_size
-        >>> byte_size("16G"), byte_size("1000")
-        (17179869184, 1000)
-    """
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    scale = 1
-    if t and t[-1] in "KMGT":
-        scale = 1 << (10 * ("KMGT".index(t[-1]) + 1))
-        t = t[:-1]
-    try:
-        v = float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 16G, 500M)") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return int(v * scale)
 
 
 def _npz_member(p: Path, key: str | None, max_bytes: int | None) -> Any:

@@ -15,7 +15,9 @@ from rkekernels.adapters._tiny import (
     TINY_PIPELINES,
     TOKENS,
     tiny_call_kwargs,
+    tiny_guided_run,
     tiny_image_embeds,
+    tiny_output,
     tiny_pipeline,
 )
 from rkekernels.adapters.diffusers import SparkeError, sparke, sparke_callback
@@ -106,12 +108,6 @@ def expected_cond(name, pipe):
     raise AssertionError(name)
 
 
-def _latents(out):
-    """The latents (or, for DiT, the decoded images) a call returned."""
-    x = next(getattr(out, k) for k in ("frames", "audios", "images") if hasattr(out, k))
-    return torch.as_tensor(x).float()
-
-
 def _cases():
     for name in TINY_PIPELINES:
         for mode in ("a", "b", "c"):
@@ -123,17 +119,11 @@ def _cases():
 def test_sparke_in_every_pipeline(name, mode):
     pipe = tiny_pipeline(name)
     cls = type(pipe)
-    cfg = mode == "c"
-    sigma_cond = {"a": math.inf, "b": None, "c": 0.5}[mode]
-    guide = DiversityGuidance(1.0, sigma_cond=sigma_cond, scale=0.2)
-    outs = []
-    with sparke(pipe, guide) as session:
-        for seed in range(2):
-            outs.append(_latents(pipe(**tiny_call_kwargs(name, cfg=cfg, seed=seed))))
-            assert len(guide.bank) == B * (seed + 1)  # the bank grows by the batch every call
-            assert session.steps == 2
+    run = tiny_guided_run(name, mode)
+    guide, session, outs, plain = run.guide, run.session, run.outputs, run.plain
+    assert run.banks == [B, 2 * B]  # the bank grows by the batch every call
+    assert run.steps == [2, 2]
     assert session.route == ROUTE.get(name, "callback_on_step_end")
-    plain = _latents(pipe(**tiny_call_kwargs(name, cfg=cfg, seed=1)))  # outside: unguided
     assert torch.isfinite(outs[1]).all()
     for a in range(B):  # every image of the second call moved
         assert (outs[1][a] - plain[a]).abs().max() > 1e-3
@@ -159,12 +149,12 @@ def test_default_guidance_is_prompt_aware_on_the_captured_prompts():
     outs = []
     with sparke(pipe, guide) as session:
         for seed in range(2):
-            outs.append(_latents(pipe(**tiny_call_kwargs("sd15", seed=seed))))
+            outs.append(tiny_output(pipe(**tiny_call_kwargs("sd15", seed=seed))))
             assert guide.conditional and session.cond_source == SOURCE["sd15"]
     want = expected_cond("sd15", pipe)
     assert torch.allclose(guide.bank.cond, torch.cat([want, want]), atol=1e-5)
     assert guide.bandwidths()[1] is not None  # an automatic sigma_cond is in use
-    plain = _latents(pipe(**tiny_call_kwargs("sd15", seed=1)))
+    plain = tiny_output(pipe(**tiny_call_kwargs("sd15", seed=1)))
     for a in range(B):
         assert (outs[1][a] - plain[a]).abs().max() > 1e-3
     # a bank filled without prompts stays unconditional; sigma_cond=math.inf captures nothing
@@ -274,14 +264,14 @@ def test_dit_cfg_keeps_the_doubled_batch_consistent():
 
 def test_scale_zero_and_empty_schedule_are_not_errors():
     pipe = tiny_pipeline("pixart_sigma")
-    plain = _latents(pipe(**tiny_call_kwargs("pixart_sigma")))
+    plain = tiny_output(pipe(**tiny_call_kwargs("pixart_sigma")))
     for guide in (
         DiversityGuidance(1.0, scale=0.0),
         DiversityGuidance(1.0, scale=0.2, start=0.9, stop=0.95),  # selects none of 2 steps
     ):
         guide.commit(torch.randn(B, 4, 8, 8))
         with sparke(pipe, guide):
-            out = _latents(pipe(**tiny_call_kwargs("pixart_sigma")))
+            out = tiny_output(pipe(**tiny_call_kwargs("pixart_sigma")))
         assert torch.equal(out, plain) and len(guide.bank) == 2 * B
 
 
@@ -417,6 +407,11 @@ def test_the_docs_example_prints_the_support_table(capsys):
     )
 
 
+def test_tiny_guided_run_names_a_bad_mode():
+    with pytest.raises(ValueError, match="mode must be 'a', 'b' or 'c', got 'd'"):
+        tiny_guided_run("dit", "d")
+
+
 # ------------------------------------------------------------------ encoder features
 
 VAE_PIPELINES = [
@@ -454,10 +449,10 @@ def test_encoder_features_of_the_decoded_prediction(name):
     enc.__class__ = Spy
     try:
         with sparke(pipe, guide):
-            outs = [_latents(pipe(**tiny_call_kwargs(name, seed=s))) for s in range(2)]
+            outs = [tiny_output(pipe(**tiny_call_kwargs(name, seed=s))) for s in range(2)]
     finally:
         enc.__class__ = Spy.__mro__[1]
-    plain = _latents(pipe(**tiny_call_kwargs(name, seed=1)))
+    plain = tiny_output(pipe(**tiny_call_kwargs(name, seed=1)))
     assert (outs[1] - plain).abs().amax() > 1e-3  # guided in encoder space
     if name == "dit":
         assert guide.bank.features.shape == (2 * B, enc.dim)

@@ -321,8 +321,9 @@ def test_npz_declared_size_is_checked_before_inflating(tmp_path, capsys, monkeyp
     _one_line_error(code, err, "--max-bytes")
     code, _, err = _evaluate(capsys, p, "--key", "x", "--max-bytes", "1M")
     _one_line_error(code, err, "--max-bytes")
-    code, _, err = _run(capsys, "score", p, "--max-bytes", "lots")
-    _one_line_error(code, err, "not a size")
+    for bad in ("lots", "0", "0.0G", "nanM"):
+        code, _, err = _run(capsys, "score", p, "--max-bytes", bad)
+        _one_line_error(code, err, "not a size > 0", repr(bad))
 
 
 def test_meta_tensor_and_0d_array(tmp_path, capsys):

@@ -16,8 +16,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "rkekernels"
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 100
-#: internal modules that import Triton or numba at their top: reached lazily, from a function
+#: internal modules that import an optional dependency at their top (Triton, numba, diffusers):
+#: reached lazily, from a function
 LAZY_INTERNAL = {
+    "rkekernels.adapters.diffusers",
     "rkekernels.ops.guidance_numba",
     "rkekernels.ops.guidance_triton",
     "rkekernels.ops.scores_triton",

@@ -6,9 +6,8 @@ import argparse
 import math
 
 from .._errors import CLIError
-from .._files import byte_size
 
-__all__ = ["EXIT_BAD_INPUT", "PROG", "add_max_bytes", "order", "positive"]
+__all__ = ["EXIT_BAD_INPUT", "PROG", "add_max_bytes", "byte_size", "order", "positive"]
 
 PROG = "rkekernels"
 EXIT_BAD_INPUT = 2
@@ -56,6 +55,26 @@ def positive(text: str) -> float:
     if not math.isfinite(v) or v <= 0:
         raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text}")
     return v
+
+
+def byte_size(text: str) -> int:
+    """An argparse type: a number of bytes > 0, with an optional K, M, G or T suffix (powers of
+    1024).
+
+    Example:
+        >>> from rkekernels.cli._common import byte_size
+        >>> byte_size("16G"), byte_size("1000")
+        (17179869184, 1000)
+    """
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = 1
+    if t and t[-1] in "KMGT":
+        scale = 1 << (10 * ("KMGT".index(t[-1]) + 1))
+        t = t[:-1]
+    try:
+        return int(positive(t) * scale)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"not a size > 0: {text!r} (e.g. 16G, 500M)") from None
 
 
 def order(text: str) -> float:
