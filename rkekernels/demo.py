@@ -63,7 +63,7 @@ class DemoConfig:
         sigma_cond: kernel bandwidth on prompt embeddings (prompt-aware guidance).
         start, stop: the guidance window on the sampler's progress (step / steps).
         objective: "log1p" (default) guides along -grad log(1 + 2 S), "log" along the
-            library's default -grad log S (see `rkekernels.sampling.OBJECTIVES`).
+            library's default -grad log S (see `rkekernels.guidance_defaults.OBJECTIVES`).
         step_rule: "prompt_fade" (default) or "paper" (see `DiversityGuidance`).
         batch: batch size of the batched guided run.
         dim: latent dimension (2, or more: the plane embedded by a fixed orthonormal basis).

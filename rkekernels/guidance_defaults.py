@@ -96,17 +96,6 @@ AUTO_COND_DIV = 3.0
 AUTO_COND_UNIT = 0.3
 
 
-def _check_unit(value: Any, name: str) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.detach().cpu().item()
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v) or not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    return v
-
-
 #: At most this many bank rows (drawn with a fixed seed) enter an automatic bandwidth.
 AUTO_ROWS = 1000
 

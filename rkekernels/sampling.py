@@ -18,13 +18,11 @@ import torch
 from ._input import BACKENDS, as_tensor, check_backend, check_sigma
 from .guidance import FeatureBank, GuidanceResult, features, guidance_grad
 from .guidance_defaults import (
-    AUTO_KNN,
     AUTO_MIN_ROWS,
     DEFAULT_SCALE,
     DEFAULT_START,
     DEFAULT_STOP,
     OBJECTIVES,
-    PROMPT_FADE_TAU,
     STEP_RULES,
     auto_sigma,
     auto_sigma_cond,
@@ -41,17 +39,7 @@ from .guidance_defaults import (
 )
 from .ops import guidance_kernels
 
-__all__ = [
-    "AUTO_KNN",
-    "AUTO_MIN_ROWS",
-    "DEFAULT_SCALE",
-    "DEFAULT_START",
-    "DEFAULT_STOP",
-    "OBJECTIVES",
-    "PROMPT_FADE_TAU",
-    "STEP_RULES",
-    "DiversityGuidance",
-]
+__all__ = ["DiversityGuidance"]  # its settings and rules: rkekernels.guidance_defaults
 
 
 class DiversityGuidance:

@@ -8,7 +8,7 @@ import torch
 
 from rkekernels import DiversityGuidance, features
 from rkekernels import reference as ref
-from rkekernels.sampling import STEP_RULES
+from rkekernels.guidance_defaults import STEP_RULES
 from tests.conftest import TOL, gen, rel
 
 
