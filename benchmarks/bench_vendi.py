@@ -291,7 +291,8 @@ def _flat_spectrum(u: torch.Tensor, method: str, dim: int, seed: int) -> list[fl
         p = torch.as_tensor(vals.copy(), dtype=torch.float64) / n
         return _vendis(p, (1.0 - p.sum()).clamp(min=0.0), n - len(vals))
     view = ke.View("gaussian", ((u, 1.0),))
-    cov = ke.feature_cov(view, method, {"dim": min(dim, n), "seed": seed})
+    dim = min(dim, n) if method == "nystrom" else dim
+    cov = ke.feature_cov(view, method, {"dim": dim, "seed": seed})
     return _vendis(spectra.spectrum_of_cov(cov))
 
 
