@@ -14,6 +14,11 @@ Run:  python -m benchmarks.bench_vendi [--quick]
 5. RFF against exact: relative error vs D for q = 1 and 2 at the default bandwidth, on
    scikit-learn's digits (1,797 x 64) and a synthetic 10-cluster mixture (2,000 x 16), median
    over 3 seeds; plot ``bench_vendi_rff.png``.
+6. Flat spectra (issue 22): digits at sigma = 20 and at `default_bandwidth`, digits + N(0, 0.5^2)
+   noise to 6,000 rows at sigma = 20, the 10-cluster mixture at its default (V_1 = 40) and at
+   sigma = 20 (one dominant eigenvalue): rff (D = 1,024 / 4,096 / 8,192), nystrom (1,024),
+   lanczos (top 100) and method="auto" against exact, q = 1, 2, inf, 2 seeds; the error model
+   of `rkekernels._approx_error` beside each (``--quick``: digits at sigma = 20, D = 1,024).
 
 Timings: paired rounds (ours, then the baseline, in the same round), the ratio is the median of
 the per-round ratios (a load that changes between rounds cancels). Results in
@@ -23,6 +28,7 @@ benchmarks/results/bench_vendi.{csv,md} and bench_vendi_rff.png.
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 import sys
 import time
@@ -55,6 +61,7 @@ SECTIONS = {
     "rff": "RFF covariance",
     "rff_score": "RFF score",
     "curve": "RFF vs exact",
+    "flat": "flat spectrum",
 }
 
 
@@ -244,6 +251,89 @@ def rff_curve(dims: list[int], seeds: int, rows: list) -> list[tuple]:
     return curve
 
 
+def _flat_sets(quick: bool) -> list[tuple[str, torch.Tensor, float]]:
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = torch.as_tensor(load_digits().data, dtype=torch.float64)
+    if quick:
+        return [("digits", digits, 20.0)]
+    g = np.random.default_rng(0)
+    aug = digits[g.integers(0, len(digits), 6000)]
+    aug = aug + torch.as_tensor(g.normal(0.0, 0.5, aug.shape))
+    mix = _mixture(2000, 16).double()
+    return [
+        ("digits", digits, 20.0),
+        ("digits", digits, _bandwidth(digits)),
+        ("digits + noise", aug, 20.0),
+        ("mixture", mix, _bandwidth(mix)),
+        ("mixture", mix, 20.0),
+    ]
+
+
+def _vendis(p: torch.Tensor, tail=0.0, count: int = 0) -> list[float]:
+    return [float(spectra.renyi_entropy(p, q, tail, count).exp()) for q in FLAT_QS]
+
+
+FLAT_QS = (1.0, 2.0, math.inf)
+
+
+def _flat_spectrum(u: torch.Tensor, method: str, dim: int, seed: int) -> list[float]:
+    """Vendi_q (q in FLAT_QS) of the unit-bandwidth data u by one method: one spectrum."""
+    from rkekernels.ops import kernel_entropy as ke
+
+    n = u.shape[0]
+    if method == "exact":
+        k = spectra.gaussian_gram(u)
+        return _vendis(torch.linalg.eigvalsh(k) / torch.trace(k))
+    if method == "lanczos":
+        vals, _ = spectra.lanczos_top(u, dim)
+        p = torch.as_tensor(vals.copy(), dtype=torch.float64) / n
+        return _vendis(p, (1.0 - p.sum()).clamp(min=0.0), n - len(vals))
+    view = ke.View("gaussian", ((u, 1.0),))
+    dim = min(dim, n) if method == "nystrom" else dim
+    cov = ke.feature_cov(view, method, {"dim": dim, "seed": seed})
+    return _vendis(spectra.spectrum_of_cov(cov))
+
+
+def flat_cases(rows: list, quick: bool) -> None:
+    """Approximations against exact on flat spectra, with the modelled error beside each."""
+    from rkekernels import _approx_error as ae
+
+    cfgs = [("rff", 1024)]
+    if not quick:
+        cfgs += [("rff", 4096), ("rff", 8192), ("nystrom", 1024), ("lanczos", 100)]
+    for name, x, s in _flat_sets(quick):
+        n, u = len(x), (x - x.mean(0)) / s
+        t_ex, exact = _secs(lambda u=u: _flat_spectrum(u, "exact", 0, 0))
+        case = f"flat spectrum, {name} ({n:,} x {x.shape[1]}), sigma={s:.4g}"
+        for q, v in zip(FLAT_QS, exact):
+            rows.append(dict(case=case, method="exact", n=n, d=x.shape[1], seconds=t_ex, value=v,
+                             note=f"q={q:g}; one eigvalsh for all q; V/n={v / n:.3f}"))  # fmt: skip
+        print(f"{case}: exact {[round(v, 2) for v in exact]} in {t_ex:.1f}s", flush=True)
+        for method, dim in cfgs:
+            seeds = (0,) if method == "lanczos" or quick else (0, 1)
+            runs = [
+                _secs(lambda k=k, m=method, d=dim, u=u: _flat_spectrum(u, m, d, k)) for k in seeds
+            ]
+            secs = statistics.median(r[0] for r in runs)
+            for i, q in enumerate(FLAT_QS):
+                errs = [r[1][i] / exact[i] - 1.0 for r in runs]
+                base = exact[0] if method == "nystrom" else exact[i]
+                model = (ae.expected_rel_error(method, q, base, dim, n)
+                         if method != "lanczos" else float("nan"))  # fmt: skip
+                rows.append(dict(case=case, method=f"{method} D={dim}", n=n, d=x.shape[1],
+                                 seconds=secs, value=statistics.mean(r[1][i] for r in runs),
+                                 rel_error=statistics.mean(errs),
+                                 note=f"q={q:g}; seeds {', '.join(f'{e:+.3f}' for e in errs)}; "
+                                      f"model {model:+.3f}"))  # fmt: skip
+            print(f"  {method} D={dim}: {secs:.1f}s", flush=True)
+        for q, v in zip(FLAT_QS, exact):
+            t_a, a = _secs(lambda q=q, x=x, s=s: float(rk.vendi_score(x, q, s)))
+            rows.append(dict(case=case, method="auto", n=n, d=x.shape[1], seconds=t_a, value=a,
+                             rel_error=a / v - 1.0, note=f"q={q:g}; target within 5%"))  # fmt: skip
+
+
 def plot_curve(curve: list[tuple]) -> Path | None:
     try:
         import matplotlib
@@ -295,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
             rff_large(args.rff_n, 768, 4096, rows, args.rounds)
         if "curve" in run:
             plot_curve(rff_curve([256, 512, 1024, 2048, 4096, 8192], 3, rows))
+        if "flat" in run:
+            flat_cases(rows, quick=False)
         rows.sort(key=lambda r: list(SECTIONS).index(_section(r["case"])))
         print(write_results("bench_vendi", rows, COLUMNS, TITLE))
         return
@@ -303,12 +395,14 @@ def main(argv: list[str] | None = None) -> None:
         cosine_large(20_000, 64, rows, 2, mem_n=20_000)
         rff_large(2000, 32, 512, rows, 2)
         curve = rff_curve([256, 1024], 2, rows)
+        flat_cases(rows, quick=True)
     else:
         exact_order1(4000, 64, rows, args.rounds, loop=True)
         exact_large(10_000, 64, rows)
         cosine_large(args.cosine_n, 768, rows, args.rounds, mem_n=200_000)
         rff_large(args.rff_n, 768, 4096, rows, args.rounds)
         curve = rff_curve([256, 512, 1024, 2048, 4096, 8192], 3, rows)
+        flat_cases(rows, quick=False)
     name = "bench_vendi_quick" if args.quick else "bench_vendi"
     md = write_results(name, rows, COLUMNS, TITLE)
     if not args.quick:

@@ -39,9 +39,10 @@ _FOR_KERNEL = {
     "linear": ("exact", "covariance"),
 }
 
-#: method="auto": the Gaussian kernel uses "exact" up to this n (16 n^2 bytes = 268 MB at the
-#: peak), else "rff"
-AUTO_EXACT_MAX_N = 4096
+#: method="auto": the Gaussian kernel uses "exact" up to this n, where its modelled time reaches
+#: `rkekernels._approx_error.EXACT_BUDGET_S` (15 s on 2 cores; 16 n^2 bytes = 657 MB at the
+#: peak); past it the data decide (`rkekernels._approx_error.refine_auto`)
+AUTO_EXACT_MAX_N = 6408
 #: default random-feature dimension D (rff) and number of landmarks (nystrom)
 DEFAULT_DIM = {"rff": 4096, "nystrom": 1024}
 #: default number of eigenvalues for method="lanczos"
@@ -75,7 +76,9 @@ def pick_method(method: str, *, kernel: str, n: int, width: int, q: float) -> st
     """Resolve ``method`` for a kernel and problem size, checking that the pairing is valid.
 
     "auto": Gaussian -> "exact" when q = 2 (the streamed Frobenius sum, any n) or
-    n <= AUTO_EXACT_MAX_N, else "rff"; cosine/linear -> "covariance" when the feature width
+    n <= AUTO_EXACT_MAX_N (the exact time budget), else "rff", which the order-q scores refine
+    from the data (`rkekernels._approx_error.refine_auto`: an RFF dim whose predicted error is
+    within 5%, or "exact"); cosine/linear -> "covariance" when the feature width
     (d, or d * m for the joint kernel) is below n and at most MAX_COV_WIDTH, else "exact".
     The choice is logged (logger ``rkekernels.vendi``, level INFO).
 

@@ -9,11 +9,13 @@ its top eigenpairs. The spectra themselves come from `rkekernels.ops.spectra`.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import NamedTuple
 
 import torch
 
+from .. import _approx_error
 from . import spectra
 from .pair_sums import pair_sums
 
@@ -106,9 +108,18 @@ def entropy(view: View, q: float, method: str, opts: dict, backend: str) -> torc
         p = torch.as_tensor(vals.copy(), dtype=torch.float64, device=u.device) / n
         return spectra.renyi_entropy(p, q, (1.0 - p.sum()).clamp(min=0.0), n - len(vals))
     cov = feature_cov(view, method, opts)
+    p = None
     if q == 2.0:
-        return spectra.order2_entropy_from_cov(cov)
-    return spectra.renyi_entropy(spectra.spectrum_of_cov(cov), q)
+        h = spectra.order2_entropy_from_cov(cov)
+    else:
+        p = spectra.spectrum_of_cov(cov)
+        h = spectra.renyi_entropy(p, q)
+    if view.kernel == "gaussian" and _approx_error.logger.isEnabledFor(logging.INFO):
+        if method == "nystrom" and p is None:
+            p = spectra.spectrum_of_cov(cov.detach())
+        n = view.parts[0][0].shape[0]
+        _approx_error.log_expected(method, q, p, h, opts["dim"], n)
+    return h
 
 
 def top_modes(view: View, k: int, method: str, opts: dict) -> tuple[torch.Tensor, torch.Tensor]:
