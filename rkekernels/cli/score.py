@@ -337,25 +337,18 @@ def _print_scores(res: dict[str, Any], args) -> None:
         print(f"(entropies in nats; exp H{q}(X) and exp H{q}(X|T) are the scores)")
 
 
+#: the options that `score_files` takes under their own names
+_PASSED = (
+    "key", "cond_key", "flatten", "backend", "progress", "order", "kernel", "method", "max_bytes",
+)  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``rkekernels score`` from parsed options; print the scores; 0 on success."""
     if args.sigma_cond is not None and args.cond is None:
         raise CLIError("--sigma-cond needs --cond PATH (the prompt embeddings)")
-    res = score_files(
-        args.path,
-        args.cond,
-        args.sigma,
-        args.sigma_cond,
-        key=args.key,
-        cond_key=args.cond_key,
-        flatten=args.flatten,
-        backend=args.backend,
-        progress=args.progress,
-        order=args.order,
-        kernel=args.kernel,
-        method=args.method,
-        max_bytes=args.max_bytes,
-    )
+    passed = {name: getattr(args, name) for name in _PASSED}
+    res = score_files(args.path, args.cond, args.sigma, args.sigma_cond, **passed)
     if args.json:
         keys = ["rke", "vendi", "sigma"]
         if args.cond is not None:
