@@ -146,31 +146,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the options that `rkekernels.evaluation.evaluate` takes under their own names
+_PASSED = (
+    "encoder", "encoder_model", "text_model", "sigma", "sigma_t", "top", "per_mode", "unbiased",
+    "batch_size", "device", "half", "key", "max_bytes", "null_draws", "seed",
+)  # fmt: skip
+
+
 def _evaluate(args: argparse.Namespace, cache, progress: bool, keep: dict) -> dict[str, Any]:
     """`rkekernels.evaluation.evaluate` with the options of ``args``."""
-    return evaluate(
-        args.gen,
-        args.reference,
-        args.prompts,
-        encoder=args.encoder,
-        encoder_model=args.encoder_model,
-        text_model=args.text_model,
-        sigma=args.sigma,
-        sigma_t=args.sigma_t,
-        top=args.top,
-        per_mode=args.per_mode,
-        unbiased=args.unbiased,
-        cache_dir=cache,
-        batch_size=args.batch_size,
-        device=args.device,
-        half=args.half,
-        key=args.key,
-        max_bytes=args.max_bytes,
-        progress=progress,
-        null_draws=args.null_draws,
-        seed=args.seed,
-        _keep=keep if args.out else None,
-    )
+    passed = {name: getattr(args, name) for name in _PASSED}
+    keep = keep if args.out else None
+    return evaluate(args.gen, args.reference, args.prompts, cache_dir=cache, progress=progress,
+                    _keep=keep, **passed)  # fmt: skip
 
 
 _FROM = {
