@@ -57,6 +57,8 @@ def test_methods_forced_approximate(files, monkeypatch):
     monkeypatch.setattr(paths, "EXACT_MIN_S", 0.0)
     monkeypatch.setattr(paths, "EXACT_SHARE", 0.0)
     monkeypatch.setattr(paths, "PROBE_N", 8)
+    monkeypatch.setattr(paths, "APPROX_DIM", 16)  # sets above 16 rows may go approximate
+    monkeypatch.setattr(paths, "approx_seconds", lambda *a: 0.0)
     out = evaluate(gx, gy, cache_dir=None, null_draws=0)
     m = out["methods"]
     assert m["rke"] == m["rke_interval"] == m["relative_rke"] == "exact"
@@ -73,8 +75,9 @@ def test_methods_forced_approximate(files, monkeypatch):
 def test_pick_eigen_scales_with_the_floor(monkeypatch):
     """The crossover moves with the measured floor, not a fixed n."""
     monkeypatch.setattr(paths, "EXACT_MIN_S", 0.0)
+    monkeypatch.setattr(paths, "approx_seconds", lambda *a: 0.0)
     t = paths.exact_seconds(4000, "eigvalsh", 1, 0.0, 4000)
     # predicted t + floor (the Gram build) against EXACT_SHARE = 1.5 floors: exact iff floor >= 2t
-    assert paths.pick_eigen(4000, "eigvalsh", 1, 2.1 * t, 4000)[0] == "exact"
-    assert paths.pick_eigen(4000, "eigvalsh", 1, 1.9 * t, 4000)[0] == "rff"
-    assert paths.pick_eigen(100, "eigvalsh", 1, 0.0, 100) == ("exact", 0.0)
+    assert paths.pick_eigen(4000, "eigvalsh", 1, 2.1 * t, 4000, 8)[0] == "exact"
+    assert paths.pick_eigen(4000, "eigvalsh", 1, 1.9 * t, 4000, 8)[0] == "rff"
+    assert paths.pick_eigen(1000, "eigvalsh", 1, 0.0, 1000, 8) == ("exact", 0.0)

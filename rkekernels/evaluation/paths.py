@@ -7,8 +7,9 @@ s_i = sum_j k(x_i, x_j)^2, so they are computed in ONE tiled pass over every ban
 
 The eigen outputs (Vendi, the modes, KEN novelty) are O(n^3) when exact. Each runs exact while
 its predicted time is at most ``max(EXACT_SHARE * floor, EXACT_MIN_S)``, the floor being the
-measured time of the shared pass in the same run, else through ``APPROX_DIM`` random Fourier
-features (`pick_eigen`). The prediction scales a probe measured once per process on this
+measured time of the shared pass in the same run, or no slower than the predicted rff path,
+else through ``APPROX_DIM`` random Fourier features (`pick_eigen`; sets of at most APPROX_DIM
+rows stay exact). The prediction scales a probe measured once per process on this
 machine: the time of a float64 eigensolver on a ``PROBE_N`` x ``PROBE_N`` matrix, times
 (size / PROBE_N)^3 (the solvers' cost), plus the Gram matrix's build at the floor's rate.
 
@@ -65,15 +66,34 @@ def exact_seconds(size: int, solver: str, count: int, floor_s: float, n: int) ->
     return count * (_probe(solver) * (size / PROBE_N) ** 3 + gram)
 
 
-def pick_eigen(size: int, solver: str, count: int, floor_s: float, n: int) -> tuple[str, float]:
+def approx_seconds(size: int, solver: str, count: int, floor_s: float, n: int, d: int) -> float:
+    """Predicted seconds of ``count`` rff problems of ``size`` rows with D = APPROX_DIM features.
+
+    The D x D eigenproblem (the probe scaled by (D / PROBE_N)^3), the features (size x d x D / 2
+    multiply-adds) and their covariance (size x D^2), both at the shared pass's measured rate
+    (``floor_s`` for the n^2 d / 2 multiply-adds of n^2 / 2 pairs).
+    """
+    dim = APPROX_DIM
+    rate = floor_s / max(n * n * d / 2.0, 1.0)  # seconds per multiply-add in the pass
+    work = size * d * dim / 2.0 + size * dim * dim
+    return count * (_probe(solver) * (dim / PROBE_N) ** 3 + rate * work)
+
+
+def pick_eigen(
+    size: int, solver: str, count: int, floor_s: float, n: int, d: int
+) -> tuple[str, float]:
     """("exact", 0.0) while the exact path is predicted cheap enough, else ("rff", 1/sqrt(dim)).
 
-    Cheap enough: predicted time (`exact_seconds`) <= max(EXACT_SHARE * floor_s, EXACT_MIN_S).
+    Cheap enough: predicted time (`exact_seconds`) <= max(EXACT_SHARE * floor_s, EXACT_MIN_S),
+    or no slower than the predicted rff path (`approx_seconds`; always so when size <= dim).
     """
-    if size <= PROBE_N:
+    if size <= max(PROBE_N, APPROX_DIM):
         return "exact", 0.0
-    budget = max(EXACT_SHARE * floor_s, EXACT_MIN_S)
-    if exact_seconds(size, solver, count, floor_s, n) <= budget:
+    exact = exact_seconds(size, solver, count, floor_s, n)
+    budget = max(
+        EXACT_SHARE * floor_s, EXACT_MIN_S, approx_seconds(size, solver, count, floor_s, n, d)
+    )
+    if exact <= budget:
         return "exact", 0.0
     return "rff", 1.0 / math.sqrt(APPROX_DIM)
 

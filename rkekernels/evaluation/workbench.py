@@ -245,7 +245,7 @@ def _score_set(out, x, names, arg, s0, enough, top, per_mode, crowded, level, un
     floor against which the eigen paths choose exact or rff (`paths.pick_eigen`). Returns the
     sums of the grid ((len(grid), n), float64) and the floor in seconds.
     """
-    n = x.shape[0]
+    n, d = x.shape
     sig = list(arg) if isinstance(arg, list) else [arg]
     sx, floor_s = paths.shared_sums(x, sig + list(grid))
     ci = None
@@ -264,10 +264,10 @@ def _score_set(out, x, names, arg, s0, enough, top, per_mode, crowded, level, un
     }
     out["rke_interval"]["estimate"] = _py(ci.estimate) if ci else None
     _methods(out, rke="exact", rke_interval="exact")
-    meth, err = paths.pick_eigen(n, "eigvalsh", len(sig), floor_s, n)
+    meth, err = paths.pick_eigen(n, "eigvalsh", len(sig), floor_s, n, d)
     out["vendi"] = _py(vendi.vendi_score(x, 1.0, arg, **_opts(meth)))
     _methods(out, vendi=(meth, err))
-    meth, err = paths.pick_eigen(n, "eigh", 1, floor_s, n)
+    meth, err = paths.pick_eigen(n, "eigh", 1, floor_s, n, d)
     modes = vendi.vendi_modes(x, min(top, n), s0, **_opts(meth))
     out["modes"] = _modes_json(modes, names, per_mode, s0)
     _methods(out, modes=(meth, err))
@@ -328,7 +328,7 @@ def _score_reference(out, x, y, names, arg, s0, many, top, per_mode, null, floor
     out["m"] = int(m)
     out["relative_rke"] = _py(relative_rke(x, y, arg))
     draws = draws if m >= 2 * n else 0  # the null needs reference subsets of n and the rest
-    meth, err = paths.pick_eigen(n + m, "eig", 1, floor_s, n)
+    meth, err = paths.pick_eigen(n + m, "eig", 1, floor_s, n, x.shape[1])
     opts = {"top": top, "per_mode": per_mode, "null_draws": draws, "seed": seed, **_opts(meth)}
     nov = ken_novelty(x, y, s0, **opts)
     _methods(out, relative_rke="exact", novelty=(meth, err))
@@ -362,7 +362,7 @@ def _sweep(x: torch.Tensor, s0: float, sums, floor_s: float) -> dict[str, Any]:
     if sums is None:
         sums, _ = paths.shared_sums(x, grid)
     ci = plugin_interval(sums, 0.95, True)
-    meth, err = paths.pick_eigen(x.shape[0], "eigvalsh", len(grid), floor_s, x.shape[0])
+    meth, err = paths.pick_eigen(len(x), "eigvalsh", len(grid), floor_s, len(x), x.shape[1])
     return {
         "sigma": grid,
         "rke": [float(v) for v in ci.estimate],
