@@ -27,7 +27,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from .common import parser, write_results
+from .common import RESULTS, parser, write_results
 
 
 def _mixture(n: int, d: int, seed: int) -> np.ndarray:
@@ -110,6 +110,21 @@ def main(argv: list[str] | None = None) -> None:
         print(row, file=sys.stderr)
     name = "bench_evaluate_quick" if args.quick else "bench_evaluate"
     print(write_results(name, rows, list(rows[0]), "evaluate: the split of the time (d = 768)"))
+    with open(RESULTS / f"{name}.md", "a") as fh:
+        fh.write(NOTE)
+
+
+#: how to read the table (appended to the result page, so docs/performance.md shows it)
+NOTE = """
+`pass` is the one exact pass over the pairs (per-sample sums at sigma and the sweep's 9
+bandwidths: RKE, its interval, the crowded lists, the sweep's RKE); `vendi`, `modes`,
+`sweep_vendi` (9 bandwidths), `novelty` (KEN and its null) are the eigen outputs, each exact
+while its predicted time (a float64 eigensolver timed once per process at 384 rows, scaled by
+n^3, plus the Gram build at the pass's rate) is at most max(1.5 x pass, 2 s) or no slower than
+the predicted rff path, else random Fourier features (1,024; `rkekernels.evaluation.paths`);
+`methods` says which ran. `ratio` = total / one exact `rke_score` at the default sigma timed in
+the same run. `other`: loading, the eigen probes, the sorting.
+"""
 
 
 if __name__ == "__main__":

@@ -35,10 +35,12 @@ EXACT_SHARE = 1.5
 EXACT_MIN_S = 2.0
 #: random Fourier features of the approximate eigen paths
 APPROX_DIM = 1024
+#: random Fourier features of the report's sweep (9 Vendi values drawn as a curve) when rff
+SWEEP_DIM = 256
 #: the size of the eigensolver probe
 PROBE_N = 384
 
-__all__ = ["APPROX_DIM", "EXACT_MIN_S", "EXACT_SHARE", "pick_eigen", "shared_sums"]
+__all__ = ["APPROX_DIM", "EXACT_MIN_S", "EXACT_SHARE", "SWEEP_DIM", "pick_eigen", "shared_sums"]
 
 
 @functools.cache
@@ -66,36 +68,38 @@ def exact_seconds(size: int, solver: str, count: int, floor_s: float, n: int) ->
     return count * (_probe(solver) * (size / PROBE_N) ** 3 + gram)
 
 
-def approx_seconds(size: int, solver: str, count: int, floor_s: float, n: int, d: int) -> float:
-    """Predicted seconds of ``count`` rff problems of ``size`` rows with D = APPROX_DIM features.
+def approx_seconds(
+    size: int, solver: str, count: int, floor_s: float, n: int, d: int, dim: int
+) -> float:
+    """Predicted seconds of ``count`` rff problems of ``size`` rows with D = ``dim`` features.
 
     The D x D eigenproblem (the probe scaled by (D / PROBE_N)^3), the features (size x d x D / 2
     multiply-adds) and their covariance (size x D^2), both at the shared pass's measured rate
     (``floor_s`` for the n^2 d / 2 multiply-adds of n^2 / 2 pairs).
     """
-    dim = APPROX_DIM
     rate = floor_s / max(n * n * d / 2.0, 1.0)  # seconds per multiply-add in the pass
     work = size * d * dim / 2.0 + size * dim * dim
     return count * (_probe(solver) * (dim / PROBE_N) ** 3 + rate * work)
 
 
 def pick_eigen(
-    size: int, solver: str, count: int, floor_s: float, n: int, d: int
+    size: int, solver: str, count: int, floor_s: float, n: int, d: int, dim: int | None = None
 ) -> tuple[str, float]:
     """("exact", 0.0) while the exact path is predicted cheap enough, else ("rff", 1/sqrt(dim)).
+
+    ``dim``: the rff features (None: APPROX_DIM).
 
     Cheap enough: predicted time (`exact_seconds`) <= max(EXACT_SHARE * floor_s, EXACT_MIN_S),
     or no slower than the predicted rff path (`approx_seconds`; always so when size <= dim).
     """
-    if size <= max(PROBE_N, APPROX_DIM):
+    dim = dim or APPROX_DIM
+    if size <= max(PROBE_N, dim):
         return "exact", 0.0
     exact = exact_seconds(size, solver, count, floor_s, n)
-    budget = max(
-        EXACT_SHARE * floor_s, EXACT_MIN_S, approx_seconds(size, solver, count, floor_s, n, d)
-    )
-    if exact <= budget:
+    approx = approx_seconds(size, solver, count, floor_s, n, d, dim)
+    if exact <= max(EXACT_SHARE * floor_s, EXACT_MIN_S, approx):
         return "exact", 0.0
-    return "rff", 1.0 / math.sqrt(APPROX_DIM)
+    return "rff", 1.0 / math.sqrt(dim)
 
 
 def shared_sums(x: torch.Tensor, sigmas: list[float]) -> tuple[torch.Tensor, float]:

@@ -17,7 +17,9 @@ cond_vendi; with a reference m, relative_rke, novelty (KEN), novel_mass, novel_m
 novelty_null ({mean, std, draws}) with novelty_p (the null of `ken_novelty`; None when the
 reference holds fewer than 2 n samples or null_draws = 0); and cache ({cached, encoded, dir}).
 Several sigmas give lists (modes and novelty at the first one: ``modes_sigma``,
-``novelty_sigma``).
+``novelty_sigma``). ``methods`` names the path of each output (rke, rke_interval, vendi, modes,
+relative_rke, novelty; sweep with the report): "exact" or "rff" (`rkekernels.evaluation.paths`
+chooses from measured cost); ``methods_error`` gives the stated error of the approximate ones.
 """
 
 from __future__ import annotations
@@ -208,14 +210,19 @@ def evaluate(
     stats = {k: v for k, v in stats.items() if not k.startswith("_")}  # "_cache_off": internal
     out["cache"] = {**stats, "dir": str(root) if root is not None else None}
     if _keep is not None:  # what the report needs beyond the JSON
-        with torch.no_grad():
-            sweep = _sweep(x, s0, grid_sums, floor_s)
-            _methods(out, sweep=sweep.pop("method"))
-            ref_sweep = _sweep(y.float(), s0, None, floor_s) if y is not None else None
-            if ref_sweep is not None:
-                ref_sweep.pop("method")
-        _keep.update(x=x, gen=g, sigma=s0, sweep=sweep, ref_sweep=ref_sweep)
+        _keep_report(_keep, out, x, y, g, s0, grid_sums, floor_s)
     return out
+
+
+def _keep_report(keep, out, x, y, g, s0, grid_sums, floor_s) -> None:
+    """The report's extras: GEN's sweep (its RKE from the shared pass) and REF's sweep."""
+    with torch.no_grad():
+        sweep = _sweep(x, s0, grid_sums, floor_s)
+        _methods(out, sweep=sweep.pop("method"))
+        ref_sweep = _sweep(y.float(), s0, None, floor_s) if y is not None else None
+        if ref_sweep is not None:
+            ref_sweep.pop("method")
+    keep.update(x=x, gen=g, sigma=s0, sweep=sweep, ref_sweep=ref_sweep)
 
 
 def _embed_all(gen, reference, prompts, opts, key, root, progress, stats, max_bytes=None):
@@ -279,9 +286,11 @@ def _score_set(out, x, names, arg, s0, enough, top, per_mode, crowded, level, un
     return sx[len(sig) :], floor_s
 
 
-def _opts(method: str) -> dict[str, Any]:
-    """vendi / ken_novelty keyword arguments for a path of `paths.pick_eigen`."""
-    return {"method": method, "dim": paths.APPROX_DIM} if method == "rff" else {"method": method}
+def _opts(method: str, dim: int | None = None) -> dict[str, Any]:
+    """vendi / ken_novelty keyword arguments for a path of `paths.pick_eigen` (dim: rff's)."""
+    if method != "rff":
+        return {"method": method}
+    return {"method": method, "dim": dim or paths.APPROX_DIM}
 
 
 def _methods(out: dict[str, Any], **paths_: Any) -> None:
@@ -352,7 +361,8 @@ def _sweep(x: torch.Tensor, s0: float, sums, floor_s: float) -> dict[str, Any]:
     """RKE (with its interval) and Vendi over the 9 bandwidths of `_grid`, and the Vendi path.
 
     ``sums``: x's per-sample sums over the grid from the shared pass (None: computed here).
-    Vendi runs exact or rff as `paths.pick_eigen` decides for 9 problems against ``floor_s``.
+    Vendi runs exact or rff (``paths.SWEEP_DIM`` features: a curve, not a headline number) as
+    `paths.pick_eigen` decides for 9 problems against ``floor_s``.
     """
     grid = _grid(s0)
     if x.shape[0] < 2:  # one sample: RKE = 1 at every bandwidth, no interval
@@ -362,12 +372,13 @@ def _sweep(x: torch.Tensor, s0: float, sums, floor_s: float) -> dict[str, Any]:
     if sums is None:
         sums, _ = paths.shared_sums(x, grid)
     ci = plugin_interval(sums, 0.95, True)
-    meth, err = paths.pick_eigen(len(x), "eigvalsh", len(grid), floor_s, len(x), x.shape[1])
+    n, d = x.shape
+    meth, err = paths.pick_eigen(n, "eigvalsh", len(grid), floor_s, n, d, paths.SWEEP_DIM)
     return {
         "sigma": grid,
         "rke": [float(v) for v in ci.estimate],
         "low": [float(v) for v in ci.low],
         "high": [float(v) for v in ci.high],
-        "vendi": _py(vendi.vendi_score(x, 1.0, grid, **_opts(meth))),
+        "vendi": _py(vendi.vendi_score(x, 1.0, grid, **_opts(meth, paths.SWEEP_DIM))),
         "method": (meth, err),
     }
