@@ -36,8 +36,9 @@ def _mixture(n: int, d: int, seed: int) -> np.ndarray:
     return centres[rng.integers(0, 50, n)] + rng.normal(size=(n, d)).astype(np.float32)
 
 
-def _timed(evaluate_args: dict) -> tuple[dict, dict]:
-    """evaluate(**evaluate_args) with the workbench's calls wrapped in timers."""
+def _timed(evaluate_args: dict, report: bool = True) -> tuple[dict, dict]:
+    """evaluate(**evaluate_args) with the workbench's calls wrapped in timers (``report``: with
+    the report's extras, the sweeps, as ``rkekernels evaluate --out``)."""
     from rkekernels.evaluation import workbench
 
     spent: dict[str, float] = defaultdict(float)
@@ -65,7 +66,7 @@ def _timed(evaluate_args: dict) -> tuple[dict, dict]:
     wrap(workbench, "relative_rke", "relative_rke")
     try:
         t0 = time.perf_counter()
-        keep: dict = {}
+        keep: dict | None = {} if report else None
         out = workbench.evaluate(**evaluate_args, _keep=keep)
         spent["total"] = time.perf_counter() - t0
     finally:
