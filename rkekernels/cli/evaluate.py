@@ -196,6 +196,9 @@ def _print(res: dict[str, Any], null_draws: int) -> None:
     for i, m in enumerate(res["modes"][:5]):
         files = ", ".join(str(f) for f in m["files"][:4])
         print(f"mode {i + 1} (sigma {fmt(m['sigma'])}): weight {m['weight']:.3f}  {files}")
+    approx = res.get("methods_error", {})
+    for name, err in approx.items():  # the exact paths go unmentioned (see --json's methods)
+        print(f"{name}: {res['methods'][name]} (kernel-entry error <= {err:.2g}; exact too slow)")
     c = res["cache"]
     print(f"embeddings: {c['encoded']} encoded, {c['cached']} from the cache")
 

@@ -284,10 +284,23 @@ def rke_interval(
     else:
         n, sigmas, many, _, sx, _, _ = _sums(x, None, sigma, None)
         _need_n(n, unbiased)
-        f = sx.sum(1)
-        f_loo = f[:, None] - 2.0 * sx + 1.0
-        theta = 2.0 * math.log(n) - torch.log(f)
-        loo = 2.0 * math.log(n - 1) - torch.log(f_loo)
+        return plugin_interval(sx, level, many)
+    return _jackknife(theta, loo, z, level, many)
+
+
+def plugin_interval(sx: torch.Tensor, level: float = 0.95, many: bool = True) -> Interval:
+    """The plug-in `rke_interval` from per-sample sums sx (float64 (K, n), `sample_sums`).
+
+    F = sum_i s_i, F_{-i} = F - 2 s_i + 1; theta = log(n^2 / F), jackknife as in `rke_interval`
+    (which calls this). ``many=False`` gives floats for K = 1.
+    """
+    z = _z(level)
+    n = sx.shape[1]
+    _need_n(n, False)
+    f = sx.sum(1)
+    f_loo = f[:, None] - 2.0 * sx + 1.0
+    theta = 2.0 * math.log(n) - torch.log(f)
+    loo = 2.0 * math.log(n - 1) - torch.log(f_loo)
     return _jackknife(theta, loo, z, level, many)
 
 

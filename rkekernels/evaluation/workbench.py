@@ -17,7 +17,9 @@ cond_vendi; with a reference m, relative_rke, novelty (KEN), novel_mass, novel_m
 novelty_null ({mean, std, draws}) with novelty_p (the null of `ken_novelty`; None when the
 reference holds fewer than 2 n samples or null_draws = 0); and cache ({cached, encoded, dir}).
 Several sigmas give lists (modes and novelty at the first one: ``modes_sigma``,
-``novelty_sigma``).
+``novelty_sigma``). ``methods`` names the path of each output (rke, rke_interval, vendi, modes,
+relative_rke, novelty; sweep with the report): "exact" or "rff" (`rkekernels.evaluation.paths`
+chooses from measured cost); ``methods_error`` gives the stated error of the approximate ones.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from .. import vendi
 from .._errors import CLIError
 from ..adapters import encoders
 from ..scores import cond_rke_score, default_bandwidth, rke_score
+from . import paths
 from .embeddings import _embed_prompts, _embed_sets, _encoder_key, _Encoders, default_cache_dir
 from .inputs import _read_prompts, _Set
 from .novelty import ken_novelty
-from .statistics import cond_rke_interval, relative_rke, rke_interval, sample_sums
+from .statistics import cond_rke_interval, plugin_interval, relative_rke, rke_interval
 
 __all__ = ["evaluate"]
 
@@ -189,14 +192,17 @@ def evaluate(
     arg = sigmas if many else sigmas[0]
     s0 = sigmas[0]
     enough = x.shape[0] >= (3 if unbiased else 2)  # leave-one-out sets need n - 1 >= 1 (2)
+    grid = _grid(s0) if _keep is not None else []  # the report's sweep shares the pass
     try:
         with torch.no_grad():
-            _score_set(out, x, g.names, arg, s0, enough, top, per_mode, crowded, level, unbiased)
+            opts = (top, per_mode, crowded, level, unbiased, grid)
+            grid_sums, floor_s = _score_set(out, x, g.names, arg, s0, enough, *opts)
             if t is not None:
                 _score_prompts(out, x, t.float(), arg, sigma_t, enough, level, unbiased)
             if y is not None:
                 null = (null_draws, seed)
-                _score_reference(out, x, y.float(), g.names, arg, s0, many, top, per_mode, null)
+                opts = (many, top, per_mode, null, floor_s)
+                _score_reference(out, x, y.float(), g.names, arg, s0, *opts)
             if many:
                 out["modes_sigma"] = s0
     except (ValueError, TypeError) as exc:
@@ -204,9 +210,19 @@ def evaluate(
     stats = {k: v for k, v in stats.items() if not k.startswith("_")}  # "_cache_off": internal
     out["cache"] = {**stats, "dir": str(root) if root is not None else None}
     if _keep is not None:  # what the report needs beyond the JSON
-        ref_sweep = _sweep(y.float(), s0) if y is not None else None
-        _keep.update(x=x, gen=g, sigma=s0, sweep=_sweep(x, s0), ref_sweep=ref_sweep)
+        _keep_report(_keep, out, x, y, g, s0, grid_sums, floor_s)
     return out
+
+
+def _keep_report(keep, out, x, y, g, s0, grid_sums, floor_s) -> None:
+    """The report's extras: GEN's sweep (its RKE from the shared pass) and REF's sweep."""
+    with torch.no_grad():
+        sweep = _sweep(x, s0, grid_sums, floor_s)
+        _methods(out, sweep=sweep.pop("method"))
+        ref_sweep = _sweep(y.float(), s0, None, floor_s) if y is not None else None
+        if ref_sweep is not None:
+            ref_sweep.pop("method")
+    keep.update(x=x, gen=g, sigma=s0, sweep=sweep, ref_sweep=ref_sweep)
 
 
 def _embed_all(gen, reference, prompts, opts, key, root, progress, stats, max_bytes=None):
@@ -228,29 +244,63 @@ def _embed_all(gen, reference, prompts, opts, key, root, progress, stats, max_by
     return g, x, y, t
 
 
-def _score_set(out, x, names, arg, s0, enough, top, per_mode, crowded, level, unbiased) -> None:
-    """RKE with its interval, Vendi, the modes and the most / least crowded samples of x."""
-    n = x.shape[0]
-    out["rke"] = _py(rke_score(x, arg))
-    ci = rke_interval(x, arg, level=level, unbiased=unbiased) if enough else None
+def _score_set(out, x, names, arg, s0, enough, top, per_mode, crowded, level, unbiased, grid):
+    """RKE with its interval, Vendi, the modes and the most / least crowded samples of x.
+
+    One exact pass gives the per-sample sums at every bandwidth of ``arg`` and of the sweep's
+    ``grid`` (RKE, the plug-in interval, the crowded lists, the sweep's RKE); its time is the
+    floor against which the eigen paths choose exact or rff (`paths.pick_eigen`). Returns the
+    sums of the grid ((len(grid), n), float64) and the floor in seconds.
+    """
+    n, d = x.shape
+    sig = list(arg) if isinstance(arg, list) else [arg]
+    sx, floor_s = paths.shared_sums(x, sig + list(grid))
+    ci = None
+    if enough and not unbiased:  # the plug-in interval from the shared sums
+        ci = plugin_interval(sx[: len(sig)], level, isinstance(arg, list))
+    elif enough:  # the unbiased one needs the off-diagonal sums: a pass of its own
+        ci = rke_interval(x, arg, level=level, unbiased=unbiased)
+    # the interval's own estimate: the unbiased RKE with --unbiased, else the plug-in RKE
+    # from the same float64 sums (rke_score rounds to x's dtype)
+    out["rke"] = _py(ci.estimate) if ci is not None and not unbiased else _py(rke_score(x, arg))
     out["rke_interval"] = {
         "low": _py(ci.low) if ci else None,
         "high": _py(ci.high) if ci else None,
         "level": level,
         "unbiased": unbiased,
     }
-    # the interval's own estimate: the unbiased RKE with --unbiased, else the plug-in RKE
-    # from the same float64 sums (rke_score rounds to x's dtype)
     out["rke_interval"]["estimate"] = _py(ci.estimate) if ci else None
-    if ci is not None and not unbiased:
-        out["rke"] = _py(ci.estimate)
-    out["vendi"] = _py(vendi.vendi_score(x, 1.0, arg))
-    out["modes"] = _modes_json(vendi.vendi_modes(x, min(top, n), s0), names, per_mode, s0)
-    sums = sample_sums(x, sigma=s0).x
+    _methods(out, rke="exact", rke_interval="exact")
+    meth, err = paths.pick_eigen(n, "eigvalsh", len(sig), floor_s, n, d)
+    out["vendi"] = _py(vendi.vendi_score(x, 1.0, arg, **_opts(meth)))
+    _methods(out, vendi=(meth, err))
+    meth, err = paths.pick_eigen(n, "eigh", 1, floor_s, n, d)
+    modes = vendi.vendi_modes(x, min(top, n), s0, **_opts(meth))
+    out["modes"] = _modes_json(modes, names, per_mode, s0)
+    _methods(out, modes=(meth, err))
+    sums = sx[0]
     order = torch.argsort(sums, descending=True).tolist()
     k = min(crowded, n)
     out["most_crowded"] = [{"file": names[i], "s": float(sums[i])} for i in order[:k]]
     out["least_crowded"] = [{"file": names[i], "s": float(sums[i])} for i in order[::-1][:k]]
+    return sx[len(sig) :], floor_s
+
+
+def _opts(method: str, dim: int | None = None) -> dict[str, Any]:
+    """vendi / ken_novelty keyword arguments for a path of `paths.pick_eigen` (dim: rff's)."""
+    if method != "rff":
+        return {"method": method}
+    return {"method": method, "dim": dim or paths.APPROX_DIM}
+
+
+def _methods(out: dict[str, Any], **paths_: Any) -> None:
+    """Record which path produced each output (``methods``) and, where approximate, its stated
+    error (``methods_error``: 1 / sqrt(dim), see `rkekernels.evaluation.paths`)."""
+    for name, p in paths_.items():
+        meth, err = p if isinstance(p, tuple) else (p, 0.0)
+        out.setdefault("methods", {})[name] = meth
+        if meth != "exact":
+            out.setdefault("methods_error", {})[name] = err
 
 
 def _score_prompts(out, x, t, arg, sigma_t, enough, level, unbiased) -> None:
@@ -276,14 +326,21 @@ def _score_prompts(out, x, t, arg, sigma_t, enough, level, unbiased) -> None:
     out["cond_vendi"] = _py(vendi.cond_vendi_score(x, t, 1.0, arg, st))
 
 
-def _score_reference(out, x, y, names, arg, s0, many, top, per_mode, null) -> None:
-    """Relative RKE and KEN novelty (with the novel modes and its null) of x against y."""
+def _score_reference(out, x, y, names, arg, s0, many, top, per_mode, null, floor_s) -> None:
+    """Relative RKE and KEN novelty (with the novel modes and its null) of x against y.
+
+    KEN is exact (a general eigenproblem of n + m rows) while `paths.pick_eigen` predicts it
+    cheap enough against the floor ``floor_s`` (the shared pass over n samples), else rff.
+    """
     draws, seed = null
     n, m = x.shape[0], y.shape[0]
     out["m"] = int(m)
     out["relative_rke"] = _py(relative_rke(x, y, arg))
     draws = draws if m >= 2 * n else 0  # the null needs reference subsets of n and the rest
-    nov = ken_novelty(x, y, s0, top=top, per_mode=per_mode, null_draws=draws, seed=seed)
+    meth, err = paths.pick_eigen(n + m, "eig", 1, floor_s, n, x.shape[1])
+    opts = {"top": top, "per_mode": per_mode, "null_draws": draws, "seed": seed, **_opts(meth)}
+    nov = ken_novelty(x, y, s0, **opts)
+    _methods(out, relative_rke="exact", novelty=(meth, err))
     out["novelty"] = nov.score
     out["novel_mass"] = nov.novel_mass
     out["novelty_null"] = (
@@ -295,17 +352,33 @@ def _score_reference(out, x, y, names, arg, s0, many, top, per_mode, null) -> No
         out["novelty_sigma"] = s0
 
 
-def _sweep(x: torch.Tensor, s0: float) -> dict[str, list[float]]:
-    """RKE (with its interval) and Vendi over 9 bandwidths s0 * 2^(-2 .. 2)."""
-    grid = [s0 * 2.0 ** (k / 2.0) for k in range(-4, 5)]
+def _grid(s0: float) -> list[float]:
+    """The sweep's 9 bandwidths s0 * 2^(-2 .. 2) in half-octave steps."""
+    return [s0 * 2.0 ** (k / 2.0) for k in range(-4, 5)]
+
+
+def _sweep(x: torch.Tensor, s0: float, sums, floor_s: float) -> dict[str, Any]:
+    """RKE (with its interval) and Vendi over the 9 bandwidths of `_grid`, and the Vendi path.
+
+    ``sums``: x's per-sample sums over the grid from the shared pass (None: computed here).
+    Vendi runs exact or rff (``paths.SWEEP_DIM`` features: a curve, not a headline number) as
+    `paths.pick_eigen` decides for 9 problems against ``floor_s``.
+    """
+    grid = _grid(s0)
     if x.shape[0] < 2:  # one sample: RKE = 1 at every bandwidth, no interval
         ones = [1.0] * len(grid)
-        return {"sigma": grid, "rke": ones, "low": ones, "high": ones, "vendi": ones}
-    ci = rke_interval(x, grid)
+        return {"sigma": grid, "rke": ones, "low": ones, "high": ones, "vendi": ones,
+                "method": "exact"}  # fmt: skip
+    if sums is None:
+        sums, _ = paths.shared_sums(x, grid)
+    ci = plugin_interval(sums, 0.95, True)
+    n, d = x.shape
+    meth, err = paths.pick_eigen(n, "eigvalsh", len(grid), floor_s, n, d, paths.SWEEP_DIM)
     return {
         "sigma": grid,
         "rke": [float(v) for v in ci.estimate],
         "low": [float(v) for v in ci.low],
         "high": [float(v) for v in ci.high],
-        "vendi": _py(vendi.vendi_score(x, 1.0, grid)),
+        "vendi": _py(vendi.vendi_score(x, 1.0, grid, **_opts(meth, paths.SWEEP_DIM))),
+        "method": (meth, err),
     }

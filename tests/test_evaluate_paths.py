@@ -1,0 +1,83 @@
+"""evaluate's paths: the shared exact pass, the measured crossover and the ``methods`` key."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import rkekernels
+from rkekernels.evaluation import paths, rke_interval, sample_sums
+from rkekernels.evaluation.novelty import ken_novelty
+from rkekernels.evaluation.workbench import evaluate
+
+
+@pytest.fixture
+def files(tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 3)).astype(np.float32)
+    y = (rng.normal(size=(90, 3)) + 0.5).astype(np.float32)
+    gx, gy = tmp_path / "x.npy", tmp_path / "y.npy"
+    np.save(gx, x)
+    np.save(gy, y)
+    return str(gx), str(gy), x, y
+
+
+def test_methods_exact_small(files):
+    gx, gy, x, _ = files
+    keep: dict = {}
+    out = evaluate(gx, gy, cache_dir=None, null_draws=3, _keep=keep)
+    names = ["rke", "rke_interval", "vendi", "modes", "relative_rke", "novelty", "sweep"]
+    assert out["methods"] == dict.fromkeys(names, "exact")
+    assert "methods_error" not in out
+    s = out["sigma"]
+    assert out["vendi"] == float(rkekernels.vendi_score(x, 1.0, s, method="exact"))
+
+
+def test_shared_pass_matches_the_separate_calls(files):
+    """The one pass gives bit for bit what rke_interval and sample_sums gave separately."""
+    gx, _, x, _ = files
+    keep: dict = {}
+    out = evaluate(gx, sigma=[0.7, 1.3], cache_dir=None, _keep=keep)
+    ci = rke_interval(x, [0.7, 1.3])
+    assert out["rke"] == [float(v) for v in ci.estimate]
+    assert out["rke_interval"]["low"] == [float(v) for v in ci.low]
+    sums = sample_sums(x, sigma=0.7).x
+    assert out["most_crowded"][0]["s"] == float(sums.max())
+    grid = [0.7 * 2.0 ** (k / 2.0) for k in range(-4, 5)]
+    sweep = rke_interval(x, grid)
+    assert keep["sweep"]["rke"] == [float(v) for v in sweep.estimate]
+    assert keep["sweep"]["high"] == [float(v) for v in sweep.high]
+
+
+def test_methods_forced_approximate(files, monkeypatch):
+    """With no time allowed to exact eigen paths they run through rff and state the error."""
+    gx, gy, x, y = files
+    monkeypatch.setattr(paths, "EXACT_MIN_S", 0.0)
+    monkeypatch.setattr(paths, "EXACT_SHARE", 0.0)
+    monkeypatch.setattr(paths, "PROBE_N", 8)
+    monkeypatch.setattr(paths, "APPROX_DIM", 16)  # sets above 16 rows may go approximate
+    monkeypatch.setattr(paths, "approx_seconds", lambda *a: 0.0)
+    out = evaluate(gx, gy, cache_dir=None, null_draws=0)
+    m = out["methods"]
+    assert m["rke"] == m["rke_interval"] == m["relative_rke"] == "exact"
+    assert m["vendi"] == m["modes"] == m["novelty"] == "rff"
+    err = 1.0 / math.sqrt(paths.APPROX_DIM)
+    assert out["methods_error"] == {"vendi": err, "modes": err, "novelty": err}
+    s = out["sigma"]
+    want = rkekernels.vendi_score(x, 1.0, s, method="rff", dim=paths.APPROX_DIM)
+    assert out["vendi"] == float(want)
+    nov = ken_novelty(x, y, s, method="rff", dim=paths.APPROX_DIM, per_mode=8)
+    assert out["novelty"] == nov.score
+
+
+def test_pick_eigen_scales_with_the_floor(monkeypatch):
+    """The crossover moves with the measured floor, not a fixed n."""
+    monkeypatch.setattr(paths, "EXACT_MIN_S", 0.0)
+    monkeypatch.setattr(paths, "approx_seconds", lambda *a: 0.0)
+    t = paths.exact_seconds(4000, "eigvalsh", 1, 0.0, 4000)
+    # predicted t + floor (the Gram build) against EXACT_SHARE = 1.5 floors: exact iff floor >= 2t
+    assert paths.pick_eigen(4000, "eigvalsh", 1, 2.1 * t, 4000, 8)[0] == "exact"
+    assert paths.pick_eigen(4000, "eigvalsh", 1, 1.9 * t, 4000, 8)[0] == "rff"
+    assert paths.pick_eigen(1000, "eigvalsh", 1, 0.0, 1000, 8) == ("exact", 0.0)
