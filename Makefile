@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint docs bench clean
+.PHONY: demo test test-fast lint docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ lint: $(VENV)/.test-installed
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# the inner loop: the scores, Vendi, guidance, bandwidths, statistics, CLI and layout checks
+# (no diffusers pipelines, Triton interpreter, process groups or doctests); ~20 s on 2 cores
+FAST_TESTS := scores scores_properties scores_grad vendi guidance guidance_cpu sampling \
+	guidance_defaults bandwidth compare layout bad_input reference evaluation novelty meaning \
+	approx_error metrics cli
+test-fast: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -q -m "not slow" $(patsubst %,tests/test_%.py,$(FAST_TESTS))
 
 docs: $(VENV)/.docs-installed
 	$(BIN)/mkdocs build --strict --site-dir site
