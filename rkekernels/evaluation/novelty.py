@@ -145,9 +145,9 @@ def ken_novelty(
     (exact) or the random features (rff) are factored once, G = F F^T (F: r <= n + m columns,
     eigenvalues below 1e-12 of the largest dropped), and each draw needs only
     eigvalsh(F_A^T F_A (1/n + eta/(m-n)) - eta F_Y^T F_Y / (m - n)), r x r: O(draws (n r^2 + r^3)).
-    The draws dominate: one float64 r x r eigvalsh each (r = m = 700: about 0.6 s on one thread
-    of a 2-core machine shared with other jobs at load ~11; 200 digits against a 700-digit
-    reference, 199 draws, took 121 s there; an idle core is several times faster).
+    The draws dominate: one float64 r x r eigvalsh each. 200 digits against a 700-digit
+    reference, 199 draws: 11.5 s on one thread of a quiet 2-core machine
+    (``python -m benchmarks.bench_novelty``; 121 s when the machine was shared at load ~11).
 
     Args:
         x: (n, d) generated samples. y: (m, d) reference samples (same encoder).
