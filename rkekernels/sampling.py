@@ -303,7 +303,8 @@ class DiversityGuidance:
 
         Args:
             feats: (b, D) the batch's features (`rkekernels.features` of the latents, or of
-                ``feature_fn(latents)``), or None (the bank's rows only).
+                ``feature_fn(latents)``), a zero-argument callable that returns them (called
+                only when the bandwidths are recomputed), or None (the bank's rows only).
             cond: (b, m) the batch's prompt embeddings, or None.
 
         Example:
@@ -326,13 +327,20 @@ class DiversityGuidance:
             or n >= 2 * cache["rows"]
             or (auto_c and cache.get("sigma_cond") is None)
         )
-        if auto_c and not fresh and cond is not None:
+        if auto_c and not fresh and cond is not None and not self._checked(cond):
             fresh = not known_prompts(torch.as_tensor(cond), cache["prompts"])
+            cache["checked"] = (cond, getattr(cond, "_version", None))
         if fresh:
             cache = self._auto = self._compute_bandwidths(feats, cond, auto_s, auto_c)
         sigma = cache["sigma"] if auto_s else float(self.sigma)
         sigma_cond = cache["sigma_cond"] if auto_c else self.sigma_cond
         return sigma, (sigma_cond if self.conditional else None)
+
+    def _checked(self, cond: Any) -> bool:
+        """Whether this very cond tensor, unchanged, was already found among the cached prompts
+        (the per-step check, a cdist and a host sync, runs once per new cond)."""
+        seen = self._auto.get("checked")
+        return seen is not None and seen[0] is cond and seen[1] == getattr(cond, "_version", None)
 
     def refresh(self) -> None:
         """Forget the cached automatic bandwidths (the next guided step recomputes them)."""
@@ -343,6 +351,8 @@ class DiversityGuidance:
         out: dict[str, Any] = {"rows": n, "sigma": None, "sigma_cond": None}
         if auto_s:
             rows = [self.bank.features] if n else []
+            if callable(feats):
+                feats = feats()
             if feats is not None:
                 f = torch.as_tensor(feats).detach()
                 f = f.reshape(len(f), -1)
@@ -389,15 +399,10 @@ class DiversityGuidance:
         """
         latents = check_latents(latents)
         cond = self._cond(cond, latents.shape[0], latents.device)
-        if self.feature_fn is None and (self.sigma is None or self.sigma_cond is None):
-            feats = (
-                features(latents.detach(), normalize=self.normalize) if self.sigma is None else None
-            )
-            sigma, sigma_cond = self.bandwidths(feats, cond)
-        elif self.feature_fn is None:
-            sigma, sigma_cond = self.bandwidths()
-        else:
-            sigma = sigma_cond = None  # resolved below, on feature_fn's output
+        sigma = sigma_cond = None  # with feature_fn: resolved below, on its output
+        if self.feature_fn is None:  # the batch's features are built only on a refresh
+            x = latents.detach()
+            sigma, sigma_cond = self.bandwidths(lambda: features(x, normalize=self.normalize), cond)
         kwargs = dict(
             cond=cond,
             sigma=sigma,
@@ -425,8 +430,10 @@ class DiversityGuidance:
                     "feature_fn output does not depend on the latents through autograd "
                     "(was it computed under torch.no_grad() or detached?)"
                 )
-            feats = features(f.detach(), normalize=self.normalize) if self.sigma is None else None
-            kwargs["sigma"], kwargs["sigma_cond"] = self.bandwidths(feats, cond)
+            fd = f.detach()
+            kwargs["sigma"], kwargs["sigma_cond"] = self.bandwidths(
+                lambda: features(fd, normalize=self.normalize), cond
+            )
             res = guidance_grad(f.detach(), self.bank, **kwargs)
             (gz,) = torch.autograd.grad(
                 f, z, grad_outputs=res.grad.to(f.dtype).reshape(f.shape), allow_unused=True
