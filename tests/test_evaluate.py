@@ -247,3 +247,14 @@ def test_clip_encoder_embeds_prompts_with_its_own_text_tower(sets, tiny_encoder_
     assert res["encoder"] == "clip" and res["d"] == 16
     assert 1.0 <= res["cond_rke"] <= res["n"]
     assert torch.isfinite(torch.tensor(res["cond_vendi"]))
+
+
+def test_evaluate_takes_one_sigma_as_a_number(tmp_path):
+    """sigma=1.0 (not a list) is one given bandwidth; a bad one is a one-line error naming sigma
+    (was a raw TypeError from len() before any check)."""
+    p = tmp_path / "x.npy"
+    np.save(p, np.random.default_rng(0).normal(size=(30, 3)))
+    res = evaluation.evaluate(str(p), sigma=1.0, cache_dir=None)
+    assert res["sigma"] == 1.0 and res["sigma_from"] == "given"
+    with pytest.raises(rkekernels._errors.CLIError, match="sigma must be finite and > 0"):
+        evaluation.evaluate(str(p), sigma=-1.0, cache_dir=None)

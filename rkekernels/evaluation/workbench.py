@@ -32,6 +32,7 @@ import torch
 
 from .. import vendi
 from .._errors import CLIError
+from .._input import check_sigmas
 from ..adapters import encoders
 from ..scores import cond_rke_score, default_bandwidth, rke_score
 from . import paths
@@ -72,8 +73,11 @@ def _modes_json(modes, names, per_mode: int, sigma: float) -> list[dict[str, Any
 
 def _pick_sigma(sigma, x, y) -> tuple[list[float], str]:
     """The bandwidths and where they came from: given, REF's default, or GEN's default."""
-    if sigma:
-        return [float(s) for s in sigma], "given"
+    if sigma is not None and not (isinstance(sigma, Sequence) and len(sigma) == 0):
+        try:
+            return check_sigmas(sigma, "sigma")[0], "given"  # a number or a sequence
+        except (ValueError, TypeError) as exc:
+            raise CLIError(str(exc)) from None
     if y is not None:
         return [_default_sigma(y)], "reference"
     return [_default_sigma(x)], "generated"
@@ -179,8 +183,8 @@ def evaluate(
         )
     if isinstance(null_draws, bool) or not isinstance(null_draws, int) or null_draws < 0:
         raise CLIError(f"null_draws must be an integer >= 0; got {null_draws!r}")
-    many = sigma is not None and len(sigma) > 1
     sigmas, sigma_from = _pick_sigma(sigma, x, y)
+    many = len(sigmas) > 1
     out: dict[str, Any] = {
         "n": x.shape[0],
         "d": int(x.shape[1]),
