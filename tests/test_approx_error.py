@@ -26,7 +26,7 @@ def test_auto_stays_within_5pct_of_exact_on_a_flat_spectrum(monkeypatch):
     x = _flat()
     exact = rk.vendi_score(x, 1.0, 20.0, method="exact")
     auto = rk.vendi_score(x, 1.0, 20.0)
-    assert abs(float(auto) - float(exact)) / float(exact) <= _approx_error.TARGET_REL_ERROR
+    assert abs(float(auto) - float(exact)) / float(exact) <= 0.05  # the target
 
 
 def test_auto_takes_rff_with_its_expected_error_on_a_peaked_spectrum(monkeypatch, caplog):
@@ -40,7 +40,7 @@ def test_auto_takes_rff_with_its_expected_error_on_a_peaked_spectrum(monkeypatch
     assert "rff with dim=2048" in caplog.text and "expected relative error" in caplog.text
     # three tight clusters: the score hardly depends on n, so 600 rows give the exact value
     exact = float(rk.vendi_score(x[:600].double(), 1.0, 10.0, method="exact"))
-    assert abs(auto - exact) / exact <= _approx_error.TARGET_REL_ERROR
+    assert abs(auto - exact) / exact <= 0.05  # the target
 
 
 @pytest.mark.parametrize("method, dim", [("rff", 256), ("nystrom", 256)])

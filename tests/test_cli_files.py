@@ -3,6 +3,7 @@ overwrites what the command did not write, caches are checked, odd files give on
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -397,7 +398,7 @@ def test_default_encoder_without_weights_is_one_line_before_loading(
         )
     t0 = time.perf_counter()
     code, _, err = _run(capsys, "evaluate", gen, "--no-cache", "--no-progress")
-    assert time.perf_counter() - t0 < 2.5
+    assert time.perf_counter() - t0 < 10.0  # the bound (no retries: `calls` below)
     _one_line_error(code, err, "--encoder pixels")
     if network == "no transformers":
         assert "pip install -e '.[encoders]'" in err and "rkekernels[encoders]" in err
@@ -424,7 +425,10 @@ def test_every_help_shows_every_default():
             if not action.option_strings or d in (None, False, argparse.SUPPRESS):
                 continue
             shown = fmt._expand_help(action)
-            assert str(d) in shown, f"{name} {action.option_strings[0]}: {shown!r}"
+            said = re.search(
+                rf"default:? {re.escape(str(d))}\b|{re.escape(str(d))} \(default\)", shown
+            )
+            assert said, f"{name} {action.option_strings[0]}: {shown!r}"
             assert str(d) in " ".join(p.format_help().split())
             checked += 1
     assert checked >= 25
