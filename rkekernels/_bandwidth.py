@@ -34,15 +34,19 @@ def _prepare(x: Any, name: str) -> torch.Tensor:
     return check_matrix(as_tensor(x, name), name)
 
 
+def sample_rows(x: torch.Tensor, limit: int = _MEDIAN_ROWS) -> torch.Tensor:
+    """At most ``limit`` rows of x, drawn with a fixed seed (x itself when it has no more): the
+    subsample of `median_bandwidth` and of guidance's automatic bandwidths."""
+    if x.shape[0] <= limit:
+        return x
+    gen = torch.Generator().manual_seed(0)
+    return x.index_select(0, torch.randperm(x.shape[0], generator=gen)[:limit].to(x.device))
+
+
 def _subsample_sq_dists(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     """(m x m squared distances of at most 1,000 rows drawn with a fixed seed, the scale a):
     float64, in units of the power-of-two scale a of `prepare` (no overflow)."""
-    n = x.shape[0]
-    xs = x.detach()
-    if n > _MEDIAN_ROWS:
-        gen = torch.Generator().manual_seed(0)
-        idx = torch.randperm(n, generator=gen)[:_MEDIAN_ROWS].to(x.device)
-        xs = xs.index_select(0, idx)
+    xs = sample_rows(x.detach())
     # power-of-two scaling and anchored centring (exact; no overflow near the float64 limit)
     xs, scale = prepare(xs.double())
     nrm = (xs * xs).sum(1)

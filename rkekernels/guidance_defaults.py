@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._bandwidth import sample_rows
 from ._input import check_sigma
 from .guidance import GuidanceResult
 
@@ -175,16 +176,9 @@ def check_sigma_cond(value: Any) -> float | None:
     return check_sigma(value, "sigma_cond")
 
 
-def _sample_rows(t: torch.Tensor) -> torch.Tensor:
-    if t.shape[0] <= AUTO_ROWS:
-        return t
-    gen = torch.Generator().manual_seed(0)
-    return t[torch.randperm(t.shape[0], generator=gen)[:AUTO_ROWS].to(t.device)]
-
-
 def _stack(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """The first part (the bank's rows) subsampled to `AUTO_ROWS`, then the others, float64."""
-    rows = [_sample_rows(parts[0]), *parts[1:]]
+    rows = [sample_rows(parts[0], AUTO_ROWS), *parts[1:]]
     return torch.cat([r.to(device=rows[0].device, dtype=torch.float64) for r in rows])
 
 
