@@ -206,3 +206,37 @@ def test_no_n_by_n_allocation(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "exp_", spy)
     rk.cond_rke_score(x, t, 1.0, 1.0).backward()
     assert seen and max(seen) <= 64 * 64
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_half_octave_sigmas_squared_tiles_match_the_reference(dtype, tol):
+    """Per-sample sums over a half-octave grid (tiles squared, `scores_torch.power_plan`), with
+    t, at SPEC's accuracy against the float64 reference; far pairs (exp underflow: the floored
+    exp) included."""
+    from rkekernels.ops import scores_torch
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(40, 5, generator=gen), 12.0 + torch.randn(9, 5, generator=gen)])
+    t = torch.randn(49, 3, generator=gen)
+    grid = [0.9 * 2.0 ** (k / 2.0) for k in range(-4, 5)] + [0.9]  # one repeated
+    ops = [op for _, op in scores_torch.power_plan([1.0 / s**2 for s in grid])]
+    assert ops.count("square") >= 5 and ops.count("same") == 1
+    xc, tc = x.to(dtype), t.to(dtype)
+    xc, tc = xc - xc.mean(0), tc - tc.mean(0)
+    got = scores_torch.row_sums(xc, tc, [1.0 / s**2 for s in grid], 1.0, block_rows=16)
+    for k, s in enumerate(grid):
+        want_x, _, want_xt = ref.sample_sums(x, t, s, 1.0)
+        torch.testing.assert_close(got[0][k], want_x, rtol=tol, atol=0.0)
+        torch.testing.assert_close(got[2][k], want_xt, rtol=tol, atol=0.0)
+
+
+def test_floored_exp_keeps_underflow_exact_zero():
+    from rkekernels.ops.scores_torch import floored_exp_
+
+    for dtype in (torch.float32, torch.float64):
+        v = torch.tensor([0.0, -1.0, -60.0, -90.0, -800.0], dtype=dtype)
+        got = floored_exp_(v.clone())
+        assert got[0] == 1.0 and got[-1] == 0.0
+        want = torch.exp(v)
+        torch.testing.assert_close(got[:3], want[:3], rtol=1e-6, atol=0.0)
+        assert abs(float(got[3]) - float(want[3])) <= 2e-38

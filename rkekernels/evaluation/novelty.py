@@ -59,7 +59,7 @@ def _gauss(a: torch.Tensor, b: torch.Tensor, sigma: float) -> torch.Tensor:
     """Dense float64 k_s(a_i, b_j) (the eigen-problems below need the matrix anyway)."""
     na, nb = scores_torch.sq_norms(a), scores_torch.sq_norms(b)
     negd = scores_torch.neg_sqdist(a, na, b, nb, False)
-    return negd.mul_(0.5 / (sigma * sigma)).exp_()
+    return scores_torch.floored_exp_(negd.mul_(0.5 / (sigma * sigma)))
 
 
 def _top_modes(vals: torch.Tensor, vecs: torch.Tensor, n: int, top: int, per_mode: int):

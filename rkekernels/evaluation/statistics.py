@@ -112,14 +112,13 @@ def _off_row_sums(xc, tc, inv_sx2, inv_st2):
     nx = scores_torch.sq_norms(xc)
     nt = scores_torch.sq_norms(tc) if tc is not None else None
     acc = torch.zeros(2 * K + 1, n, dtype=torch.float64, device=xc.device)
+    ones = xc.new_ones(min(n, max(scores_torch.BLOCK_ROWS, scores_torch.BLOCK_COLS)))
     for i0, i1, j0, j1, diag in scores_torch.tiles(n):
 
-        def add(slot, tile, i0=i0, i1=i1, j0=j0, j1=j1, diag=diag):
+        def add(slot, tile, i0=i0, j0=j0, diag=diag):
             if diag:
-                tile.diagonal().zero_()  # later products of this tile need it 0 as well
-            acc[slot, i0:i1] += tile.sum(1, dtype=torch.float64)
-            if not diag:
-                acc[slot, j0:j1] += tile.sum(0, dtype=torch.float64)
+                tile.diagonal().zero_()  # later products (and squares) of this tile need it 0
+            scores_torch.add_row_col_sums(acc[slot], tile, i0, j0, diag, ones)
 
         ta, tb = (tc[i0:i1], tc[j0:j1]) if tc is not None else (None, None)
         na, nb = (nt[i0:i1], nt[j0:j1]) if tc is not None else (None, None)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from . import scores_torch
-from .scores_torch import neg_sqdist, sq_norms
+from .scores_torch import floored_exp_, neg_sqdist, sq_norms
 
 __all__ = ["FLUSH", "sum_and_grad"]
 
@@ -83,7 +83,7 @@ def sum_and_grad(
             k2 = neg_sqdist(
                 xi, nx[i0:i1], xc[j0:j1], nx[j0:j1], diag, tile[: rows * cols].view(rows, cols)
             )
-            k2.mul_(inv_s2).exp_()
+            floored_exp_(k2.mul_(inv_s2))
             if diag:  # the diagonal adds exactly 1 per row to F_x and nothing to the gradient
                 k2.diagonal().zero_()
             acc[i0:i1].addmm_(k2, xa[j0:j1])  # rows: [G_i, r_i] += K2 [x_j, 1]
