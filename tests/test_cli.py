@@ -137,7 +137,8 @@ def test_npz_key_flatten_and_progress(tmp_path, capsys, data):
     res = _json(capsys, "score", p, "--key", "img", "--flatten", "--sigma", 1.0)
     assert res["rke"] == pytest.approx(rkekernels.rke_score(x, 1.0), rel=1e-12)
     code, out, err = _run(capsys, "score", p, "--key", "a", "--progress", "--json")
-    assert code == 0 and "pass" in err  # the bar goes to stderr, JSON alone on stdout
+    # one 60 x 60 tile at the default tile size: 3,600 kernel entries; stderr, JSON on stdout
+    assert code == 0 and f"100% of {N * N / 1000:.2f}k pairs" in err
     assert json.loads(out)["rke"] == pytest.approx(rkekernels.rke_score(x), rel=1e-12)
 
 

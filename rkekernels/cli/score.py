@@ -9,17 +9,17 @@ entropy decomposition (nats) with the bandwidths used (`default_bandwidth` unles
 come from the public API (`rkekernels.rke_score`, `rkekernels.rke_entropies`,
 `rkekernels.default_bandwidth`; another order, kernel or method: `rkekernels.vendi_score`,
 `rkekernels.vendi_entropies`, with method "auto" resolved by `rkekernels.vendi.resolve_method`
-as the library resolves it).
+as the library resolves it). ``--progress`` (default from 20,000 rows) reports the exact pass
+over the pairs on stderr: pairs done, pairs/s and the time left (`rkekernels.cli._progress`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -27,11 +27,13 @@ import torch
 from .. import scores, vendi
 from .._errors import CLIError
 from .._files import as_matrix, load_array
+from ..ops.pair_sums import reporting
 from ._common import add_max_bytes, order, positive
+from ._progress import PairProgress
 
 __all__ = ["add_arguments", "run", "score_files"]
 
-PROGRESS_MIN_N = 20_000  # a progress bar from this many rows on
+PROGRESS_MIN_N = 20_000  # progress over the pairs from this many rows on
 HELP = "RKE, conditional RKE and entropies of an embedding file"
 DESCRIPTION = (
     "Print the RKE score (and, with --cond, the conditional RKE and the order-2 "
@@ -82,7 +84,9 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help=f"progress bar on stderr (default: when n >= {PROGRESS_MIN_N:,})",
+        help="progress of the pass over the pairs on stderr: pairs done, pairs/s and the time "
+        f"left (default: when n >= {PROGRESS_MIN_N:,}; a bar on a terminal with tqdm, else a "
+        "line every 10 s; --backend triton reports nothing)",
     )
 
 
@@ -91,31 +95,6 @@ def _to_py(v: Any) -> float | list[float]:
         v = v.detach().cpu().double()
         return float(v) if v.dim() == 0 else [float(a) for a in v]
     return float(v)
-
-
-@contextlib.contextmanager
-def _stages(total: int, enabled: bool, desc: str):
-    """A progress bar over the passes of the computation (stderr), or nothing."""
-    bar = None
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, desc=desc, unit="pass", file=sys.stderr, leave=False)
-            bar.set_postfix_str("bandwidths")
-        except ImportError:  # tqdm is an optional dependency (rkekernels[demo])
-            bar = None
-
-    def step(label: str) -> None:  # one pass done; ``label`` names the next one
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(label)
-
-    try:
-        yield step
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def score_files(
@@ -150,7 +129,13 @@ def score_files(
         key, cond_key: array names inside multi-array files.
         flatten: reshape (n, ...) to (n, d) instead of refusing non-2-D arrays.
         backend: "auto", "torch" or "triton".
-        progress: progress bar on stderr (None: when n >= 20,000).
+        progress: report the pass over the pairs on stderr (None: when n >= 20,000): pairs
+            done of the total (kernel entries, about n^2 / 2), pairs/s and the time left from
+            that rate (`rkekernels.cli._progress.PairProgress`; a bar on a terminal with tqdm,
+            else a line every 10 s and one at the end). The torch tile loop reports (the
+            arrays are read onto the CPU, where "auto" is torch); backend "triton" reports
+            nothing, and the order-q methods (another order, kernel or method) have no pass
+            over the pairs to report.
         order: the order q > 0 (``math.inf`` included); kernel: "gaussian", "cosine" or
             "linear" (no sigma); method: see `rkekernels.vendi_score`.
         max_bytes: the largest a compressed .npz array may inflate to (`load_array`).
@@ -235,11 +220,14 @@ def _pick_method(x, t, sig, sig_c, many, q, kernel, method) -> tuple[str, int | 
 
 
 def _score_rke(x, t, sig, sig_c, many, backend, show) -> dict[str, Any]:
-    """RKE (and, with prompts, the order-2 entropies) by the exact streamed pair sums."""
+    """RKE (and, with prompts, the order-2 entropies) by the exact streamed pair sums.
+
+    ``show``: report the pass over the pairs on stderr (`PairProgress`, through
+    `rkekernels.ops.pair_sums.reporting`: pairs done, pairs/s, the time left).
+    """
     arg = sig if many else sig[0]
-    with _stages(2, show, f"scoring n={x.shape[0]}") as step:
-        step("pair sums (one streamed pass over all n^2 pairs)")
-        with torch.no_grad():
+    with PairProgress(f"scoring n={x.shape[0]:,}") if show else nullcontext() as bar:
+        with reporting(bar), torch.no_grad():
             if t is None:
                 out: dict[str, Any] = {"rke": _to_py(scores.rke_score(x, arg, backend=backend))}
             else:
@@ -247,7 +235,6 @@ def _score_rke(x, t, sig, sig_c, many, backend, show) -> dict[str, Any]:
                 vals = {k: _to_py(getattr(e, k)) for k in e._fields}
                 exp = (lambda v: [math.exp(a) for a in v]) if many else math.exp
                 out = {"rke": exp(vals["h_x"]), "cond_rke": exp(vals["h_x_given_t"]), **vals}
-        step("done")
     out["sigma"] = arg
     if t is not None:
         out["sigma_cond"] = sig_c
