@@ -9,11 +9,11 @@ in the same process, interleaved (the order rotated every repeat), ``--repeat`` 
 - "cli": `rkekernels.cli._progress.PairProgress` as ``rkekernels score --progress`` uses it,
   plain lines (every 10 s) written to an in-memory stream.
 
-The table gives the median time of each and its ratio to "none" (ratio_range: the min and max
-ratio over the repeats, paired repeat by repeat), the fastest run of each and its ratio (the
-least disturbed by other load), and "call_us": the time of one call of the
-callback alone (measured apart, over 100,000 calls mid-pass), times the tiles, is the
-overhead's floor. Default n = 20,000, d = 64 (`--quick`: n = 4,000).
+The table gives the median wall time and process CPU time of each (on a shared machine the CPU
+time, one torch thread, is the less disturbed of the two) and their ratios to "none";
+"call_us" is one call of the callback alone (timed apart, 100,000 calls mid-pass) and
+"floor_pct" = 100 tiles call_us / the CPU time of "none": the overhead the calls themselves
+add, in percent. Default n = 20,000, d = 64 (`--quick`: n = 4,000).
 
 Run: ``python -m benchmarks.bench_progress [--quick] [--repeat 3] [--threads 1]``; writes
 benchmarks/results/bench_progress.{csv,md}.
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         "cli": lambda: PairProgress(f"scoring n={n:,}", stream=io.StringIO(), bar=False),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
     values = {}
     with torch.no_grad():
         rkekernels.rke_score(x[:2048], sigma, backend="torch")  # warm-up (threads, allocator)
@@ -69,11 +70,12 @@ def main(argv: list[str] | None = None) -> None:
             for name in names[r % 3 :] + names[: r % 3]:  # rotated: no variant always first
                 cb = variants[name]()
                 sync()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 with reporting(cb):
                     values[name] = float(rkekernels.rke_score(x, sigma, backend="torch"))
                 sync()
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
     assert len(set(values.values())) == 1, values  # the same number every way
     tiles = sum(1 for c in calls[: len(calls) // args.repeat] if c[0] > 0)
     call_us = {"none": 0.0}
@@ -85,27 +87,25 @@ def main(argv: list[str] | None = None) -> None:
             cb(i, 10**12)
         call_us[name] = (time.perf_counter() - t0) / 100_000 * 1e6
     rows = []
+    med = statistics.median
     for name, ts in times.items():
-        ratios = [a / b for a, b in zip(ts, times["none"])]
         rows.append(
             {
                 "variant": name,
                 "n": n,
                 "d": args.d,
-                "device": str(dev),
-                "threads": args.threads,
-                "median_s": round(statistics.median(ts), 4),
-                "ratio": round(statistics.median(ts) / statistics.median(times["none"]), 4),
-                "ratio_range": f"{min(ratios):.4f}-{max(ratios):.4f}",
-                "best_s": round(min(ts), 4),
-                "best_ratio": round(min(ts) / min(times["none"]), 4),
                 "tiles": tiles,
+                "wall_s": round(med(ts), 4),
+                "wall_ratio": round(med(ts) / med(times["none"]), 4),
+                "cpu_s": round(med(cpu[name]), 4),
+                "cpu_ratio": round(med(cpu[name]) / med(cpu["none"]), 4),
                 "call_us": round(call_us[name], 3),
+                "floor_pct": 100.0 * tiles * call_us[name] * 1e-6 / med(cpu["none"]),
             }
         )
     title = f"Progress callback overhead: rke_score, torch backend, n = {n:,}, d = {args.d}"
-    cols = ["variant", "n", "d", "device", "threads", "median_s", "ratio", "ratio_range", "tiles"]
-    cols += ["best_s", "best_ratio", "call_us"]
+    cols = ["variant", "n", "d", "tiles", "wall_s", "wall_ratio", "cpu_s", "cpu_ratio"]
+    cols += ["call_us", "floor_pct"]
     print(write_results("bench_progress", rows, cols, title))
 
 
