@@ -13,8 +13,9 @@ Kx * Kt (Hadamard product, the Conditional-Vendi definition): H_q(X|T) = H_q(X,T
 I_q(X;T) = H_q(X) + H_q(T) - H_q(X,T).
 
 Public functions: `vendi_score`, `cond_vendi_score`, `vendi_entropies`, `vendi_modes`,
-`pick_method`. The argument checks and the method choice are in `rkekernels._methods`, the
-entropy of one kernel matrix by each method in `rkekernels.ops.kernel_entropy` (its spectra from
+`pick_method`, `resolve_method` (the method and dim a score runs: `rkekernels score` uses it).
+The argument checks and the method choice are in `rkekernels._methods`, the entropy of one
+kernel matrix by each method in `rkekernels.ops.kernel_entropy` (its spectra from
 `rkekernels.ops.spectra`); the inputs (validation, default bandwidth) in `rkekernels._bandwidth`.
 """
 
@@ -52,6 +53,7 @@ __all__ = [
     "check_order",
     "cond_vendi_score",
     "pick_method",
+    "resolve_method",
     "vendi_entropies",
     "vendi_modes",
     "vendi_score",
@@ -134,6 +136,13 @@ def _views(inp: _Inputs, kernel: str, sigma: float | None):
 def _prepare(x, t, q, sigma, sigma_t, kernel, method, dim, top_k, seed, need_t):
     q = check_order(q)
     inp = _inputs(x, t, sigma, sigma_t, kernel, need_t)
+    method, dim = _resolve(inp, q, kernel, method, dim)
+    return q, inp, method, check_options(method, inp.x.shape[0], dim, top_k, seed)
+
+
+def _resolve(inp: _Inputs, q: float, kernel: str, method: str, dim: int | None):
+    """(method, dim): `pick_method` by size, then (Gaussian "auto" past the exact budget, no
+    dim given) `refine_auto` from the data. The one place method="auto" is resolved."""
     n = inp.x.shape[0]
     width = inp.x.shape[1] * (inp.t.shape[1] if inp.t is not None else 1)
     if kernel == "gaussian" and inp.t is not None:
@@ -142,7 +151,46 @@ def _prepare(x, t, q, sigma, sigma_t, kernel, method, dim, top_k, seed, need_t):
     method = pick_method(method, kernel=kernel, n=n, width=width, q=q)
     if asked == "auto" and method == "rff" and dim is None:
         method, dim = refine_auto(_probe_u(inp), q, DEFAULT_DIM["rff"])
-    return q, inp, method, check_options(method, n, dim, top_k, seed)
+    return method, dim
+
+
+def resolve_method(
+    x: Any,
+    t: Any = None,
+    q: float = 1.0,
+    sigma: Any = None,
+    sigma_t: Any = None,
+    *,
+    kernel: str = "gaussian",
+    method: str = "auto",
+    dim: int | None = None,
+) -> tuple[str, int | None]:
+    """The method (and feature dim) that `vendi_score` / `vendi_entropies` would run.
+
+    The same resolution as the scores: `pick_method` from n, the width and q; then, for the
+    Gaussian kernel past the exact budget (n > AUTO_EXACT_MAX_N, q != 2) with method="auto"
+    and no ``dim``, `rkekernels._approx_error.refine_auto` chooses from the data (an estimate
+    of Vendi_q at full n from the exact Vendi of 500 and 1,000 rows at the smallest sigma):
+    ("rff", the smallest dim predicted within 5%) or ("exact", None). Passing the result
+    back as ``method=..., dim=...`` runs that method without resolving (or probing) again.
+
+    Args:
+        x: (n, d) samples; t: (n, m) prompt embeddings or None (then the joint width counts).
+        q, sigma, sigma_t, kernel, method, dim: as in `vendi_score` / `vendi_entropies`.
+
+    Returns:
+        (method, dim): dim is the rff dim chosen by the data, else the ``dim`` given (None: the
+        method's default).
+
+    Example:
+        >>> import numpy as np
+        >>> from rkekernels.vendi import resolve_method
+        >>> x = np.random.default_rng(0).normal(size=(200, 4))
+        >>> resolve_method(x, q=1.0, sigma=1.0), resolve_method(x, kernel="cosine")
+        (('exact', None), ('covariance', None))
+    """
+    q = check_order(q)
+    return _resolve(_inputs(x, t, sigma, sigma_t, kernel, False), q, kernel, method, dim)
 
 
 def _probe_u(inp: _Inputs) -> torch.Tensor:

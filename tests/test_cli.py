@@ -137,7 +137,8 @@ def test_npz_key_flatten_and_progress(tmp_path, capsys, data):
     res = _json(capsys, "score", p, "--key", "img", "--flatten", "--sigma", 1.0)
     assert res["rke"] == pytest.approx(rkekernels.rke_score(x, 1.0), rel=1e-12)
     code, out, err = _run(capsys, "score", p, "--key", "a", "--progress", "--json")
-    assert code == 0 and "pass" in err  # the bar goes to stderr, JSON alone on stdout
+    # one 60 x 60 tile at the default tile size: 3,600 kernel entries; stderr, JSON on stdout
+    assert code == 0 and f"100% of {N * N / 1000:.2f}k pairs" in err
     assert json.loads(out)["rke"] == pytest.approx(rkekernels.rke_score(x), rel=1e-12)
 
 
@@ -282,6 +283,37 @@ def test_order_kernel_method_flags(tmp_path, capsys, data):
     assert res["cond_vendi"] == pytest.approx(math.exp(want.h_x_given_t), rel=1e-12)
     code, out, _ = _run(capsys, "score", px, "--order", 3, "--sigma", 0.9)
     assert code == 0 and "Vendi_3" in out and "method exact" in out
+
+
+@pytest.mark.parametrize("refined", [("exact", None), ("rff", 64)])
+def test_auto_method_resolved_as_the_library_does(tmp_path, capsys, data, monkeypatch, refined):
+    """method "auto" past the exact budget goes through refine_auto in the CLI too (before:
+    the CLI took pick_method's size-only "rff" at the default dim, the library refined it)."""
+    import rkekernels._methods as methods_mod
+    import rkekernels.vendi as vendi_mod
+
+    x, t = data
+    px, pt = _save(tmp_path / "x.npy", "npy", x), _save(tmp_path / "t.npy", "npy", t)
+    monkeypatch.setattr(methods_mod, "AUTO_EXACT_MAX_N", 10)  # n = 60 is past the budget
+    calls = []
+
+    def refine(u, q, default_dim):
+        calls.append((tuple(u.shape), q))
+        return refined
+
+    monkeypatch.setattr(vendi_mod, "refine_auto", refine)
+    res = _json(capsys, "score", px, "--order", 1, "--sigma", 0.9)
+    assert res["method"] == refined[0] and calls == [((N, D), 1.0)]  # resolved once
+    want = rkekernels.vendi_score(x, 1.0, 0.9)  # the library's method="auto"
+    assert res["vendi"] == pytest.approx(want, rel=1e-12)
+    direct = rkekernels.vendi_score(x, 1.0, 0.9, method=refined[0], dim=refined[1])
+    assert res["vendi"] == pytest.approx(direct, rel=1e-12)
+    calls.clear()
+    res = _json(capsys, "score", px, "--cond", pt, "--order", 1, "--sigma", 0.9,
+                "--sigma-cond", 0.5)  # fmt: skip
+    assert res["method"] == refined[0] and calls == [((N, D + M), 1.0)]
+    want = rkekernels.vendi_entropies(x, t, 1.0, 0.9, 0.5)
+    assert res["h_x_given_t"] == pytest.approx(float(want.h_x_given_t), rel=1e-12)
 
 
 @pytest.mark.parametrize(

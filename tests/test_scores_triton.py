@@ -364,7 +364,8 @@ def test_torch_and_triton_backends_share_the_contract():
     for name in ("forward_sums", "backward_grads"):
         a = list(inspect.signature(getattr(scores_torch, name)).parameters)
         b = list(inspect.signature(getattr(st, name)).parameters)
-        positional = [p for p in a if p not in ("block_rows", "block_cols", "shard")]
+        # keyword-only options of the torch tiles (progress: the Triton launch reports nothing)
+        positional = [p for p in a if p not in ("block_rows", "block_cols", "shard", "progress")]
         assert b[: len(positional)] == positional
 
 

@@ -8,17 +8,18 @@ or a dict of tensors with --key) and .safetensors (with the ``safetensors`` pack
 entropy decomposition (nats) with the bandwidths used (`default_bandwidth` unless given). Values
 come from the public API (`rkekernels.rke_score`, `rkekernels.rke_entropies`,
 `rkekernels.default_bandwidth`; another order, kernel or method: `rkekernels.vendi_score`,
-`rkekernels.vendi_entropies`).
+`rkekernels.vendi_entropies`, with method "auto" resolved by `rkekernels.vendi.resolve_method`
+as the library resolves it). ``--progress`` (default from 20,000 rows) reports the exact pass
+over the pairs on stderr: pairs done, pairs/s and the time left (`rkekernels.cli._progress`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -26,11 +27,13 @@ import torch
 from .. import scores, vendi
 from .._errors import CLIError
 from .._files import as_matrix, load_array
+from ..ops.pair_sums import reporting
 from ._common import add_max_bytes, order, positive
+from ._progress import PairProgress
 
 __all__ = ["add_arguments", "run", "score_files"]
 
-PROGRESS_MIN_N = 20_000  # a progress bar from this many rows on
+PROGRESS_MIN_N = 20_000  # progress over the pairs from this many rows on
 HELP = "RKE, conditional RKE and entropies of an embedding file"
 DESCRIPTION = (
     "Print the RKE score (and, with --cond, the conditional RKE and the order-2 "
@@ -81,7 +84,9 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help=f"progress bar on stderr (default: when n >= {PROGRESS_MIN_N:,})",
+        help="progress of the pass over the pairs on stderr: pairs done, pairs/s and the time "
+        f"left (default: when n >= {PROGRESS_MIN_N:,}; a bar on a terminal with tqdm, else a "
+        "line every 10 s; --backend triton reports nothing)",
     )
 
 
@@ -90,31 +95,6 @@ def _to_py(v: Any) -> float | list[float]:
         v = v.detach().cpu().double()
         return float(v) if v.dim() == 0 else [float(a) for a in v]
     return float(v)
-
-
-@contextlib.contextmanager
-def _stages(total: int, enabled: bool, desc: str):
-    """A progress bar over the passes of the computation (stderr), or nothing."""
-    bar = None
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, desc=desc, unit="pass", file=sys.stderr, leave=False)
-            bar.set_postfix_str("bandwidths")
-        except ImportError:  # tqdm is an optional dependency (rkekernels[demo])
-            bar = None
-
-    def step(label: str) -> None:  # one pass done; ``label`` names the next one
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(label)
-
-    try:
-        yield step
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def score_files(
@@ -149,7 +129,13 @@ def score_files(
         key, cond_key: array names inside multi-array files.
         flatten: reshape (n, ...) to (n, d) instead of refusing non-2-D arrays.
         backend: "auto", "torch" or "triton".
-        progress: progress bar on stderr (None: when n >= 20,000).
+        progress: report the pass over the pairs on stderr (None: when n >= 20,000): pairs
+            done of the total (kernel entries, about n^2 / 2), pairs/s and the time left from
+            that rate (`rkekernels.cli._progress.PairProgress`; a bar on a terminal with tqdm,
+            else a line every 10 s and one at the end). The torch tile loop reports (the
+            arrays are read onto the CPU, where "auto" is torch); backend "triton" reports
+            nothing, and the order-q methods (another order, kernel or method) have no pass
+            over the pairs to report.
         order: the order q > 0 (``math.inf`` included); kernel: "gaussian", "cosine" or
             "linear" (no sigma); method: see `rkekernels.vendi_score`.
         max_bytes: the largest a compressed .npz array may inflate to (`load_array`).
@@ -158,7 +144,8 @@ def score_files(
         dict with rke, sigma and, with ``cond``, cond_rke, h_x, h_t, h_xt, h_x_given_t,
         mutual_info, sigma_cond (floats, or lists over several sigmas); plus "shape"
         ({"n", "d", "m"}), "default_sigma" / "default_sigma_cond" (whether the default
-        bandwidth was used), "order", "kernel" and "method" (the method that ran).
+        bandwidth was used), "order", "kernel" and "method" (the method that ran: method
+        "auto" is resolved by `rkekernels.vendi.resolve_method`, as `vendi_score` resolves it).
 
     Raises:
         CLIError: bad files or arrays (see `load_array`), or an error from the API.
@@ -174,25 +161,21 @@ def score_files(
     x, t = _load_pair(path, cond, key, cond_key, flatten, max_bytes)
     n = x.shape[0]
     order_q = 2.0 if order is None else order
+    many = sigma is not None and len(sigma) > 1
     try:
-        used = _pick_method(x, t, sigma, sigma_cond, order_q, kernel, method)
+        sig, sig_c = _bandwidths(x, t, sigma, sigma_cond, kernel)
+        used, dim = _pick_method(x, t, sig, sig_c, many, order_q, kernel, method)
         if (kernel, order_q, used) != ("gaussian", 2.0, "exact"):
-            out = _score_order_q(x, t, sigma, sigma_cond, order_q, kernel, used)
-            out.update(order=_order_out(order_q), kernel=kernel, method=used)
-            out["shape"] = _shape(x, t)
-            out["default_sigma"] = kernel == "gaussian" and sigma is None
-            out["default_sigma_cond"] = (
-                kernel == "gaussian" and t is not None and sigma_cond is None
-            )
-            return out
-        show = n >= PROGRESS_MIN_N if progress is None else progress
-        out = _score_rke(x, t, sigma, sigma_cond, backend, show)
+            out = _score_order_q(x, t, sig, sig_c, many, order_q, kernel, used, dim)
+        else:
+            show = n >= PROGRESS_MIN_N if progress is None else progress
+            out = _score_rke(x, t, sig, sig_c, many, backend, show)
     except (ValueError, TypeError) as exc:  # API validation (SPEC section 4): one line
         raise CLIError(str(exc)) from None
+    out.update(order=_order_out(order_q), kernel=kernel, method=used)
     out["shape"] = _shape(x, t)
-    out["default_sigma"] = sigma is None
-    out["default_sigma_cond"] = t is not None and sigma_cond is None
-    out.update(order=_order_out(order_q), kernel=kernel, method="exact")
+    out["default_sigma"] = kernel == "gaussian" and sigma is None
+    out["default_sigma_cond"] = kernel == "gaussian" and t is not None and sigma_cond is None
     return out
 
 
@@ -214,33 +197,37 @@ def _shape(x, t) -> dict[str, int]:
     return {"n": x.shape[0], "d": x.shape[1], **({"m": t.shape[1]} if t is not None else {})}
 
 
-def _pick_method(x, t, sigma, sigma_cond, q, kernel, method) -> str:
-    """The method that runs (`rkekernels.vendi.pick_method`); sigma only for the gaussian."""
-    if kernel != "gaussian" and (sigma is not None or sigma_cond is not None):
-        raise ValueError(
-            f"--sigma / --sigma-cond apply to the gaussian kernel only, not {kernel!r}"
-        )
-    width = x.shape[1] + (t.shape[1] if t is not None else 0)
-    if kernel != "gaussian" and t is not None:
-        width = x.shape[1] * t.shape[1]
-    return vendi.pick_method(
-        method, kernel=kernel, n=x.shape[0], width=width, q=vendi.check_order(q)
-    )
+def _bandwidths(x, t, sigma, sigma_cond, kernel) -> tuple[list[float] | None, float | None]:
+    """(sigmas for x, sigma for t): given, or `default_bandwidth`; (None, None) off gaussian."""
+    if kernel != "gaussian":
+        if sigma is not None or sigma_cond is not None:
+            raise ValueError(
+                f"--sigma / --sigma-cond apply to the gaussian kernel only, not {kernel!r}"
+            )
+        return None, None
+    sig = [float(scores.default_bandwidth(x))] if sigma is None else [float(s) for s in sigma]
+    sig_c = None
+    if t is not None:
+        sig_c = float(sigma_cond) if sigma_cond is not None else scores.default_bandwidth(t)
+    return sig, sig_c
 
 
-def _score_rke(x, t, sigma, sigma_cond, backend, show) -> dict[str, Any]:
-    """RKE (and, with prompts, the order-2 entropies) by the exact streamed pair sums."""
-    n = x.shape[0]
-    many = sigma is not None and len(sigma) > 1
-    with _stages(2, show, f"scoring n={n}") as step:
-        sig = [float(scores.default_bandwidth(x))] if sigma is None else list(sigma)
-        sig_c = None
-        if t is not None:
-            sig_c = float(sigma_cond) if sigma_cond is not None else None
-            sig_c = sig_c if sig_c is not None else float(scores.default_bandwidth(t))
-        step("pair sums (one streamed pass over all n^2 pairs)")
-        arg = sig if many else sig[0]
-        with torch.no_grad():
+def _pick_method(x, t, sig, sig_c, many, q, kernel, method) -> tuple[str, int | None]:
+    """(method, rff dim) that runs: `rkekernels.vendi.resolve_method`, the library's own
+    resolution of method="auto" (by n, then from the data past the exact budget)."""
+    arg = None if sig is None else (sig if many else sig[0])
+    return vendi.resolve_method(x, t, q, arg, sig_c, kernel=kernel, method=method)
+
+
+def _score_rke(x, t, sig, sig_c, many, backend, show) -> dict[str, Any]:
+    """RKE (and, with prompts, the order-2 entropies) by the exact streamed pair sums.
+
+    ``show``: report the pass over the pairs on stderr (`PairProgress`, through
+    `rkekernels.ops.pair_sums.reporting`: pairs done, pairs/s, the time left).
+    """
+    arg = sig if many else sig[0]
+    with PairProgress(f"scoring n={x.shape[0]:,}") if show else nullcontext() as bar:
+        with reporting(bar), torch.no_grad():
             if t is None:
                 out: dict[str, Any] = {"rke": _to_py(scores.rke_score(x, arg, backend=backend))}
             else:
@@ -248,8 +235,7 @@ def _score_rke(x, t, sigma, sigma_cond, backend, show) -> dict[str, Any]:
                 vals = {k: _to_py(getattr(e, k)) for k in e._fields}
                 exp = (lambda v: [math.exp(a) for a in v]) if many else math.exp
                 out = {"rke": exp(vals["h_x"]), "cond_rke": exp(vals["h_x_given_t"]), **vals}
-        step("done")
-    out["sigma"] = sig if many else sig[0]
+    out["sigma"] = arg
     if t is not None:
         out["sigma_cond"] = sig_c
     return out
@@ -259,27 +245,23 @@ def _order_out(q: float) -> float | str:
     return "inf" if math.isinf(q) else q
 
 
-def _score_order_q(x, t, sigma, sigma_cond, q, kernel, method) -> dict[str, Any]:
-    """The order-q scores of `score_files` (another order, kernel or method than RKE's)."""
-    many = sigma is not None and len(sigma) > 1
-    kw: dict[str, Any] = {"kernel": kernel, "method": method}
-    sig = None
+def _score_order_q(x, t, sig, sig_c, many, q, kernel, method, dim) -> dict[str, Any]:
+    """The order-q scores of `score_files` (another order, kernel or method than RKE's), by
+    the ``method`` (and ``dim``) that `_pick_method` resolved."""
+    kw: dict[str, Any] = {"kernel": kernel, "method": method, "dim": dim}
     if kernel == "gaussian":
-        sig = [float(scores.default_bandwidth(x))] if sigma is None else list(sigma)
         kw["sigma"] = sig if many else sig[0]
     with torch.no_grad():
         if t is None:
             out: dict[str, Any] = {"vendi": _to_py(vendi.vendi_score(x, q, **kw))}
         else:
             if kernel == "gaussian":
-                kw["sigma_t"] = (
-                    float(sigma_cond) if sigma_cond is not None else scores.default_bandwidth(t)
-                )
+                kw["sigma_t"] = sig_c
             e = vendi.vendi_entropies(x, t, q, **kw)
             vals = {k: _to_py(getattr(e, k)) for k in e._fields}
             exp = (lambda v: [math.exp(a) for a in v]) if many else math.exp
             out = {"vendi": exp(vals["h_x"]), "cond_vendi": exp(vals["h_x_given_t"]), **vals}
-            out["sigma_cond"] = kw.get("sigma_t")
+            out["sigma_cond"] = sig_c
     if q == 2.0:
         out["rke"] = out["vendi"]
         if t is not None:

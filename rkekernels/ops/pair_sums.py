@@ -27,19 +27,67 @@ Second derivatives are refused: the Function is differentiable once. Under ``cre
 its gradients carry a node whose backward raises a RuntimeError ("differentiable once"), so a
 Hessian-vector product or a double backward fails loudly instead of returning a wrong number;
 the dense float64 `rkekernels.reference` has derivatives of all orders.
+
+Progress over the tiles (`reporting`): inside ``with reporting(callback):`` every torch-backend
+forward pass reports ``callback(pairs_done, pairs_total)`` per tile (see
+``scores_torch.forward_sums``), for every score built on `pair_sums` (`rkekernels.rke_score`,
+`cond_rke_score`, `rke_entropies`, and the Gaussian order-2 exact Vendi scores), without a new
+argument on their pinned signatures. The Triton backend and the backward pass report nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 
 import torch
 
 from . import score_and_grad, scores_torch
 
-__all__ = ["C_MAX", "backend_module", "inv_sq", "pair_sums", "prepare", "scale_of"]
+__all__ = [
+    "C_MAX",
+    "backend_module",
+    "inv_sq",
+    "pair_sums",
+    "prepare",
+    "reporting",
+    "scale_of",
+]
+
+#: the progress callback of the forward passes in this context (`reporting`); None: silent
+_PROGRESS: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar(
+    "rkekernels_pair_progress", default=None
+)
+
+
+@contextlib.contextmanager
+def reporting(progress: Callable[[int, int], None] | None) -> Iterator[None]:
+    """Within the block, torch-backend pair-sum passes call ``progress(pairs_done, pairs_total)``.
+
+    ``pairs_total`` is the number of kernel entries the pass computes (the tiles' areas,
+    `scores_torch.tile_pairs`, about n^2 / 2), reported as ``(0, total)`` first and after each
+    tile, ending at ``(total, total)``; each pass (each score call) starts again from 0. The
+    setting is per thread / async context (a `contextvars.ContextVar`) and is restored on exit;
+    ``None`` switches reporting off inside the block. Triton passes report nothing.
+
+    Example:
+        >>> import torch, rkekernels
+        >>> from rkekernels.ops.pair_sums import reporting
+        >>> calls = []
+        >>> with reporting(lambda done, total: calls.append((done, total))):
+        ...     s = rkekernels.rke_score(torch.randn(50, 3), 1.0, backend="torch")
+        >>> calls[0], calls[-1]  # one tile of 50 x 50 at the default tile size
+        ((0, 2500), (2500, 2500))
+    """
+    token = _PROGRESS.set(progress)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
 
 #: Largest c = 1/sigma^2 (in units of the scaled data) handed to the kernels, per working dtype:
 #: finfo.max / 64 leaves room for the log2(e) factor of the Triton kernels and the 4 c factor of
@@ -114,9 +162,10 @@ class _SumAndGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, sigma):
+    def forward(ctx, x, sigma, progress=None):
         xc, a = prepare(x)
-        fx, grad = score_and_grad.sum_and_grad(xc, inv_sq([sigma], a, _work(x))[0])
+        c = inv_sq([sigma], a, _work(x))[0]
+        fx, grad = score_and_grad.sum_and_grad(xc, c, progress=progress)
         ctx.save_for_backward(grad, x)
         ctx.inv_a = 1.0 / a
         return fx.reshape(1)
@@ -125,21 +174,22 @@ class _SumAndGrad(torch.autograd.Function):
     def backward(ctx, g_fx):
         grad, x = ctx.saved_tensors
         if g_fx is None:
-            return None, None
+            return None, None, None
         with torch.no_grad():
             gx = (grad.double() * (g_fx.reshape(()) * ctx.inv_a)).to(grad.dtype)
         if torch.is_grad_enabled():  # create_graph=True: refuse the second derivative
             gx, _ = _Once.apply(gx, None, x, None, g_fx)
-        return gx, None
+        return gx, None, None
 
 
 class _PairSums(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, t, backend, sigmas, sigma_t, want_fx):
+    def forward(ctx, x, t, backend, sigmas, sigma_t, want_fx, progress=None):
         impl = backend_module(backend)
         # the Triton precision mode in force now is the one the backward must use too
         prec = impl.get_precision() if backend == "triton" else None
         kw = {"precision": prec} if prec is not None else {}
+        fwd_kw = {"progress": progress} if progress is not None and backend == "torch" else {}
         # centring: the kernel is translation invariant, so the gradient w.r.t. the centred data
         # equals the gradient w.r.t. the data (the centring Jacobian kills a zero-sum vector);
         # scaling by a with sigma / a leaves the sums unchanged, the gradient gets a factor 1/a
@@ -147,7 +197,7 @@ class _PairSums(torch.autograd.Function):
         tc, at = prepare(t) if t is not None else (None, 1.0)
         inv_sx2 = inv_sq(sigmas, ax, _work(x))
         inv_st2 = inv_sq([sigma_t], at, _work(t))[0] if t is not None else None
-        fx, ft, fxt = impl.forward_sums(xc, tc, inv_sx2, inv_st2, want_fx, **kw)
+        fx, ft, fxt = impl.forward_sums(xc, tc, inv_sx2, inv_st2, want_fx, **kw, **fwd_kw)
         ctx.save_for_backward(xc, tc if tc is not None else _EMPTY, x, t if t is not None else x)
         ctx.meta = (backend, inv_sx2, inv_st2, t is not None, kw, ax, at)
         ctx.set_materialize_grads(False)
@@ -164,7 +214,7 @@ class _PairSums(torch.autograd.Function):
         # the empty placeholder outputs (sums not asked for) carry no gradient
         g_fx, g_ft, g_fxt = (g if g is not None and g.numel() else None for g in grads)
         if (g_fx is None and g_ft is None and g_fxt is None) or not (need_x or need_t):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         impl = backend_module(backend)
         with torch.no_grad():
             gx, gt = impl.backward_grads(
@@ -173,7 +223,7 @@ class _PairSums(torch.autograd.Function):
             )  # fmt: skip
         if torch.is_grad_enabled():  # create_graph=True: a second derivative may follow
             gx, gt = _Once.apply(gx, gt, x, t if has_t else None, *grads)
-        return gx, gt, None, None, None, None
+        return gx, gt, None, None, None, None, None
 
 
 class _Once(torch.autograd.Function):
@@ -201,7 +251,12 @@ def pair_sums(
     want_fx: bool = True,
     backend: str = "torch",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(F_x (K,), F_t (), F_xt (K,)) float64 with autograd; inputs are validated already."""
+    """(F_x (K,), F_t (), F_xt (K,)) float64 with autograd; inputs are validated already.
+
+    The forward pass reports its tiles to the callback of an enclosing `reporting` block
+    (torch backend only).
+    """
+    progress = _PROGRESS.get()
     if (
         backend == "torch"
         and t is None
@@ -210,8 +265,8 @@ def pair_sums(
         and x.requires_grad
         and torch.is_grad_enabled()
     ):
-        return _SumAndGrad.apply(x, float(sigmas[0])), None, None
-    fx, ft, fxt = _PairSums.apply(x, t, backend, tuple(sigmas), sigma_t, want_fx)
+        return _SumAndGrad.apply(x, float(sigmas[0]), progress), None, None
+    fx, ft, fxt = _PairSums.apply(x, t, backend, tuple(sigmas), sigma_t, want_fx, progress)
     return (
         fx if want_fx else None,
         ft if t is not None else None,

@@ -27,6 +27,8 @@ streamed backward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import scores_torch
@@ -48,9 +50,13 @@ def sum_and_grad(
     *,
     block_rows: int | None = None,
     block_cols: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(F_x (), dF_x/dx (n, d)) for centred ``xc`` and c = ``inv_s2``: F_x in float64, the
     gradient in the input dtype (accumulated in float64).
+
+    ``progress(pairs_done, pairs_total)``: as in `scores_torch.forward_sums` (the same tiles,
+    the same count, `scores_torch.tile_pairs`); None costs nothing.
 
     Example:
         >>> import torch
@@ -73,6 +79,10 @@ def sum_and_grad(
     g = torch.zeros((n, w), dtype=torch.float64, device=xc.device)
     size = min(n, max(br, bc))
     tile = xc.new_empty(size * size)
+    done, total = 0, 0
+    if progress is not None:
+        total = scores_torch.tile_pairs(n, br, bc)
+        progress(0, total)
     for bi, i0 in enumerate(range(0, n, br)):
         i1 = min(i0 + br, n)
         xi, ai = xc[i0:i1], xa[i0:i1]
@@ -92,6 +102,9 @@ def sum_and_grad(
             if (k + 1) % FLUSH == 0:
                 g[i0:i1] += acc[i0:i1]
                 acc[i0:i1].zero_()
+            if progress is not None:
+                done += rows * cols
+                progress(done, total)
         # these rows are complete (later row blocks only reach columns to their right); the
         # columns further right get one term per row block: flushed every FLUSH row blocks
         g[i0:i1] += acc[i0:i1]

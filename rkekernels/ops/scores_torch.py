@@ -28,6 +28,11 @@ and likewise for t with W^t_ij = 4 c_t (g_t Kt^2 + sum_k g_xt[k] Kx_k^2 Kt^2). E
 r and G of its rows and, when off the diagonal, of its columns (W^T).
 
 Memory: O(n d) for the inputs plus one tile of block_rows x block_cols per live temporary.
+
+Progress. `forward_sums` takes ``progress(pairs_done, pairs_total)``: called once with
+``pairs_done = 0`` and then after every tile, counting the kernel entries computed (the tiles'
+areas, `tile_pairs`: about n^2 / 2 + n block_rows / 2), so a rate in pairs/s gives a real
+time estimate. The Triton path (``ops.scores_triton``) is one kernel launch and reports nothing.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ __all__ = [
     "power_plan",
     "row_sums",
     "sq_norms",
+    "tile_pairs",
     "tiles",
 ]
 
@@ -136,6 +142,31 @@ def tiles(
             idx += 1
 
 
+def tile_pairs(
+    n: int,
+    block_rows: int | None = None,
+    block_cols: int | None = None,
+    shard: tuple[int, int] | None = None,
+) -> int:
+    """The kernel entries the `tiles` of an n x n matrix cover: the sum of their areas.
+
+    Row block [i0, i1) spans the columns [i0, n) (its diagonal square, then the blocks to the
+    right), so without ``shard`` the total is ``sum over row blocks of (i1 - i0) (n - i0)``,
+    O(n / block_rows) to compute: n (n + 1) / 2 plus the strict lower halves of the diagonal
+    squares. With ``shard`` it sums the areas of that shard's tiles.
+
+    Example:
+        >>> tile_pairs(10, 4, 4)  # 4 * 10 + 4 * 6 + 2 * 2
+        68
+    """
+    block_rows = block_rows or BLOCK_ROWS
+    if shard is not None:
+        return sum(
+            (i1 - i0) * (j1 - j0) for i0, i1, j0, j1, _ in tiles(n, block_rows, block_cols, shard)
+        )
+    return sum((min(i0 + block_rows, n) - i0) * (n - i0) for i0 in range(0, n, block_rows))
+
+
 class _Workspace:
     """Tile buffers allocated once per call and reused for every tile (no per-tile malloc)."""
 
@@ -179,11 +210,28 @@ def forward_sums(
     block_rows: int | None = None,
     block_cols: int | None = None,
     shard: tuple[int, int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(F_x (K,), F_t (), F_xt (K,)) in float64 for centred ``xc`` (n, d) and ``tc`` (n, m).
 
     ``inv_sx2`` holds c_k = 1/sigma_k^2; F_t and F_xt are None without ``tc``, F_x is None when
     ``want_fx`` is False. ``shard`` restricts the sum to a subset of tiles (see `tiles`).
+
+    ``progress(pairs_done, pairs_total)``, when given, is called with ``(0, total)`` before the
+    first tile and after each tile with the kernel entries computed so far; ``pairs_total`` is
+    `tile_pairs` (n, block_rows, block_cols, shard), the last call has ``pairs_done ==
+    pairs_total``. None (the default) costs nothing. On CUDA the tiles are queued
+    asynchronously, so the count runs ahead of the device by at most the launch queue. The
+    Triton backend takes no callback (one launch).
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[0.0], [100.0], [200.0]])
+        >>> seen = []
+        >>> fx, _, _ = forward_sums(x - x.mean(0), None, (1.0,), None, block_rows=2,
+        ...                         block_cols=2, progress=lambda done, total: seen.append(done))
+        >>> fx.tolist(), seen  # tiles [0:2]x[0:2] (4 entries), [0:2]x[2:3] (2), [2:3]x[2:3] (1)
+        ([3.0], [0, 4, 6, 7])
     """
     n = xc.shape[0]
     K = len(inv_sx2)
@@ -193,6 +241,10 @@ def forward_sums(
     br, bc = block_rows or BLOCK_ROWS, block_cols or BLOCK_COLS
     ws = _Workspace(xc, min(n, max(br, bc)), min(n, max(br, bc)))
     has_t = tc is not None
+    done, total = 0, 0
+    if progress is not None:
+        total = tile_pairs(n, br, bc, shard)
+        progress(0, total)
     for i0, i1, j0, j1, diag in tiles(n, br, bc, shard):
         block_sums(
             out, 1.0 if diag else 2.0, xc[i0:i1], nx[i0:i1], xc[j0:j1], nx[j0:j1], diag,
@@ -200,6 +252,9 @@ def forward_sums(
             tc[j0:j1] if has_t else None, nt[j0:j1] if has_t else None, inv_st2,
             want_fx=want_fx, ws=ws,
         )  # fmt: skip
+        if progress is not None:
+            done += (i1 - i0) * (j1 - j0)
+            progress(done, total)
     fx = out[:K].clone() if want_fx else None
     ft = out[K].clone() if has_t else None
     fxt = out[K + 1 :].clone() if has_t else None
