@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import rkekernels
 from rkekernels.evaluation import paths, rke_interval, sample_sums
@@ -85,3 +86,31 @@ def test_pick_eigen_scales_with_the_floor(monkeypatch):
     assert paths.pick_eigen(4000, "eigvalsh", 1, 2.1 * t, 4000, 8)[0] == "exact"
     assert paths.pick_eigen(4000, "eigvalsh", 1, 1.9 * t, 4000, 8)[0] == "rff"
     assert paths.pick_eigen(1000, "eigvalsh", 1, 0.0, 1000, 8) == ("exact", 0.0)
+
+
+@pytest.mark.parametrize("draws", [0, 9])
+def test_ken_rff_streamed_matches_the_materialised_features(draws):
+    """KEN's rff path streams the covariances (no (n + m, d) float64 copy, float32 features):
+    the same score, modes and null as the float64 features held in full, to float32 rounding."""
+    from rkekernels.evaluation import novelty as nv
+
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(size=(30, 6)), rng.normal(size=(10, 6)) + 4.0])
+    y = rng.normal(size=(90, 6))
+    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+    got = ken_novelty(xt, yt, 1.5, method="rff", dim=64, null_draws=draws, seed=3)
+    both = torch.cat([xt, yt]).double()
+    bc = both - both.mean(0)
+    if draws:
+        want = nv._ken_null(bc, 40, 1.5, "rff", 64, 1.0, 8, 16, draws, 3)
+    else:
+        f = nv._features(bc, 1.5, "rff", 64, 3)
+        want = nv._ken_features(f[:40], f[40:], 1.0, 8, 16)
+    assert got.score == pytest.approx(want.score, rel=1e-4)
+    assert got.score > 0.05  # the new mode is there
+    assert [m.members.tolist() for m in got.modes[:2]] == [
+        m.members.tolist() for m in want.modes[:2]
+    ]
+    if draws:
+        assert got.null_mean == pytest.approx(want.null_mean, rel=1e-3)
+        assert got.p_value == want.p_value

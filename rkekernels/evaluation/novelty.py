@@ -198,6 +198,13 @@ def ken_novelty(
         )
     if method == "auto":
         method = "exact" if n + m <= AUTO_EXACT_MAX else "rff"
+    if method == "rff":
+        _check_dim(dim)
+    if method == "rff" and n + m >= dim:  # streamed: no (n + m, d) float64 copy
+        xs, ys = _scaled(xt.detach(), yt.detach(), s)
+        if null_draws:
+            return _ken_null_rff(xs, ys, dim, eta, top, per_mode, null_draws, seed)
+        return _ken_streamed(spectra.rff_map(xs, dim, seed), n, ys, dim, seed, eta, top, per_mode)
     both = torch.cat([xt, yt]).detach().double()
     (bc,) = _centred(both)
     if null_draws:
@@ -243,13 +250,52 @@ def _factor(g: torch.Tensor) -> torch.Tensor:
     return vecs[:, keep] * vals[keep].sqrt()
 
 
+def _check_dim(dim: Any) -> None:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
+        raise ValueError(f"dim must be an integer >= 2 (random features); got {dim!r}")
+
+
+def _scaled(x: torch.Tensor, y: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x - c) / sigma and (y - c) / sigma in their dtype, c the mean of both sets (float64
+    sums; no concatenated copy)."""
+    c = (x.sum(0, dtype=torch.float64) + y.sum(0, dtype=torch.float64)) / (len(x) + len(y))
+    c = c.to(x.dtype)
+    return (x - c).div_(sigma), (y - c).div_(sigma)
+
+
+def _ken_streamed(fx, n, ys, dim, seed, eta, top, per_mode) -> Novelty:
+    """KEN from the feature maps of X (``fx``, n rows) and of the reference rows ``ys`` (scaled),
+    streamed: the two covariances summed over row blocks (float64), eigh of
+    C_x / n - eta C_y / m, and the X rows' projections on the top modes in a second pass.
+    Memory: O(dim^2 + n top) and one block of features."""
+    m = ys.shape[0]
+    cx = spectra.covariance(fx, n, dim, ys.device, ys.dtype)
+    cy = spectra.covariance(spectra.rff_map(ys, dim, seed), m, dim, ys.device, ys.dtype)
+    vals, w = torch.linalg.eigh(cx.div_(n).sub_(cy, alpha=eta / m))
+    vals, w = vals.flip(0), w.flip(1)[:, : max(1, top)]
+    proj = [fx(i0, i1).double() @ w for i0, i1 in spectra.row_blocks(n, dim)]
+    return _novelty(vals, torch.cat(proj), n, top, per_mode)
+
+
+def _ken_null_rff(xs, ys, dim, eta, top, per_mode, draws, seed) -> Novelty:
+    """`_ken_null` through random features, without the (n + m, d) float64 copy: the observed
+    KEN streamed against m - n reference rows, the reference's features kept in their dtype
+    (float32 for float32 input) for the draws."""
+    n, m = xs.shape[0], ys.shape[0]
+    gen = torch.Generator().manual_seed(int(seed))
+    sub = torch.randperm(m, generator=gen)[: m - n].to(ys.device)
+    fx = spectra.rff_map(xs, dim, seed)
+    obs = _ken_streamed(fx, n, ys[sub], dim, seed, eta, top, per_mode)
+    fy = spectra.rff_map(ys, dim, seed)(0, m)
+    return _null_draws(obs, fy, n, eta, draws, gen)
+
+
 def _features(bc: torch.Tensor, sigma: float, method: str, dim: int, seed: int) -> torch.Tensor:
     """Features F ((n + m), r) of the kernel with F F^T = the Gram matrix (exact) or Phi Phi^T
     of ``dim`` random Fourier features (rff); r <= n + m (the n x n route when n + m < dim)."""
     if method == "exact":
         return _factor(_gauss(bc, bc, sigma))
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
-        raise ValueError(f"dim must be an integer >= 2 (random features); got {dim!r}")
+    _check_dim(dim)
     phi = spectra.rff_map(bc / sigma, dim, int(seed))(0, bc.shape[0]).double()
     if phi.shape[1] > phi.shape[0]:  # fewer rows than features: factor the rows' Gram
         return _factor(phi @ phi.T)
@@ -277,13 +323,25 @@ def _ken_null(bc, n, sigma, method, dim, eta, top, per_mode, draws, seed) -> Nov
     rows = torch.cat([torch.arange(n, device=bc.device), n + sub])
     f = _features(bc[rows], sigma, method, dim, seed)
     obs = _ken_features(f[:n], f[n:], eta, top, per_mode)
-    fy = _features(bc[n:], sigma, method, dim, seed)
-    lam, u = torch.linalg.eigh(fy.T @ fy)
-    fy = fy @ u  # now fy^T fy = diag(lam)
+    return _null_draws(obs, _features(bc[n:], sigma, method, dim, seed), n, eta, draws, gen)
+
+
+def _null_draws(obs: Novelty, fy: torch.Tensor, n: int, eta: float, draws: int, gen) -> Novelty:
+    """``obs`` with the null: KEN of ``draws`` splits of the reference's features ``fy`` (m, r)
+    into n rows against the other m - n (the subsets drawn from ``gen``), and the p-value.
+
+    fy is first rotated so that F_Y^T F_Y = diag(lam) (float64), each draw is then one
+    (r, n) x (n, r) product in fy's dtype and one r x r float64 eigvalsh.
+    """
+    m = fy.shape[0]
+    k = m - n
+    lam, u = torch.linalg.eigh(fy.T.double() @ fy.double())
+    fy = fy @ u.to(fy.dtype)  # now fy^T fy = diag(lam)
     null = []
     for _ in range(draws):
-        a = fy[torch.randperm(m, generator=gen)[:n].to(bc.device)]
-        mat = (a.T @ a).mul_(1.0 / n + eta / k)  # F_A^T F_A / n - eta (F_Y^T F_Y - F_A^T F_A) / k
+        a = fy[torch.randperm(m, generator=gen)[:n].to(fy.device)]
+        # F_A^T F_A / n - eta (F_Y^T F_Y - F_A^T F_A) / k
+        mat = (a.T @ a).double().mul_(1.0 / n + eta / k)
         mat.diagonal().sub_(lam * (eta / k))
         null.append(_ken_of(torch.linalg.eigvalsh(mat))[0])
     vals = np.asarray(null)
