@@ -55,6 +55,14 @@ shared cores (Vendi guidance dominates: it re-decomposes its covariance at every
 frontier plots show diversity against precision. ``--quick``: the two tuning models trained for
 fewer steps, a reduced sweep and one seed; writes bench_frontier_quick.{csv,md,png} (never over
 the committed full results).
+
+``--beyond`` (issue 24 item 3): the SPARKE variants of `benchmarks.guidance_beyond` (the
+gradient through the denoiser's Jacobian, on the noisy latent, schedule shapes, a trust-region
+cap) with unguided, SPARKE's scale sweep and Particle Guidance rerun beside them
+(`beyond_methods`; on the held-out models the variants of `HELDOUT_BEYOND`), written to
+bench_frontier_beyond.{csv,md,png}; ``--only KIND`` restricts it, ``--append`` adds the missing
+rows to the CSV, ``--beyond --timing --append`` adds the interleaved cost of `BEYOND_TIMED`.
+About 10 to 15 minutes on 2 shared cores for the four models (it was run in pieces).
 """
 
 from __future__ import annotations
@@ -365,6 +373,7 @@ class BeyondMethod(Method):
 
 
 HELDOUT_BEYOND = {
+    "x0 chain rule, scale=0.5",
     "x0 chain rule, scale=1.0",
     "x0 chain rule, scale=2.0",
     "x0 chain rule, scale=3.0",
@@ -485,8 +494,11 @@ def heldout_methods(conditional: bool) -> list[Method]:
     return out
 
 
-def prompt_leak(model: Denoiser, seed: int = 0, n: int = 8) -> tuple[float, float]:
-    """How far `DiversityGuidance()` moves a sample of a matching and of an unrelated class.
+def prompt_leak(
+    model: Denoiser, seed: int = 0, n: int = 8, jacobian: str = "identity", **kw: Any
+) -> tuple[float, float]:
+    """How far `DiversityGuidance(**kw)` (``jacobian`` of `guided_denoiser`; default: the
+    defaults) moves a sample of a matching and of an unrelated class.
 
     The bank holds 16 unguided samples of class 0; n single samples (batch 1, same noise) of
     class 0 and of class 7 are drawn with and without the guidance (bank unchanged). Returns
@@ -494,7 +506,7 @@ def prompt_leak(model: Denoiser, seed: int = 0, n: int = 8) -> tuple[float, floa
     """
     sigmas = get_sigmas_karras(STEPS, SIGMA_MIN, SIGMA_MAX)
     gen = torch.Generator().manual_seed(100 + seed)
-    guide = rk.DiversityGuidance()
+    guide = rk.DiversityGuidance(**kw)
     zero = torch.zeros(16, dtype=torch.long)
     with torch.no_grad():
         bank = sample_euler(
@@ -509,7 +521,9 @@ def prompt_leak(model: Denoiser, seed: int = 0, n: int = 8) -> tuple[float, floa
             x = SIGMA_MAX * torch.randn(1, 64, generator=gen)
             with torch.no_grad():
                 plain = sample_euler(model, x, sigmas, {"cond": lab})
-                den = guided_denoiser(model, guide, cond=model.embed(lab), sigmas=sigmas)
+                den = guided_denoiser(
+                    model, guide, cond=model.embed(lab), sigmas=sigmas, jacobian=jacobian
+                )
                 guided = sample_euler(den, x, sigmas, {"cond": lab})
             d.append(float((guided - plain).norm()))
         moved.append(statistics.mean(d))
@@ -690,6 +704,9 @@ def main(argv: list[str] | None = None) -> None:
                 agg[f"{k}_sd"] = statistics.pstdev(r[k] for r in rows)
             if conditional and m.setting == "defaults":
                 agg["moved_match"], agg["moved_unrelated"] = prompt_leak(model)
+            if conditional and m.kind == "sparke-x0jac" and m.kw["scale"] <= 1.0:
+                leak = prompt_leak(model, jacobian="vjp", scale=m.kw["scale"])
+                agg["moved_match"], agg["moved_unrelated"] = leak
             rep.add(
                 model=mname,
                 method=m.kind,
@@ -713,14 +730,20 @@ def _num(v: str) -> Any:
         return v
 
 
+BEYOND_PLOTTED = ("none", "sparke", "particle", "sparke-x0jac", "sparke-sigma", "sparke-cskip")
+
+
 def plot(rows: list[dict], name: str) -> None:
-    """Frontier plots: diversity against precision, one panel per model."""
+    """Frontier plots: diversity against precision, one panel per model (the beyond run: the
+    kinds of `BEYOND_PLOTTED`; the others are in its table)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if not str(r["setting"]).startswith("timing")]
+    if name.startswith("bench_frontier_beyond"):
+        rows = [r for r in rows if r["method"] in BEYOND_PLOTTED]
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
     colours = dict(none="k", sparke="C0", vendi="C2", particle="C1", cads="C3")

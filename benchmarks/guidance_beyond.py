@@ -128,7 +128,7 @@ def beyond_settings(conditional: bool) -> list[tuple[str, str, dict]]:
     `BeyondDenoiser`.
     """
     out = []
-    for scale in (0.3, 1.0, 2.0, 3.0, 5.0, 10.0):
+    for scale in (0.3, 0.5, 0.7, 1.0, 2.0, 3.0, 5.0, 10.0):
         out.append(
             ("sparke-x0jac", f"x0 chain rule, scale={scale}", dict(scale=scale, on="x0-jac"))
         )
