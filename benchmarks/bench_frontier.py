@@ -55,6 +55,14 @@ shared cores (Vendi guidance dominates: it re-decomposes its covariance at every
 frontier plots show diversity against precision. ``--quick``: the two tuning models trained for
 fewer steps, a reduced sweep and one seed; writes bench_frontier_quick.{csv,md,png} (never over
 the committed full results).
+
+``--beyond`` (issue 24 item 3): the SPARKE variants of `benchmarks.guidance_beyond` (the
+gradient through the denoiser's Jacobian, on the noisy latent, schedule shapes, a trust-region
+cap) with unguided, SPARKE's scale sweep and Particle Guidance rerun beside them
+(`beyond_methods`; on the held-out models the variants of `HELDOUT_BEYOND`), written to
+bench_frontier_beyond.{csv,md,png}; ``--only KIND`` restricts it, ``--append`` adds the missing
+rows to the CSV, ``--beyond --timing --append`` adds the interleaved cost of `BEYOND_TIMED`.
+About 10 to 15 minutes on 2 shared cores for the four models (it was run in pieces).
 """
 
 from __future__ import annotations
@@ -79,6 +87,7 @@ if __package__ in (None, ""):  # run by its path: python benchmarks/<name>.py
 
 import rkekernels as rk
 from benchmarks.common import RESULTS, Report, parser, save_figure
+from benchmarks.guidance_beyond import BeyondDenoiser, beyond_settings
 from benchmarks.guidance_peers import CADS, ParticleGuidance
 from rkekernels.adapters.kdiffusion import guided_denoiser
 from rkekernels.toy import get_sigmas_karras, sample_euler
@@ -351,6 +360,44 @@ class Method:
             self.guide.commit(x, self._cond(labels))
 
 
+class BeyondMethod(Method):
+    """A SPARKE variant of `benchmarks.guidance_beyond` (``on``, ``shape``, ``cap``)."""
+
+    def start(self, model: Denoiser, seed: int) -> None:
+        self.model, self.seed = model, seed
+        self.variant = {k: self.kw[k] for k in ("on", "shape", "cap") if k in self.kw}
+        self.guide = rk.DiversityGuidance(scale=self.kw["scale"])
+
+    def denoiser(self, sigmas: torch.Tensor, labels: torch.Tensor | None, batch: int):
+        return BeyondDenoiser(self.model, self.guide, cond=self._cond(labels), **self.variant)
+
+
+HELDOUT_BEYOND = {
+    "x0 chain rule, scale=0.5",
+    "x0 chain rule, scale=1.0",
+    "x0 chain rule, scale=2.0",
+    "x0 chain rule, scale=3.0",
+}
+HELDOUT_BEYOND |= {"shape sigma, scale=0.03", "shape sigma, scale=0.1"}
+
+
+def beyond_methods(conditional: bool, heldout: bool = False) -> list[Method]:
+    """Issue 24 item 3: the baselines rerun (unguided, SPARKE's scale sweep, Particle
+    Guidance) and the variants of `benchmarks.guidance_beyond`; on a held-out model the
+    baselines near the knee and the variants that moved the tuning models' frontier
+    (`HELDOUT_BEYOND`)."""
+    out = [Method("none", "-"), Method("sparke", "defaults")]
+    scales, alphas = (
+        ((0.3,), (0.03, 0.1)) if heldout else ((0.03, 0.3, 1.0), (0.01, 0.03, 0.1, 0.3))
+    )
+    out += [Method("sparke", f"scale={s}", scale=s) for s in scales]
+    out += [Method("particle", f"alpha={a}", alpha=a) for a in alphas]
+    for k, s, kw in beyond_settings(conditional):
+        if not heldout or s in HELDOUT_BEYOND:
+            out.append(BeyondMethod(k, s, **kw))
+    return out
+
+
 def run(model: Denoiser, method: Method, seed: int, conditional: bool):
     """Sample the protocol; returns (samples, requested labels or None, seconds per step)."""
     sigmas = get_sigmas_karras(STEPS, SIGMA_MIN, SIGMA_MAX)
@@ -447,8 +494,11 @@ def heldout_methods(conditional: bool) -> list[Method]:
     return out
 
 
-def prompt_leak(model: Denoiser, seed: int = 0, n: int = 8) -> tuple[float, float]:
-    """How far `DiversityGuidance()` moves a sample of a matching and of an unrelated class.
+def prompt_leak(
+    model: Denoiser, seed: int = 0, n: int = 8, jacobian: str = "identity", **kw: Any
+) -> tuple[float, float]:
+    """How far `DiversityGuidance(**kw)` (``jacobian`` of `guided_denoiser`; default: the
+    defaults) moves a sample of a matching and of an unrelated class.
 
     The bank holds 16 unguided samples of class 0; n single samples (batch 1, same noise) of
     class 0 and of class 7 are drawn with and without the guidance (bank unchanged). Returns
@@ -456,7 +506,7 @@ def prompt_leak(model: Denoiser, seed: int = 0, n: int = 8) -> tuple[float, floa
     """
     sigmas = get_sigmas_karras(STEPS, SIGMA_MIN, SIGMA_MAX)
     gen = torch.Generator().manual_seed(100 + seed)
-    guide = rk.DiversityGuidance()
+    guide = rk.DiversityGuidance(**kw)
     zero = torch.zeros(16, dtype=torch.long)
     with torch.no_grad():
         bank = sample_euler(
@@ -471,20 +521,24 @@ def prompt_leak(model: Denoiser, seed: int = 0, n: int = 8) -> tuple[float, floa
             x = SIGMA_MAX * torch.randn(1, 64, generator=gen)
             with torch.no_grad():
                 plain = sample_euler(model, x, sigmas, {"cond": lab})
-                den = guided_denoiser(model, guide, cond=model.embed(lab), sigmas=sigmas)
+                den = guided_denoiser(
+                    model, guide, cond=model.embed(lab), sigmas=sigmas, jacobian=jacobian
+                )
                 guided = sample_euler(den, x, sigmas, {"cond": lab})
             d.append(float((guided - plain).norm()))
         moved.append(statistics.mean(d))
     return moved[0], moved[1]
 
 
-def timing(rounds: int = 7, quick: bool = False) -> list[dict]:
+def timing(rounds: int = 7, quick: bool = False, beyond: bool = False) -> list[dict]:
     """Cost per sampler step of each method against the plain denoiser, interleaved.
 
     The tuning model of each kind, a batch of 8 (4 when conditional) at sigma = 1, against a
     bank of 128 committed samples (160 conditional, 16 per class) for SPARKE / Vendi with the
-    default settings; per round every candidate is timed (the median of 20 calls) right after
-    the plain denoiser, and the ratio is the median over rounds of the two times.
+    default settings (with ``beyond``: Vendi replaced by the variants of
+    `benchmarks.guidance_beyond`, `BEYOND_TIMED`); per round every candidate is timed (the
+    median of 20 calls) right after the plain denoiser, and the ratio is the median over
+    rounds of the two times.
     """
     rows = []
     sigmas = get_sigmas_karras(STEPS, SIGMA_MIN, SIGMA_MAX)
@@ -499,12 +553,17 @@ def timing(rounds: int = 7, quick: bool = False) -> list[dict]:
         bank = torch.randn(160 if cond else 128, 64, generator=gen)
         bank_lab = torch.arange(160) % 10
         cands = {}
-        for kind, extra in (("sparke", {}), ("vendi", {"algorithm": "vendi"})):
+        kinds = [("sparke", {})] + ([] if beyond else [("vendi", {"algorithm": "vendi"})])
+        for kind, extra in kinds:
             g = rk.DiversityGuidance(**extra)
             g.commit(bank, model.embed(bank_lab) if cond else None)
             cands[kind] = guided_denoiser(
                 model, g, cond=model.embed(lab) if cond else None, sigmas=sigmas
             )
+        for kind, (scale, opts) in BEYOND_TIMED.items() if beyond else ():
+            g = rk.DiversityGuidance(scale=scale)
+            g.commit(bank, model.embed(bank_lab) if cond else None)
+            cands[kind] = BeyondDenoiser(model, g, cond=model.embed(lab) if cond else None, **opts)
         cands["particle"] = ParticleGuidance(model, 0.1)
         if cond:
             cands["cads"] = CADS(model, model.embed, sigmas, 1.0)
@@ -543,7 +602,7 @@ def timing(rounds: int = 7, quick: bool = False) -> list[dict]:
                 dict(
                     model=mname,
                     method=k,
-                    setting="timing" + (" (defaults)" if k in ("sparke", "vendi") else ""),
+                    setting="timing" + _timed_setting(k),
                     step_ms=statistics.median(t for t, _ in v),
                     cost=statistics.median(t / tb for t, tb in v),
                 )
@@ -551,10 +610,31 @@ def timing(rounds: int = 7, quick: bool = False) -> list[dict]:
     return rows
 
 
+BEYOND_TIMED = {  # the variants timed with --beyond --timing: (scale, BeyondDenoiser options)
+    "sparke-x0jac": (2.0, dict(on="x0-jac")),
+    "sparke-cap": (3.0, dict(cap=0.01)),
+    "sparke-sigma": (0.03, dict(shape="sigma")),
+}
+
+
+def _timed_setting(kind: str) -> str:
+    if kind in BEYOND_TIMED:
+        scale, opts = BEYOND_TIMED[kind]
+        return f" (scale={scale}, " + ", ".join(f"{k}={v}" for k, v in opts.items()) + ")"
+    return " (defaults)" if kind in ("sparke", "vendi") else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = parser(__doc__, "the two tuning models, fewer training steps, a reduced sweep, 1 seed")
     ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
     ap.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3)")
+    ap.add_argument(
+        "--beyond",
+        action="store_true",
+        help="issue 24 item 3: the SPARKE variants and the rerun baselines "
+        "(writes bench_frontier_beyond.*)",
+    )
+    ap.add_argument("--only", default=None, help="with --beyond: only kinds with this prefix")
     ap.add_argument("--timing", action="store_true", help="only the interleaved cost per step")
     ap.add_argument(
         "--append", action="store_true", help="keep the rows already in the CSV, add these"
@@ -566,6 +646,8 @@ def main(argv: list[str] | None = None) -> None:
     names = args.models.split(",") if args.models else (["uncond", "cond"] if quick else MODELS)
     seeds = args.seeds or (1 if quick else 3)
     name = "bench_frontier_quick" if quick else "bench_frontier"
+    if args.beyond:
+        name = "bench_frontier_beyond" + ("_quick" if quick else "")
     if args.timing and not args.append:
         name += "_timing"  # never over the sweep's CSV
     real, real_y = digits()
@@ -588,7 +670,7 @@ def main(argv: list[str] | None = None) -> None:
             for row in csv.DictReader(fh):
                 rep.rows.append({c: _num(row.get(c, "")) for c in COLUMNS})
     if args.timing:
-        for row in timing(rounds=3 if quick else 7, quick=quick):
+        for row in timing(rounds=3 if quick else 7, quick=quick, beyond=args.beyond):
             rep.add(**row)
         plot(rep.rows, name)
         return
@@ -600,6 +682,14 @@ def main(argv: list[str] | None = None) -> None:
         conditional = cfg["kind"] == "cond"
         base_ms = None
         todo = heldout_methods(conditional) if mname.endswith("-B") else methods(conditional, quick)
+        if args.beyond:
+            todo = beyond_methods(conditional, heldout=mname.endswith("-B"))
+            if args.only:
+                todo = [m for m in todo if m.kind == "none" or m.kind.startswith(args.only)]
+        done = {(r["model"], r["method"], r["setting"]): r for r in rep.rows}  # with --append
+        if (mname, "none", "-") in done:
+            base_ms = done[(mname, "none", "-")]["step_ms"]
+        todo = [m for m in todo if (mname, m.kind, m.setting) not in done]
         for m in todo:
             rows, step = [], []
             for seed in range(seeds):
@@ -614,6 +704,9 @@ def main(argv: list[str] | None = None) -> None:
                 agg[f"{k}_sd"] = statistics.pstdev(r[k] for r in rows)
             if conditional and m.setting == "defaults":
                 agg["moved_match"], agg["moved_unrelated"] = prompt_leak(model)
+            if conditional and m.kind == "sparke-x0jac" and m.kw["scale"] <= 1.0:
+                leak = prompt_leak(model, jacobian="vjp", scale=m.kw["scale"])
+                agg["moved_match"], agg["moved_unrelated"] = leak
             rep.add(
                 model=mname,
                 method=m.kind,
@@ -623,7 +716,7 @@ def main(argv: list[str] | None = None) -> None:
                 seeds=seeds,
                 **agg,
             )
-    if not args.models:
+    if not args.models and not args.beyond:
         for row in timing(rounds=3 if quick else 7, quick=quick):
             rep.add(**row)
     print(f"total {time.perf_counter() - t_start:.0f} s")
@@ -637,17 +730,25 @@ def _num(v: str) -> Any:
         return v
 
 
+BEYOND_PLOTTED = ("none", "sparke", "particle", "sparke-x0jac", "sparke-sigma", "sparke-cskip")
+
+
 def plot(rows: list[dict], name: str) -> None:
-    """Frontier plots: diversity against precision, one panel per model."""
+    """Frontier plots: diversity against precision, one panel per model (the beyond run: the
+    kinds of `BEYOND_PLOTTED`; the others are in its table)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if not str(r["setting"]).startswith("timing")]
+    if name.startswith("bench_frontier_beyond"):
+        rows = [r for r in rows if r["method"] in BEYOND_PLOTTED]
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
     colours = dict(none="k", sparke="C0", vendi="C2", particle="C1", cads="C3")
+    extra = [k for k in dict.fromkeys(r["method"] for r in rows) if k not in colours]
+    colours.update({k: f"C{4 + i}" for i, k in enumerate(extra)})
     for ax, mname in zip(axes[0], models, strict=True):
         sub = [r for r in rows if r["model"] == mname]
         cond = "cond" in mname and "uncond" not in mname

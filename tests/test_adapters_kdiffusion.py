@@ -129,6 +129,28 @@ def test_guided_denoiser_is_score_space_classifier_guidance(dtype):
         assert float((out.double() - expect).norm() / expect.norm()) <= tol
 
 
+def test_jacobian_vjp_is_the_chain_rule_through_the_denoiser():
+    """jacobian="vjp": D' = D + scale sigma^2 (dD/dx)^T g, under no_grad too; identity default."""
+    bank = torch.randn(5, 4, generator=gen(7), dtype=torch.float64)
+    x = torch.randn(3, 4, generator=gen(8), dtype=torch.float64)
+    a = torch.randn(4, 4, generator=gen(9), dtype=torch.float64)
+    guide = DiversityGuidance(1.5, scale=0.3)
+    guide.commit(bank)
+
+    def model(x, sigma):  # dD/dx = a
+        return x @ a.T
+
+    g, _ = ref.guidance_grad(x @ a.T, ref.features(bank), sigma=1.5)
+    with torch.no_grad():  # the sampler's context
+        out = guided_denoiser(model, guide, jacobian="vjp")(x, 0.7)
+        plain = guided_denoiser(model, guide)(x, 0.7)
+    assert not out.requires_grad
+    assert torch.allclose(out, x @ a.T + 0.3 * 0.49 * g @ a, atol=1e-10)
+    assert torch.allclose(plain, x @ a.T + 0.3 * 0.49 * g, atol=1e-10)
+    with pytest.raises(ValueError, match="jacobian must be"):
+        guided_denoiser(model, guide, jacobian="exact")
+
+
 def test_conditional_guidance_with_cond_from_model_kwargs():
     emb = torch.randn(3, 4, generator=gen(7))  # prompt index -> embedding
     guide = DiversityGuidance(1.0, sigma_cond=0.8, scale=0.2, normalize=False)
