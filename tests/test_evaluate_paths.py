@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import rkekernels
-from rkekernels.evaluation import paths, rke_interval, sample_sums
+from rkekernels.evaluation import paths, relative_rke, rke_interval, sample_sums
 from rkekernels.evaluation.novelty import ken_novelty
 from rkekernels.evaluation.workbench import evaluate
 
@@ -66,10 +66,14 @@ def test_methods_forced_approximate(files, monkeypatch):
     monkeypatch.setattr(paths, "approx_seconds", lambda *a: 0.0)
     out = evaluate(gx, gy, cache_dir=None, null_draws=0)
     m = out["methods"]
-    assert m["rke"] == m["rke_interval"] == m["relative_rke"] == "exact"
-    assert m["vendi"] == m["modes"] == m["novelty"] == "rff"
+    assert m["rke"] == m["rke_interval"] == "exact"
+    assert m["vendi"] == m["modes"] == m["novelty"] == m["relative_rke"] == "rff"
     err = 1.0 / math.sqrt(paths.APPROX_DIM)
+    rel_err = out["methods_error"].pop("relative_rke")
     assert out["methods_error"] == {"vendi": err, "modes": err, "novelty": err}
+    exact = float(relative_rke(x, y, out["sigma"]))
+    assert 0.0 < rel_err < 0.2
+    assert abs(out["relative_rke"] / exact - 1.0) < 4.0 * rel_err
     s = out["sigma"]
     want = rkekernels.vendi_score(x, 1.0, s, method="rff", dim=paths.APPROX_DIM)
     assert out["vendi"] == float(want)

@@ -16,6 +16,12 @@ machine: the time of a float64 eigensolver on a ``PROBE_N`` x ``PROBE_N`` matrix
 The approximate paths state their error (``methods_error``): 1 / sqrt(dim), the bound on the
 standard deviation of one random-feature kernel entry (a mean of dim / 2 cosines, each of
 variance at most 1/2); the eigenvalues of K / n move by about as much.
+
+Pair passes over other sets follow the same rule (`pick_pairs`): the cross pairs of relative
+RKE (n m of them) run exact while their predicted time at the shared pass's measured rate is
+within max(EXACT_SHARE x floor, EXACT_MIN_S), else through `cross_rff` (whose stated error is
+its measured standard error); the reference's sweep (report) runs on all m rows while m^2 / 2
+pairs fit REF_SHARE x the floor, else on a seeded subsample of the rows that fit.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import time
 
 import torch
 
+from ..ops import spectra
 from .statistics import _sums
 
 #: an exact eigen path (its Gram build included, about one pass) runs while its predicted time is
@@ -39,8 +46,24 @@ APPROX_DIM = 1024
 SWEEP_DIM = 256
 #: the size of the eigensolver probe
 PROBE_N = 384
+#: the reference's sweep (report only) gets at most this share of the shared pass's time
+REF_SHARE = 0.5
+#: random Fourier features (dim / 2 frequencies) of the approximate relative RKE
+CROSS_DIM = 4096
 
-__all__ = ["APPROX_DIM", "EXACT_MIN_S", "EXACT_SHARE", "SWEEP_DIM", "pick_eigen", "shared_sums"]
+__all__ = [
+    "APPROX_DIM",
+    "CROSS_DIM",
+    "EXACT_MIN_S",
+    "EXACT_SHARE",
+    "REF_SHARE",
+    "SWEEP_DIM",
+    "cross_rff",
+    "pick_eigen",
+    "pick_pairs",
+    "ref_rows",
+    "shared_sums",
+]
 
 
 @functools.cache
@@ -111,3 +134,74 @@ def shared_sums(x: torch.Tensor, sigmas: list[float]) -> tuple[torch.Tensor, flo
     t0 = time.perf_counter()
     sx = _sums(x, None, list(sigmas), None)[4]
     return sx, time.perf_counter() - t0
+
+
+def pick_pairs(pairs: float, floor_s: float, n: int) -> str:
+    """"exact" while ``pairs`` kernel pairs are predicted to take at most
+    max(EXACT_SHARE x floor_s, EXACT_MIN_S) at the shared pass's rate (floor_s for its
+    n (n + 1) / 2 pairs), else "rff"."""
+    predicted = floor_s * pairs / max(n * (n + 1) / 2.0, 1.0)
+    return "exact" if predicted <= max(EXACT_SHARE * floor_s, EXACT_MIN_S) else "rff"
+
+
+def ref_rows(m: int, n: int, seed: int = 0) -> torch.Tensor | None:
+    """The reference rows of the report's sweep: None (all m) while m^2 / 2 pairs fit
+    REF_SHARE x the shared pass over n rows, else a seeded subsample of n sqrt(REF_SHARE) rows
+    (sorted indices)."""
+    keep = int(n * math.sqrt(REF_SHARE))
+    if m <= max(keep, 2):
+        return None
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(m, generator=gen)[:keep].sort().values
+
+
+def cross_rff(
+    x: torch.Tensor, y: torch.Tensor, sigma: float, dim: int | None = None, seed: int = 0
+) -> tuple[float, float]:
+    """Relative RKE n m / sum_ij k_s(x_i, y_j)^2 through random Fourier features, with its
+    stated relative error.
+
+    k_s(a, b)^2 = exp(-||a - b||^2 / s^2) is the Gaussian kernel of bandwidth s / sqrt(2).
+    With h = dim / 2 frequencies w_k ~ N(0, 2 / s^2 I) (`rkekernels.ops.spectra.rff_map` on
+    (x - c) sqrt(2) / s, c the mean of both sets)::
+
+        sum_ij k_s(x_i, y_j)^2 ~= mean_k e_k,
+        e_k = Re(sum_i exp(i w_k.x_i) conj(sum_j exp(i w_k.y_j)))
+
+    each e_k an unbiased estimate (the frequencies are independent), so the stated error is the
+    standard error of the mean of e_k relative to it (a delta-method relative error of the
+    relative RKE). Cost O((n + m) d dim / 2) in row blocks; memory O(dim + block).
+
+    Args:
+        x: (n, d), y: (m, d) features. sigma: the bandwidth. dim: features (None: CROSS_DIM).
+        seed: the frequencies' seed.
+
+    Returns:
+        (relative RKE, relative standard error).
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, y = torch.randn(300, 3, generator=g), torch.randn(400, 3, generator=g)
+        >>> est, err = cross_rff(x, y, 1.0, dim=4096)
+        >>> exact = 300 * 400 / torch.exp(-torch.cdist(x, y) ** 2).sum()
+        >>> abs(est / float(exact) - 1) < 3 * err, err < 0.1
+        (True, True)
+    """
+    dim = dim or CROSS_DIM
+    c = (x.sum(0, dtype=torch.float64) + y.sum(0, dtype=torch.float64)) / (len(x) + len(y))
+    h = dim // 2
+    sums = []
+    for a in (x, y):
+        u = (a - c.to(a.dtype)).mul_(math.sqrt(2.0) / sigma)
+        fmap = spectra.rff_map(u, dim, seed)
+        acc = torch.zeros(dim, dtype=torch.float64, device=a.device)
+        for i0, i1 in spectra.row_blocks(a.shape[0], dim):
+            acc += fmap(i0, i1).sum(0, dtype=torch.float64)
+        sums.append(acc * math.sqrt(h))  # undo the 1 / sqrt(h) of the map
+    e = sums[0][:h] * sums[1][:h] + sums[0][h:] * sums[1][h:]  # (h,) one estimate per frequency
+    mean = float(e.mean())
+    se = float(e.std()) / math.sqrt(h)
+    if mean <= 0.0:
+        return math.inf, math.inf
+    return len(x) * len(y) / mean, se / mean

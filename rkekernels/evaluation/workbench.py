@@ -223,9 +223,12 @@ def _keep_report(keep, out, x, y, g, s0, grid_sums, floor_s) -> None:
     with torch.no_grad():
         sweep = _sweep(x, s0, grid_sums, floor_s)
         _methods(out, sweep=sweep.pop("method"))
-        ref_sweep = _sweep(y.float(), s0, None, floor_s) if y is not None else None
-        if ref_sweep is not None:
+        ref_sweep = None
+        if y is not None:  # all rows while they fit paths.REF_SHARE of the floor, else a subsample
+            rows = paths.ref_rows(y.shape[0], x.shape[0])
+            ref_sweep = _sweep(y.float() if rows is None else y[rows].float(), s0, None, floor_s)
             ref_sweep.pop("method")
+            ref_sweep["rows"] = int(y.shape[0] if rows is None else len(rows))
     keep.update(x=x, gen=g, sigma=s0, sweep=sweep, ref_sweep=ref_sweep)
 
 
@@ -339,12 +342,20 @@ def _score_reference(out, x, y, names, arg, s0, many, top, per_mode, null, floor
     draws, seed = null
     n, m = x.shape[0], y.shape[0]
     out["m"] = int(m)
-    out["relative_rke"] = _py(relative_rke(x, y, arg))
+    rel_path = paths.pick_pairs(n * m, floor_s, n)
+    if rel_path == "exact":
+        out["relative_rke"] = _py(relative_rke(x, y, arg))
+        _methods(out, relative_rke="exact")
+    else:  # the n m cross pairs would cost more than the shared pass: random features
+        sig = arg if isinstance(arg, list) else [arg]
+        est = [paths.cross_rff(x, y, s) for s in sig]
+        out["relative_rke"] = [e for e, _ in est] if many else est[0][0]
+        _methods(out, relative_rke=("rff", max(err for _, err in est)))
     draws = draws if m >= 2 * n else 0  # the null needs reference subsets of n and the rest
     meth, err = paths.pick_eigen(n + m, "eig", 1, floor_s, n, x.shape[1])
     opts = {"top": top, "per_mode": per_mode, "null_draws": draws, "seed": seed, **_opts(meth)}
     nov = ken_novelty(x, y, s0, **opts)
-    _methods(out, relative_rke="exact", novelty=(meth, err))
+    _methods(out, novelty=(meth, err))
     out["novelty"] = nov.score
     out["novel_mass"] = nov.novel_mass
     out["novelty_null"] = (
