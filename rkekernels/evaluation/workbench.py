@@ -20,6 +20,10 @@ Several sigmas give lists (modes and novelty at the first one: ``modes_sigma``,
 ``novelty_sigma``). ``methods`` names the path of each output (rke, rke_interval, vendi, modes,
 relative_rke, novelty; sweep with the report): "exact" or "rff" (`rkekernels.evaluation.paths`
 chooses from measured cost); ``methods_error`` gives the stated error of the approximate ones.
+
+Under ``torch.distributed`` (``torchrun ... -m rkekernels evaluate``) every rank runs `evaluate`:
+each encodes its block of the files and the sums and rff covariances are split over the ranks
+(`rkekernels.evaluation.ranks`); every rank returns the same result.
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ from .._errors import CLIError
 from .._input import check_sigmas
 from ..adapters import encoders
 from ..scores import cond_rke_score, default_bandwidth, rke_score
-from . import paths
-from .embeddings import _embed_prompts, _embed_sets, _encoder_key, _Encoders, default_cache_dir
+from . import paths, ranks
+from .embeddings import _encoder_key, _Encoders, default_cache_dir
 from .inputs import _read_prompts, _Set
-from .novelty import ken_novelty
-from .statistics import cond_rke_interval, plugin_interval, relative_rke, rke_interval
+
+# the same functions, split over the ranks under torch.distributed (`ranks`; one process: as is)
+from .ranks import cond_rke_interval, ken_novelty, relative_rke, rke_interval
+from .statistics import plugin_interval
 
 __all__ = ["evaluate"]
 
@@ -239,8 +245,8 @@ def _embed_all(gen, reference, prompts, opts, key, root, progress, stats, max_by
         # float16 features differ from float32 ones in the last bits: cached apart
         ekey = _encoder_key(opts["encoder"], opts["encoder_model"], opts["pixels_size"])
         ekey += "|half" if opts["half"] else ""
-        x, y = _embed_sets([g, r], enc, root, ekey, progress, stats)
-        t = _embed_prompts(plist, enc, root, progress, stats) if plist is not None else None
+        x, y = ranks.embed_sets([g, r], enc, root, ekey, progress, stats)
+        t = ranks.embed_prompts(plist, enc, root, progress, stats) if plist is not None else None
     except encoders.EncoderUnavailableError as exc:
         raise CLIError(str(exc)) from None
     except ValueError as exc:  # unreadable images and API checks
@@ -258,7 +264,7 @@ def _score_set(out, x, names, arg, s0, enough, top, per_mode, crowded, level, un
     """
     n, d = x.shape
     sig = list(arg) if isinstance(arg, list) else [arg]
-    sx, floor_s = paths.shared_sums(x, sig + list(grid))
+    sx, floor_s = ranks.shared_sums(x, sig + list(grid))
     ci = None
     if enough and not unbiased:  # the plug-in interval from the shared sums
         ci = plugin_interval(sx[: len(sig)], level, isinstance(arg, list))
@@ -275,11 +281,11 @@ def _score_set(out, x, names, arg, s0, enough, top, per_mode, crowded, level, un
     }
     out["rke_interval"]["estimate"] = _py(ci.estimate) if ci else None
     _methods(out, rke="exact", rke_interval="exact")
-    meth, err = paths.pick_eigen(n, "eigvalsh", len(sig), floor_s, n, d)
-    out["vendi"] = _py(vendi.vendi_score(x, 1.0, arg, **_opts(meth)))
+    meth, err = ranks.pick_eigen(n, "eigvalsh", len(sig), floor_s, n, d)
+    out["vendi"] = _py(ranks.vendi_score(x, 1.0, arg, **_opts(meth)))
     _methods(out, vendi=(meth, err))
-    meth, err = paths.pick_eigen(n, "eigh", 1, floor_s, n, d)
-    modes = vendi.vendi_modes(x, min(top, n), s0, **_opts(meth))
+    meth, err = ranks.pick_eigen(n, "eigh", 1, floor_s, n, d)
+    modes = ranks.vendi_modes(x, min(top, n), s0, **_opts(meth))
     out["modes"] = _modes_json(modes, names, per_mode, s0)
     _methods(out, modes=(meth, err))
     sums = sx[0]
@@ -341,7 +347,7 @@ def _score_reference(out, x, y, names, arg, s0, many, top, per_mode, null, floor
     out["m"] = int(m)
     out["relative_rke"] = _py(relative_rke(x, y, arg))
     draws = draws if m >= 2 * n else 0  # the null needs reference subsets of n and the rest
-    meth, err = paths.pick_eigen(n + m, "eig", 1, floor_s, n, x.shape[1])
+    meth, err = ranks.pick_eigen(n + m, "eig", 1, floor_s, n, x.shape[1])
     opts = {"top": top, "per_mode": per_mode, "null_draws": draws, "seed": seed, **_opts(meth)}
     nov = ken_novelty(x, y, s0, **opts)
     _methods(out, relative_rke="exact", novelty=(meth, err))
@@ -374,15 +380,15 @@ def _sweep(x: torch.Tensor, s0: float, sums, floor_s: float) -> dict[str, Any]:
         return {"sigma": grid, "rke": ones, "low": ones, "high": ones, "vendi": ones,
                 "method": "exact"}  # fmt: skip
     if sums is None:
-        sums, _ = paths.shared_sums(x, grid)
+        sums, _ = ranks.shared_sums(x, grid)
     ci = plugin_interval(sums, 0.95, True)
     n, d = x.shape
-    meth, err = paths.pick_eigen(n, "eigvalsh", len(grid), floor_s, n, d, paths.SWEEP_DIM)
+    meth, err = ranks.pick_eigen(n, "eigvalsh", len(grid), floor_s, n, d, paths.SWEEP_DIM)
     return {
         "sigma": grid,
         "rke": [float(v) for v in ci.estimate],
         "low": [float(v) for v in ci.low],
         "high": [float(v) for v in ci.high],
-        "vendi": _py(vendi.vendi_score(x, 1.0, grid, **_opts(meth, paths.SWEEP_DIM))),
+        "vendi": _py(ranks.vendi_score(x, 1.0, grid, **_opts(meth, paths.SWEEP_DIM))),
         "method": (meth, err),
     }
