@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow  # a spawned process group: a few seconds
 
 N, M, D_EMB = 60, 150, 5
 DRAWS = "9"
-PROMPTS = ["a cat", "two dogs", "a red bird", "a boat", "the sea"]  # blocks of 2 and 3
+PROMPTS = ["a cat", "two dogs", "a red bird", "a boat", "the sea"]  # shares of 3 and 2
 EXACT_TOL = 1e-10
 #: keys whose value is not a score (or is the path that made one)
 NOT_SCORES = {"cache", "methods", "methods_error", "encoder", "encoder_model", "sigma_from"}
@@ -45,11 +45,11 @@ def _data(root) -> dict:
     np.save(root / "x.npy", (rng.normal(size=(N, D_EMB)) + centres).astype(np.float32))
     np.save(root / "y.npy", rng.normal(size=(M, D_EMB)).astype(np.float32))
     np.save(root / "t.npy", rng.normal(size=(N, 3)).astype(np.float32))
-    write_images(root / "gen", 13, clusters=3, seed=1)  # 13: blocks of 6 and 7
+    write_images(root / "gen", 13, clusters=3, seed=1)  # 13: shares of 7 and 6
     write_images(root / "ref", 30, clusters=2, seed=2)
     bad = root / "bad"
     write_images(bad, 9, seed=3)
-    (bad / "img_008.png").write_bytes(b"not a png")  # in rank 1's block
+    (bad / "img_007.png").write_bytes(b"not a png")  # rank 1's: files 1, 3, 5, 7
     return {k: str(root / k) for k in ("x.npy", "y.npy", "t.npy", "gen", "ref", "bad")}
 
 
@@ -186,7 +186,7 @@ def test_exact_outputs_equal_one_process(runs, case):
     assert got["cache"]["dir"] != want["cache"]["dir"] or got["cache"]["dir"] is None
     total = got["cache"]["cached"] + got["cache"]["encoded"]
     assert total == (0 if case == "embeddings" else 13 + 30)
-    if case == "images":  # a fresh cache: both ranks encoded their blocks
+    if case == "images":  # a fresh cache: both ranks encoded their shares
         assert got["cache"] == {**want["cache"], "dir": got["cache"]["dir"]}
         assert got["cache"]["encoded"] == 43
 
@@ -242,12 +242,12 @@ def test_bad_image_on_one_rank_fails_every_rank_with_its_message(runs):
     code, out, err = results[0]["bad_image"]
     assert (code, out) == (2, "")
     address = re.compile("0x[0-9a-f]+")  # PIL names the buffer it read
-    assert "img_008.png" in err
+    assert "img_007.png" in err
     assert address.sub("", err) == address.sub("", one["bad_image"][2])  # one process's message
     assert results[1]["bad_image"] == (2, "", "")  # rank 1 (at fault) prints nothing
 
 
-def test_prompts_embedded_in_blocks_and_gathered_in_order(runs):
+def test_prompts_embedded_in_shares_and_gathered_in_order(runs):
     _, results, _ = runs
     want = torch.stack(_FakeText().encode(PROMPTS))
     for r in results:

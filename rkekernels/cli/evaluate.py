@@ -41,7 +41,7 @@ most, no retries) decides between downloading them and the one line.
 
 Several processes: ``torchrun --nproc_per_node=P -m rkekernels evaluate ...`` (and several
 nodes) starts a process group (gloo; NCCL with ``--device cuda``, one GPU per rank); each rank
-encodes its block of the files, the scores are split over the ranks
+encodes every P-th file, the scores are split over the ranks
 (`rkekernels.evaluation.ranks`), and rank 0 alone prints and writes the report.
 
 The scores come from `rkekernels.evaluation.evaluate`, the report from `rkekernels.cli.report`.

@@ -5,20 +5,21 @@ from torchrun's environment), `rkekernels.evaluation.evaluate` runs on every ran
 split as follows; without one (or with P = 1) every function here is the one-process function it
 wraps, unchanged::
 
-    encoding     rank r encodes the contiguous block [r n / P, (r + 1) n / P) of GEN's (and
-                 REF's, and the prompts') files; one all-gather puts the (n, d) features on
-                 every rank in file order (the exact pair sums below need the other ranks' rows,
-                 as `rkekernels.distributed` does)
+    encoding     rank r encodes files r, r + P, r + 2P, ... of GEN (and REF, and the prompts):
+                 new or slow files spread over the ranks; one all-gather puts the (n, d)
+                 features on every rank, back in file order (the exact pair sums below need the
+                 other ranks' rows, as `rkekernels.distributed` does)
     exact sums   s_k[i] = sum_j k_k(x_i, x_j)^2 for every bandwidth k (RKE, the plug-in
                  interval, the crowded lists, the sweep): rank r reduces the upper-triangle
                  tiles t with t % P == r, adding row and column sums into a (K, n) float64
                  partial; one all-reduce of K n float64 (`shared_sums`); likewise the prompt
                  sums of the conditional interval and relative RKE's cross sums
-    rff paths    Vendi, the modes, KEN: C = sum_i phi(x_i) phi(x_i)^T (D x D) over each rank's
-                 block of rows, one all-reduce (the same seed, hence the same random features,
-                 on every rank; no features move); the modes' members need only each sample's
-                 loadings phi(x_i) v_j / sqrt(lambda_j): an (n, k) all-gather; the KEN null's
-                 draws are split over the ranks (draw j on rank j % P)
+    rff paths    Vendi, the modes, KEN (`rkekernels.evaluation.ranks_spectra`): C = sum_i
+                 phi(x_i) phi(x_i)^T (D x D) over each rank's block of rows, one all-reduce
+                 (the same seed, hence the same random features, on every rank; no features
+                 move); the modes' members need only each sample's loadings
+                 phi(x_i) v_j / sqrt(lambda_j): an (n, k) all-gather; the KEN null's draws are
+                 split over the ranks (draw j on rank j % P)
     exact eigen  (small sets: Vendi, modes, KEN) and the unbiased intervals: on rank 0, the
                  result broadcast (conditional Vendi: every rank, redundantly)
     the choice   `pick_eigen` runs on rank 0 (its measured floor: the time of the sharded
@@ -29,16 +30,16 @@ exact outputs equal one process's within 1e-10 (the same float32 tiles, added in
 another order), the rff ones within rounding of the same random features (far inside their
 stated error ``methods_error``).
 
-Bad input: an error on any rank (an unreadable image in its block, weights missing where only
+Bad input: an error on any rank (an unreadable image in its share, weights missing where only
 that rank needs the encoder) is agreed on before the next collective (`_agree`): the rank at
 fault raises its own error, every other rank a `CLIError` with its message, so no rank is left
 waiting. Rank 0's own work (an exact eigen path, the report's folder check) is wrapped by
 `on_root`, which broadcasts an exception as well as a result.
 
 The embedding cache: every rank opens the folder's cache (the same file) and writes the entries
-of its block; concurrent writers are safe only with the chunked cache of
+of its share; concurrent writers are safe only with the chunked cache of
 `rkekernels.evaluation.embeddings` (each write is atomic, but before it lands the last writer's
-file holds only its own block: a rerun encodes the rest again).
+file holds only its own share: a rerun encodes the rest again).
 
 Communication per evaluation (n samples of d float32 features, K bandwidths, D rff features):
 the features once (P n_max d 4 bytes gathered per rank), K n 8 bytes all-reduced for the sums,
@@ -60,16 +61,11 @@ import torch
 import torch.distributed as dist
 
 from .. import _collectives as C
-from .. import vendi
 from .._errors import CLIError
 from .._input import to_output
-from .._methods import check_order
 from ..metrics import cross_pair_sums
-from ..ops import spectra
 from . import paths
 from .embeddings import _embed_prompts, _embed_sets
-from .novelty import Novelty, _check_counts, _ken_of, _novelty
-from .novelty import ken_novelty as _ken_one
 from .statistics import Interval, _sums, _two_sets, plugin_cond_interval, plugin_interval
 from .statistics import cond_rke_interval as _cond_interval_one
 from .statistics import relative_rke as _relative_one
@@ -80,15 +76,12 @@ __all__ = [
     "cond_rke_interval",
     "embed_prompts",
     "embed_sets",
-    "ken_novelty",
     "on_root",
     "pick_eigen",
     "relative_rke",
     "rke_interval",
     "session",
     "shared_sums",
-    "vendi_modes",
-    "vendi_score",
     "world",
 ]
 
@@ -208,13 +201,20 @@ def _comm(dev: torch.device) -> torch.device:
     return C.comm_device(None, dev)
 
 
-def _gather(local: torch.Tensor | None) -> torch.Tensor:
-    """Every rank's (n_r, w) block (None: no rows) stacked in rank order, on every rank."""
+def _gather(local: torch.Tensor | None, strided: bool = False) -> torch.Tensor:
+    """Every rank's (n_r, w) block (None: no rows) stacked in rank order, on every rank;
+    ``strided``: rank r held rows r, r + P, ... (`_part`), put back in their order."""
     dev = local.device if local is not None else torch.device("cpu")
     cdev = _comm(dev)
     lay = C.agree_layout(local, None, err=None, group=None, comm_dev=cdev)
     src = local if local is not None else torch.zeros(0, lay.width)
-    return C.gather_rows(src, lay.counts, lay.width, lay.dtype, None, cdev, dev)
+    rows = C.gather_rows(src, lay.counts, lay.width, lay.dtype, None, cdev, dev)
+    if not strided:
+        return rows
+    out = torch.empty_like(rows)
+    for r, lo in enumerate(np.cumsum([0, *lay.counts[:-1]]).tolist()):
+        out[r :: len(lay.counts)] = rows[lo : lo + lay.counts[r]]
+    return out
 
 
 def _reduce(v: torch.Tensor) -> torch.Tensor:
@@ -234,26 +234,25 @@ def _broadcast(v: torch.Tensor) -> torch.Tensor:
 
 
 def _part(s: Any, rank: int, size: int) -> Any:
-    """This rank's block of a folder's images (a shallow copy with ``images`` and ``names``
-    sliced, the same ``path``: every rank uses the folder's cache); None for an empty block;
-    an embedding file (or no set) as it is."""
+    """This rank's share of a folder's images, files rank, rank + P, ... (a shallow copy with
+    ``images`` and ``names`` sliced, the same ``path``: every rank uses the folder's cache);
+    None for an empty share; an embedding file (or no set) as it is."""
     if s is None or s.matrix is not None:
         return s
-    lo, hi = _bounds(len(s.images), rank, size)
-    if hi == lo:
+    if rank >= len(s.images):
         return None
     part = copy.copy(s)
-    part.images, part.names = s.images[lo:hi], s.names[lo:hi]
+    part.images, part.names = s.images[rank::size], s.names[rank::size]
     return part
 
 
 def embed_sets(sets, enc, cache_root, key: str, progress: bool, stats: dict):
-    """`rkekernels.evaluation.embeddings._embed_sets`, each rank encoding its block of files.
+    """`rkekernels.evaluation.embeddings._embed_sets`, each rank encoding its share of files.
 
-    Rank r encodes the images [r n / P, (r + 1) n / P) of each folder (an embedding file is
-    read whole by every rank); errors are agreed on (`_agree`), the cache counts summed into
-    ``stats``, and the (n, d) features all-gathered in file order: every rank returns what one
-    process returns. Progress bars on rank 0 only (its block).
+    Rank r encodes images r, r + P, ... of each folder (an embedding file is read whole by
+    every rank); errors are agreed on (`_agree`), the cache counts summed into ``stats``, and
+    the (n, d) features all-gathered in file order: every rank returns what one process
+    returns. Progress bars on rank 0 only (its share).
     """
     if not active():
         return _embed_sets(sets, enc, cache_root, key, progress, stats)
@@ -273,28 +272,29 @@ def embed_sets(sets, enc, cache_root, key: str, progress: bool, stats: dict):
     stats["encoded"] += encoded
     if local.get("_cache_off"):
         stats["_cache_off"] = True
-    return [f if s is None or s.matrix is not None else _gather(f) for s, f in zip(sets, feats)]
+    images = [s is not None and s.matrix is None for s in sets]
+    return [_gather(f, True) if img else f for img, f in zip(images, feats)]
 
 
 def embed_prompts(prompts, enc, cache_root, progress: bool, stats: dict):
-    """`rkekernels.evaluation.embeddings._embed_prompts`, each rank embedding its block of
-    prompts (an embedding matrix is returned as it is); gathered in order like `embed_sets`."""
+    """`rkekernels.evaluation.embeddings._embed_prompts`, each rank embedding prompts rank,
+    rank + P, ... (an embedding matrix is returned as it is); gathered in order like
+    `embed_sets`."""
     if not active() or isinstance(prompts, torch.Tensor):
         return _embed_prompts(prompts, enc, cache_root, progress, stats)
     rank, size = world()
-    lo, hi = _bounds(len(prompts), rank, size)
     local: dict = {}
     t, err = None, None
     try:
-        if hi > lo:
-            t = _embed_prompts(prompts[lo:hi], enc, cache_root, progress and rank == 0, local)
+        if rank < len(prompts):
+            t = _embed_prompts(prompts[rank::size], enc, cache_root, progress and rank == 0, local)
     except Exception as exc:  # agreed on below
         err = exc
     (cached,) = _agree(err, [local.get("cached_prompts", 0)])
     stats["cached_prompts"] = cached
     if local.get("_cache_off"):
         stats["_cache_off"] = True
-    return _gather(t)
+    return _gather(t, True)
 
 
 # --------------------------------------------------------------------------- exact sums
@@ -392,195 +392,3 @@ def pick_eigen(*args: Any, **kwargs: Any) -> tuple[str, float]:
     """`paths.pick_eigen` decided on rank 0 (its probe, its floor) and broadcast: every rank
     takes the same path (the rff paths are collective)."""
     return on_root(paths.pick_eigen, *args, **kwargs)
-
-
-# --------------------------------------------------------------------------- rff spectra
-
-
-def _rff_cov(fmap, lo: int, hi: int, width: int, dtype: torch.dtype, dev) -> torch.Tensor:
-    """sum_{lo <= i < hi} phi_i phi_i^T (width x width, float64), streamed in row blocks."""
-    if hi <= lo:
-        return torch.zeros(width, width, dtype=torch.float64, device=dev)
-    return spectra.covariance(lambda i0, i1: fmap(lo + i0, lo + i1), hi - lo, width, dev, dtype)
-
-
-def _loadings(fmap, lo: int, hi: int, vecs: torch.Tensor, scale: Any = 1.0) -> torch.Tensor:
-    """(phi_i . v_j) * scale_j for lo <= i < hi, float64 (hi - lo, k), all ranks' gathered."""
-    rows = [
-        (fmap(lo + i0, lo + i1).to(torch.float64) @ vecs) * scale
-        for i0, i1 in spectra.row_blocks(hi - lo, vecs.shape[0])
-    ]
-    return _gather(torch.cat(rows) if rows else None)
-
-
-def _eigh_on_root(mat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (descending, all) and the top-k eigenvectors of the symmetric ``mat``,
-    computed on rank 0 and broadcast (every rank maps its samples with the same vectors)."""
-    n = mat.shape[0]
-    out = torch.zeros(n, 1 + k, dtype=torch.float64, device=mat.device)
-    if world()[0] == 0:
-        w, v = torch.linalg.eigh(mat)
-        out[:, 0], out[:, 1:] = w.flip(0), v.flip(1)[:, :k]
-    out = _broadcast(out)
-    return out[:, 0], out[:, 1:]
-
-
-def vendi_score(x: Any, q: float = 1.0, sigma: Any = None, *, method: str = "auto", **kw: Any):
-    """`rkekernels.vendi_score` for evaluate: "rff" with the covariance summed over the ranks.
-
-    For each bandwidth s: u = (x - mean) / s, C = sum_r sum_{i in rank r's rows} phi(u_i)
-    phi(u_i)^T (the same ``dim`` random Fourier features from ``seed`` on every rank), one
-    all-reduce of K D^2 float64; Vendi_q = exp(H_q(eig(C / tr C))) as one process. Other
-    methods run on rank 0 (`on_root`). x: the whole (n, d) tensor on every rank.
-
-    Example:
-        >>> import torch
-        >>> from rkekernels.evaluation import ranks
-        >>> x = torch.tensor([[0.0], [100.0], [200.0]])
-        >>> round(float(ranks.vendi_score(x, 1.0, 1.0, method="exact")), 6)
-        3.0
-    """
-    if not active():
-        return vendi.vendi_score(x, q, sigma, method=method, **kw)
-    if method != "rff":
-        res = on_root(lambda: _cpu(vendi.vendi_score(x, q, sigma, method=method, **kw)))
-        return res.to(x.device) if isinstance(res, torch.Tensor) else res
-    q = check_order(q)
-    many = isinstance(sigma, list | tuple)
-    dim, seed = kw.get("dim") or vendi.DEFAULT_DIM["rff"], int(kw.get("seed", 0))
-    xd = x.detach()
-    lo, hi = _bounds(xd.shape[0], *world())
-    covs = []
-    for s in list(sigma) if many else [sigma]:
-        u = (xd - xd.mean(0, keepdim=True)) / s
-        fmap = spectra.rff_map(u, dim, seed)
-        covs.append(_rff_cov(fmap, lo, hi, 2 * (dim // 2), u.dtype, u.device))
-    covs = _reduce(torch.stack(covs))
-    vals = torch.stack([_entropy(c, q).exp() for c in covs]).to(xd.dtype)
-    return to_output(vals, True, many)
-
-
-def _entropy(cov: torch.Tensor, q: float) -> torch.Tensor:
-    """H_q of the spectrum of C / tr C, as `rkekernels.ops.kernel_entropy.entropy` takes it."""
-    if q == 2.0:
-        return spectra.order2_entropy_from_cov(cov)
-    return spectra.renyi_entropy(spectra.spectrum_of_cov(cov), q)
-
-
-def vendi_modes(x: Any, k: int = 5, sigma: Any = None, *, method: str = "auto", **kw: Any):
-    """`rkekernels.vendi_modes` for evaluate: "rff" from the all-reduced covariance.
-
-    C (D x D) as in `vendi_score`; its top-k eigenpairs (lambda_j, v_j) on rank 0, broadcast;
-    each rank maps its rows, u_j[i] = phi(u_i) . v_j / sqrt(lambda_j), and the (n, k) loadings
-    are all-gathered: the members of each mode as one process assigns them
-    (`rkekernels.vendi._modes_of`). Other methods run on rank 0.
-
-    Example:
-        >>> import torch
-        >>> from rkekernels.evaluation import ranks
-        >>> x = torch.cat([torch.zeros(6, 2), torch.full((3, 2), 50.0)])
-        >>> [round(m.weight, 3) for m in ranks.vendi_modes(x, 2, 1.0, method="exact")]
-        [0.667, 0.333]
-    """
-    if not active():
-        return vendi.vendi_modes(x, k, sigma, method=method, **kw)
-    if method != "rff":
-        return on_root(vendi.vendi_modes, x, k, sigma, method=method, **kw)
-    dim, seed = kw.get("dim") or vendi.DEFAULT_DIM["rff"], int(kw.get("seed", 0))
-    xd = x.detach()
-    n = xd.shape[0]
-    lo, hi = _bounds(n, *world())
-    u = (xd - xd.mean(0, keepdim=True)) / sigma
-    fmap = spectra.rff_map(u, dim, seed)
-    width = 2 * (dim // 2)
-    cov = _reduce(_rff_cov(fmap, lo, hi, width, u.dtype, u.device))
-    k = min(int(k), n, width)
-    w, v = _eigh_on_root(cov, k)
-    w = w[:k]
-    scale = 1.0 / w.clamp(min=torch.finfo(torch.float64).tiny).sqrt()
-    vecs = _loadings(fmap, lo, hi, v, scale)
-    return vendi._modes_of(w / torch.trace(cov), vecs)
-
-
-def _cpu(v: Any) -> Any:
-    return v.detach().cpu() if isinstance(v, torch.Tensor) else v
-
-
-# --------------------------------------------------------------------------- KEN novelty
-
-
-def ken_novelty(x: Any, y: Any, sigma: Any = None, *, method: str = "auto", **kw: Any) -> Novelty:
-    """`rkekernels.evaluation.ken_novelty` for evaluate: "rff" split over the ranks.
-
-    With phi the ``dim`` random Fourier features of the centred (x, y) / sigma (the same on
-    every rank), KEN's matrix is C_x / n - eta C_Y / m', C_x = sum_i phi(x_i) phi(x_i)^T and
-    C_Y over the reference rows it is computed against (all m; with the null the seeded subset
-    of m' = m - n rows of one process): the covariances are summed over the ranks' blocks (one
-    all-reduce), the eigenpairs taken on rank 0 and broadcast, the modes' loadings all-gathered.
-    The null's draws j (reference subsets of n rows against the rest, at the same sigma) run on
-    rank j % P from the rotated reference features (each rank computes them, none move), their
-    KEN values all-reduced; p and the null's moments as one process. Other methods: rank 0.
-
-    Example:
-        >>> import numpy as np
-        >>> from rkekernels.evaluation import ranks
-        >>> ref = np.array([[0.0], [0.0], [100.0], [100.0]])
-        >>> round(ranks.ken_novelty(ref, ref, 1.0, method="exact").score, 6)
-        0.0
-    """
-    if not active():
-        return _ken_one(x, y, sigma, method=method, **kw)
-    if method != "rff":
-        return on_root(_ken_one, x, y, sigma, method=method, **kw)
-    top, per_mode = kw.get("top", 8), kw.get("per_mode", 16)
-    draws, seed, eta = kw.get("null_draws", 0), int(kw.get("seed", 0)), float(kw.get("eta", 1.0))
-    dim = kw.get("dim", 4096)
-    _check_counts(top, per_mode, draws)
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
-        raise ValueError(f"dim must be an integer >= 2 (random features); got {dim!r}")
-    xt, yt, sigmas, _, _ = _two_sets(x, y, sigma)
-    n, m = xt.shape[0], yt.shape[0]
-    if draws and m < 2 * n:
-        raise ValueError(f"null_draws={draws} needs a reference of at least {2 * n} rows; got {m}")
-    both = torch.cat([xt, yt]).detach().double()
-    u = (both - both.mean(0, keepdim=True)) / sigmas[0]
-    return _ken_rff(u, n, dim, eta, top, per_mode, draws, seed)
-
-
-def _ken_rff(u, n, dim, eta, top, per_mode, draws, seed) -> Novelty:
-    """KEN (and its null) from the scaled, centred rows u = [x; y] (see `ken_novelty`)."""
-    rank, size = world()
-    m, dev, width = u.shape[0] - n, u.device, 2 * (dim // 2)
-    fmap = spectra.rff_map(u, dim, seed)
-    k = m - n if draws else m
-    gen = torch.Generator().manual_seed(seed)
-    lo, hi = _bounds(n, rank, size)
-    ylo, yhi = _bounds(m, rank, size)
-    covs = [_rff_cov(fmap, lo, hi, width, torch.float64, dev)]
-    covs.append(_rff_cov(fmap, n + ylo, n + yhi, width, torch.float64, dev))  # all of Y
-    if draws:  # KEN against the seeded subset of k reference rows, the null's size
-        sub = torch.randperm(m, generator=gen)[:k]
-        slo, shi = _bounds(k, rank, size)
-        fsub = spectra.rff_map(u[n + sub[slo:shi].to(dev)], dim, seed)  # the same draws of W
-        covs.append(_rff_cov(fsub, 0, shi - slo, width, torch.float64, dev))
-    covs = _reduce(torch.stack(covs))
-    top_k = min(top, width)
-    vals, w = _eigh_on_root(covs[0] / n - eta * covs[-1] / k, top_k)
-    obs = _novelty(vals, _loadings(fmap, lo, hi, w), n, top, per_mode)
-    if not draws:
-        return obs
-    lam, rot = torch.linalg.eigh(covs[1])  # the same matrix on every rank
-    fy = fmap(n, n + m).to(torch.float64) @ rot  # now fy^T fy = diag(lam)
-    null = torch.zeros(draws, dtype=torch.float64, device=dev)
-    for j in range(draws):  # every rank draws every subset: the generator stays in step
-        pick = torch.randperm(m, generator=gen)[:n].to(dev)
-        if j % size != rank:
-            continue
-        a = fy[pick]
-        mat = (a.T @ a).mul_(1.0 / n + eta / k)
-        mat.diagonal().sub_(lam * (eta / k))
-        null[j] = _ken_of(torch.linalg.eigvalsh(mat))[0]
-    vals_null = _reduce(null).cpu().numpy()
-    p = (1 + int((vals_null >= obs.score).sum())) / (1 + draws)
-    std = float(np.std(vals_null, ddof=1)) if draws > 1 else 0.0
-    return obs._replace(null_mean=float(vals_null.mean()), null_std=std, p_value=p)

@@ -22,7 +22,7 @@ relative_rke, novelty; sweep with the report): "exact" or "rff" (`rkekernels.eva
 chooses from measured cost); ``methods_error`` gives the stated error of the approximate ones.
 
 Under ``torch.distributed`` (``torchrun ... -m rkekernels evaluate``) every rank runs `evaluate`:
-each encodes its block of the files and the sums and rff covariances are split over the ranks
+each encodes every P-th file and the sums and rff covariances are split over the ranks
 (`rkekernels.evaluation.ranks`); every rank returns the same result.
 """
 
@@ -39,12 +39,13 @@ from .._errors import CLIError
 from .._input import check_sigmas
 from ..adapters import encoders
 from ..scores import cond_rke_score, default_bandwidth, rke_score
-from . import paths, ranks
+from . import paths, ranks, ranks_spectra
 from .embeddings import _encoder_key, _Encoders, default_cache_dir
 from .inputs import _read_prompts, _Set
 
 # the same functions, split over the ranks under torch.distributed (`ranks`; one process: as is)
-from .ranks import cond_rke_interval, ken_novelty, relative_rke, rke_interval
+from .ranks import cond_rke_interval, relative_rke, rke_interval
+from .ranks_spectra import ken_novelty
 from .statistics import plugin_interval
 
 __all__ = ["evaluate"]
@@ -282,10 +283,10 @@ def _score_set(out, x, names, arg, s0, enough, top, per_mode, crowded, level, un
     out["rke_interval"]["estimate"] = _py(ci.estimate) if ci else None
     _methods(out, rke="exact", rke_interval="exact")
     meth, err = ranks.pick_eigen(n, "eigvalsh", len(sig), floor_s, n, d)
-    out["vendi"] = _py(ranks.vendi_score(x, 1.0, arg, **_opts(meth)))
+    out["vendi"] = _py(ranks_spectra.vendi_score(x, 1.0, arg, **_opts(meth)))
     _methods(out, vendi=(meth, err))
     meth, err = ranks.pick_eigen(n, "eigh", 1, floor_s, n, d)
-    modes = ranks.vendi_modes(x, min(top, n), s0, **_opts(meth))
+    modes = ranks_spectra.vendi_modes(x, min(top, n), s0, **_opts(meth))
     out["modes"] = _modes_json(modes, names, per_mode, s0)
     _methods(out, modes=(meth, err))
     sums = sx[0]
@@ -389,6 +390,6 @@ def _sweep(x: torch.Tensor, s0: float, sums, floor_s: float) -> dict[str, Any]:
         "rke": [float(v) for v in ci.estimate],
         "low": [float(v) for v in ci.low],
         "high": [float(v) for v in ci.high],
-        "vendi": _py(ranks.vendi_score(x, 1.0, grid, **_opts(meth, paths.SWEEP_DIM))),
+        "vendi": _py(ranks_spectra.vendi_score(x, 1.0, grid, **_opts(meth, paths.SWEEP_DIM))),
         "method": (meth, err),
     }
