@@ -115,7 +115,9 @@ def session(device: str = "cpu") -> Iterator[tuple[int, str]]:
     ``init_process_group`` from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
     NCCL when ``device`` is CUDA (after ``torch.cuda.set_device(LOCAL_RANK)``; "cuda" becomes
     "cuda:LOCAL_RANK"), else gloo; the group is destroyed on exit. An existing group is used
-    as it is (and left alone); a plain process yields (0, device).
+    as it is (and left alone); a plain process yields (0, device). On ranks other than 0 the
+    Hugging Face progress bars and advice are turned off (`_QUIET`), so that rank 0 alone
+    prints.
 
     Example:
         >>> from rkekernels.evaluation import ranks
@@ -137,11 +139,22 @@ def session(device: str = "cpu") -> Iterator[tuple[int, str]]:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CLIError(f"torch.distributed: cannot start the process group: {msg}") from None
         own = True
+    rank = world()[0]
+    saved = {k: os.environ.get(k) for k in _QUIET}
+    if rank:  # ranks other than 0 print nothing: no weight-loading bars or hub advice either
+        os.environ.update({k: v for k, v in _QUIET.items() if os.environ.get(k) is None})
     try:
-        yield world()[0], device
+        yield rank, device
     finally:
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+        for k in [k for k, v in saved.items() if v is None]:
+            os.environ.pop(k, None)
         if own:
             dist.destroy_process_group()
+
+
+#: the environment of the ranks other than 0 under `session` (read when transformers loads)
+_QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
 def _bounds(n: int, rank: int, size: int) -> tuple[int, int]:
