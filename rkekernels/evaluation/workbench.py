@@ -43,7 +43,7 @@ from . import paths, ranks, ranks_spectra
 from .embeddings import _encoder_key, _Encoders, default_cache_dir
 from .inputs import _read_prompts, _Set
 
-# the same functions, split over the ranks under torch.distributed (`ranks`; one process: as is)
+# the same functions, split over ranks under torch.distributed (one process: as they were)
 from .ranks import cond_rke_interval, relative_rke, rke_interval
 from .ranks_spectra import ken_novelty
 from .statistics import plugin_interval
