@@ -15,10 +15,11 @@ compilation. It counts the compiled variants its launches need (distinct Triton 
 keys, `benchmarks.compile_count`) and prints the count: integer counts (n, b, shard) are not
 specialised, and the check sizes are the few that cover every specialisation (feature widths
 that are and are not multiples of 16, one and several tiles), so the check compiles what the
-benchmarks use and little more. The second command runs stream, large (n = 1,000,000), modes
-(precision modes' speed) and, with ``--pykeops``, KeOps. Each command writes its rows as they
-come to ``<out>/gpu_check_<command>.csv`` and ``.md`` (``--out``, default $OUT), so a timeout
-keeps what was done.
+benchmarks use and little more. The second command runs stream, large (n = 1,000,000),
+evaluate (``rkekernels.evaluation.evaluate`` at that n), modes (precision modes' speed) and,
+with ``--pykeops``, KeOps. Each command writes its rows as they come to
+``<out>/gpu_check_<command>.csv`` and ``.md`` (``--out``, default $OUT), so a timeout keeps
+what was done.
 
 Sections (``--sections``, comma separated, in this order, overrides the command's list):
 
@@ -40,6 +41,10 @@ Sections (``--sections``, comma separated, in this order, overrides the command'
 - ``stream``: the same fused score vs the torch streaming backend (backend="torch", TF32 off).
 - ``large``: n = 1,000,000, d = 768 completes; time, result, extra memory as a multiple of the
   input's n d 4 bytes (O(n d)), and the time relative to the n^2 extrapolation from ``matmul``.
+- ``evaluate``: ``rkekernels.evaluation.evaluate`` on an (n_large, d) embedding file (n =
+  1,000,000, d = 768, 50 clusters) on the device: every JSON output against one fused exact
+  ``rke_score`` at the same sigma (the budget is 2.5x), the paths chosen (``methods``), peak memory
+  and RKE's error; then a folder of PNGs through the pixels encoder on the device, end to end.
 - ``backward``: `backward_grads` vs `forward_sums` at n = 32,768 (expected ~4: the backward visits
   the full square with two dots per tile, the forward the triangle with one), and autograd
   through ``rke_score`` vs the forward alone.
@@ -83,13 +88,14 @@ SECTIONS = (
     "backward",
     "stream",
     "large",
+    "evaluate",
     "modes",
     "pykeops",
 )
 #: the two commands: the first is the one to run in the first GPU minutes
 COMMANDS = {
     "quick": ("check", "guidance", "matmul", "backward"),
-    "extended": ("stream", "large", "modes"),
+    "extended": ("stream", "large", "evaluate", "modes"),
 }
 #: seconds after which no further section starts, per command
 BUDGET_S = {"quick": 150.0, "extended": 480.0}
@@ -453,6 +459,91 @@ def section_large(rep, state, n_large, d, dev, cuda, n_bench):
     del x
 
 
+def _clustered(n: int, d: int, dev, seed: int) -> torch.Tensor:
+    """n float32 rows around 50 random centres (modes for evaluate to find), on ``dev``."""
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    centres = 4.0 * torch.randn(50, d, device=dev, generator=gen)
+    labels = torch.randint(0, 50, (n,), device=dev, generator=gen)
+    return centres[labels] + torch.randn(n, d, device=dev, generator=gen)
+
+
+def section_evaluate(rep, state, n, d, dev, cuda, small):
+    """`rkekernels.evaluation.evaluate` end to end on ``dev`` (``--device cuda``).
+
+    1. An (n, d) float32 embedding file (n = 1,000,000, d = 768; 50 clusters): every output of
+       the JSON without a reference, timed against ONE exact fused ``rke_score`` of the same
+       embeddings at the same sigma in the same run (the issue's budget: <= 2.5x), with the
+       paths that produced each number, the peak GPU memory above the input and RKE's error
+       against the fused score.
+    2. A folder of 64 PNGs through the pixels encoder on ``dev`` (the encoders need no weights):
+       the images, the encoder and the scores on the GPU, end to end.
+    """
+    import tempfile
+
+    import numpy as np
+
+    import rkekernels
+    from rkekernels.evaluation import evaluate
+
+    state.clear()
+    x = _clustered(n, d, dev, 5)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "emb.npy")
+        np.save(path, x.cpu().numpy())  # what a user hands to `rkekernels evaluate`
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if cuda else 0
+        t0 = time.perf_counter()
+        res = evaluate(path, cache_dir=None, device=str(dev), null_draws=0)
+        sync(cuda)
+        secs = time.perf_counter() - t0
+        peak = (torch.cuda.max_memory_allocated() - base) / (n * d * 4) if cuda else None
+    t0 = time.perf_counter()
+    one = float(rkekernels.rke_score(x, res["sigma"], backend="triton"))
+    sync(cuda)
+    one_s = time.perf_counter() - t0
+    err = rel(res["rke"], one)
+    methods = ",".join(f"{k}:{v}" for k, v in res["methods"].items())
+    rep.add(section="evaluate", case="evaluate embeddings (every JSON output)", precision="ieee",
+            n=n, d=d, ms_p50=secs * 1e3, baseline="one fused rke_score, same sigma",
+            baseline_ms_p50=one_s * 1e3, ratio=secs / one_s, target=2.5, error=err, bound=1e-5,
+            status="ok" if err <= 1e-5 and math.isfinite(res["vendi"]) else "FAIL",
+            detail=f"methods {methods}; peak GPU memory "
+            + (f"{fmt(peak)} x (n d 4 bytes) above the input" if peak is not None else "n/a")
+            + f"; RKE {res['rke']:.6g} [{res['rke_interval']['low']:.6g}; "
+            f"{res['rke_interval']['high']:.6g}], Vendi {res['vendi']:.6g}, "
+            f"{len(res['modes'])} modes")  # fmt: skip
+    del x
+    _evaluate_images(rep, dev, cuda, small)
+
+
+def _evaluate_images(rep, dev, cuda, small) -> None:
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from rkekernels.evaluation import evaluate
+
+    count, size = (16, 8) if small else (64, 32)
+    rng = np.random.default_rng(6)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(count):
+            pix = rng.normal(60.0 + 120.0 * (i % 2), 20.0, size=(size, size, 3))
+            Image.fromarray(pix.clip(0, 255).astype(np.uint8)).save(f"{tmp}/img_{i:03d}.png")
+        t0 = time.perf_counter()
+        res = evaluate(tmp, encoder="pixels", cache_dir=None, device=str(dev), null_draws=0)
+        sync(cuda)
+        secs = time.perf_counter() - t0
+    ok = res["n"] == count and 1.0 <= res["rke"] <= count and res["cache"]["encoded"] == count
+    rep.add(section="evaluate", case="evaluate a PNG folder, pixels encoder on the device",
+            precision="ieee", n=count, d=res["d"], ms_p50=secs * 1e3,
+            status="ok" if ok else "FAIL",
+            detail=f"RKE {res['rke']:.4g} (two colour groups: about 2), Vendi {res['vendi']:.4g}, "
+            f"device {dev}")  # fmt: skip
+
+
 def section_backward(rep, n, d, dev, cuda):
     import rkekernels
     from rkekernels.ops import scores_triton as st
@@ -691,6 +782,7 @@ def main(argv=None) -> int:
         "matmul": lambda: section_matmul(rep, state, n_bench, d, dev, cuda),
         "stream": lambda: section_stream(rep, state, n_bench, d, dev, cuda),
         "large": lambda: section_large(rep, state, n_large, d, dev, cuda, n_bench),
+        "evaluate": lambda: section_evaluate(rep, state, n_large, d, dev, cuda, small),
         "backward": lambda: section_backward(rep, n_bwd, d, dev, cuda),
         "modes": lambda: section_modes(rep, state, n_bench, d, dev, cuda),
         "pykeops": lambda: section_pykeops(rep, state, n_bench, d, dev, cuda),

@@ -72,8 +72,8 @@ def comm_device(group: Any, data_device: torch.device) -> torch.device:
 
 
 def reset_comm() -> None:
-    last_comm["gathered_bytes"] = 0
-    last_comm["reduced_bytes"] = 0
+    for k in list(last_comm):  # and any counter a caller added (evaluate's broadcast_bytes)
+        last_comm[k] = 0
 
 
 def exchange(vec: list[float], group: Any, comm_dev: torch.device) -> torch.Tensor:

@@ -424,6 +424,16 @@ def vendi_modes(
     view = _views(inp, kernel, inp.sigmas[0])[0]
     with torch.no_grad():
         p, u = top_modes(view, int(k), method, opts)
+    return _modes_of(p, u)
+
+
+def _modes_of(p: torch.Tensor, u: torch.Tensor) -> list[Mode]:
+    """`Mode`s from the top eigenvalues p (k,) of K / tr(K) and unit eigenvectors u (n, k).
+
+    Sample i goes to the mode j with the largest share p_j u_j[i]^2; each mode lists its samples
+    by loading u_j[i]^2, largest first (the assignment of `vendi_modes`, which calls this;
+    `rkekernels.evaluation.ranks` gives it eigenvectors gathered from several ranks).
+    """
     p, u = p.cpu().numpy(), u.cpu().numpy()
     share = p[None, :] * u**2
     owner = share.argmax(1)

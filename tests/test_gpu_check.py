@@ -75,7 +75,8 @@ def test_second_command_runs_the_large_and_optional_sections(tmp_path, capsys):
         torch.backends.cuda.matmul.allow_tf32 = flags[1]
     assert rc == 0, capsys.readouterr().out[-3000:]
     rows = _rows(tmp_path / "gpu_check_extended.csv")
-    assert {r["section"] for r in rows} == {"stream", "large", "modes", "variants"}
+    assert {r["section"] for r in rows} == {"stream", "large", "evaluate", "modes", "variants"}
+    assert len([r for r in rows if r["section"] == "evaluate" and r["status"] == "ok"]) == 2
     assert not [r for r in rows if r["status"].startswith(("FAIL", "ERROR"))]
     assert {r["precision"] for r in rows if r["section"] == "modes"} == {"tf32", "bf16", "tf32x3"}
 

@@ -39,6 +39,11 @@ before any encoder loads; the weights of a hub encoder are looked up in the Hugg
 before transformers is imported, and when they are not there one connection to the hub (3 s at
 most, no retries) decides between downloading them and the one line.
 
+Several processes: ``torchrun --nproc_per_node=P -m rkekernels evaluate ...`` (and several
+nodes) starts a process group (gloo; NCCL with ``--device cuda``, one GPU per rank); each rank
+encodes every P-th file, the scores are split over the ranks
+(`rkekernels.evaluation.ranks`), and rank 0 alone prints and writes the report.
+
 The scores come from `rkekernels.evaluation.evaluate`, the report from `rkekernels.cli.report`.
 """
 
@@ -51,8 +56,8 @@ import warnings
 from typing import Any
 
 from .._errors import CLIError
-from ..evaluation import default_cache_dir, evaluate
-from ._common import add_max_bytes, positive
+from ..evaluation import default_cache_dir, evaluate, ranks
+from ._common import EXIT_BAD_INPUT, add_max_bytes, positive
 from .report import check_out_dir, fmt, write_report
 
 __all__ = ["add_arguments", "run"]
@@ -119,14 +124,28 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(
             f"--null-draws must be >= 0 (0 turns the novelty null off); got {args.null_draws}"
         )
+    with ranks.session(args.device) as (rank, device):  # torchrun: one process group
+        args.device = device
+        try:
+            return _run(args, rank == 0)
+        except CLIError:
+            if rank:  # rank 0 alone prints (every rank raises the same error)
+                return EXIT_BAD_INPUT
+            raise
+
+
+def _run(args: argparse.Namespace, root: bool) -> int:
+    """Evaluate on every rank; print and write the report on rank 0 (``root``) alone."""
     if args.out:  # before any work: a report never overwrites what it did not write
-        check_out_dir(args.out, [args.gen, args.reference, args.prompts])
+        ranks.on_root(check_out_dir, args.out, [args.gen, args.reference, args.prompts])
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     cache = None if args.no_cache else (args.cache or "default")
     keep: dict = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
-        res = _evaluate(args, cache, progress, keep)
+        res = _evaluate(args, cache, progress and root, keep)
+    if not root:
+        return 0
     for w in caught:  # ours (a cache that cannot be written): one line each, once
         if issubclass(w.category, RuntimeWarning):
             print(f"rkekernels: warning: {w.message}", file=sys.stderr)

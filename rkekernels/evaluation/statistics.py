@@ -77,18 +77,20 @@ def _centred(*mats: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [m - m.mean(0, keepdim=True) if m is not None else None for m in mats]
 
 
-def _sums(x, t, sigma, sigma_t, off: bool = False):
+def _sums(x, t, sigma, sigma_t, off: bool = False, shard: tuple[int, int] | None = None):
     """Validated inputs -> (n, sigmas, many, torch_out, float64 s_x (K, n), s_t, s_xt).
 
     ``off``: the off-diagonal row sums r_i = s_i - 1 instead (computed without the diagonal, see
     `_off_row_sums`), and one more item: the recompute of a sum over a subset of the rows.
+    ``shard=(rank, world)`` (not with ``off``): only that rank's tiles, partial sums that add up
+    over the ranks (`rkekernels.evaluation.ranks`).
     """
     xt, tt, sigmas, many, st, _, torch_out = _pair(x, t, sigma, sigma_t, "torch")
     xc, tc = _centred(xt.detach(), tt.detach() if tt is not None else None)
     inv_t = 1.0 / (st * st) if st is not None else None
     inv_x = [1.0 / (s * s) for s in sigmas]
     if not off:
-        sx, s_t, sxt = scores_torch.row_sums(xc, tc, inv_x, inv_t)
+        sx, s_t, sxt = scores_torch.row_sums(xc, tc, inv_x, inv_t, shard=shard)
         return xt.shape[0], sigmas, many, torch_out, sx, s_t, sxt
     sx, s_t, sxt = _off_row_sums(xc, tc, inv_x, inv_t)
 
@@ -349,13 +351,27 @@ def cond_rke_interval(
         theta = torch.log(num) - torch.log(den)
         loo = torch.log(num_loo) - torch.log(den_loo)
     else:
-        n, sigmas, many, _, _, s_t, sxt = _sums(x, t, sigma, sigma_t)
-        _need_n(n, unbiased)
-        ft, fxt = s_t.sum(), sxt.sum(1)
-        ft_loo = ft - 2.0 * s_t[None, :] + 1.0
-        fxt_loo = fxt[:, None] - 2.0 * sxt + 1.0
-        theta = torch.log(ft) - torch.log(fxt)
-        loo = torch.log(ft_loo) - torch.log(fxt_loo)
+        _, _, many, _, _, s_t, sxt = _sums(x, t, sigma, sigma_t)
+        return plugin_cond_interval(s_t, sxt, level, many)
+    return _jackknife(theta, loo, z, level, many)
+
+
+def plugin_cond_interval(
+    s_t: torch.Tensor, sxt: torch.Tensor, level: float = 0.95, many: bool = True
+) -> Interval:
+    """The plug-in `cond_rke_interval` from per-sample sums (`sample_sums`: s_t (n,), s_xt (K, n)).
+
+    F_t = sum_i st_i, F_xt = sum_i sxt_i, theta = log(F_t / F_xt); leaving sample i out:
+    F_{t,-i} = F_t - 2 st_i + 1, F_{xt,-i} = F_xt - 2 sxt_i + 1; jackknife as in `rke_interval`
+    (`cond_rke_interval` calls this). ``many=False`` gives floats for K = 1.
+    """
+    z = _z(level)
+    _need_n(s_t.shape[0], False)
+    ft, fxt = s_t.sum(), sxt.sum(1)
+    ft_loo = ft - 2.0 * s_t[None, :] + 1.0
+    fxt_loo = fxt[:, None] - 2.0 * sxt + 1.0
+    theta = torch.log(ft) - torch.log(fxt)
+    loo = torch.log(ft_loo) - torch.log(fxt_loo)
     return _jackknife(theta, loo, z, level, many)
 
 

@@ -20,6 +20,10 @@ Several sigmas give lists (modes and novelty at the first one: ``modes_sigma``,
 ``novelty_sigma``). ``methods`` names the path of each output (rke, rke_interval, vendi, modes,
 relative_rke, novelty; sweep with the report): "exact" or "rff" (`rkekernels.evaluation.paths`
 chooses from measured cost); ``methods_error`` gives the stated error of the approximate ones.
+
+Under ``torch.distributed`` (``torchrun ... -m rkekernels evaluate``) every rank runs `evaluate`:
+each encodes every P-th file and the sums and rff covariances are split over the ranks
+(`rkekernels.evaluation.ranks`); every rank returns the same result.
 """
 
 from __future__ import annotations
@@ -35,11 +39,14 @@ from .._errors import CLIError
 from .._input import check_sigmas
 from ..adapters import encoders
 from ..scores import cond_rke_score, default_bandwidth, rke_score
-from . import paths
-from .embeddings import _embed_prompts, _embed_sets, _encoder_key, _Encoders, default_cache_dir
+from . import paths, ranks, ranks_spectra
+from .embeddings import _encoder_key, _Encoders, default_cache_dir
 from .inputs import _read_prompts, _Set
-from .novelty import ken_novelty
-from .statistics import cond_rke_interval, plugin_interval, relative_rke, rke_interval
+
+# the same functions, split over ranks under torch.distributed (one process: as they were)
+from .ranks import cond_rke_interval, relative_rke, rke_interval
+from .ranks_spectra import ken_novelty
+from .statistics import plugin_interval
 
 __all__ = ["evaluate"]
 
@@ -242,8 +249,8 @@ def _embed_all(gen, reference, prompts, opts, key, root, progress, stats, max_by
         # float16 features differ from float32 ones in the last bits: cached apart
         ekey = _encoder_key(opts["encoder"], opts["encoder_model"], opts["pixels_size"])
         ekey += "|half" if opts["half"] else ""
-        x, y = _embed_sets([g, r], enc, root, ekey, progress, stats)
-        t = _embed_prompts(plist, enc, root, progress, stats) if plist is not None else None
+        x, y = ranks.embed_sets([g, r], enc, root, ekey, progress, stats)
+        t = ranks.embed_prompts(plist, enc, root, progress, stats) if plist is not None else None
     except encoders.EncoderUnavailableError as exc:
         raise CLIError(str(exc)) from None
     except ValueError as exc:  # unreadable images and API checks
@@ -261,7 +268,7 @@ def _score_set(out, x, names, arg, s0, enough, top, per_mode, crowded, level, un
     """
     n, d = x.shape
     sig = list(arg) if isinstance(arg, list) else [arg]
-    sx, floor_s = paths.shared_sums(x, sig + list(grid))
+    sx, floor_s = ranks.shared_sums(x, sig + list(grid))
     ci = None
     if enough and not unbiased:  # the plug-in interval from the shared sums
         ci = plugin_interval(sx[: len(sig)], level, isinstance(arg, list))
@@ -278,11 +285,11 @@ def _score_set(out, x, names, arg, s0, enough, top, per_mode, crowded, level, un
     }
     out["rke_interval"]["estimate"] = _py(ci.estimate) if ci else None
     _methods(out, rke="exact", rke_interval="exact")
-    meth, err = paths.pick_eigen(n, "eigvalsh", len(sig), floor_s, n, d)
-    out["vendi"] = _py(vendi.vendi_score(x, 1.0, arg, **_opts(meth)))
+    meth, err = ranks.pick_eigen(n, "eigvalsh", len(sig), floor_s, n, d)
+    out["vendi"] = _py(ranks_spectra.vendi_score(x, 1.0, arg, **_opts(meth)))
     _methods(out, vendi=(meth, err))
-    meth, err = paths.pick_eigen(n, "eigh", 1, floor_s, n, d)
-    modes = vendi.vendi_modes(x, min(top, n), s0, **_opts(meth))
+    meth, err = ranks.pick_eigen(n, "eigh", 1, floor_s, n, d)
+    modes = ranks_spectra.vendi_modes(x, min(top, n), s0, **_opts(meth))
     out["modes"] = _modes_json(modes, names, per_mode, s0)
     _methods(out, modes=(meth, err))
     sums = sx[0]
@@ -352,7 +359,7 @@ def _score_reference(out, x, y, names, arg, s0, many, top, per_mode, null, floor
         out["relative_rke"] = [e for e, _ in est] if many else est[0][0]
         _methods(out, relative_rke=("rff", max(err for _, err in est)))
     draws = draws if m >= 2 * n else 0  # the null needs reference subsets of n and the rest
-    meth, err = paths.pick_eigen(n + m, "eig", 1, floor_s, n, x.shape[1])
+    meth, err = ranks.pick_eigen(n + m, "eig", 1, floor_s, n, x.shape[1])
     opts = {"top": top, "per_mode": per_mode, "null_draws": draws, "seed": seed, **_opts(meth)}
     nov = ken_novelty(x, y, s0, **opts)
     _methods(out, novelty=(meth, err))
@@ -385,15 +392,15 @@ def _sweep(x: torch.Tensor, s0: float, sums, floor_s: float) -> dict[str, Any]:
         return {"sigma": grid, "rke": ones, "low": ones, "high": ones, "vendi": ones,
                 "method": "exact"}  # fmt: skip
     if sums is None:
-        sums, _ = paths.shared_sums(x, grid)
+        sums, _ = ranks.shared_sums(x, grid)
     ci = plugin_interval(sums, 0.95, True)
     n, d = x.shape
-    meth, err = paths.pick_eigen(n, "eigvalsh", len(grid), floor_s, n, d, paths.SWEEP_DIM)
+    meth, err = ranks.pick_eigen(n, "eigvalsh", len(grid), floor_s, n, d, paths.SWEEP_DIM)
     return {
         "sigma": grid,
         "rke": [float(v) for v in ci.estimate],
         "low": [float(v) for v in ci.low],
         "high": [float(v) for v in ci.high],
-        "vendi": _py(vendi.vendi_score(x, 1.0, grid, **_opts(meth, paths.SWEEP_DIM))),
+        "vendi": _py(ranks_spectra.vendi_score(x, 1.0, grid, **_opts(meth, paths.SWEEP_DIM))),
         "method": (meth, err),
     }

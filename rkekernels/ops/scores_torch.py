@@ -347,6 +347,7 @@ def row_sums(
     *,
     block_rows: int | None = None,
     block_cols: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-sample sums, float64: (s_x (K, n), s_t (n,), s_xt (K, n)), no gradient.
 
@@ -354,7 +355,8 @@ def row_sums(
     (diagonal included, so each is >= 1; summed over i they give `forward_sums`). The same tiles
     as `forward_sums` (upper triangle, one GEMM each); an off-diagonal tile adds its row sums to
     its rows and its column sums to its columns. O(n) extra memory; s_t, s_xt are None without
-    ``tc``.
+    ``tc``. ``shard=(rank, world)`` visits only that rank's tiles (see `tiles`): the partial sums
+    of all ranks add up to the whole (`rkekernels.evaluation.ranks`).
     """
     n = xc.shape[0]
     K = len(inv_sx2)
@@ -365,7 +367,7 @@ def row_sums(
     br, bc = block_rows or BLOCK_ROWS, block_cols or BLOCK_COLS
     ws = _Workspace(xc, min(n, max(br, bc)), min(n, max(br, bc)))
     ones = xc.new_ones(min(n, max(br, bc)))
-    for i0, i1, j0, j1, diag in tiles(n, br, bc):
+    for i0, i1, j0, j1, diag in tiles(n, br, bc, shard):
 
         def add(slot: int, tile: torch.Tensor, i0=i0, i1=i1, j0=j0, j1=j1, diag=diag) -> None:
             add_row_col_sums(acc[slot], tile, i0, j0, diag, ones)
