@@ -118,3 +118,29 @@ def test_ken_rff_streamed_matches_the_materialised_features(draws):
     if draws:
         assert got.null_mean == pytest.approx(want.null_mean, rel=1e-3)
         assert got.p_value == want.p_value
+
+
+def test_block_null_agrees_with_the_subset_null(monkeypatch):
+    """Large n: null draws as unions of reference blocks (`novelty._null_blocks`) give the
+    null of independent subsets (its mean within a null standard deviation, the same verdict)."""
+    from rkekernels.evaluation import novelty as nv
+
+    rng = np.random.default_rng(0)
+    c = rng.normal(size=(20, 8)) * 3
+
+    def draw(k, shift=0.0):
+        rows = c[rng.integers(0, 20, k)] + rng.normal(size=(k, 8)) + shift
+        return torch.tensor(rows, dtype=torch.float32)
+
+    y, same, new = draw(3000), draw(600), torch.cat([draw(480), draw(120, 6.0)])
+    got = {}
+    for label, least in (("subsets", 10**9), ("blocks", 64)):
+        monkeypatch.setattr(nv, "BLOCK_NULL_MIN", least)
+        got[label] = [
+            ken_novelty(x, y, 2.0, method="rff", dim=64, null_draws=19) for x in (same, new)
+        ]
+    for a, b in zip(got["subsets"], got["blocks"]):
+        assert a.score == b.score  # the observed KEN does not depend on the null
+        assert abs(a.null_mean - b.null_mean) < max(a.null_std, b.null_std)
+    assert got["blocks"][0].p_value > 0.2 and got["blocks"][1].p_value == 0.05
+    assert got["subsets"][0].p_value > 0.2 and got["subsets"][1].p_value == 0.05

@@ -25,8 +25,14 @@ from .statistics import _centred, _two_sets
 
 #: ken_novelty(method="auto") solves the dense eigenproblem up to n + m rows, else uses RFF
 AUTO_EXACT_MAX = 4096
+#: from this many generated rows the rff null draws unions of blocks (`_null_blocks`)
+BLOCK_NULL_MIN = 4096
+#: blocks per null draw (its n rows in NULL_BLOCKS blocks of n // NULL_BLOCKS)
+NULL_BLOCKS = 16
+#: the most blocks dealt (the draws' pool: NULL_POOL / NULL_BLOCKS x n reference rows)
+NULL_POOL = 64
 
-__all__ = ["AUTO_EXACT_MAX", "Novelty", "ken_novelty"]
+__all__ = ["AUTO_EXACT_MAX", "BLOCK_NULL_MIN", "NULL_BLOCKS", "NULL_POOL", "Novelty", "ken_novelty"]
 
 
 class Novelty(NamedTuple):
@@ -148,6 +154,14 @@ def ken_novelty(
     The draws dominate: one float64 r x r eigvalsh each. 200 digits against a 700-digit
     reference, 199 draws: 11.5 s on one thread of a quiet 2-core machine
     (``python -m benchmarks.bench_novelty``; 121 s when the machine was shared at load ~11).
+
+    Large sets (rff): the covariances are streamed over row blocks in the input's dtype (memory
+    O(dim^2) and one block); from n >= BLOCK_NULL_MIN generated rows a null draw is a union of
+    NULL_BLOCKS of the M = min(m // b, NULL_POOL) blocks of b = n // NULL_BLOCKS rows of a
+    seeded deal of the reference, against all the other reference rows (the blocks'
+    covariances are summed once: O(m dim^2) in all and O(dim^3) per draw, instead of
+    O(n dim^2) per draw; draws are n - n mod NULL_BLOCKS rows). 199 draws at n = 100,000,
+    dim = 1,024 then cost one pass over the reference and 199 eigvalsh of 1,024 rows.
 
     Args:
         x: (n, d) generated samples. y: (m, d) reference samples (same encoder).
@@ -286,8 +300,43 @@ def _ken_null_rff(xs, ys, dim, eta, top, per_mode, draws, seed) -> Novelty:
     sub = torch.randperm(m, generator=gen)[: m - n].to(ys.device)
     fx = spectra.rff_map(xs, dim, seed)
     obs = _ken_streamed(fx, n, ys[sub], dim, seed, eta, top, per_mode)
+    if n >= BLOCK_NULL_MIN:
+        return _null_blocks(obs, spectra.rff_map(ys, dim, seed), m, n, dim, eta, draws, gen)
     fy = spectra.rff_map(ys, dim, seed)(0, m)
     return _null_draws(obs, fy, n, eta, draws, gen)
+
+
+def _null_blocks(obs: Novelty, fy_map, m: int, n: int, dim: int, eta, draws, gen) -> Novelty:
+    """The null for large n from block covariances (`ken_novelty`, "Large sets").
+
+    b = n // NULL_BLOCKS; M = min(m // b, NULL_POOL) blocks of b reference rows are dealt at
+    random (``gen``); one pass over the reference's row blocks accumulates T = sum_i phi_i
+    phi_i^T over all m rows (float64) and C_g over each block's rows (float32, M dim^2
+    memory). A draw takes NULL_BLOCKS of the M blocks as "X" (n' = NULL_BLOCKS b rows, S their
+    summed C_g) against the other m - n' rows: eigvalsh of S / n' - eta (T - S) / (m - n');
+    O(dim^3) per draw instead of O(n dim^2).
+    """
+    b = n // NULL_BLOCKS
+    nb = min(m // b, NULL_POOL)
+    owner = torch.full((m,), -1, dtype=torch.long)
+    owner[torch.randperm(m, generator=gen)[: nb * b]] = torch.arange(nb).repeat_interleave(b)
+    covs = torch.zeros(nb, dim, dim)
+    total = torch.zeros(dim, dim, dtype=torch.float64)
+    for i0, i1 in spectra.row_blocks(m, dim):
+        f = fy_map(i0, i1).cpu()
+        total += (f.T @ f).double()
+        own = owner[i0:i1]
+        for g in own[own >= 0].unique().tolist():
+            fg = f[own == g]
+            covs[g] += (fg.T @ fg).float()
+    n2 = NULL_BLOCKS * b
+    k2 = m - n2
+    null = []
+    for _ in range(draws):
+        sel = covs[torch.randperm(nb, generator=gen)[:NULL_BLOCKS]].sum(0, dtype=torch.float64)
+        mat = sel.mul_(1.0 / n2 + eta / k2).sub_(total, alpha=eta / k2)
+        null.append(_ken_of(torch.linalg.eigvalsh(mat))[0])
+    return _with_null(obs, np.asarray(null), draws)
 
 
 def _features(bc: torch.Tensor, sigma: float, method: str, dim: int, seed: int) -> torch.Tensor:
@@ -344,7 +393,11 @@ def _null_draws(obs: Novelty, fy: torch.Tensor, n: int, eta: float, draws: int, 
         mat = (a.T @ a).double().mul_(1.0 / n + eta / k)
         mat.diagonal().sub_(lam * (eta / k))
         null.append(_ken_of(torch.linalg.eigvalsh(mat))[0])
-    vals = np.asarray(null)
+    return _with_null(obs, np.asarray(null), draws)
+
+
+def _with_null(obs: Novelty, vals: np.ndarray, draws: int) -> Novelty:
+    """``obs`` with the null's mean, standard deviation (ddof 1) and p-value."""
     p = (1 + int((vals >= obs.score).sum())) / (1 + draws)
     std = float(vals.std(ddof=1)) if draws > 1 else 0.0
     return obs._replace(null_mean=float(vals.mean()), null_std=std, p_value=p)
