@@ -63,6 +63,11 @@ cap) with unguided, SPARKE's scale sweep and Particle Guidance rerun beside them
 bench_frontier_beyond.{csv,md,png}; ``--only KIND`` restricts it, ``--append`` adds the missing
 rows to the CSV, ``--beyond --timing --append`` adds the interleaved cost of `BEYOND_TIMED`.
 About 10 to 15 minutes on 2 shared cores for the four models (it was run in pieces).
+
+``--scales 0.1,0.15,0.2,0.25``: unguided and SPARKE's default rule at each scale (everything
+else default), on every model (the held-out ones too), with the prompt leak of each scale on
+the conditional models; writes bench_frontier_knee.{csv,md,png} (the finer grid of the knee)
+and bench_frontier_knee_seeds.{csv,md} (each seed, paired with unguided at the same seed).
 """
 
 from __future__ import annotations
@@ -635,6 +640,12 @@ def main(argv: list[str] | None = None) -> None:
         "(writes bench_frontier_beyond.*)",
     )
     ap.add_argument("--only", default=None, help="with --beyond: only kinds with this prefix")
+    ap.add_argument(
+        "--scales",
+        default=None,
+        help="comma-separated SPARKE scales: unguided and DiversityGuidance(scale=s) only, on "
+        "every model (writes bench_frontier_knee.*)",
+    )
     ap.add_argument("--timing", action="store_true", help="only the interleaved cost per step")
     ap.add_argument(
         "--append", action="store_true", help="keep the rows already in the CSV, add these"
@@ -648,6 +659,9 @@ def main(argv: list[str] | None = None) -> None:
     name = "bench_frontier_quick" if quick else "bench_frontier"
     if args.beyond:
         name = "bench_frontier_beyond" + ("_quick" if quick else "")
+    scales = [float(v) for v in args.scales.split(",")] if args.scales else None
+    if scales:
+        name = "bench_frontier_knee" + ("_quick" if quick else "")
     if args.timing and not args.append:
         name += "_timing"  # never over the sweep's CSV
     real, real_y = digits()
@@ -675,6 +689,8 @@ def main(argv: list[str] | None = None) -> None:
         plot(rep.rows, name)
         return
     clf = classifier()
+    per_seed = _seed_report(name, sigma) if scales else None
+    unguided: dict = {}  # (model, seed) -> the unguided measures (per_seed's pairing)
     t_start = time.perf_counter()
     for mname in names:
         cfg = MODELS[mname]
@@ -686,6 +702,9 @@ def main(argv: list[str] | None = None) -> None:
             todo = beyond_methods(conditional, heldout=mname.endswith("-B"))
             if args.only:
                 todo = [m for m in todo if m.kind == "none" or m.kind.startswith(args.only)]
+        if scales:
+            todo = [Method("none", "-")]
+            todo += [Method("sparke", f"scale={s}", scale=s) for s in scales]
         done = {(r["model"], r["method"], r["setting"]): r for r in rep.rows}  # with --append
         if (mname, "none", "-") in done:
             base_ms = done[(mname, "none", "-")]["step_ms"]
@@ -696,6 +715,8 @@ def main(argv: list[str] | None = None) -> None:
                 x, lab, sps = run(model, m, seed, conditional)
                 rows.append(measure(x, lab, real, real_y, clf, sigma))
                 step.append(sps * 1e3)
+                if per_seed is not None:
+                    _add_seed_row(per_seed, unguided, mname, m, seed, rows[-1], conditional)
             ms = statistics.median(step)
             if m.kind == "none":
                 base_ms = ms
@@ -704,6 +725,8 @@ def main(argv: list[str] | None = None) -> None:
                 agg[f"{k}_sd"] = statistics.pstdev(r[k] for r in rows)
             if conditional and m.setting == "defaults":
                 agg["moved_match"], agg["moved_unrelated"] = prompt_leak(model)
+            if conditional and scales and m.kind == "sparke":
+                agg["moved_match"], agg["moved_unrelated"] = prompt_leak(model, **m.kw)
             if conditional and m.kind == "sparke-x0jac" and m.kw["scale"] <= 1.0:
                 leak = prompt_leak(model, jacobian="vjp", scale=m.kw["scale"])
                 agg["moved_match"], agg["moved_unrelated"] = leak
@@ -716,11 +739,64 @@ def main(argv: list[str] | None = None) -> None:
                 seeds=seeds,
                 **agg,
             )
-    if not args.models and not args.beyond:
+    if not args.models and not args.beyond and not scales:
         for row in timing(rounds=3 if quick else 7, quick=quick):
             rep.add(**row)
     print(f"total {time.perf_counter() - t_start:.0f} s")
     plot(rep.rows, name)
+
+
+SEED_COLUMNS = [
+    "model",
+    "method",
+    "setting",
+    "seed",
+    "eff_classes",
+    "rke_within",
+    "precision",
+    "recall",
+    "consistency",
+    "diversity_vs_none",
+    "precision_vs_none",
+    "consistency_vs_none",
+]
+
+
+def _seed_report(name: str, sigma: float) -> Report:
+    """``--scales``: every seed's measures and their ratio to unguided at the same seed (the
+    same initial noise), written to <name>_seeds.{csv,md}."""
+    return Report(
+        RESULTS,
+        f"{name}_seeds",
+        "The knee's finer grid, seed by seed (paired with unguided at the same seed)",
+        SEED_COLUMNS,
+        notes=[
+            f"shared score bandwidth {sigma:.3f}; *_vs_none: this seed's value over unguided's "
+            "at the same seed (diversity: effective classes unconditional, within-class RKE "
+            "conditional)"
+        ],
+    )
+
+
+def _add_seed_row(rep, unguided, mname, m, seed, r, conditional) -> None:
+    if m.kind == "none":
+        unguided[(mname, seed)] = r
+    base = unguided[(mname, seed)]
+    div = "rke_within" if conditional else "eff_classes"
+    rep.add(
+        model=mname,
+        method=m.kind,
+        setting=m.setting,
+        seed=seed,
+        eff_classes=r["eff_classes"],
+        rke_within=r["rke_within"],
+        precision=r["precision"],
+        recall=r["recall"],
+        consistency=r["consistency"],
+        diversity_vs_none=r[div] / base[div],
+        precision_vs_none=r["precision"] / base["precision"],
+        consistency_vs_none=r["consistency"] / base["consistency"],
+    )
 
 
 def _num(v: str) -> Any:

@@ -79,3 +79,19 @@ def test_denoiser_and_methods_run_untrained():
         "particle",
         "cads",
     }
+
+
+def test_seed_rows_pair_with_unguided(tmp_path, monkeypatch):
+    monkeypatch.setattr(bf, "RESULTS", tmp_path)
+    rep = bf._seed_report("knee_test", 2.0)
+    ung, meas = {}, dict(eff_classes=5.0, rke_within=4.0, precision=0.8, recall=0.5)
+    bf._add_seed_row(
+        rep, ung, "cond", bf.Method("none", "-"), 0, {**meas, "consistency": 1.0}, True
+    )
+    guided = dict(meas, rke_within=5.0, precision=0.76, consistency=0.97)
+    bf._add_seed_row(rep, ung, "cond", bf.Method("sparke", "scale=0.2", scale=0.2), 0, guided, True)
+    row = rep.rows[-1]
+    assert row["diversity_vs_none"] == pytest.approx(1.25)
+    assert row["precision_vs_none"] == pytest.approx(0.95)
+    assert row["consistency_vs_none"] == pytest.approx(0.97)
+    assert (tmp_path / "knee_test_seeds.csv").exists()
