@@ -19,6 +19,7 @@ Writes benchmarks/results/bench_evaluate.{csv,md}.
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -27,7 +28,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from .common import RESULTS, parser, write_results
+from .common import RESULTS, parser, run_child, write_results
 
 
 def _mixture(n: int, d: int, seed: int) -> np.ndarray:
@@ -81,36 +82,80 @@ def _many(sigma) -> bool:
     return isinstance(sigma, list) and len(sigma) == 9
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the two cases and write the table."""
-    args = parser(__doc__, "n = 1,000 instead of 5,000").parse_args(argv)
+def _write(path: str, n: int, d: int, seed: int) -> None:
+    """The mixture written to an .npy file in chunks (the parent stays small)."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))
+    step = 20000
+    for i0 in range(0, n, step):
+        out[i0 : i0 + step] = _mixture(min(step, n - i0), d, seed * 1000 + i0 // step)
+    out.flush()
+    del out
+
+
+def measure(gen: str, reference: str | None, null_draws: int = 199) -> dict:
+    """One case in this process: one exact rke_score (the baseline), then evaluate with the
+    report's extras; the row (seconds, split, paths, peak memory)."""
+    import gc
+
     import rkekernels
 
+    x = torch.from_numpy(np.load(gen))
+    t0 = time.perf_counter()
+    rkekernels.rke_score(x, rkekernels.default_bandwidth(x))
+    one = time.perf_counter() - t0
+    del x
+    gc.collect()
+    args = {"gen": gen, "reference": reference, "cache_dir": None, "null_draws": null_draws}
+    out, spent = _timed(args)
+    n, d = out["n"], out["d"]
+    m = out.get("m", 0)
+    cols = ["pass", "vendi", "modes", "sweep_vendi", "relative_rke", "novelty", "other"]
+    row = {"case": f"reference m = {m}" if m else "no reference", "n": n, "d": d}
+    row.update(rke_score_s=round(one, 2), total_s=round(spent["total"], 2))
+    row["ratio"] = round(spent["total"] / one, 2)
+    for c in cols:
+        row[c + "_s"] = round(spent.get(c, 0.0), 2)
+    inputs = sum(os.path.getsize(f) for f in (gen, reference) if f) / 2**20
+    row["input_mib"] = round(inputs)
+    row["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    row["over_input_mib"] = row["peak_rss_mib"] - row["input_mib"]
+    row["methods"] = " ".join(f"{k}={v}" for k, v in out.get("methods", {}).items())
+    row["novelty_p"] = out.get("novelty_p")
+    row["threads"] = torch.get_num_threads()
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the cases, each in a fresh process (its own peak memory), and write the table."""
+    ap = parser(__doc__, "n = 1,000 instead of 5,000")
+    ap.add_argument("--large", action="store_true", help="also n = 100,000 (with m = 200,000)")
+    args = ap.parse_args(argv)
     n = 1000 if args.quick else 5000
     d = 768
+    cases = [(n, 0), (n, 2 * n)]
+    if args.large:
+        cases += [(100_000, 0), (100_000, 200_000)]
     tmp = tempfile.mkdtemp()
-    gen, ref = os.path.join(tmp, "gen.npy"), os.path.join(tmp, "ref.npy")
-    np.save(gen, _mixture(n, d, 0))
-    np.save(ref, _mixture(n, d, 1))
-    x = torch.from_numpy(np.load(gen))
     rows = []
-    for label, reference in (("no reference", None), (f"reference m = {n}", ref)):
-        t0 = time.perf_counter()
-        rkekernels.rke_score(x, rkekernels.default_bandwidth(x))
-        one = time.perf_counter() - t0
-        out, spent = _timed({"gen": gen, "reference": reference, "cache_dir": None})
-        cols = ["pass", "vendi", "modes", "sweep_vendi", "relative_rke", "novelty", "other"]
-        row = {"case": label, "n": n, "d": d, "rke_score_s": round(one, 2)}
-        row["total_s"] = round(spent["total"], 2)
-        row["ratio"] = round(spent["total"] / one, 2)
-        for c in cols:
-            row[c + "_s"] = round(spent.get(c, 0.0), 2)
-        row["methods"] = " ".join(f"{k}={v}" for k, v in out.get("methods", {}).items())
-        row["threads"] = torch.get_num_threads()
-        rows.append(row)
+    for n_gen, m in cases:
+        gen = os.path.join(tmp, f"gen{n_gen}.npy")
+        if not os.path.exists(gen):
+            _write(gen, n_gen, d, 0)
+        ref = None
+        if m:
+            ref = os.path.join(tmp, f"ref{m}.npy")
+            _write(ref, m, d, 1)
+        row = run_child(
+            f"import json; from benchmarks.bench_evaluate import measure\n"
+            f"print(json.dumps(measure({gen!r}, {ref!r})))"
+        )
+        if ref:
+            os.unlink(ref)
         print(row, file=sys.stderr)
+        rows.append(row)
     name = "bench_evaluate_quick" if args.quick else "bench_evaluate"
-    print(write_results(name, rows, list(rows[0]), "evaluate: the split of the time (d = 768)"))
+    cols = list(next(r for r in rows if "error" not in r))
+    print(write_results(name, rows, cols, "evaluate: the split of the time (d = 768)"))
     with open(RESULTS / f"{name}.md", "a") as fh:
         fh.write(NOTE)
 

@@ -50,15 +50,19 @@ PROBE_N = 384
 REF_SHARE = 0.5
 #: random Fourier features (dim / 2 frequencies) of the approximate relative RKE
 CROSS_DIM = 4096
+#: the fewest random features KEN with a null is given (`null_dim`)
+MIN_NULL_DIM = 128
 
 __all__ = [
     "APPROX_DIM",
     "CROSS_DIM",
     "EXACT_MIN_S",
     "EXACT_SHARE",
+    "MIN_NULL_DIM",
     "REF_SHARE",
     "SWEEP_DIM",
     "cross_rff",
+    "null_dim",
     "pick_eigen",
     "pick_pairs",
     "ref_rows",
@@ -137,7 +141,7 @@ def shared_sums(x: torch.Tensor, sigmas: list[float]) -> tuple[torch.Tensor, flo
 
 
 def pick_pairs(pairs: float, floor_s: float, n: int) -> str:
-    """"exact" while ``pairs`` kernel pairs are predicted to take at most
+    """ "exact" while ``pairs`` kernel pairs are predicted to take at most
     max(EXACT_SHARE x floor_s, EXACT_MIN_S) at the shared pass's rate (floor_s for its
     n (n + 1) / 2 pairs), else "rff"."""
     predicted = floor_s * pairs / max(n * (n + 1) / 2.0, 1.0)
@@ -205,3 +209,20 @@ def cross_rff(
     if mean <= 0.0:
         return math.inf, math.inf
     return len(x) * len(y) / mean, se / mean
+
+
+def null_dim(draws: int, floor_s: float) -> int:
+    """The random features of KEN (rff) with a null of ``draws`` draws: the largest
+    APPROX_DIM / 2^j (>= MIN_NULL_DIM) whose draws, one dim x dim float64 eigvalsh each (the
+    probe scaled by (dim / PROBE_N)^3), are predicted within max(EXACT_SHARE x floor_s,
+    EXACT_MIN_S).
+
+    Example:
+        >>> null_dim(0, 1.0) == APPROX_DIM
+        True
+    """
+    dim = APPROX_DIM
+    budget = max(EXACT_SHARE * floor_s, EXACT_MIN_S)
+    while dim > MIN_NULL_DIM and draws * _probe("eigvalsh") * (dim / PROBE_N) ** 3 > budget:
+        dim //= 2
+    return dim

@@ -28,6 +28,7 @@ each encodes every P-th file and the sums and rff covariances are split over the
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -360,7 +361,10 @@ def _score_reference(out, x, y, names, arg, s0, many, top, per_mode, null, floor
         _methods(out, relative_rke=("rff", max(err for _, err in est)))
     draws = draws if m >= 2 * n else 0  # the null needs reference subsets of n and the rest
     meth, err = ranks.pick_eigen(n + m, "eig", 1, floor_s, n, x.shape[1])
-    opts = {"top": top, "per_mode": per_mode, "null_draws": draws, "seed": seed, **_opts(meth)}
+    # the null's eigvalsh fit the floor (decided on rank 0, as the path)
+    dim = ranks.on_root(paths.null_dim, draws, floor_s) if meth == "rff" and draws else None
+    err = 1.0 / math.sqrt(dim) if dim else err
+    opts = {"top": top, "per_mode": per_mode, "null_draws": draws, "seed": seed, **_opts(meth, dim)}
     nov = ken_novelty(x, y, s0, **opts)
     _methods(out, novelty=(meth, err))
     out["novelty"] = nov.score
