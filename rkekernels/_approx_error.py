@@ -42,7 +42,7 @@ import math
 
 import torch
 
-from .ops import spectra
+from .ops import lapack, spectra
 
 __all__ = [
     "EXACT_BUDGET_S",
@@ -166,7 +166,7 @@ def probe_vendi(u: torch.Tensor, q: float) -> float:
     vals = []
     for m in (small, large):
         k = spectra.gaussian_gram(u[perm[:m]])
-        p = torch.linalg.eigvalsh(k) / torch.trace(k)
+        p = lapack.eigvalsh(k) / torch.trace(k)
         vals.append(float(spectra.renyi_entropy(p, q).exp()))
     if large >= n or small == large:
         return vals[1]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .._input import check_sigma
-from ..ops import scores_torch, spectra
+from ..ops import lapack, scores_torch, spectra
 from ..vendi import Mode
 from .statistics import _centred, _two_sets
 
@@ -232,7 +232,7 @@ def ken_novelty(
     ).to(g)
     d = torch.cat([torch.ones(n), -torch.ones(m)]).to(g)
     fused = (d * scale)[:, None] * g * scale[None, :]  # D G
-    cvals, cvecs = torch.linalg.eig(fused)
+    cvals, cvecs = lapack.eig(fused)
     # real spectrum (similar to a symmetric matrix); an eigenvector's phase is arbitrary: rotate
     # each so that its largest entry is real, then keep the real part
     big = cvecs.gather(0, cvecs.abs().argmax(0, keepdim=True))
@@ -259,7 +259,7 @@ def _novelty(vals: torch.Tensor, vecs: torch.Tensor, n: int, top: int, per_mode:
 
 def _factor(g: torch.Tensor) -> torch.Tensor:
     """F (k, r), F F^T = g (symmetric PSD, k x k); eigenvalues below 1e-12 of the top dropped."""
-    vals, vecs = torch.linalg.eigh(g)
+    vals, vecs = lapack.eigh(g)
     keep = vals > 1e-12 * max(float(vals[-1]), 0.0)
     return vecs[:, keep] * vals[keep].sqrt()
 
@@ -285,7 +285,7 @@ def _ken_streamed(fx, n, ys, dim, seed, eta, top, per_mode) -> Novelty:
     m = ys.shape[0]
     cx = spectra.covariance(fx, n, dim, ys.device, ys.dtype)
     cy = spectra.covariance(spectra.rff_map(ys, dim, seed), m, dim, ys.device, ys.dtype)
-    vals, w = torch.linalg.eigh(cx.div_(n).sub_(cy, alpha=eta / m))
+    vals, w = lapack.eigh(cx.div_(n).sub_(cy, alpha=eta / m))
     vals, w = vals.flip(0), w.flip(1)[:, : max(1, top)]
     proj = [fx(i0, i1).double() @ w for i0, i1 in spectra.row_blocks(n, dim)]
     return _novelty(vals, torch.cat(proj), n, top, per_mode)
@@ -335,7 +335,7 @@ def _null_blocks(obs: Novelty, fy_map, m: int, n: int, dim: int, eta, draws, gen
     for _ in range(draws):
         sel = covs[torch.randperm(nb, generator=gen)[:NULL_BLOCKS]].sum(0, dtype=torch.float64)
         mat = sel.mul_(1.0 / n2 + eta / k2).sub_(total, alpha=eta / k2)
-        null.append(_ken_of(torch.linalg.eigvalsh(mat))[0])
+        null.append(_ken_of(lapack.eigvalsh(mat))[0])
     return _with_null(obs, np.asarray(null), draws)
 
 
@@ -354,7 +354,7 @@ def _features(bc: torch.Tensor, sigma: float, method: str, dim: int, seed: int) 
 def _ken_features(fx, fy, eta, top, per_mode) -> Novelty:
     """KEN in features: eigh of F_x^T F_x / n - eta F_y^T F_y / m; modes from F_x w."""
     n, m = fx.shape[0], fy.shape[0]
-    vals, w = torch.linalg.eigh(fx.T @ fx / n - eta * (fy.T @ fy) / m)
+    vals, w = lapack.eigh(fx.T @ fx / n - eta * (fy.T @ fy) / m)
     vals, w = vals.flip(0), w.flip(1)
     return _novelty(vals, fx @ w, n, top, per_mode)
 
@@ -384,7 +384,7 @@ def _null_draws(obs: Novelty, fy: torch.Tensor, n: int, eta: float, draws: int, 
     """
     m = fy.shape[0]
     k = m - n
-    lam, u = torch.linalg.eigh(fy.T.double() @ fy.double())
+    lam, u = lapack.eigh(fy.T.double() @ fy.double())
     fy = fy @ u.to(fy.dtype)  # now fy^T fy = diag(lam)
     null = []
     for _ in range(draws):
@@ -392,7 +392,7 @@ def _null_draws(obs: Novelty, fy: torch.Tensor, n: int, eta: float, draws: int, 
         # F_A^T F_A / n - eta (F_Y^T F_Y - F_A^T F_A) / k
         mat = (a.T @ a).double().mul_(1.0 / n + eta / k)
         mat.diagonal().sub_(lam * (eta / k))
-        null.append(_ken_of(torch.linalg.eigvalsh(mat))[0])
+        null.append(_ken_of(lapack.eigvalsh(mat))[0])
     return _with_null(obs, np.asarray(null), draws)
 
 

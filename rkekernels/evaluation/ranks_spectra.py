@@ -28,7 +28,7 @@ import torch
 from .. import vendi
 from .._input import to_output
 from .._methods import check_order
-from ..ops import spectra
+from ..ops import lapack, spectra
 from .novelty import Novelty, _check_counts, _ken_of, _novelty
 from .novelty import ken_novelty as _ken_one
 from .ranks import _bounds, _broadcast, _gather, _reduce, active, on_root, world
@@ -62,7 +62,7 @@ def _eigh_on_root(mat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     n = mat.shape[0]
     out = torch.zeros(n, 1 + k, dtype=torch.float64, device=mat.device)
     if world()[0] == 0:
-        w, v = torch.linalg.eigh(mat)
+        w, v = lapack.eigh(mat)
         out[:, 0], out[:, 1:] = w.flip(0), v.flip(1)[:, :k]
     out = _broadcast(out)
     return out[:, 0], out[:, 1:]
@@ -212,7 +212,7 @@ def _ken_rff(u, n, dim, eta, top, per_mode, draws, seed) -> Novelty:
     obs = _novelty(vals, _loadings(fmap, lo, hi, w), n, top, per_mode)
     if not draws:
         return obs
-    lam, rot = torch.linalg.eigh(covs[1])  # the same matrix on every rank
+    lam, rot = lapack.eigh(covs[1])  # the same matrix on every rank
     fy = fmap(n, n + m).to(torch.float64) @ rot  # now fy^T fy = diag(lam)
     null = torch.zeros(draws, dtype=torch.float64, device=dev)
     for j in range(draws):  # every rank draws every subset: the generator stays in step
@@ -222,7 +222,7 @@ def _ken_rff(u, n, dim, eta, top, per_mode, draws, seed) -> Novelty:
         a = fy[pick]
         mat = (a.T @ a).mul_(1.0 / n + eta / k)
         mat.diagonal().sub_(lam * (eta / k))
-        null[j] = _ken_of(torch.linalg.eigvalsh(mat))[0]
+        null[j] = _ken_of(lapack.eigvalsh(mat))[0]
     vals_null = _reduce(null).cpu().numpy()
     p = (1 + int((vals_null >= obs.score).sum())) / (1 + draws)
     std = float(np.std(vals_null, ddof=1)) if draws > 1 else 0.0

@@ -39,6 +39,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import lapack
 from .guidance_common import Problem
 
 __all__ = ["ALGORITHMS", "DEFAULT_DIM", "KERNELS", "check", "dot_rke_guide", "guide", "vendi_guide"]
@@ -142,8 +143,8 @@ def _bank_moment(fmap: _Map, fb, bc, cdt, width: int):
 def _spectrum(cov, psi_rows):
     """(eigenvalues (r,), orthonormal eigenvectors (D, r)) of C = Psi^T Psi, float64."""
     if cov is not None:
-        return torch.linalg.eigh(cov)
-    lam, u = torch.linalg.eigh(psi_rows @ psi_rows.T)
+        return lapack.eigh(cov)
+    lam, u = lapack.eigh(psi_rows @ psi_rows.T)
     keep = lam > lam.max() * 1e-12
     lam, u = lam[keep], u[:, keep]
     return lam, (psi_rows.T @ u) / lam.sqrt()

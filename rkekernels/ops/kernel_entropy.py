@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _approx_error
-from . import spectra
+from . import lapack, spectra
 from .pair_sums import pair_sums
 
 __all__ = ["View", "dot_part", "entropy", "top_modes"]
@@ -100,7 +100,7 @@ def entropy(view: View, q: float, method: str, opts: dict, backend: str) -> torc
             k = dot_gram(view.parts)
         if q == 2.0:
             return 2.0 * torch.log(torch.trace(k)) - torch.log((k * k).sum())
-        return spectra.renyi_entropy(torch.linalg.eigvalsh(k) / torch.trace(k), q)
+        return spectra.renyi_entropy(lapack.eigvalsh(k) / torch.trace(k), q)
     if method == "lanczos":
         u = gauss_u(view.parts)
         n = u.shape[0]
@@ -131,7 +131,7 @@ def top_modes(view: View, k: int, method: str, opts: dict) -> tuple[torch.Tensor
             kmat = spectra.gaussian_gram(gauss_u(view.parts))
         else:
             kmat = dot_gram(view.parts)
-        w, v = torch.linalg.eigh(kmat)
+        w, v = lapack.eigh(kmat)
         tr = torch.trace(kmat)
         return w.flip(0)[:k] / tr, v.flip(1)[:, :k]
     if method == "lanczos":
@@ -142,7 +142,7 @@ def top_modes(view: View, k: int, method: str, opts: dict) -> tuple[torch.Tensor
         p = torch.as_tensor(vals[:k].copy(), dtype=torch.float64) / n
         return p, torch.as_tensor(vecs[:, :k].copy(), dtype=torch.float64)
     cov = feature_cov(view, method, opts, gram_ok=False)
-    w, v = torch.linalg.eigh(cov)
+    w, v = lapack.eigh(cov)
     k = min(k, len(w))
     w, v = w.flip(0)[:k], v.flip(1)[:, :k]
     if view.kernel == "gaussian":

@@ -33,6 +33,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from . import lapack
+
 __all__ = [
     "covariance",
     "dot_features",
@@ -143,7 +145,7 @@ def covariance(fmap: FeatureMap, n: int, width: int, device, dtype) -> torch.Ten
 
 def spectrum_of_cov(cov: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of C / tr(C) (float64, they sum to 1; differentiable)."""
-    return torch.linalg.eigvalsh(cov) / torch.trace(cov)
+    return lapack.eigvalsh(cov) / torch.trace(cov)
 
 
 def order2_entropy_from_cov(cov: torch.Tensor) -> torch.Tensor:
@@ -193,7 +195,7 @@ def nystrom_map(u: torch.Tensor, m: int, seed: int) -> tuple[FeatureMap, int]:
     gen = torch.Generator().manual_seed(int(seed))
     idx = torch.randperm(u.shape[0], generator=gen)[:m].to(u.device)
     land = u.index_select(0, idx)
-    w, v = torch.linalg.eigh(_unit_gauss_cross(land, land))
+    w, v = lapack.eigh(_unit_gauss_cross(land, land))
     keep = w > w.max() * 1e-12
     proj = v[:, keep] / w[keep].sqrt()
 
