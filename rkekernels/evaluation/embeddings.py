@@ -338,6 +338,13 @@ def _encode_into(c, s, digests, idx, e, out, progress, workers, flush_s) -> list
     return pending
 
 
+def _rows(emb) -> torch.Tensor:
+    """A text encoder's output, (n, D) or n vectors, as an (n, D) float32 tensor."""
+    if isinstance(emb, torch.Tensor):
+        return emb.float()
+    return torch.stack([torch.as_tensor(e, dtype=torch.float32) for e in emb])
+
+
 def _embed_prompts(prompts, enc: _Encoders, cache_root, progress: bool, stats: dict):
     if isinstance(prompts, torch.Tensor):
         return prompts
@@ -351,10 +358,10 @@ def _embed_prompts(prompts, enc: _Encoders, cache_root, progress: bool, stats: d
     text_of = dict(zip(hashes, prompts))
     emb = None
     if missing:
-        emb = enc.text().encode([text_of[h] for h in missing], progress=progress)
+        emb = _rows(enc.text().encode([text_of[h] for h in missing], progress=progress))
         if c.dim not in (None, emb.shape[1]):  # cached for another model: encode all
             missing = sorted(set(hashes))
-            emb = enc.text().encode([text_of[h] for h in missing], progress=progress)
+            emb = _rows(enc.text().encode([text_of[h] for h in missing], progress=progress))
             c.damaged += 1
             c.release()
         c.append(missing, emb)
