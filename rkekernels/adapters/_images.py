@@ -1,13 +1,19 @@
 """Images in, and the differentiable resize / crop / normalise of the image encoders.
 
 `load_image` (a file to a (3, H, W) float tensor in [0, 1]), `_as_chw` (any supported image item
-to (3, H, W)) and `_Transform` (the encoders' preprocessing on a (b, 3, H, W) batch, with
-gradients). Used by `rkekernels.adapters.encoders`, which re-exports `load_image`.
+to (3, H, W)), `decode_rgb` / `rgb_chw` (bytes to an (H, W, 3) uint8 array, and that to the
+(3, H, W) tensor of `load_image`), `map_batches` (a function over files, batch by batch, in
+decoding worker processes, with a bounded number of batches in flight) and `_Transform` (the
+encoders' preprocessing on a (b, 3, H, W) batch, with gradients). Used by
+`rkekernels.adapters.encoders`, which re-exports `load_image`.
 """
 
 from __future__ import annotations
 
+import io
 import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,15 +38,82 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
         >>> tuple(load_image(p).shape)
         (3, 5, 7)
     """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read image {os.fspath(path)!r}: {exc}") from None
+    return rgb_chw(decode_rgb(data, path))
+
+
+def decode_rgb(data: bytes, name: str | os.PathLike = "<bytes>") -> np.ndarray:
+    """An image file's bytes -> (H, W, 3) uint8 RGB array (what `load_image` decodes).
+
+    Raises ValueError naming ``name`` when Pillow cannot decode it.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            return np.array(im.convert("RGB"), dtype=np.uint8)  # writable, for torch
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"cannot read image {os.fspath(path)!r}: {exc}") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+        raise ValueError(f"cannot read image {os.fspath(name)!r}: {exc}") from None
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read and decode one image file: (H, W, 3) uint8 (module level: picklable for workers)."""
+    with open(path, "rb") as f:
+        return decode_rgb(f.read(), path)
+
+
+def rgb_chw(arr: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1], bit for bit as `load_image`."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+
+
+def _apply(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    return [fn(x) for x in items]
+
+
+def map_batches(
+    fn: Callable[[Any], Any], items: Sequence[Any], *, batch: int, workers: int = 0
+) -> Iterator[tuple[int, list[Any]]]:
+    """``fn`` over ``items`` batch by batch, in order: yields (start, [fn(x) for x in batch]).
+
+    With ``workers`` > 0 the batches run in a pool of that many processes (``fn`` must be a
+    module-level function); at most 2 * workers batches are in flight, so memory is bounded by
+    the batch size, not by len(items). An error in ``fn`` is raised here, in order; the batches
+    still in flight are cancelled.
+
+    Example:
+        >>> from rkekernels.adapters._images import map_batches
+        >>> [(s, r) for s, r in map_batches(abs, [-1, 2, -3], batch=2)]
+        [(0, [1, 2]), (2, [3])]
+    """
+    batch = max(1, int(batch))
+    starts = iter(range(0, len(items), batch))
+    if workers <= 0:
+        for s in starts:
+            yield s, _apply(fn, items[s : s + batch])
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=int(workers))
+    ahead: deque = deque()
+    try:
+        for s in starts:
+            ahead.append((s, pool.submit(_apply, fn, items[s : s + batch])))
+            if len(ahead) >= 2 * workers:
+                break
+        while ahead:
+            s, fut = ahead.popleft()
+            nxt = next(starts, None)
+            if nxt is not None:
+                ahead.append((nxt, pool.submit(_apply, fn, items[nxt : nxt + batch])))
+            yield s, fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _as_chw(item: Any) -> torch.Tensor:

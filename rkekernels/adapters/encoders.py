@@ -49,7 +49,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._images import _as_chw, _Transform, load_image
+from ._images import _as_chw, _Transform, load_image, map_batches, read_rgb, rgb_chw
 
 __all__ = [
     "ENCODERS",
@@ -174,15 +174,25 @@ class ImageEncoder(torch.nn.Module):
         return F.normalize(f, dim=1) if self.normalize else f
 
     def encode(
-        self, items: Sequence[Any] | torch.Tensor, *, progress: bool = False, desc: str = "encode"
+        self,
+        items: Sequence[Any] | torch.Tensor,
+        *,
+        progress: bool = False,
+        desc: str = "encode",
+        workers: int = 0,
     ) -> torch.Tensor:
         """Encode any number of images without gradients: (n, D) float32 CPU tensor.
+
+        Streamed: ``batch_size`` images are decoded, resized and encoded at a time, so memory
+        holds the (n, D) features and a few batches of images, not n images.
 
         Args:
             items: paths, PIL images, (3, H, W) tensors / (H, W, 3) uint8 arrays (mixed sizes
                 allowed: each is resized by the transform), or one (n, 3, H, W) tensor in
                 ``value_range``. Paths and PIL images are read as [0, 1].
-            progress: show a tqdm bar.
+            progress: show a tqdm bar (images per second) on stderr.
+            workers: processes that read and decode image files (paths only) while the model
+                runs; 0 decodes in this process (`map_batches`).
 
         Example:
             >>> import torch
@@ -195,16 +205,25 @@ class ImageEncoder(torch.nn.Module):
         n = len(items)
         out = torch.empty(n, self.dim, dtype=torch.float32)
         bar = _bar(n, progress, f"{desc} ({self.name})")
+        paths = not isinstance(items, torch.Tensor) and all(
+            isinstance(it, str | os.PathLike) for it in items
+        )
+        if isinstance(items, torch.Tensor):
+            batches = ((s, items[s : s + self.batch_size]) for s in range(0, n, self.batch_size))
+        elif paths:
+            batches = (
+                (s, [rgb_chw(a) for a in arrs])
+                for s, arrs in map_batches(read_rgb, items, batch=self.batch_size, workers=workers)
+            )
+        else:
+            batches = map_batches(_as_chw, items, batch=self.batch_size)
         with torch.no_grad():
-            for s in range(0, n, self.batch_size):
-                chunk = items[s : s + self.batch_size]
+            for s, chunk in batches:
                 if isinstance(chunk, torch.Tensor):
                     f = self(chunk)
                 else:  # mixed sizes: resize per image, then one batch
                     geo = self.transform.geometry
-                    f = self._features(
-                        torch.cat([geo(_as_chw(it)[None].to(self.device)) for it in chunk])
-                    )
+                    f = self._features(torch.cat([geo(x[None].to(self.device)) for x in chunk]))
                 out[s : s + len(chunk)] = f.cpu()
                 bar.update(len(chunk))
         bar.close()
@@ -245,7 +264,7 @@ class TextEncoder:
         """
         prompts = [str(p) for p in prompts]
         outs = []
-        bar = _bar(len(prompts), progress, "encode prompts (clip text)")
+        bar = _bar(len(prompts), progress, "encode prompts (clip text)", unit=" prompt")
         with torch.no_grad():
             for s in range(0, len(prompts), self.batch_size):
                 chunk = prompts[s : s + self.batch_size]
@@ -280,11 +299,17 @@ def _check_range(value_range) -> tuple[float, float]:
     return lo, hi
 
 
-def _bar(total: int, enabled: bool, desc: str):
+#: the bar's rate is always in images per second (tqdm's default turns to s/img below 1 img/s)
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"
+
+
+def _bar(total: int, enabled: bool, desc: str, unit: str = " img"):
+    """A tqdm bar on stderr counting ``unit`` (images), its rate always per second (images per
+    second); a no-op if not ``enabled``."""
     if enabled:
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, unit="img", leave=False)
+        return tqdm(total=total, desc=desc, unit=unit, bar_format=BAR_FORMAT, leave=False)
 
     class _Null:
         def update(self, _n):

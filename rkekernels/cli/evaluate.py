@@ -11,10 +11,13 @@ GEN and REF are folders of images (png, jpg, jpeg, webp, bmp; read with Pillow, 
 their path inside the folder; hidden entries and folders of earlier reports are left out) or
 embedding files (the formats of ``rkekernels score``: .npy, .npz, .pt/.pth, .safetensors; then
 "files" are row indices). Images are embedded with the chosen encoder
-(`rkekernels.adapters.encoders`, default ``dinov2``); embeddings are cached on disk, keyed by the
-encoder and each file's content (blake2b of its bytes), so a second run encodes nothing (it does
-not even load the model). A damaged cache is rebuilt; a cache folder that cannot be written gives
-one warning and the run goes on without it.
+(`rkekernels.adapters.encoders`, default ``dinov2``) a batch at a time (memory holds the
+features, not the images; the bar shows images per second); embeddings are cached on disk,
+keyed by the encoder and each file's content (blake2b of its bytes), so a second run encodes
+nothing (it does not even load the model). The cache is written as the run goes, so an
+interrupted run resumes, and several processes may share it (`rkekernels.evaluation.cache`). A
+damaged cache is rebuilt; a cache folder that cannot be written gives one warning and the run
+goes on without it. ``RKEKERNELS_DECODE_WORKERS=N`` decodes images in N processes (default 0).
 
 ``--prompts`` gives one prompt per image: a .txt file (one per line, in sorted file order), a
 .csv with a file column (file/filename/image/path) and a prompt column (prompt/caption/text),

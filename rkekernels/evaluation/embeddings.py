@@ -9,26 +9,32 @@ Prompts are embedded with CLIP's text tower and cached by the hash of their text
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import socket
-import tempfile
 import threading
+import time
 import urllib.parse
-import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._errors import CLIError
-from ..adapters import encoders
+from ..adapters import _images, encoders
+from . import cache
 from .inputs import _check_image
 
-__all__ = ["default_cache_dir"]
+__all__ = ["DECODE_WORKERS", "decode_workers", "default_cache_dir"]
 
 _CACHE_VERSION = "2"
+#: decoding processes by default (measured: see docs/performance.md)
+DECODE_WORKERS = 0
+#: files per task of the hashing and checking passes
+HASH_BATCH = 256
 
 
 def _encoder_key(name: str, model: str | None, size: int) -> str:
@@ -48,108 +54,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ["RKEKERNELS_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "rkekernels"
-
-
-class _Cache:
-    """Embeddings on disk: one file per (encoder, folder), keyed by the content of each item.
-
-    The file holds {"format", "version", "key", "digests": [hex, ...], "vectors": (N, D),
-    "check"}: row i of ``vectors`` is the embedding of the item whose content hashes to
-    ``digests[i]`` (blake2b of an image file's bytes, sha256 of a prompt), so a different image
-    under the same name, size and modification time is never served the old vector. A file that
-    does not pass every check on load (structure, the key, shapes, finite values, the checksum
-    ``check`` over digests and vectors) is rebuilt, never trusted. A cache folder that cannot be
-    written is reported once (``RuntimeWarning``) and the run goes on without caching.
-    """
-
-    FORMAT = "rkekernels-embeddings"
-
-    def __init__(self, root: Path | None, key: str, folder: Path, stats: dict):
-        self.file = None
-        self.key = key
-        self.stats = stats
-        self.data: dict[str, torch.Tensor] = {}
-        if root is None:
-            return
-        h = hashlib.sha256(key.encode()).hexdigest()[:24]
-        f = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
-        self.file = Path(root) / "embeddings" / h / f"{f}.pt"
-        try:
-            if self.file.is_file():
-                self.data = self._checked(
-                    torch.load(self.file, map_location="cpu", weights_only=True)
-                )
-        except Exception:  # unreadable or damaged: rebuilt, never trusted
-            self.data = {}
-
-    @staticmethod
-    def _checksum(digests: list[str], vectors: torch.Tensor) -> str:
-        h = hashlib.blake2b(digest_size=16)
-        h.update("\n".join(digests).encode())
-        h.update(vectors.contiguous().numpy().tobytes())
-        return h.hexdigest()
-
-    def _checked(self, obj: Any) -> dict[str, torch.Tensor]:
-        """The {digest: vector} of a loaded file, or {} unless every check passes."""
-        if not isinstance(obj, dict) or obj.get("format") != self.FORMAT:
-            return {}
-        if obj.get("version") != _CACHE_VERSION or obj.get("key") != self.key:
-            return {}
-        digests, vectors = obj.get("digests"), obj.get("vectors")
-        if not isinstance(digests, list) or not all(isinstance(d, str) for d in digests):
-            return {}
-        if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[1] < 1:
-            return {}
-        if not vectors.is_floating_point() or vectors.shape[0] != len(set(digests)):
-            return {}
-        if len(digests) != len(set(digests)) or not bool(torch.isfinite(vectors).all()):
-            return {}
-        if obj.get("check") != self._checksum(digests, vectors):
-            return {}
-        return dict(zip(digests, vectors.unbind(0)))
-
-    def get(self, digest: str) -> torch.Tensor | None:
-        return self.data.get(digest)
-
-    def put(self, digest: str, vec: torch.Tensor) -> None:
-        self.data[digest] = vec.detach().cpu().clone()
-
-    def save(self, keep: list[str] | None = None) -> None:
-        """Write the cache (only the entries in ``keep`` when given), atomically; a folder that
-        cannot be written: one warning per run, then no more attempts."""
-        if self.file is None or self.stats.get("_cache_off"):
-            return
-        digests = list(dict.fromkeys(keep)) if keep is not None else list(self.data)
-        digests = [d for d in digests if d in self.data]
-        if not digests or len({self.data[d].shape for d in digests}) != 1:
-            return
-        vectors = torch.stack([self.data[d] for d in digests])
-        obj = {
-            "format": self.FORMAT,
-            "version": _CACHE_VERSION,
-            "key": self.key,
-            "digests": digests,
-            "vectors": vectors,
-            "check": self._checksum(digests, vectors),
-        }
-        tmp = None
-        try:
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.file.parent, suffix=".tmp")
-            os.close(fd)
-            torch.save(obj, tmp)
-            os.replace(tmp, self.file)
-        except OSError as exc:
-            self.stats["_cache_off"] = True
-            warnings.warn(
-                f"cannot write the embedding cache under {self.file.parents[2]} "
-                f"({exc.strerror or exc}); going on without caching (--cache DIR, --no-cache)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 #: the hint for a missing package, for an installed package and a source checkout alike
@@ -259,59 +163,186 @@ def _file_digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _embed_sets(sets, enc: _Encoders, cache_root, key: str, progress: bool, stats: dict):
-    """The features of each set (an embedding file's matrix, or its images embedded).
+def _read(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CLIError(f"{path}: cannot read it: {exc.strerror or exc}") from None
 
-    First, for every set: hash each image file (blake2b of its bytes), look it up in the cache,
-    and check the images that are not there (`_check_image`: readable header, size within PIL's
-    pixel limit); only then is the encoder loaded, and only if something is missing.
-    """
-    plans = []
-    for s in sets:
-        if s is None or s.matrix is not None:
-            plans.append(None)
-            continue
-        cache = _Cache(cache_root, key, s.path, stats)
-        digests, missing = [], []
-        for i, path in enumerate(s.images):
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise CLIError(f"{path}: cannot read it: {exc.strerror or exc}") from None
-            digests.append(_file_digest(data))
-            if cache.get(digests[-1]) is None:
-                _check_image(path, data)
-                missing.append(i)
-        plans.append((cache, digests, missing))
-    out = []
-    for s, plan in zip(sets, plans):
-        if s is None or plan is None:
-            out.append(None if s is None else s.matrix)
-            continue
-        cache, digests, missing = plan
-        stats["cached"] += len(digests) - len(missing)
-        stats["encoded"] += len(missing)
-        if missing:
-            _encode_into(cache, s, digests, missing, enc, progress)
-            vecs = [cache.get(d) for d in digests]
-            if len({v.shape for v in vecs}) != 1:  # cached for other features: encode all
-                stats["cached"] -= len(digests) - len(missing)
-                stats["encoded"] += len(digests) - len(missing)
-                cache.data = {}
-                _encode_into(cache, s, digests, range(len(digests)), enc, progress)
-            cache.save(keep=digests)
-        vecs = [cache.get(d) for d in digests]
-        out.append(torch.stack(vecs))
+
+def _hash_file(path: Path) -> str:
+    """blake2b of a file's bytes (module level: runs in the decoding workers)."""
+    return _file_digest(_read(path))
+
+
+def _check_file(path: Path) -> None:
+    _check_image(path, _read(path))
+
+
+def _read_decode(path: Path) -> tuple[str, np.ndarray]:
+    """One file read once: the digest of its bytes and its (H, W, 3) uint8 pixels."""
+    data = _read(path)
+    return _file_digest(data), _images.decode_rgb(data, path)
+
+
+def decode_workers() -> int:
+    """Processes that read, hash and decode image files: $RKEKERNELS_DECODE_WORKERS, else
+    `DECODE_WORKERS` (0: in the main process)."""
+    env = os.environ.get("RKEKERNELS_DECODE_WORKERS", "").strip()
+    if env:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            raise CLIError(
+                f"RKEKERNELS_DECODE_WORKERS must be an integer >= 0; got {env!r}"
+            ) from None
+    return DECODE_WORKERS
+
+
+def _each(fn, paths: list[Path], workers: int, bar=None) -> list:
+    """fn over paths in batches of `HASH_BATCH` (in the workers), in order, counting on bar."""
+    bar = bar or encoders._bar(0, False, "")
+    out: list = []
+    with contextlib.closing(
+        _images.map_batches(fn, paths, batch=HASH_BATCH, workers=workers)
+    ) as it:
+        for _, got in it:
+            out += got
+            bar.update(len(got))
+    bar.close()
     return out
 
 
-def _encode_into(cache: _Cache, s, digests, idx, enc: _Encoders, progress: bool) -> None:
-    idx = list(idx)
-    feats = enc.image().encode(
-        [s.images[i] for i in idx], progress=progress, desc=f"encode {s.path.name}"
-    )
-    for i, f in zip(idx, feats):
-        cache.put(digests[i], f)
+def _embed_sets(
+    sets,
+    enc: _Encoders,
+    cache_root,
+    key: str,
+    progress: bool,
+    stats: dict,
+    *,
+    workers: int | None = None,
+    flush_s: float | None = None,
+):
+    """The features of each set (an embedding file's matrix, or its images embedded).
+
+    First, for every set: hash each image file (blake2b of its bytes), look it up in the cache
+    (`rkekernels.evaluation.cache`), and check the images that are not there (`_check_image`:
+    readable header, size within PIL's pixel limit); only then is the encoder loaded, and only
+    if something is missing. Then the missing images are read, decoded and encoded a batch at a
+    time (each distinct image once), a chunk of the cache written every ``flush_s`` seconds and
+    when encoding stops (an error or Ctrl-C included), so an interrupted run resumes; memory
+    holds the (n, D) features and a few batches of images, not n images.
+
+    Args:
+        sets: `_Set` objects (or None); a folder's slice (`_Set.subset`, a torchrun rank's
+            share) is cached like a whole folder, but never prunes the cache.
+        enc, cache_root, key: the encoders, the cache folder (None: no cache), the encoder key.
+        progress: tqdm bars on stderr (hashing, then encoding, in images per second).
+        stats: {"cached", "encoded"} counts of files, updated.
+        workers: decoding processes (None: `decode_workers`).
+        flush_s: seconds between two chunks (None: `rkekernels.evaluation.cache.FLUSH_S`).
+
+    Returns:
+        For each set: None, its (n, d) matrix, or its (n, D) float32 features in file order.
+    """
+    workers = decode_workers() if workers is None else max(0, int(workers))
+    flush_s = cache.FLUSH_S if flush_s is None else float(flush_s)
+    plans = [_plan(s, cache_root, key, stats, progress, workers) for s in sets]
+    out = []
+    for s, plan in zip(sets, plans):
+        if plan is None:
+            out.append(None if s is None else s.matrix)
+        else:
+            out.append(_features(s, *plan, enc, progress, workers, flush_s, stats))
+    return out
+
+
+def _plan(s, cache_root, key: str, stats: dict, progress: bool, workers: int):
+    """(cache, digests, missing rows) of a folder: every file hashed, the missing ones checked."""
+    if s is None or s.matrix is not None:
+        return None
+    bar = encoders._bar(len(s.images), progress, f"hash {s.path.name}")
+    digests = _each(_hash_file, s.images, workers, bar)
+    c = cache._Cache(cache_root, key, s.path, stats, want=set(digests))
+    missing = [i for i, d in enumerate(digests) if not c.has(d)]
+    _each(_check_file, [s.images[i] for i in missing], workers)
+    return c, digests, missing
+
+
+def _features(s, c, digests, missing, enc: _Encoders, progress, workers, flush_s, stats):
+    """The (n, D) features of a folder: cached rows gathered, missing ones encoded; then the
+    cache compacted (a whole folder) or merged when it holds many chunks (a slice)."""
+    n = len(digests)
+    stats["cached"] += n - len(missing)
+    stats["encoded"] += len(missing)
+    e = enc.image() if missing else None
+    if e is not None and c.dim not in (None, e.dim):  # cached for other features: encode all
+        stats["cached"] -= n - len(missing)
+        stats["encoded"] += n - len(missing)
+        missing = list(range(n))
+        c.damaged += 1  # the old chunks go at the next compaction
+        c.release()
+    out = c.take(digests) if not missing else None
+    if out is None:
+        out = torch.empty(n, e.dim if e is not None else c.dim, dtype=torch.float32)
+        todo = set(missing)
+        c.fill(out, [i for i in range(n) if i not in todo], digests)
+    c.release()
+    rest: list[int] = []
+    if missing:
+        rest = _encode_into(c, s, digests, missing, e, out, progress, workers, flush_s)
+    if s.whole:  # its compaction writes the last rows too
+        c.compact(digests, out, force=bool(rest))
+    else:
+        c.append([digests[r] for r in rest], out[rest])
+        c.merge()
+    return out
+
+
+def _encode_into(c, s, digests, idx, e, out, progress, workers, flush_s) -> list[int]:
+    """Encode the images of rows ``idx`` into ``out`` (each distinct digest once), appending a
+    chunk to the cache every ``flush_s`` seconds (or `cache.FLUSH_BYTES`) and on an error or
+    Ctrl-C; returns the rows encoded since the last chunk (for the caller to write)."""
+    first: dict[str, int] = {}
+    for i in idx:
+        first.setdefault(digests[i], i)
+    uniq = list(first.values())
+    copies = [(i, first[digests[i]]) for i in idx if first[digests[i]] != i]
+    bar = encoders._bar(len(uniq), progress, f"encode {s.path.name} ({e.name})")
+    pending: list[int] = []
+    last, done = time.monotonic(), False
+    rows_max = max(1, cache.FLUSH_BYTES // (4 * out.shape[1]))
+    paths = [s.images[i] for i in uniq]
+    try:
+        with contextlib.closing(
+            _images.map_batches(_read_decode, paths, batch=e.batch_size, workers=workers)
+        ) as it:
+            for start, got in it:
+                rows = uniq[start : start + len(got)]
+                out[rows] = e.encode([_images.rgb_chw(a) for _, a in got])
+                for r, (d, _) in zip(rows, got):
+                    digests[r] = d  # changed since it was hashed: keyed by the bytes encoded
+                pending += rows
+                bar.update(len(rows))
+                if time.monotonic() - last >= flush_s or len(pending) >= rows_max:
+                    c.append([digests[r] for r in pending], out[pending])
+                    pending, last = [], time.monotonic()
+        done = True
+    finally:
+        if pending and not done:  # stopped early: keep what was encoded
+            c.append([digests[r] for r in pending], out[pending])
+        bar.close()
+    for i, j in copies:
+        out[i], digests[i] = out[j], digests[j]
+    return pending
+
+
+def _rows(emb) -> torch.Tensor:
+    """A text encoder's output, (n, D) or n vectors, as an (n, D) float32 tensor."""
+    if isinstance(emb, torch.Tensor):
+        return emb.float()
+    return torch.stack([torch.as_tensor(e, dtype=torch.float32) for e in emb])
 
 
 def _embed_prompts(prompts, enc: _Encoders, cache_root, progress: bool, stats: dict):
@@ -320,20 +351,26 @@ def _embed_prompts(prompts, enc: _Encoders, cache_root, progress: bool, stats: d
     o = enc.opts
     model = o["text_model"] or (o["encoder_model"] if o["encoder"] == "clip" else None)
     key = "text|" + _encoder_key("clip", model, 0) + ("|half" if o["half"] else "")
-    cache = _Cache(cache_root, key, Path("prompts"), stats)
+    c = cache._Cache(cache_root, key, Path("prompts"), stats)
     hashes = [hashlib.sha256(t.encode()).hexdigest() for t in prompts]
-    missing = sorted({h for h in hashes if cache.get(h) is None})
-    stats["cached_prompts"] = sum(cache.get(h) is not None for h in hashes)
+    missing = sorted({h for h in hashes if not c.has(h)})
+    stats["cached_prompts"] = sum(c.has(h) for h in hashes)
+    text_of = dict(zip(hashes, prompts))
+    emb = None
     if missing:
-        text_of = dict(zip(hashes, prompts))
-        emb = enc.text().encode([text_of[h] for h in missing], progress=progress)
-        for h, e in zip(missing, emb):
-            cache.put(h, e)
-        if len({cache.get(h).shape for h in hashes}) != 1:  # cached for another model
+        emb = _rows(enc.text().encode([text_of[h] for h in missing], progress=progress))
+        if c.dim not in (None, emb.shape[1]):  # cached for another model: encode all
             missing = sorted(set(hashes))
-            emb = enc.text().encode([text_of[h] for h in missing], progress=progress)
-            cache.data = {}
-            for h, e in zip(missing, emb):
-                cache.put(h, e)
-        cache.save()
-    return torch.stack([cache.get(h) for h in hashes])
+            emb = _rows(enc.text().encode([text_of[h] for h in missing], progress=progress))
+            c.damaged += 1
+            c.release()
+        c.append(missing, emb)
+    out = torch.empty(len(hashes), emb.shape[1] if emb is not None else c.dim)
+    new = {h: r for r, h in enumerate(missing)}
+    c.fill(out, [i for i, h in enumerate(hashes) if h not in new], hashes)
+    for i, h in enumerate(hashes):
+        if h in new:
+            out[i] = emb[new[h]]
+    c.release()
+    c.merge()
+    return out

@@ -11,6 +11,7 @@ Bad input raises `rkekernels._errors.CLIError` with one line naming the file.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import os
@@ -74,13 +75,18 @@ def _check_image(path: Path, data: bytes) -> None:
 
 
 class _Set:
-    """One input set: its items (image paths) or an embedding matrix, and display names."""
+    """One input set: its items (image paths) or an embedding matrix, and display names.
+
+    ``whole`` is True while ``images`` holds every image file of the folder (what the embedding
+    cache may prune to); `subset` gives a slice of them (a torchrun rank's share), never whole.
+    """
 
     def __init__(self, path: str, *, key: str | None = None, max_bytes: int | None = None):
         p = Path(path)
         self.path = p
         self.images: list[Path] | None = None
         self.matrix: torch.Tensor | None = None
+        self._found = -1  # how many image files the folder held
         if p.is_dir():
             files = sorted(_image_files(p), key=lambda f: f.relative_to(p).as_posix())
             if not files:
@@ -88,6 +94,7 @@ class _Set:
                     f"{p}: no images in this folder (looked for {', '.join(IMAGE_EXTS)})"
                 )
             self.images = files
+            self._found = len(files)
             self.names = [f.relative_to(p).as_posix() for f in files]
         elif p.suffix.lower() in EMBED_EXTS or p.exists():
             arr = load_array(p, key, max_bytes=max_bytes)
@@ -98,6 +105,34 @@ class _Set:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @property
+    def whole(self) -> bool:
+        """Every image file of the folder is in ``images`` (False for an embedding file)."""
+        return self.images is not None and len(self.images) == self._found
+
+    def subset(self, idx) -> _Set:
+        """The same set restricted to items ``idx`` (in that order): a folder's slice, not
+        `whole`; an embedding file's rows.
+
+        Example:
+            >>> import numpy as np, tempfile, os
+            >>> from rkekernels.evaluation.inputs import _Set
+            >>> p = os.path.join(tempfile.mkdtemp(), "x.npy")
+            >>> np.save(p, np.arange(12.0).reshape(6, 2))
+            >>> s = _Set(p).subset(range(1, 6, 2))
+            >>> s.names, s.matrix[:, 0].tolist(), s.whole
+            ([1, 3, 5], [2.0, 6.0, 10.0], False)
+        """
+        idx = [int(i) for i in idx]
+        out = copy.copy(self)
+        out.names = [self.names[i] for i in idx]
+        if self.images is not None:
+            out.images = [self.images[i] for i in idx]
+            out._found = -1  # a slice: the cache never prunes to it
+        if self.matrix is not None:
+            out.matrix = self.matrix[idx]
+        return out
 
 
 def _read_prompts(path: str, gen: _Set, max_bytes: int | None = None) -> list[str] | torch.Tensor:
