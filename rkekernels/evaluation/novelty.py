@@ -215,10 +215,11 @@ def ken_novelty(
     if method == "rff":
         _check_dim(dim)
     if method == "rff" and n + m >= dim:  # streamed: no (n + m, d) float64 copy
-        xs, ys = _scaled(xt.detach(), yt.detach(), s)
-        if null_draws:
-            return _ken_null_rff(xs, ys, dim, eta, top, per_mode, null_draws, seed)
-        return _ken_streamed(spectra.rff_map(xs, dim, seed), n, ys, dim, seed, eta, top, per_mode)
+        xd, yd = xt.detach(), yt.detach()
+        c = (xd.sum(0, dtype=torch.float64) + yd.sum(0, dtype=torch.float64)) / (n + m)
+        fx = spectra.rff_map(xd, dim, seed, shift=c, inv_scale=1.0 / s)
+        fy = spectra.rff_map(yd, dim, seed, shift=c, inv_scale=1.0 / s)
+        return _ken_rff(fx, n, fy, m, dim, eta, top, per_mode, null_draws, seed, xd.dtype)
     both = torch.cat([xt, yt]).detach().double()
     (bc,) = _centred(both)
     if null_draws:
@@ -269,67 +270,79 @@ def _check_dim(dim: Any) -> None:
         raise ValueError(f"dim must be an integer >= 2 (random features); got {dim!r}")
 
 
-def _scaled(x: torch.Tensor, y: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x - c) / sigma and (y - c) / sigma in their dtype, c the mean of both sets (float64
-    sums; no concatenated copy)."""
-    c = (x.sum(0, dtype=torch.float64) + y.sum(0, dtype=torch.float64)) / (len(x) + len(y))
-    c = c.to(x.dtype)
-    return (x - c).div_(sigma), (y - c).div_(sigma)
+def _ken_rff(fx, n, fy, m, dim, eta, top, per_mode, draws, seed, dtype) -> Novelty:
+    """KEN through random features, streamed (no copy of x or y, no (n + m, dim) matrix).
 
-
-def _ken_streamed(fx, n, ys, dim, seed, eta, top, per_mode) -> Novelty:
-    """KEN from the feature maps of X (``fx``, n rows) and of the reference rows ``ys`` (scaled),
-    streamed: the two covariances summed over row blocks (float64), eigh of
-    C_x / n - eta C_y / m, and the X rows' projections on the top modes in a second pass.
-    Memory: O(dim^2 + n top) and one block of features."""
-    m = ys.shape[0]
-    cx = spectra.covariance(fx, n, dim, ys.device, ys.dtype)
-    cy = spectra.covariance(spectra.rff_map(ys, dim, seed), m, dim, ys.device, ys.dtype)
-    vals, w = lapack.eigh(cx.div_(n).sub_(cy, alpha=eta / m))
-    vals, w = vals.flip(0), w.flip(1)[:, : max(1, top)]
-    proj = [fx(i0, i1).double() @ w for i0, i1 in spectra.row_blocks(n, dim)]
-    return _novelty(vals, torch.cat(proj), n, top, per_mode)
-
-
-def _ken_null_rff(xs, ys, dim, eta, top, per_mode, draws, seed) -> Novelty:
-    """`_ken_null` through random features, without the (n + m, d) float64 copy: the observed
-    KEN streamed against m - n reference rows, the reference's features kept in their dtype
-    (float32 for float32 input) for the draws."""
-    n, m = xs.shape[0], ys.shape[0]
-    gen = torch.Generator().manual_seed(int(seed))
-    sub = torch.randperm(m, generator=gen)[: m - n].to(ys.device)
-    fx = spectra.rff_map(xs, dim, seed)
-    obs = _ken_streamed(fx, n, ys[sub], dim, seed, eta, top, per_mode)
-    if n >= BLOCK_NULL_MIN:
-        return _null_blocks(obs, spectra.rff_map(ys, dim, seed), m, n, dim, eta, draws, gen)
-    fy = spectra.rff_map(ys, dim, seed)(0, m)
-    return _null_draws(obs, fy, n, eta, draws, gen)
-
-
-def _null_blocks(obs: Novelty, fy_map, m: int, n: int, dim: int, eta, draws, gen) -> Novelty:
-    """The null for large n from block covariances (`ken_novelty`, "Large sets").
-
-    b = n // NULL_BLOCKS; M = min(m // b, NULL_POOL) blocks of b reference rows are dealt at
-    random (``gen``); one pass over the reference's row blocks accumulates T = sum_i phi_i
-    phi_i^T over all m rows (float64) and C_g over each block's rows (float32, M dim^2
-    memory). A draw takes NULL_BLOCKS of the M blocks as "X" (n' = NULL_BLOCKS b rows, S their
-    summed C_g) against the other m - n' rows: eigvalsh of S / n' - eta (T - S) / (m - n');
-    O(dim^3) per draw instead of O(n dim^2).
+    C_x = sum phi(x_i) phi(x_i)^T over X's row blocks; one pass over the reference's row
+    blocks sums the covariance of the rows KEN is taken against (all m; with a null the seeded
+    m - n, as `_ken_null`) and, for the null from n >= BLOCK_NULL_MIN, the total and the
+    blocks of `_null_blocks`. KEN: eigh of C_x / n - eta C_ref / m_ref; the X rows'
+    projections on the top modes in a second pass over X. Memory: O(dim^2) (M dim^2 for the
+    blocks) and one block of features.
     """
+    dev = fx(0, 1).device  # the features' device; the dim x dim algebra runs on the CPU
+    gen = torch.Generator().manual_seed(int(seed))
+    cx = spectra.covariance(fx, n, dim, dev, dtype).cpu()
+    keep, owner, nb = None, None, 0
+    if draws:
+        keep = torch.zeros(m, dtype=torch.bool)
+        keep[torch.randperm(m, generator=gen)[: m - n]] = True
+        if n >= BLOCK_NULL_MIN:
+            owner, nb = _deal(m, n, gen)
+    total, c_ref, covs = _reference_pass(fy, m, dim, keep, owner, nb)
+    m_ref = m - n if draws else m
+    vals, w = lapack.eigh(cx.div_(n).sub_(c_ref if draws else total, alpha=eta / m_ref))
+    vals, w = vals.flip(0), w.flip(1)[:, : max(1, top)]
+    proj = [fx(i0, i1).double().cpu() @ w for i0, i1 in spectra.row_blocks(n, dim)]
+    obs = _novelty(vals, torch.cat(proj), n, top, per_mode)
+    if not draws:
+        return obs
+    if owner is not None:
+        return _null_blocks(obs, total, covs, n, m, eta, draws, gen)
+    return _null_draws(obs, fy(0, m).cpu(), n, eta, draws, gen)
+
+
+def _deal(m: int, n: int, gen) -> tuple[torch.Tensor, int]:
+    """The null's blocks: owner[i] in [0, M) for M = min(m // b, NULL_POOL) blocks of
+    b = n // NULL_BLOCKS rows dealt at random (``gen``), -1 for the rows left out."""
     b = n // NULL_BLOCKS
     nb = min(m // b, NULL_POOL)
     owner = torch.full((m,), -1, dtype=torch.long)
     owner[torch.randperm(m, generator=gen)[: nb * b]] = torch.arange(nb).repeat_interleave(b)
-    covs = torch.zeros(nb, dim, dim)
+    return owner, nb
+
+
+def _reference_pass(fy, m, dim, keep, owner, nb):
+    """One pass over the reference's feature blocks: T = sum over all rows (float64), the sum
+    over the rows ``keep`` (or None), and per block g of ``owner`` its sum (float32 (nb, dim,
+    dim), or None)."""
     total = torch.zeros(dim, dim, dtype=torch.float64)
+    c_ref = torch.zeros(dim, dim, dtype=torch.float64) if keep is not None else None
+    covs = torch.zeros(nb, dim, dim) if owner is not None else None
     for i0, i1 in spectra.row_blocks(m, dim):
-        f = fy_map(i0, i1).cpu()
+        f = fy(i0, i1).cpu()
         total += (f.T @ f).double()
-        own = owner[i0:i1]
-        for g in own[own >= 0].unique().tolist():
-            fg = f[own == g]
-            covs[g] += (fg.T @ fg).float()
-    n2 = NULL_BLOCKS * b
+        if keep is not None:
+            fk = f[keep[i0:i1]]
+            c_ref += (fk.T @ fk).double()
+        if owner is not None:
+            own = owner[i0:i1]
+            for g in own[own >= 0].unique().tolist():
+                fg = f[own == g]
+                covs[g] += (fg.T @ fg).float()
+    return total, c_ref, covs
+
+
+def _null_blocks(obs: Novelty, total, covs, n: int, m: int, eta, draws, gen) -> Novelty:
+    """The null for large n from block covariances (`ken_novelty`, "Large sets").
+
+    ``covs``: C_g = sum_{i in g} phi_i phi_i^T of the M blocks of b = n // NULL_BLOCKS rows
+    (`_deal`), ``total`` = T over all m reference rows. A draw takes NULL_BLOCKS of the M blocks
+    as "X" (n' = NULL_BLOCKS b rows, S their summed C_g) against the other m - n' rows:
+    eigvalsh of S / n' - eta (T - S) / (m - n'); O(dim^3) per draw instead of O(n dim^2).
+    """
+    nb = covs.shape[0]
+    n2 = NULL_BLOCKS * (n // NULL_BLOCKS)
     k2 = m - n2
     null = []
     for _ in range(draws):

@@ -21,7 +21,8 @@ Pair passes over other sets follow the same rule (`pick_pairs`): the cross pairs
 RKE (n m of them) run exact while their predicted time at the shared pass's measured rate is
 within max(EXACT_SHARE x floor, EXACT_MIN_S), else through `cross_rff` (whose stated error is
 its measured standard error); the reference's sweep (report) runs on all m rows while m^2 / 2
-pairs fit REF_SHARE x the floor, else on a seeded subsample of the rows that fit.
+pairs fit REF_SHARE (1/4) x the floor, else on a seeded subsample of the rows that fit; KEN's
+null gets NULL_SHARE (1/4) of the floor (`null_dim`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ SWEEP_DIM = 256
 #: the size of the eigensolver probe
 PROBE_N = 384
 #: the reference's sweep (report only) gets at most this share of the shared pass's time
-REF_SHARE = 0.5
+REF_SHARE = 0.25
+#: KEN's null (its eigenproblems) gets at most this share of the shared pass's time (or
+#: EXACT_MIN_S)
+NULL_SHARE = 0.25
 #: random Fourier features (dim / 2 frequencies) of the approximate relative RKE
 CROSS_DIM = 4096
 #: the fewest random features KEN with a null is given (`null_dim`)
@@ -59,6 +63,7 @@ __all__ = [
     "EXACT_MIN_S",
     "EXACT_SHARE",
     "MIN_NULL_DIM",
+    "NULL_SHARE",
     "REF_SHARE",
     "SWEEP_DIM",
     "cross_rff",
@@ -196,9 +201,8 @@ def cross_rff(
     c = (x.sum(0, dtype=torch.float64) + y.sum(0, dtype=torch.float64)) / (len(x) + len(y))
     h = dim // 2
     sums = []
-    for a in (x, y):
-        u = (a - c.to(a.dtype)).mul_(math.sqrt(2.0) / sigma)
-        fmap = spectra.rff_map(u, dim, seed)
+    for a in (x, y):  # the features of (a - c) sqrt(2) / sigma, without a copy of a
+        fmap = spectra.rff_map(a, dim, seed, shift=c, inv_scale=math.sqrt(2.0) / sigma)
         acc = torch.zeros(dim, dtype=torch.float64, device=a.device)
         for i0, i1 in spectra.row_blocks(a.shape[0], dim):
             acc += fmap(i0, i1).sum(0, dtype=torch.float64)
@@ -214,7 +218,7 @@ def cross_rff(
 def null_dim(draws: int, floor_s: float) -> int:
     """The random features of KEN (rff) with a null of ``draws`` draws: the largest
     APPROX_DIM / 2^j (>= MIN_NULL_DIM) whose draws, one dim x dim float64 eigvalsh each (the
-    probe scaled by (dim / PROBE_N)^3), are predicted within max(EXACT_SHARE x floor_s,
+    probe scaled by (dim / PROBE_N)^3), are predicted within max(NULL_SHARE x floor_s,
     EXACT_MIN_S).
 
     Example:
@@ -222,7 +226,7 @@ def null_dim(draws: int, floor_s: float) -> int:
         True
     """
     dim = APPROX_DIM
-    budget = max(EXACT_SHARE * floor_s, EXACT_MIN_S)
+    budget = max(NULL_SHARE * floor_s, EXACT_MIN_S)
     while dim > MIN_NULL_DIM and draws * _probe("eigvalsh") * (dim / PROBE_N) ** 3 > budget:
         dim //= 2
     return dim

@@ -153,22 +153,36 @@ def order2_entropy_from_cov(cov: torch.Tensor) -> torch.Tensor:
     return 2.0 * torch.log(torch.trace(cov)) - torch.log((cov * cov).sum())
 
 
-def rff_map(u: torch.Tensor, dim: int, seed: int) -> FeatureMap:
+def rff_map(
+    u: torch.Tensor,
+    dim: int,
+    seed: int,
+    *,
+    shift: torch.Tensor | None = None,
+    inv_scale: float = 1.0,
+) -> FeatureMap:
     """Random Fourier features of the unit Gaussian kernel exp(-||u - v||^2 / 2).
 
     phi(u) = [cos(u W), sin(u W)] / sqrt(h), W (d, h) ~ N(0, 1) drawn on the CPU from ``seed``
     (the same draws on every device), h = dim / 2 frequencies: phi(u).phi(v) is the mean of
     cos((u - v) . w_k), an unbiased estimate of the kernel, and phi(u).phi(u) = 1 exactly.
+    ``shift`` (d,) and ``inv_scale``: the features of (u - shift) * inv_scale, folded into W
+    and a phase (no copy of u): (u W' - shift W') with W' = W inv_scale.
     """
     h = dim // 2
     gen = torch.Generator().manual_seed(int(seed))
-    w = torch.randn(u.shape[1], h, generator=gen, dtype=torch.float64)
-    w = w.to(device=u.device, dtype=u.dtype)
+    w64 = torch.randn(u.shape[1], h, generator=gen, dtype=torch.float64)
+    w = (w64 * inv_scale if inv_scale != 1.0 else w64).to(device=u.device, dtype=u.dtype)
+    phase = None
+    if shift is not None:
+        phase = (shift.to(device=u.device, dtype=torch.float64) @ w64 * inv_scale).to(u.dtype)
     scale = 1.0 / math.sqrt(h)
     grad = torch.is_grad_enabled() and u.requires_grad
 
     def fmap(i0: int, i1: int) -> torch.Tensor:
         p = u[i0:i1] @ w
+        if phase is not None:
+            p = p - phase
         if grad:
             return torch.cat([torch.cos(p), torch.sin(p)], 1) * scale
         z = torch.empty(i1 - i0, 2 * h, dtype=p.dtype, device=p.device)
