@@ -162,14 +162,18 @@ def main(argv: list[str] | None = None) -> None:
 
 #: how to read the table (appended to the result page, so docs/performance.md shows it)
 NOTE = """
-`pass` is the one exact pass over the pairs (per-sample sums at sigma and the sweep's 9
-bandwidths: RKE, its interval, the crowded lists, the sweep's RKE); `vendi`, `modes`,
-`sweep_vendi` (9 bandwidths), `novelty` (KEN and its null) are the eigen outputs, each exact
-while its predicted time (a float64 eigensolver timed once per process at 384 rows, scaled by
-n^3, plus the Gram build at the pass's rate) is at most max(1.5 x pass, 2 s) or no slower than
-the predicted rff path, else random Fourier features (1,024; `rkekernels.evaluation.paths`);
-`methods` says which ran. `ratio` = total / one exact `rke_score` at the default sigma timed in
-the same run. `other`: loading, the eigen probes, the sorting.
+Each case runs in a fresh process (`peak_rss_mib`: that process's peak, the baseline included;
+`input_mib`: the embedding files; `over_input_mib` = peak - input). `pass` is the exact pair
+passes: GEN's per-sample sums at sigma and the sweep's 9 bandwidths in one pass (RKE, its
+interval, the crowded lists, the sweep's RKE), and the reference sweep's pass (on a seeded
+subsample when the reference's m^2 / 2 pairs exceed a quarter of GEN's pass). `vendi`, `modes`,
+`sweep_vendi` (GEN's and the reference's 9 bandwidths), `novelty` (KEN with its 199-draw null)
+are the eigen outputs, each exact while its predicted time is at most max(1.5 x pass, 2 s) or
+no slower than random Fourier features, else rff (`rkekernels.evaluation.paths`; KEN's
+features shrink until its null fits a quarter of the pass). `relative_rke`: the exact cross
+pass; when it goes through random features (`relative_rke=rff`, `paths.cross_rff`) its time is
+in `other`. `methods` says which path ran. `ratio` = total / one exact `rke_score` at the
+default sigma, timed in the same process just before.
 """
 
 
