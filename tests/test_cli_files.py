@@ -289,16 +289,17 @@ def test_full_disk_and_closed_pipe_on_stdout(tmp_path):
     import subprocess
 
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(20, 3)))
+    # both commands run at once (each is mostly the interpreter's start-up)
     with open("/dev/full", "w") as full:
         p = _cli("score", tmp_path / "x.npy", "--json", stdout=full)
-        _, err = p.communicate(timeout=120)
+    q = _cli("score", tmp_path / "x.npy", "--json", stdout=subprocess.PIPE)
+    q.stdout.close()  # the reader is gone before anything is written
+    _, err = p.communicate(timeout=120)
     err = err.decode()
     assert p.returncode == 1 and len(err.strip().splitlines()) == 1, err
     assert "cannot write the output" in err and "No space left" in err
-    p = _cli("score", tmp_path / "x.npy", "--json", stdout=subprocess.PIPE)
-    p.stdout.close()  # the reader is gone before anything is written
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 141 and err.decode() == ""
+    _, err = q.communicate(timeout=120)
+    assert q.returncode == 141 and err.decode() == ""
 
 
 def test_npz_declared_size_is_checked_before_inflating(tmp_path, capsys, monkeypatch):
