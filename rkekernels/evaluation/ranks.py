@@ -369,14 +369,9 @@ def rke_interval(x: Any, sigma: Any = None, *, level: float = 0.95, unbiased: bo
 
 
 def cond_rke_interval(
-    x: Any,
-    t: Any,
-    sigma: Any = None,
-    sigma_t: Any = None,
-    *,
-    level: float = 0.95,
+    x: Any, t: Any, sigma: Any = None, sigma_t: Any = None, *, level: float = 0.95,
     unbiased: bool = False,
-) -> Interval:
+) -> Interval:  # fmt: skip
     """`rkekernels.evaluation.cond_rke_interval` with the plug-in sums split over the ranks.
 
     st_i = sum_j Kt^2 and sxt_k[i] = sum_j Kx_k^2 Kt^2 from every rank's tiles, one all-reduce
