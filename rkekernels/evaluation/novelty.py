@@ -216,7 +216,7 @@ def ken_novelty(
         _check_dim(dim)
     if method == "rff" and n + m >= dim:  # streamed: no (n + m, d) float64 copy
         xd, yd = xt.detach(), yt.detach()
-        c = (xd.sum(0, dtype=torch.float64) + yd.sum(0, dtype=torch.float64)) / (n + m)
+        c = spectra.mean_rows(xd, yd)
         fx = spectra.rff_map(xd, dim, seed, shift=c, inv_scale=1.0 / s)
         fy = spectra.rff_map(yd, dim, seed, shift=c, inv_scale=1.0 / s)
         return _ken_rff(fx, n, fy, m, dim, eta, top, per_mode, null_draws, seed, xd.dtype)

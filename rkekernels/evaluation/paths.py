@@ -198,7 +198,7 @@ def cross_rff(
         (True, True)
     """
     dim = dim or CROSS_DIM
-    c = (x.sum(0, dtype=torch.float64) + y.sum(0, dtype=torch.float64)) / (len(x) + len(y))
+    c = spectra.mean_rows(x, y)
     h = dim // 2
     sums = []
     for a in (x, y):  # the features of (a - c) sqrt(2) / sigma, without a copy of a

@@ -45,7 +45,13 @@ class View(NamedTuple):
 
 
 def gauss_u(parts: tuple) -> torch.Tensor:
-    """u = [(x - mean)/sigma, ...]: the joint Gaussian kernel is the unit kernel of u."""
+    """u = [(x - mean)/sigma, ...]: the joint Gaussian kernel is the unit kernel of u.
+
+    One part (the common case) makes one copy of x, divided in place (not three: the
+    difference, the quotient and the concatenation)."""
+    if len(parts) == 1:
+        m, s = parts[0]
+        return (m - m.mean(0, keepdim=True)).div_(s)
     return torch.cat([(m - m.mean(0, keepdim=True)) / s for m, s in parts], dim=1)
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "dot_features",
     "gaussian_gram",
     "lanczos_top",
+    "mean_rows",
     "nystrom_map",
     "order2_entropy_from_cov",
     "renyi_entropy",
@@ -57,6 +58,21 @@ def row_blocks(n: int, width: int, itemsize: int = 4) -> list[tuple[int, int]]:
     """Row blocks [i0, i1) of about 32 MiB each for a (rows, width) temporary."""
     rows = max(256, _BLOCK_BYTES // max(1, width * itemsize))
     return [(i0, min(i0 + rows, n)) for i0 in range(0, n, rows)]
+
+
+def mean_rows(*mats: torch.Tensor) -> torch.Tensor:
+    """The float64 mean (d,) of the rows of all ``mats`` (each (n_i, d)), summed in row blocks
+    (a float64 sum of the whole matrix would first copy it to float64).
+
+    Example:
+        >>> mean_rows(torch.ones(3, 2), torch.zeros(1, 2)).tolist()
+        [0.75, 0.75]
+    """
+    total = torch.zeros(mats[0].shape[1], dtype=torch.float64, device=mats[0].device)
+    for a in mats:
+        for i0, i1 in row_blocks(a.shape[0], a.shape[1], 8):
+            total += a[i0:i1].sum(0, dtype=torch.float64)
+    return total / max(sum(a.shape[0] for a in mats), 1)
 
 
 def renyi_entropy(
