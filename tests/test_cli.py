@@ -249,14 +249,17 @@ def test_console_entry_point_subprocess(tmp_path, data):
     px, pt = _save(tmp_path / "x.npy", "npy", x), _save(tmp_path / "t.npy", "npy", t)
     env = {**os.environ, "PYTHONPATH": str(Path(rkekernels.__file__).parents[1])}
     cmd = [sys.executable, "-m", "rkekernels", "score", str(px), "--cond", str(pt), "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    res = json.loads(proc.stdout)
-    assert math.isclose(res["cond_rke"], rkekernels.cond_rke_score(x, t), rel_tol=1e-12)
     # the module entry point, on a file torch.load warns about: one line, no warning, no traceback
     p = _plain_pickle(tmp_path / "x.pt")
-    cmd = [sys.executable, "-m", "rkekernels.cli", "score", str(p), "--sigma", "1.0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    cmd2 = [sys.executable, "-m", "rkekernels.cli", "score", str(p), "--sigma", "1.0"]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "env": env}
+    first, second = subprocess.Popen(cmd, **pipes), subprocess.Popen(cmd2, **pipes)  # at once
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    res = json.loads(out)
+    assert math.isclose(res["cond_rke"], rkekernels.cond_rke_score(x, t), rel_tol=1e-12)
+    out2, err2 = second.communicate(timeout=120)
+    proc = subprocess.CompletedProcess(cmd2, second.returncode, out2, err2)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "pickle" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr

@@ -26,14 +26,20 @@ pytestmark = [
 ]
 
 
-def _run(tmp_path, *args):
+@pytest.fixture(scope="module")
+def first_command(tmp_path_factory):
+    """`python -m benchmarks.gpu_check --small` (the first command), started in a child process
+    as soon as a test asks for it: the in-process test of the second command runs beside it."""
+    out = tmp_path_factory.mktemp("quick")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_check", *args, "--small", "--out", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.gpu_check", "--small", "--out", str(out)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
+    yield proc, out
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
 
 
 def _rows(path):
@@ -41,29 +47,10 @@ def _rows(path):
         return list(csv.DictReader(fh))
 
 
-def test_first_command_covers_every_kernel_and_counts_variants(tmp_path):
-    stdout = _run(tmp_path)
-    rows = _rows(tmp_path / "gpu_check_quick.csv")
-    assert (tmp_path / "gpu_check_quick.md").exists()
-    assert {r["section"] for r in rows} == {"check", "guidance", "matmul", "backward", "variants"}
-    assert not [r for r in rows if r["status"].startswith(("FAIL", "ERROR"))]
-    checks = [r for r in rows if r["section"] == "check"]
-    # every precision mode and float64, forward and backward, at each size, plus backend="auto"
-    assert {r["precision"] for r in checks} == {"ieee", "tf32", "tf32x3", "bf16"}
-    assert all(r["status"] == "ok" for r in checks) and len(checks) == 3 * 5 * 2 + 1
-    guide = [r for r in rows if r["section"] == "guidance" and "vs reference" in r["case"]]
-    assert len(guide) == 2 and all(r["status"] == "ok" for r in guide)
-    (variants,) = [r for r in rows if r["section"] == "variants"]
-    count = int(variants["n"])
-    assert f"compiled variants: {count}" in stdout
-    # the launches of the check reuse their compiled variants: far fewer variants than launches
-    launches = int(variants["detail"].split(" launches")[0].rsplit(" ", 1)[-1])
-    assert 0 < count < launches
-
-
-def test_second_command_runs_the_large_and_optional_sections(tmp_path, capsys):
-    # in this process (the first test proves `python -m benchmarks.gpu_check` runs from the root);
-    # the script sets torch's global matmul flags, so they are put back afterwards
+def test_second_command_runs_the_large_and_optional_sections(tmp_path, capsys, first_command):
+    # in this process, while the first command runs in its child (the next test proves
+    # `python -m benchmarks.gpu_check` runs from the root); the script sets torch's global
+    # matmul flags, so they are put back afterwards
     sys.path.insert(0, str(ROOT))
     from benchmarks import gpu_check
 
@@ -79,6 +66,28 @@ def test_second_command_runs_the_large_and_optional_sections(tmp_path, capsys):
     assert len([r for r in rows if r["section"] == "evaluate" and r["status"] == "ok"]) == 2
     assert not [r for r in rows if r["status"].startswith(("FAIL", "ERROR"))]
     assert {r["precision"] for r in rows if r["section"] == "modes"} == {"tf32", "bf16", "tf32x3"}
+
+
+def test_first_command_covers_every_kernel_and_counts_variants(first_command):
+    proc, out = first_command
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    rows = _rows(out / "gpu_check_quick.csv")
+    assert (out / "gpu_check_quick.md").exists()
+    assert {r["section"] for r in rows} == {"check", "guidance", "matmul", "backward", "variants"}
+    assert not [r for r in rows if r["status"].startswith(("FAIL", "ERROR"))]
+    checks = [r for r in rows if r["section"] == "check"]
+    # every precision mode and float64, forward and backward, at each size, plus backend="auto"
+    assert {r["precision"] for r in checks} == {"ieee", "tf32", "tf32x3", "bf16"}
+    assert all(r["status"] == "ok" for r in checks) and len(checks) == 3 * 5 * 2 + 1
+    guide = [r for r in rows if r["section"] == "guidance" and "vs reference" in r["case"]]
+    assert len(guide) == 2 and all(r["status"] == "ok" for r in guide)
+    (variants,) = [r for r in rows if r["section"] == "variants"]
+    count = int(variants["n"])
+    assert f"compiled variants: {count}" in stdout
+    # the launches of the check reuse their compiled variants: far fewer variants than launches
+    launches = int(variants["detail"].split(" launches")[0].rsplit(" ", 1)[-1])
+    assert 0 < count < launches
 
 
 def test_variant_counter_keys():
