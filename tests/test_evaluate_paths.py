@@ -144,3 +144,22 @@ def test_block_null_agrees_with_the_subset_null(monkeypatch):
         assert abs(a.null_mean - b.null_mean) < max(a.null_std, b.null_std)
     assert got["blocks"][0].p_value > 0.2 and got["blocks"][1].p_value == 0.05
     assert got["subsets"][0].p_value > 0.2 and got["subsets"][1].p_value == 0.05
+
+
+def test_reference_paths_chosen_by_cost(files, monkeypatch):
+    """The reference's passes follow the budget: cheap -> exact / all rows, else rff / a
+    subsample (recorded), and KEN's null dim shrinks to fit."""
+    assert paths.pick_pairs(1e6, 1.0, 1000) == "exact"  # 2x the pass, under EXACT_MIN_S
+    assert paths.pick_pairs(1e9, 1.0, 1000) == "rff"
+    assert paths.null_dim(0, 1.0) == paths.APPROX_DIM
+    assert paths.null_dim(10**9, 0.0) == paths.MIN_NULL_DIM
+    assert paths.ref_rows(10, 100) is None
+    rows = paths.ref_rows(1000, 100)
+    assert len(rows) == int(100 * math.sqrt(paths.REF_SHARE)) and bool((rows.diff() > 0).all())
+    gx, gy, _, _ = files
+    monkeypatch.setattr(paths, "REF_SHARE", 0.25)  # 40 GEN rows: 20 of the 90 reference rows
+    keep: dict = {}
+    evaluate(gx, gy, cache_dir=None, null_draws=0, _keep=keep)
+    assert keep["ref_sweep"]["rows"] == 20
+    full = evaluate(gy, cache_dir=None, sigma=[keep["sigma"]], _keep=(k2 := {}))
+    assert full["n"] == 90 and k2["sweep"]["rke"] != keep["ref_sweep"]["rke"]

@@ -219,7 +219,7 @@ def ken_novelty(
         c = spectra.mean_rows(xd, yd)
         fx = spectra.rff_map(xd, dim, seed, shift=c, inv_scale=1.0 / s)
         fy = spectra.rff_map(yd, dim, seed, shift=c, inv_scale=1.0 / s)
-        return _ken_rff(fx, n, fy, m, dim, eta, top, per_mode, null_draws, seed, xd.dtype)
+        return _ken_rff(fx, n, fy, m, dim, eta, top, per_mode, null_draws, seed, xd)
     both = torch.cat([xt, yt]).detach().double()
     (bc,) = _centred(both)
     if null_draws:
@@ -270,7 +270,7 @@ def _check_dim(dim: Any) -> None:
         raise ValueError(f"dim must be an integer >= 2 (random features); got {dim!r}")
 
 
-def _ken_rff(fx, n, fy, m, dim, eta, top, per_mode, draws, seed, dtype) -> Novelty:
+def _ken_rff(fx, n, fy, m, dim, eta, top, per_mode, draws, seed, like) -> Novelty:
     """KEN through random features, streamed (no copy of x or y, no (n + m, dim) matrix).
 
     C_x = sum phi(x_i) phi(x_i)^T over X's row blocks; one pass over the reference's row
@@ -280,9 +280,9 @@ def _ken_rff(fx, n, fy, m, dim, eta, top, per_mode, draws, seed, dtype) -> Novel
     projections on the top modes in a second pass over X. Memory: O(dim^2) (M dim^2 for the
     blocks) and one block of features.
     """
-    dev = fx(0, 1).device  # the features' device; the dim x dim algebra runs on the CPU
     gen = torch.Generator().manual_seed(int(seed))
-    cx = spectra.covariance(fx, n, dim, dev, dtype).cpu()
+    # features on x's device (``like``), in its dtype; the dim x dim algebra runs on the CPU
+    cx = spectra.covariance(fx, n, dim, like.device, like.dtype).cpu()
     keep, owner, nb = None, None, 0
     if draws:
         keep = torch.zeros(m, dtype=torch.bool)
